@@ -1,0 +1,108 @@
+//! Packet devices: where IP packets come from and go to.
+//!
+//! A [`PacketDevice`] moves whole IP packets (no link header, no packet-information prefix).
+//! It is readiness-based so a driver can read a batch without an await per packet:
+//! `readable().await`, then `try_recv` until it reports no more. Writes apply back-pressure
+//! (`send` waits) and never drop; a stack's retransmission timers are far too coarse to
+//! treat a local queue as lossy.
+//!
+//! Implementations: [`tun::TunDevice`] (Linux TUN on tun-rs) and [`mem::MemDevice`] (an
+//! in-memory pair for tests and benchmarks).
+
+use std::future::Future;
+use std::io;
+
+use crate::config::Mtu;
+
+pub mod mem;
+#[cfg(target_os = "linux")]
+pub(crate) mod sys;
+#[cfg(target_os = "linux")]
+pub mod tun;
+
+/// Per-packet metadata that travels with a [`PacketBuf`].
+///
+/// Empty today; TUN offload will carry the virtio-net header fields (GSO type and size,
+/// checksum start and offset) here without changing the device trait.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PacketMeta {}
+
+/// A reusable packet buffer: fixed capacity, a filled length and metadata.
+///
+/// Buffers are allocated once and recycled by their owner, so the hot path does not
+/// allocate per packet.
+#[derive(Debug, Clone)]
+pub struct PacketBuf {
+    data: Box<[u8]>,
+    len: usize,
+    pub meta: PacketMeta,
+}
+
+impl PacketBuf {
+    pub fn with_capacity(capacity: usize) -> Self {
+        PacketBuf { data: vec![0; capacity].into_boxed_slice(), len: 0, meta: PacketMeta::default() }
+    }
+
+    /// A buffer holding a copy of `packet`.
+    pub fn from_slice(packet: &[u8]) -> Self {
+        PacketBuf { data: packet.into(), len: packet.len(), meta: PacketMeta::default() }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Marks the first `len` bytes as the packet. Panics if `len` exceeds the capacity,
+    /// which is a caller bug, not a property of received data.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.data.len(), "packet length {len} exceeds buffer capacity");
+        self.len = len;
+    }
+
+    /// The whole capacity, for a device or stack to write into before [`set_len`](Self::set_len).
+    pub fn spare_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+
+    pub fn packet(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+
+    pub fn packet_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.len]
+    }
+}
+
+/// A source and sink of IP packets.
+pub trait PacketDevice: Send + 'static {
+    /// Waits until a packet may be available. Cancel-safe; may wake spuriously.
+    fn readable(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Reads one packet into `buf` without waiting. `Ok(false)` means none is available.
+    fn try_recv(&mut self, buf: &mut PacketBuf) -> io::Result<bool>;
+
+    /// Reads up to `bufs.len()` packets without waiting; returns how many were filled.
+    /// Devices with a batch system call (or offload) override this.
+    fn try_recv_batch(&mut self, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+        let mut n = 0;
+        while n < bufs.len() && self.try_recv(&mut bufs[n])? {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes one packet, waiting while the device cannot take it.
+    fn send(&mut self, packet: &PacketBuf) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// The largest packet this device carries.
+    fn mtu(&self) -> Mtu;
+}

@@ -1,0 +1,542 @@
+//! TCP flows between a stack and a handler.
+//!
+//! A stack that sees a new SYN creates a [`TcpRequest`] and gives it to the
+//! [`TcpHandler`](crate::TcpHandler). The handler decides: [`TcpRequest::accept`] (the
+//! stack then completes the handshake) or [`TcpRequest::reject`] / drop (the stack answers
+//! the SYN with RST). A direct upstream dials first and accepts only once the dial
+//! succeeded, so a refused destination is a refused connection for the client too.
+//!
+//! An accepted flow is a [`TcpFlow`]: `AsyncRead + AsyncWrite` with half-close both ways
+//! (`shutdown` sends FIN; a read of 0 means the client sent FIN). Bytes cross between the
+//! stack and the handler through two bounded rings behind one mutex, shared with the
+//! stack's [`FlowLink`]. Whenever the handler side changes something the stack must act on
+//! (data written, space freed in a full ring, shutdown, reset, decision), the flow's
+//! [`FlowId`] is queued on the stack's [`WakeQueue`], so the stack services exactly the
+//! flows that have work and never scans them all.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+/// A stack's handle for one flow: an index into its flow table, never a reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId(pub usize);
+
+/// Flows (and other sources of work) that need the stack's attention, plus the notifier
+/// the stack's driver sleeps on.
+#[derive(Debug, Default)]
+pub struct WakeQueue {
+    queue: Mutex<Vec<FlowId>>,
+    notify: Notify,
+}
+
+impl WakeQueue {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Queues `id` and wakes the driver.
+    pub fn push(&self, id: FlowId) {
+        lock(&self.queue).push(id);
+        self.notify.notify_one();
+    }
+
+    /// Wakes the driver without a flow (e.g. a UDP reply was queued).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Moves every queued id into `out` (which the caller reuses, so no allocation).
+    pub fn drain_into(&self, out: &mut Vec<FlowId>) {
+        out.append(&mut lock(&self.queue));
+    }
+
+    /// Waits for a `push` or `wake`; a wake that came before this call is not lost.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical
+/// section here leaves the state consistent between statements.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The default capacity of each direction's ring between stack and handler.
+pub const DEFAULT_RING_CAPACITY: usize = 256 * 1024;
+
+/// What the handler decided about a new flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Pending,
+    Accepted,
+    Rejected,
+}
+
+/// A bounded byte FIFO: `VecDeque<u8>` with a capacity limit and slice copies both ways.
+#[derive(Debug)]
+struct Ring {
+    buf: VecDeque<u8>,
+    cap: usize,
+}
+
+impl Ring {
+    fn new(cap: usize) -> Self {
+        Ring { buf: VecDeque::new(), cap }
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn space(&self) -> usize {
+        self.cap - self.buf.len()
+    }
+
+    fn push(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(self.space());
+        self.buf.extend(&data[..n]);
+        n
+    }
+
+    fn pop(&mut self, out: &mut [u8]) -> usize {
+        let (a, b) = self.buf.as_slices();
+        let na = a.len().min(out.len());
+        out[..na].copy_from_slice(&a[..na]);
+        let nb = b.len().min(out.len() - na);
+        out[na..na + nb].copy_from_slice(&b[..nb]);
+        self.buf.drain(..na + nb);
+        na + nb
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    decision: Decision,
+    /// Client → handler bytes.
+    rx: Ring,
+    /// The client sent FIN and every byte before it is in `rx`.
+    rx_eof: bool,
+    /// The stack could not move everything into `rx`; wake it when the handler reads.
+    rx_blocked: bool,
+    /// Handler → client bytes.
+    tx: Ring,
+    /// The handler shut down its write side (FIN after `tx` drains).
+    tx_closed: bool,
+    /// The connection was reset (by the client, the handler or the stack).
+    reset: bool,
+    /// The handler asked for a reset.
+    abort_requested: bool,
+    /// The stack is done with the flow; no more bytes move.
+    closed: bool,
+    /// The handler dropped its `TcpFlow`.
+    handler_gone: bool,
+    /// `id` is already in the wake queue.
+    queued: bool,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    id: FlowId,
+    wake: Arc<WakeQueue>,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Queues the flow for the stack unless it already is. Called with the lock held.
+    fn wake_stack(&self, st: &mut State) {
+        if !st.queued {
+            st.queued = true;
+            self.wake.push(self.id);
+        }
+    }
+}
+
+/// Creates the linked pair for a new flow: the stack keeps the [`FlowLink`], the handler
+/// gets the [`TcpRequest`].
+pub fn new_flow(
+    id: FlowId,
+    src: SocketAddr,
+    dst: SocketAddr,
+    ring_capacity: usize,
+    wake: Arc<WakeQueue>,
+) -> (FlowLink, TcpRequest) {
+    let shared = Arc::new(Shared {
+        id,
+        wake,
+        state: Mutex::new(State {
+            decision: Decision::Pending,
+            rx: Ring::new(ring_capacity),
+            rx_eof: false,
+            rx_blocked: false,
+            tx: Ring::new(ring_capacity),
+            tx_closed: false,
+            reset: false,
+            abort_requested: false,
+            closed: false,
+            handler_gone: false,
+            queued: false,
+            reader: None,
+            writer: None,
+        }),
+    });
+    (FlowLink { shared: shared.clone() }, TcpRequest { src, dst, shared: Some(shared) })
+}
+
+/// A new TCP connection offered to a handler: the client's address and the destination
+/// it asked for. Dropping it without a decision rejects it.
+pub struct TcpRequest {
+    src: SocketAddr,
+    dst: SocketAddr,
+    shared: Option<Arc<Shared>>,
+}
+
+impl fmt::Debug for TcpRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpRequest").field("src", &self.src).field("dst", &self.dst).finish()
+    }
+}
+
+impl TcpRequest {
+    /// The client's real source address.
+    pub fn src(&self) -> SocketAddr {
+        self.src
+    }
+
+    /// The original destination the client connected to.
+    pub fn dst(&self) -> SocketAddr {
+        self.dst
+    }
+
+    /// Accepts: the stack completes the handshake and bytes flow through the returned
+    /// [`TcpFlow`].
+    pub fn accept(mut self) -> TcpFlow {
+        let shared = self.decide(Decision::Accepted);
+        TcpFlow { src: self.src, dst: self.dst, shared }
+    }
+
+    /// Refuses: the client's SYN is answered with RST.
+    pub fn reject(mut self) {
+        self.decide(Decision::Rejected);
+    }
+
+    fn decide(&mut self, decision: Decision) -> Arc<Shared> {
+        let shared = self.shared.take().expect("a request is decided once: accept/reject take self");
+        {
+            let mut st = shared.state();
+            st.decision = decision;
+            shared.wake_stack(&mut st);
+        }
+        shared
+    }
+}
+
+impl Drop for TcpRequest {
+    fn drop(&mut self) {
+        if self.shared.is_some() {
+            self.decide(Decision::Rejected);
+        }
+    }
+}
+
+/// An accepted TCP connection, seen from the handler.
+///
+/// Reads return the client's bytes and then 0 once the client sent FIN; `shutdown` sends
+/// FIN to the client after the written bytes. A reset by the client surfaces as
+/// `ConnectionReset`. Dropping the flow closes it gracefully; [`TcpFlow::abort`] resets it.
+pub struct TcpFlow {
+    src: SocketAddr,
+    dst: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for TcpFlow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpFlow").field("src", &self.src).field("dst", &self.dst).finish()
+    }
+}
+
+impl TcpFlow {
+    pub fn src(&self) -> SocketAddr {
+        self.src
+    }
+
+    pub fn dst(&self) -> SocketAddr {
+        self.dst
+    }
+
+    /// Resets the connection: the client gets RST, pending bytes are discarded.
+    pub fn abort(&self) {
+        let mut st = self.shared.state();
+        st.abort_requested = true;
+        self.shared.wake_stack(&mut st);
+    }
+}
+
+fn reset_error() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, "TCP flow reset")
+}
+
+impl AsyncRead for TcpFlow {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let shared = &self.shared;
+        let mut st = shared.state();
+        if st.rx.len() > 0 {
+            let n = st.rx.pop(buf.initialize_unfilled());
+            buf.advance(n);
+            if st.rx_blocked {
+                st.rx_blocked = false;
+                shared.wake_stack(&mut st);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if st.reset {
+            return Poll::Ready(Err(reset_error()));
+        }
+        if st.rx_eof || st.closed {
+            return Poll::Ready(Ok(()));
+        }
+        st.reader = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for TcpFlow {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let shared = &self.shared;
+        let mut st = shared.state();
+        if st.reset {
+            return Poll::Ready(Err(reset_error()));
+        }
+        if st.tx_closed || st.closed {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "TCP flow closed for writing")));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = st.tx.push(data);
+        if n == 0 {
+            st.writer = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        shared.wake_stack(&mut st);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let shared = &self.shared;
+        let mut st = shared.state();
+        if !st.tx_closed {
+            st.tx_closed = true;
+            shared.wake_stack(&mut st);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for TcpFlow {
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        let mut st = shared.state();
+        st.handler_gone = true;
+        st.tx_closed = true;
+        st.reader = None;
+        st.writer = None;
+        shared.wake_stack(&mut st);
+    }
+}
+
+/// The stack's side of a flow. All methods are cheap and never block on the handler.
+#[derive(Debug)]
+pub struct FlowLink {
+    shared: Arc<Shared>,
+}
+
+/// What a stack must do for a flow, read (and cleared where noted) under one lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowSignals {
+    pub decision: Decision,
+    /// The handler asked for RST.
+    pub abort_requested: bool,
+    /// The handler will write no more and every written byte has been taken (send FIN).
+    pub tx_finished: bool,
+    /// The handler is gone: discard client bytes instead of buffering them.
+    pub handler_gone: bool,
+}
+
+impl FlowLink {
+    /// Pumps bytes both ways under one lock:
+    /// `recv` is called with a closure that accepts client bytes for the handler (returning
+    /// how many it took); `send` with one that fills a slice with handler bytes for the
+    /// client (returning how many it wrote). Wakes the handler as needed and returns the
+    /// flow's signals. Clears the "queued" mark: a later change queues the flow again.
+    pub fn pump(
+        &self,
+        recv: impl FnOnce(&mut dyn FnMut(&[u8]) -> usize) -> bool,
+        send: impl FnOnce(&mut dyn FnMut(&mut [u8]) -> usize),
+    ) -> FlowSignals {
+        let mut st = self.shared.state();
+        st.queued = false;
+        let st = &mut *st;
+        let (mut got, mut gave) = (0, 0);
+        if st.decision == Decision::Accepted && !st.closed {
+            if st.handler_gone {
+                let _ = recv(&mut |data: &[u8]| data.len());
+            } else {
+                let rx = &mut st.rx;
+                let more_waiting = recv(&mut |data: &[u8]| {
+                    let n = rx.push(data);
+                    got += n;
+                    n
+                });
+                st.rx_blocked = more_waiting;
+            }
+            let tx = &mut st.tx;
+            send(&mut |out: &mut [u8]| {
+                let n = tx.pop(out);
+                gave += n;
+                n
+            });
+        }
+        if got > 0 {
+            if let Some(w) = st.reader.take() {
+                w.wake();
+            }
+        }
+        if gave > 0 {
+            if let Some(w) = st.writer.take() {
+                w.wake();
+            }
+        }
+        FlowSignals {
+            decision: st.decision,
+            abort_requested: st.abort_requested,
+            tx_finished: st.tx_closed && st.tx.len() == 0,
+            handler_gone: st.handler_gone,
+        }
+    }
+
+    /// The client sent FIN and all its bytes were delivered: the handler's reads end.
+    pub fn set_rx_eof(&self) {
+        let mut st = self.shared.state();
+        if !st.rx_eof {
+            st.rx_eof = true;
+            if let Some(w) = st.reader.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// The stack is done with this flow; `reset` tells whether it ended abnormally.
+    pub fn set_closed(&self, reset: bool) {
+        let mut st = self.shared.state();
+        st.closed = true;
+        st.reset |= reset;
+        if let Some(w) = st.reader.take() {
+            w.wake();
+        }
+        if let Some(w) = st.writer.take() {
+            w.wake();
+        }
+    }
+
+    pub fn decision(&self) -> Decision {
+        self.shared.state().decision
+    }
+
+    /// Clears the "queued" mark for a flow serviced without [`pump`](Self::pump).
+    pub fn clear_queued(&self) {
+        self.shared.state().queued = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ring_wraps_and_bounds() {
+        let mut r = Ring::new(8);
+        assert_eq!(r.push(b"abcdef"), 6);
+        let mut out = [0u8; 4];
+        assert_eq!(r.pop(&mut out), 4);
+        assert_eq!(&out, b"abcd");
+        assert_eq!(r.push(b"ghijklmn"), 6);
+        let mut out = [0u8; 16];
+        assert_eq!(r.pop(&mut out), 8);
+        assert_eq!(&out[..8], b"efghijkl");
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_both_ways_with_half_close() {
+        let wake = WakeQueue::new();
+        let (link, req) = new_flow(FlowId(7), addr("10.0.0.1:1000"), addr("10.0.0.2:80"), 16, wake.clone());
+        let mut q = Vec::new();
+        assert_eq!(link.decision(), Decision::Pending);
+        let mut flow = req.accept();
+        wake.drain_into(&mut q);
+        assert_eq!(q, vec![FlowId(7)]);
+
+        // Stack → handler, more than the ring holds: the rest waits and the flow is blocked.
+        let sig = link.pump(|put| put(b"0123456789abcdefXYZ") < 19, |_| {});
+        assert_eq!(sig.decision, Decision::Accepted);
+        let mut buf = [0u8; 32];
+        let n = flow.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"0123456789abcdef");
+        // Reading from a blocked ring queues the flow again.
+        q.clear();
+        wake.drain_into(&mut q);
+        assert_eq!(q, vec![FlowId(7)]);
+
+        // Handler → stack, then shutdown: FIN only once the ring is empty.
+        flow.write_all(b"reply").await.unwrap();
+        flow.shutdown().await.unwrap();
+        let mut out = [0u8; 3];
+        let sig = link.pump(|_| false, |take| assert_eq!(take(&mut out), 3));
+        assert!(!sig.tx_finished);
+        let mut out = [0u8; 8];
+        let sig = link.pump(|_| false, |take| assert_eq!(take(&mut out), 2));
+        assert!(sig.tx_finished);
+
+        link.set_rx_eof();
+        assert_eq!(flow.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn reset_surfaces_as_error_and_drop_rejects() {
+        let wake = WakeQueue::new();
+        let (link, req) = new_flow(FlowId(1), addr("[::1]:1"), addr("[::2]:2"), 16, wake.clone());
+        drop(req);
+        assert_eq!(link.decision(), Decision::Rejected);
+
+        let (link, req) = new_flow(FlowId(2), addr("[::1]:1"), addr("[::2]:2"), 16, wake);
+        let mut flow = req.accept();
+        link.set_closed(true);
+        let mut buf = [0u8; 4];
+        assert_eq!(flow.read(&mut buf).await.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(flow.write(b"x").await.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+    }
+}

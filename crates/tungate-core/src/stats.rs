@@ -1,0 +1,58 @@
+//! Counters every backend keeps. Relaxed atomics: they are statistics, not synchronisation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Packet and flow counters shared between a backend, its handlers and the binary.
+        #[derive(Debug, Default)]
+        pub struct Stats { $($(#[$doc])* pub $name: AtomicU64,)* }
+
+        /// A plain copy of [`Stats`] at one moment.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct StatsSnapshot { $(pub $name: u64,)* }
+
+        impl Stats {
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Packets read from the device.
+    rx_packets,
+    /// Packets written to the device.
+    tx_packets,
+    /// Packets that failed to parse or verify (bad header, length or checksum).
+    malformed,
+    /// Well-formed packets the gateway does not handle (ICMP, fragments, extension headers…).
+    unsupported,
+    /// TCP segments for no known flow that were not a SYN (answered with RST).
+    tcp_unknown_flow,
+    /// Retransmitted SYNs for a flow already being set up (dropped).
+    tcp_syn_duplicate,
+    /// TCP flows offered to the handler.
+    tcp_requests,
+    /// TCP flows the handler refused (answered with RST).
+    tcp_rejected,
+    /// TCP flows currently tracked by the stack.
+    tcp_active,
+    /// UDP datagrams delivered to the UDP handler.
+    udp_rx,
+    /// UDP datagrams written back through the device.
+    udp_tx,
+    /// UDP datagrams dropped (queue full, too large for the MTU, socket error).
+    udp_dropped,
+}
+
+impl Stats {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dec(counter: &AtomicU64) {
+        counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}
