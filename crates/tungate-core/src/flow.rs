@@ -382,48 +382,59 @@ pub struct FlowSignals {
     pub handler_gone: bool,
 }
 
+/// The byte-moving view of a flow that [`FlowLink::pump`] lends to the stack.
+#[derive(Debug)]
+pub struct FlowIo<'a> {
+    st: &'a mut State,
+    got: usize,
+    gave: usize,
+}
+
+impl FlowIo<'_> {
+    /// Offers client bytes to the handler; returns how many were taken (all of them when
+    /// the handler is gone and they are discarded).
+    pub fn deliver(&mut self, data: &[u8]) -> usize {
+        if self.st.handler_gone {
+            return data.len();
+        }
+        let n = self.st.rx.push(data);
+        self.got += n;
+        if n < data.len() {
+            self.st.rx_blocked = true;
+        }
+        n
+    }
+
+    /// Fills `out` with handler bytes for the client; returns how many.
+    pub fn fill(&mut self, out: &mut [u8]) -> usize {
+        let n = self.st.tx.pop(out);
+        self.gave += n;
+        n
+    }
+}
+
 impl FlowLink {
-    /// Pumps bytes both ways under one lock:
-    /// `recv` is called with a closure that accepts client bytes for the handler (returning
-    /// how many it took); `send` with one that fills a slice with handler bytes for the
-    /// client (returning how many it wrote). Wakes the handler as needed and returns the
-    /// flow's signals. Clears the "queued" mark: a later change queues the flow again.
-    pub fn pump(
-        &self,
-        recv: impl FnOnce(&mut dyn FnMut(&[u8]) -> usize) -> bool,
-        send: impl FnOnce(&mut dyn FnMut(&mut [u8]) -> usize),
-    ) -> FlowSignals {
-        let mut st = self.shared.state();
+    /// Lends `f` a [`FlowIo`] to move bytes both ways under one lock, then wakes the
+    /// handler as needed and returns the flow's signals. Clears the "queued" mark: a later
+    /// change by the handler queues the flow again. Before a flow is accepted (or after it
+    /// closed) `f` is not called.
+    pub fn pump(&self, f: impl FnOnce(&mut FlowIo<'_>)) -> FlowSignals {
+        let mut guard = self.shared.state();
+        let st = &mut *guard;
         st.queued = false;
-        let st = &mut *st;
-        let (mut got, mut gave) = (0, 0);
         if st.decision == Decision::Accepted && !st.closed {
-            if st.handler_gone {
-                let _ = recv(&mut |data: &[u8]| data.len());
-            } else {
-                let rx = &mut st.rx;
-                let more_waiting = recv(&mut |data: &[u8]| {
-                    let n = rx.push(data);
-                    got += n;
-                    n
-                });
-                st.rx_blocked = more_waiting;
+            let mut io = FlowIo { st: &mut *st, got: 0, gave: 0 };
+            f(&mut io);
+            let (got, gave) = (io.got, io.gave);
+            if got > 0 {
+                if let Some(w) = st.reader.take() {
+                    w.wake();
+                }
             }
-            let tx = &mut st.tx;
-            send(&mut |out: &mut [u8]| {
-                let n = tx.pop(out);
-                gave += n;
-                n
-            });
-        }
-        if got > 0 {
-            if let Some(w) = st.reader.take() {
-                w.wake();
-            }
-        }
-        if gave > 0 {
-            if let Some(w) = st.writer.take() {
-                w.wake();
+            if gave > 0 {
+                if let Some(w) = st.writer.take() {
+                    w.wake();
+                }
             }
         }
         FlowSignals {
@@ -501,7 +512,7 @@ mod tests {
         assert_eq!(q, vec![FlowId(7)]);
 
         // Stack → handler, more than the ring holds: the rest waits and the flow is blocked.
-        let sig = link.pump(|put| put(b"0123456789abcdefXYZ") < 19, |_| {});
+        let sig = link.pump(|io| assert_eq!(io.deliver(b"0123456789abcdefXYZ"), 16));
         assert_eq!(sig.decision, Decision::Accepted);
         let mut buf = [0u8; 32];
         let n = flow.read(&mut buf).await.unwrap();
@@ -515,10 +526,10 @@ mod tests {
         flow.write_all(b"reply").await.unwrap();
         flow.shutdown().await.unwrap();
         let mut out = [0u8; 3];
-        let sig = link.pump(|_| false, |take| assert_eq!(take(&mut out), 3));
+        let sig = link.pump(|io| assert_eq!(io.fill(&mut out), 3));
         assert!(!sig.tx_finished);
         let mut out = [0u8; 8];
-        let sig = link.pump(|_| false, |take| assert_eq!(take(&mut out), 2));
+        let sig = link.pump(|io| assert_eq!(io.fill(&mut out), 2));
         assert!(sig.tx_finished);
 
         link.set_rx_eof();

@@ -1,0 +1,401 @@
+//! The smoltcp packet engine: demultiplexing, flow set-up and teardown, timers.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
+use tungate_core::engine::Engine;
+use tungate_core::flow::{self, Decision, FlowLink, WakeQueue};
+use tungate_core::handler::UdpOutbox;
+use tungate_core::packet::{self, Classified, TcpSummary};
+use tungate_core::{FlowId, Handlers, PacketBuf, Stats, UdpSender};
+
+use crate::SmoltcpConfig;
+use crate::device::{FlowDevice, Output};
+
+/// A flow's 4-tuple as the client sees it: (client, original destination).
+type FlowKey = (SocketAddr, SocketAddr);
+
+/// The smoltcp backend's I/O-free engine. See the crate docs for the packet path.
+pub struct SmoltcpEngine {
+    config: SmoltcpConfig,
+    handlers: Handlers,
+    epoch: Instant,
+    flows: Slab<Flow>,
+    by_key: HashMap<FlowKey, FlowId>,
+    /// (deadline, flow) min-heap; an entry is live only if it equals the flow's `armed`.
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    wake: Arc<WakeQueue>,
+    woken: Vec<FlowId>,
+    udp_out: Arc<UdpOutbox>,
+    udp_sender: UdpSender,
+    out: Output,
+    /// The buffer last returned by `poll_transmit` came from the UDP outbox.
+    last_from_udp: bool,
+    seed: u64,
+}
+
+impl std::fmt::Debug for SmoltcpEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmoltcpEngine").field("flows", &self.flows.len()).finish_non_exhaustive()
+    }
+}
+
+struct Flow {
+    key: FlowKey,
+    link: FlowLink,
+    stage: Stage,
+    /// The deadline this flow has a live entry for in the timer heap.
+    armed: Option<Instant>,
+}
+
+enum Stage {
+    /// Waiting for the handler; the client's SYN is held and fed to the socket on accept.
+    Pending { syn: PacketBuf, summary: TcpSummary },
+    Open(Box<OpenFlow>),
+}
+
+struct OpenFlow {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    handle: SocketHandle,
+    /// The handshake completed; from now on "cannot receive" means the client sent FIN.
+    established: bool,
+    rx_eof: bool,
+    fin_queued: bool,
+}
+
+impl SmoltcpEngine {
+    pub fn new(config: SmoltcpConfig, handlers: Handlers, now: Instant) -> Self {
+        let wake = WakeQueue::new();
+        let udp_out = UdpOutbox::new(config.mtu, wake.clone(), handlers.stats.clone());
+        let udp_sender = udp_out.sender();
+        let out = Output { mtu: config.mtu.get(), ..Output::default() };
+        SmoltcpEngine {
+            config,
+            handlers,
+            epoch: now,
+            flows: Slab::new(),
+            by_key: HashMap::new(),
+            timers: BinaryHeap::new(),
+            wake,
+            woken: Vec::new(),
+            udp_out,
+            udp_sender,
+            out,
+            last_from_udp: false,
+            seed: rand::random(),
+        }
+    }
+
+    /// Flows currently tracked (pending or open).
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    fn stats(&self) -> &Stats {
+        &self.handlers.stats
+    }
+
+    fn smol_now(&self, now: Instant) -> SmolInstant {
+        SmolInstant::from_micros(now.saturating_duration_since(self.epoch).as_micros() as i64)
+    }
+
+    fn std_instant(&self, t: SmolInstant) -> Instant {
+        self.epoch + Duration::from_micros(t.total_micros().max(0) as u64)
+    }
+
+    fn handle_tcp(&mut self, now: Instant, packet: &PacketBuf, seg: TcpSummary) {
+        if let Some(&id) = self.by_key.get(&(seg.src, seg.dst)) {
+            match &self.flows[id.0].stage {
+                Stage::Pending { .. } => {
+                    if seg.is_bare_syn() {
+                        Stats::inc(&self.stats().tcp_syn_duplicate);
+                    }
+                }
+                Stage::Open(_) => self.poll_flow(id, now, Some(packet.packet())),
+            }
+            return;
+        }
+        if !packet::tcp_checksum_ok(packet.packet(), &seg) {
+            Stats::inc(&self.stats().malformed);
+            return;
+        }
+        if !seg.is_bare_syn() {
+            if !seg.rst {
+                Stats::inc(&self.stats().tcp_unknown_flow);
+                self.send_rst(&seg);
+            }
+            return;
+        }
+        if !is_unicast(seg.src.ip()) || !is_unicast(seg.dst.ip()) || seg.dst.port() == 0 || seg.src.port() == 0 {
+            Stats::inc(&self.stats().malformed);
+            return;
+        }
+        self.open_request(packet, seg);
+    }
+
+    fn open_request(&mut self, packet: &PacketBuf, seg: TcpSummary) {
+        let entry = self.flows.vacant_entry();
+        let id = FlowId(entry.key());
+        let (link, request) = flow::new_flow(id, seg.src, seg.dst, self.config.ring_capacity, self.wake.clone());
+        entry.insert(Flow {
+            key: (seg.src, seg.dst),
+            link,
+            stage: Stage::Pending { syn: PacketBuf::from_slice(packet.packet()), summary: seg },
+            armed: None,
+        });
+        self.by_key.insert((seg.src, seg.dst), id);
+        let stats = &self.handlers.stats;
+        Stats::inc(&stats.tcp_requests);
+        Stats::inc(&stats.tcp_active);
+        tracing::debug!(src = %seg.src, dst = %seg.dst, "tcp request");
+        self.handlers.tcp.handle_tcp(request);
+    }
+
+    fn send_rst(&mut self, seg: &TcpSummary) {
+        let mut buf = self.out.buffer();
+        match packet::build_tcp_rst(seg, buf.spare_mut()) {
+            Some(len) => {
+                buf.set_len(len);
+                self.out.queue.push_back(buf);
+            }
+            None => self.out.recycle(buf),
+        }
+    }
+
+    /// Acts on a flow the handler touched.
+    fn service(&mut self, id: FlowId, now: Instant) {
+        let Some(flow) = self.flows.get_mut(id.0) else { return };
+        match &flow.stage {
+            Stage::Open(_) => self.poll_flow(id, now, None),
+            Stage::Pending { .. } => {
+                flow.link.clear_queued();
+                match flow.link.decision() {
+                    Decision::Pending => {}
+                    Decision::Accepted => self.accept(id, now),
+                    Decision::Rejected => {
+                        let Stage::Pending { summary, .. } = self.remove(id, true).stage else { return };
+                        Stats::inc(&self.stats().tcp_rejected);
+                        self.send_rst(&summary);
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, id: FlowId, now: Instant) {
+        let t = self.smol_now(now);
+        let flow = &mut self.flows[id.0];
+        let (client, dst) = flow.key;
+        let mut config = Config::new(HardwareAddress::Ip);
+        self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        config.random_seed = self.seed;
+        let mut device = FlowDevice { rx: None, out: &mut self.out };
+        let mut iface = Interface::new(config, &mut device, t);
+        iface.set_any_ip(true);
+        // Every reply goes to the client; smoltcp wants a route to call it reachable.
+        let routed = match client.ip() {
+            IpAddr::V4(a) => iface.routes_mut().add_default_ipv4_route(a).is_ok(),
+            IpAddr::V6(a) => iface.routes_mut().add_default_ipv6_route(a).is_ok(),
+        };
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.config.tcp_rx_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.config.tcp_tx_buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_timeout(Some(SmolDuration::from_micros(self.config.tcp_timeout.as_micros() as u64)));
+        let listening = socket.listen(IpListenEndpoint { addr: Some(IpAddress::from(dst.ip())), port: dst.port() });
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
+        let handle = sockets.add(socket);
+        let stage = Stage::Open(Box::new(OpenFlow {
+            iface,
+            sockets,
+            handle,
+            established: false,
+            rx_eof: false,
+            fin_queued: false,
+        }));
+        let Stage::Pending { syn, summary } = std::mem::replace(&mut flow.stage, stage) else { return };
+        if !routed || listening.is_err() {
+            self.remove(id, true);
+            self.send_rst(&summary);
+            return;
+        }
+        self.poll_flow(id, now, Some(syn.packet()));
+        // A SYN smoltcp would not take leaves the socket listening: nothing will follow.
+        if let Some(Stage::Open(open)) = self.flows.get(id.0).map(|f| &f.stage) {
+            if open.sockets.get::<tcp::Socket>(open.handle).state() == tcp::State::Listen {
+                self.remove(id, true);
+                self.send_rst(&summary);
+            }
+        }
+    }
+
+    /// Runs one flow's interface (with `rx` if a packet arrived for it), moves bytes
+    /// between its socket and the handler, and re-arms its timer.
+    fn poll_flow(&mut self, id: FlowId, now: Instant, rx: Option<&[u8]>) {
+        let t = self.smol_now(now);
+        let Some(flow) = self.flows.get_mut(id.0) else { return };
+        let Stage::Open(open) = &mut flow.stage else { return };
+        let open = &mut **open;
+        let mut device = FlowDevice { rx, out: &mut self.out };
+        open.iface.poll(t, &mut device, &mut open.sockets);
+
+        let socket = open.sockets.get_mut::<tcp::Socket>(open.handle);
+        let state = socket.state();
+        if !open.established && !matches!(state, tcp::State::Listen | tcp::State::SynReceived | tcp::State::Closed) {
+            open.established = true;
+        }
+        let signals = flow.link.pump(|io| {
+            // The rx side stops when the handler's ring is full; FlowIo then marks the
+            // flow blocked and the handler's next read queues it again.
+            while socket.can_recv() {
+                let taken = socket.recv(|data| {
+                    let n = io.deliver(data);
+                    (n, n)
+                });
+                if !matches!(taken, Ok(n) if n > 0) {
+                    break;
+                }
+            }
+            while socket.can_send() {
+                let given = socket.send(|space| {
+                    let n = io.fill(space);
+                    (n, n)
+                });
+                if !matches!(given, Ok(n) if n > 0) {
+                    break;
+                }
+            }
+        });
+        if signals.abort_requested {
+            socket.abort();
+        } else if signals.tx_finished && !open.fin_queued && open.established {
+            socket.close();
+            open.fin_queued = true;
+        }
+        if open.established && !open.rx_eof && !socket.may_recv() && socket.recv_queue() == 0 {
+            open.rx_eof = true;
+            flow.link.set_rx_eof();
+        }
+        open.iface.poll_egress(t, &mut device, &mut open.sockets);
+
+        let socket = open.sockets.get::<tcp::Socket>(open.handle);
+        if socket.state() == tcp::State::Closed || (socket.state() == tcp::State::TimeWait && signals.handler_gone) {
+            // A clean end is FIN both ways; anything else closing the socket was a reset.
+            let clean = open.rx_eof && open.fin_queued;
+            flow.link.set_closed(!clean);
+            self.remove(id, false);
+            return;
+        }
+        let deadline = open.iface.poll_at(t, &open.sockets).map(|d| self.std_instant(d));
+        let flow = &mut self.flows[id.0];
+        if let Some(d) = deadline {
+            if flow.armed.is_none_or(|armed| d < armed) {
+                flow.armed = Some(d);
+                self.timers.push(Reverse((d, id)));
+            }
+        }
+    }
+
+    fn remove(&mut self, id: FlowId, closed_by_us: bool) -> Flow {
+        let flow = self.flows.remove(id.0);
+        self.by_key.remove(&flow.key);
+        if closed_by_us {
+            flow.link.set_closed(true);
+        }
+        Stats::dec(&self.handlers.stats.tcp_active);
+        flow
+    }
+}
+
+fn is_unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => !(a.is_broadcast() || a.is_multicast() || a.is_unspecified()),
+        IpAddr::V6(a) => !(a.is_multicast() || a.is_unspecified()),
+    }
+}
+
+impl Engine for SmoltcpEngine {
+    fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) {
+        let stats = self.handlers.stats.clone();
+        Stats::inc(&stats.rx_packets);
+        match packet::classify(packet.packet()) {
+            Err(_) => Stats::inc(&stats.malformed),
+            Ok(Classified::Unsupported) => Stats::inc(&stats.unsupported),
+            Ok(Classified::Udp { src, dst, payload }) => {
+                Stats::inc(&stats.udp_rx);
+                self.handlers.udp.handle_udp(src, dst, payload, &self.udp_sender);
+            }
+            Ok(Classified::Tcp(seg)) => self.handle_tcp(now, packet, seg),
+        }
+    }
+
+    fn handle_wakeups(&mut self, now: Instant) {
+        let mut woken = std::mem::take(&mut self.woken);
+        self.wake.drain_into(&mut woken);
+        for &id in &woken {
+            self.service(id, now);
+        }
+        woken.clear();
+        self.woken = woken;
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((deadline, id))) = self.timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(flow) = self.flows.get_mut(id.0) else { continue };
+            if flow.armed != Some(deadline) {
+                continue;
+            }
+            flow.armed = None;
+            self.poll_flow(id, now, None);
+        }
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        // Drop stale heads so the driver does not wake for nothing.
+        while let Some(&Reverse((deadline, id))) = self.timers.peek() {
+            match self.flows.get(id.0) {
+                Some(flow) if flow.armed == Some(deadline) => return Some(deadline),
+                _ => {
+                    self.timers.pop();
+                }
+            }
+        }
+        None
+    }
+
+    fn poll_transmit(&mut self) -> Option<PacketBuf> {
+        let (buf, from_udp) = match self.out.queue.pop_front() {
+            Some(buf) => (buf, false),
+            None => (self.udp_out.pop()?, true),
+        };
+        self.last_from_udp = from_udp;
+        Stats::inc(&self.handlers.stats.tx_packets);
+        Some(buf)
+    }
+
+    fn recycle(&mut self, buf: PacketBuf) {
+        if self.last_from_udp {
+            self.udp_out.recycle(buf);
+        } else {
+            self.out.recycle(buf);
+        }
+    }
+
+    fn wake_queue(&self) -> Arc<WakeQueue> {
+        self.wake.clone()
+    }
+}

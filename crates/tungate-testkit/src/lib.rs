@@ -1,0 +1,60 @@
+//! The conformance suite every tungate backend must pass, written once.
+//!
+//! * [`mem`]: against a [`peer::PeerHost`] (a smoltcp host) across an in-memory TUN, with
+//!   [`services::Services`] as the handler (echo, sink-and-hash, source, refuse, UDP echo).
+//! * [`netns`]: the variant binary on a real kernel TUN inside throwaway network
+//!   namespaces, with kernel clients (curl, iperf3, python sockets) and the direct upstream.
+//!
+//! A backend crate instantiates both with one line in `tests/conformance.rs`:
+//!
+//! ```ignore
+//! tungate_testkit::conformance_suite!(backend_smoltcp::Smoltcp::default(), "tungate-smoltcp");
+//! ```
+//!
+//! Every test asserts on data that crossed the stack: SHA-256 digests, byte counts,
+//! addresses and counters.
+
+pub mod mem;
+pub mod netns;
+pub mod peer;
+pub mod services;
+
+/// Instantiates the whole suite for one backend: `$backend` is an expression building
+/// the backend, `$bin` the variant binary's name (found in `$TUNGATE_BIN_DIR`).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($backend:expr, $bin:expr) => {
+        $crate::conformance_suite!(@mem $backend;
+            handshake_and_addresses, bulk_16mib_upload_v4, bulk_16mib_download_v4,
+            bulk_16mib_upload_v6, bulk_16mib_download_v6, half_close_client_first,
+            half_close_server_first, refused_gets_rst_v4, refused_gets_rst_v6,
+            concurrent_200_flows, udp_echo_v4, udp_echo_v6, malformed_burst,
+            unknown_segment_gets_rst);
+        $crate::conformance_suite!(@netns $bin;
+            netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
+            netns_iperf3_short);
+    };
+    (@mem $backend:expr; $($name:ident),*) => {
+        mod conformance_mem {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::mem::$name($backend).await;
+                }
+            )*
+        }
+    };
+    (@netns $bin:expr; $($name:ident),*) => {
+        mod conformance_netns {
+            $(
+                #[test]
+                #[ignore = "needs root, network namespaces and the variant binary; run by `make test`"]
+                fn $name() {
+                    $crate::netns::$name($bin);
+                }
+            )*
+        }
+    };
+}

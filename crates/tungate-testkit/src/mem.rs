@@ -1,0 +1,360 @@
+//! The in-memory level of the conformance suite.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tungate_core::stats::StatsSnapshot;
+use tungate_core::{Backend, Handlers, Mtu, Stats};
+
+use crate::peer::{PeerHost, PEER_V4, PEER_V6};
+use crate::services::{self, Services, pattern};
+
+/// Destinations: nothing is routed anywhere, the addresses only name flows.
+pub fn dst_v4(port: u16) -> SocketAddr {
+    SocketAddr::new("10.77.0.2".parse().expect("literal"), port)
+}
+
+pub fn dst_v6(port: u16) -> SocketAddr {
+    SocketAddr::new("fd77::2".parse().expect("literal"), port)
+}
+
+/// Upper bound for any single step; generous because CI machines are slow, and only
+/// there to turn a hang into a failure.
+const STEP: Duration = Duration::from_secs(60);
+
+/// A backend running on an in-memory TUN with a peer host on the other side.
+pub struct Harness {
+    pub peer: PeerHost,
+    pub services: Services,
+    pub stats: Arc<Stats>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Harness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harness").finish_non_exhaustive()
+    }
+}
+
+impl Harness {
+    pub fn start<B: Backend>(backend: B) -> Self {
+        Self::start_with_mtu(backend, Mtu::DEFAULT)
+    }
+
+    pub fn start_with_mtu<B: Backend>(backend: B, mtu: Mtu) -> Self {
+        let (device, link) = tungate_core::device::mem::pair(mtu, 4096);
+        let services = Services::default();
+        let handlers = Handlers::new(Arc::new(services.clone()), Arc::new(services.clone()));
+        let stats = handlers.stats.clone();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(e) = backend.run(device, handlers, shutdown).await {
+                panic!("backend stopped with an error: {e}");
+            }
+        });
+        let peer = PeerHost::start(link);
+        Harness { peer, services, stats, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Stops the backend and checks it exited cleanly.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(STEP, task).await.expect("backend stops").expect("backend did not panic");
+        }
+    }
+}
+
+async fn step<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Uploads `len` bytes to SINK and checks the returned digest.
+async fn upload(h: &Harness, dst: SocketAddr, len: usize) {
+    let data = pattern(len, 42);
+    let mut s = step("connect", h.peer.connect(dst)).await.expect("connect");
+    step("upload", s.write_all(&data)).await.expect("write");
+    s.shutdown().await.expect("shutdown");
+    let mut digest = Vec::new();
+    step("digest", s.read_to_end(&mut digest)).await.expect("read digest");
+    assert_eq!(digest, Sha256::digest(&data).to_vec(), "server's SHA-256 of the {len}-byte upload differs");
+}
+
+/// Downloads `len` bytes from SOURCE and checks length and digest.
+async fn download(h: &Harness, dst: SocketAddr, len: usize) {
+    let mut s = step("connect", h.peer.connect(dst)).await.expect("connect");
+    s.write_u64(len as u64).await.expect("request");
+    let mut got = Vec::with_capacity(len);
+    step("download", s.read_to_end(&mut got)).await.expect("read");
+    assert_eq!(got.len(), len, "download truncated or overlong");
+    assert_eq!(Sha256::digest(&got), Sha256::digest(pattern(len, len as u64)), "download corrupted");
+}
+
+const MIB16: usize = 16 * 1024 * 1024;
+
+pub async fn handshake_and_addresses<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    let s = step("connect", h.peer.connect(dst_v4(services::ECHO))).await.expect("connect");
+    let local = s.local_addr();
+    // The handler learns the client's real address and the original destination.
+    let seen = step("handler sees flow", async {
+        loop {
+            if let Some(seen) = h.services.seen(local) {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(seen.dst, dst_v4(services::ECHO));
+    assert_eq!(local.ip(), IpAddr::V4(PEER_V4));
+    let mut s = s;
+    s.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    step("echo", s.read_exact(&mut buf)).await.expect("echo");
+    assert_eq!(&buf, b"ping");
+    assert_eq!(h.stats().tcp_requests, 1);
+    h.stop().await;
+}
+
+pub async fn bulk_16mib_upload_v4<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    upload(&h, dst_v4(services::SINK), MIB16).await;
+    h.stop().await;
+}
+
+pub async fn bulk_16mib_download_v4<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    download(&h, dst_v4(services::SOURCE), MIB16).await;
+    h.stop().await;
+}
+
+pub async fn bulk_16mib_upload_v6<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    upload(&h, dst_v6(services::SINK), MIB16).await;
+    h.stop().await;
+}
+
+pub async fn bulk_16mib_download_v6<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    download(&h, dst_v6(services::SOURCE), MIB16).await;
+    h.stop().await;
+}
+
+/// The client closes its side first; the server keeps sending after seeing EOF.
+pub async fn half_close_client_first<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    // SINK only answers after the client's FIN: a lost FIN hangs, a lost answer fails.
+    upload(&h, dst_v4(services::SINK), 100_000).await;
+    upload(&h, dst_v6(services::SINK), 1).await;
+    h.stop().await;
+}
+
+/// The server closes its side first; the client keeps sending after seeing EOF.
+pub async fn half_close_server_first<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    for dst in [dst_v4(services::GREET_FIRST), dst_v6(services::GREET_FIRST)] {
+        let mut s = step("connect", h.peer.connect(dst)).await.expect("connect");
+        let mut greeting = Vec::new();
+        step("greeting until FIN", s.read_to_end(&mut greeting)).await.expect("read");
+        assert_eq!(greeting, services::GREETING);
+        let after = pattern(300_000, 7);
+        step("write after server FIN", s.write_all(&after)).await.expect("write after FIN");
+        s.shutdown().await.expect("shutdown");
+        let local = s.local_addr();
+        let seen = step("server records upload", async {
+            loop {
+                if let Some(seen) = h.services.seen(local).filter(|s| !s.received.is_empty()) {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert_eq!(seen.received.len(), after.len());
+        assert!(seen.received == after, "bytes sent after the server's FIN were corrupted");
+    }
+    h.stop().await;
+}
+
+async fn refused<B: Backend>(backend: B, dst: SocketAddr) {
+    let h = Harness::start(backend);
+    let err = step("refused connect", h.peer.connect(dst)).await.expect_err("handler refused, so must RST");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(h.stats().tcp_rejected, 1);
+    // The refusal leaves nothing behind and the next connection works.
+    upload(&h, SocketAddr::new(dst.ip(), services::SINK), 1000).await;
+    h.stop().await;
+}
+
+pub async fn refused_gets_rst_v4<B: Backend>(backend: B) {
+    refused(backend, dst_v4(services::REFUSE)).await;
+}
+
+pub async fn refused_gets_rst_v6<B: Backend>(backend: B) {
+    refused(backend, dst_v6(services::REFUSE)).await;
+}
+
+pub async fn concurrent_200_flows<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let peer = h.peer.clone();
+        let dst = if i % 4 == 3 { dst_v6(services::ECHO) } else { dst_v4(services::ECHO) };
+        tasks.push(tokio::spawn(async move {
+            let data = pattern(64 * 1024 + i as usize, i);
+            let s = peer.connect(dst).await.expect("connect");
+            let (mut r, mut w) = tokio::io::split(s);
+            let writer = async {
+                w.write_all(&data).await.expect("write");
+                w.shutdown().await.expect("shutdown");
+            };
+            let mut got = Vec::new();
+            let reader = r.read_to_end(&mut got);
+            let (_, read) = tokio::join!(writer, reader);
+            read.expect("read");
+            assert!(got == data, "flow {i}: echo differs ({} of {} bytes)", got.len(), data.len());
+        }));
+    }
+    for t in tasks {
+        step("200 flows", t).await.expect("flow task");
+    }
+    assert_eq!(h.stats().tcp_requests, 200);
+    h.stop().await;
+}
+
+async fn udp_echo<B: Backend>(backend: B, client: SocketAddr, dst: SocketAddr) {
+    let h = Harness::start(backend);
+    for i in 0..10u8 {
+        let payload = pattern(100 + i as usize * 100, i as u64);
+        h.peer.send_udp(client, dst, &payload).await;
+        let reply = step("udp reply", h.peer.recv_udp()).await.expect("reply");
+        assert_eq!((reply.src, reply.dst), (dst, client), "reply must come from the original destination");
+        assert_eq!(reply.payload, payload);
+    }
+    let seen = h.services.udp_seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 10);
+    assert!(seen.iter().all(|(s, d, _)| (*s, *d) == (client, dst)), "handler saw wrong addresses");
+    h.stop().await;
+}
+
+pub async fn udp_echo_v4<B: Backend>(backend: B) {
+    udp_echo(backend, SocketAddr::new(IpAddr::V4(PEER_V4), 5353), dst_v4(53)).await;
+}
+
+pub async fn udp_echo_v6<B: Backend>(backend: B) {
+    udp_echo(backend, SocketAddr::new(IpAddr::V6(PEER_V6), 5353), dst_v6(53)).await;
+}
+
+/// Malformed packets of every kind are counted and dropped; the gateway keeps working.
+pub async fn malformed_burst<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    let mut good = vec![0u8; 1500];
+    let client = SocketAddr::new(IpAddr::V4(PEER_V4), 4000);
+    let n = tungate_core::packet::build_udp(client, dst_v4(53), b"payload", &mut good).expect("build");
+    good.truncate(n);
+    let mut bad: Vec<Vec<u8>> = Vec::new();
+    bad.push(Vec::new());
+    bad.push(vec![0x45]);
+    bad.push(vec![0x15; 40]); // IP version 1
+    for cut in [10, 19, 20, 27] {
+        bad.push(good[..cut].to_vec()); // truncated headers
+    }
+    let mut p = good.clone();
+    p[10] ^= 0xff; // IPv4 header checksum
+    bad.push(p);
+    let mut p = good.clone();
+    p[n - 1] ^= 0x01; // UDP checksum
+    bad.push(p);
+    let mut p = good.clone();
+    p[0] = 0x4f; // header length beyond the packet
+    bad.push(p);
+    let mut p = good.clone();
+    p[2] = 0xff; // total length beyond the packet
+    bad.push(p);
+    let mut p = vec![0x60u8; 40];
+    p[4] = 0xff; // IPv6 payload length beyond the packet
+    bad.push(p);
+    let mut x = 0x1234_5678u32;
+    for i in 0..500 {
+        let len = 1 + i % 200;
+        let mut p: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        p[0] = 0x40 | (p[0] & 0x0f); // IPv4 version, random rest: must never parse as valid
+        p.truncate(19); // too short for any IPv4 header
+        bad.push(p);
+    }
+    let before = h.stats();
+    for p in &bad {
+        h.peer.send_raw(p.clone()).await;
+    }
+    // Then traffic that must still work.
+    upload(&h, dst_v4(services::SINK), 10_000).await;
+    let after = h.stats();
+    assert_eq!(after.malformed - before.malformed, bad.len() as u64, "every malformed packet counted");
+    h.stop().await;
+}
+
+/// A segment for a flow the gateway does not know is answered with RST.
+pub async fn unknown_segment_gets_rst<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    let before = h.stats();
+    // An ACK for a connection that never existed, from a port the peer stack does not use.
+    let client = SocketAddr::new(IpAddr::V6(PEER_V6), 61000);
+    let mut pkt = vec![0u8; 100];
+    let seg = tungate_core::packet::TcpSummary {
+        src: dst_v6(80),
+        dst: client,
+        syn: false,
+        ack: false,
+        rst: false,
+        seq: 1000,
+        ack_number: 0,
+        segment_len: 0,
+    };
+    // `build_tcp_rst` answers a segment sent to the client, so the RST it builds travels
+    // client → fd77::2:80; turning its RST flag into ACK gives a stray ACK from the client.
+    let n = tungate_core::packet::build_tcp_rst(&seg, &mut pkt).expect("build");
+    pkt.truncate(n);
+    // TCP flags are at offset 13 of the TCP header.
+    let ip_len = 40;
+    pkt[ip_len + 13] = 0x10;
+    fix_tcp_checksum_v6(&mut pkt);
+    h.peer.send_raw(pkt).await;
+    step("rst counted", async {
+        while h.stats().tcp_unknown_flow == before.tcp_unknown_flow {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(h.stats().tcp_requests, 0);
+    h.stop().await;
+}
+
+fn fix_tcp_checksum_v6(pkt: &mut [u8]) {
+    use smoltcp::wire::{IpAddress, Ipv6Packet, TcpPacket};
+    let ip = Ipv6Packet::new_unchecked(&*pkt);
+    let (src, dst): (IpAddress, IpAddress) = (ip.src_addr().into(), ip.dst_addr().into());
+    let mut tcp = TcpPacket::new_unchecked(&mut pkt[40..]);
+    tcp.fill_checksum(&src, &dst);
+}

@@ -1,0 +1,131 @@
+//! The in-memory suite's handler: a small set of servers chosen by destination port.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tungate_core::{TcpFlow, TcpHandler, TcpRequest, UdpHandler, UdpSender};
+
+/// Echo every byte back; shut down after the client's FIN.
+pub const ECHO: u16 = 7;
+/// Read to EOF, then answer with the SHA-256 of what was read (32 bytes) and close.
+pub const SINK: u16 = 9;
+/// Read an 8-byte big-endian length, then send that many bytes of [`pattern`] and close.
+pub const SOURCE: u16 = 19;
+/// Send a greeting and shut down at once, then read to EOF and record what came.
+pub const GREET_FIRST: u16 = 21;
+/// Refused by the handler: the client must see RST.
+pub const REFUSE: u16 = 1;
+pub const GREETING: &[u8] = b"220 hello, this side is closed for writing\r\n";
+
+/// The deterministic byte stream SOURCE sends, also used by clients to generate uploads.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// What the handler saw for a flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub dst: SocketAddr,
+    pub received: Vec<u8>,
+}
+
+/// The handler behind the in-memory suite.
+#[derive(Debug, Clone, Default)]
+pub struct Services {
+    /// Flows by client address, filled when a GREET_FIRST flow ends; other flows record
+    /// their destination on accept.
+    pub seen: Arc<Mutex<HashMap<SocketAddr, Seen>>>,
+    /// UDP datagrams as the handler received them: (src, dst, payload).
+    pub udp_seen: Arc<Mutex<Vec<(SocketAddr, SocketAddr, Vec<u8>)>>>,
+}
+
+impl Services {
+    pub fn seen(&self, client: SocketAddr) -> Option<Seen> {
+        self.seen.lock().ok()?.get(&client).cloned()
+    }
+}
+
+impl TcpHandler for Services {
+    fn handle_tcp(&self, request: TcpRequest) {
+        if request.dst().port() == REFUSE {
+            request.reject();
+            return;
+        }
+        let seen = self.seen.clone();
+        tokio::spawn(async move {
+            let flow = request.accept();
+            let (src, dst) = (flow.src(), flow.dst());
+            if let Ok(mut m) = seen.lock() {
+                m.insert(src, Seen { dst, received: Vec::new() });
+            }
+            let received = serve(flow, dst.port()).await.unwrap_or_default();
+            if let Ok(mut m) = seen.lock() {
+                m.insert(src, Seen { dst, received });
+            }
+        });
+    }
+}
+
+async fn serve(mut flow: TcpFlow, port: u16) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 64 * 1024];
+    match port {
+        ECHO => {
+            loop {
+                let n = flow.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                flow.write_all(&buf[..n]).await?;
+            }
+            flow.shutdown().await?;
+        }
+        SINK => {
+            let mut hash = Sha256::new();
+            loop {
+                let n = flow.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+            }
+            flow.write_all(&hash.finalize()).await?;
+            flow.shutdown().await?;
+        }
+        SOURCE => {
+            let len = flow.read_u64().await? as usize;
+            let data = pattern(len, len as u64);
+            flow.write_all(&data).await?;
+            flow.shutdown().await?;
+        }
+        GREET_FIRST => {
+            flow.write_all(GREETING).await?;
+            flow.shutdown().await?;
+            let mut received = Vec::new();
+            flow.read_to_end(&mut received).await?;
+            return Ok(received);
+        }
+        _ => flow.abort(),
+    }
+    Ok(Vec::new())
+}
+
+impl UdpHandler for Services {
+    fn handle_udp(&self, src: SocketAddr, dst: SocketAddr, payload: &[u8], reply: &UdpSender) {
+        if let Ok(mut v) = self.udp_seen.lock() {
+            v.push((src, dst, payload.to_vec()));
+        }
+        let _ = reply.send(dst, src, payload);
+    }
+}

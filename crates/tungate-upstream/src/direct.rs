@@ -1,0 +1,157 @@
+//! The direct upstream: dial the original destination.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+use tungate_core::{Stats, TcpHandler, TcpRequest, UdpHandler, UdpSender};
+
+/// Settings of the direct upstream.
+#[derive(Debug, Clone)]
+pub struct DirectConfig {
+    /// `SO_MARK` for every upstream socket (needs CAP_NET_ADMIN), so policy routing can
+    /// keep the gateway's own traffic out of the TUN.
+    pub mark: Option<u32>,
+    /// Give up dialing after this long; the client then gets RST.
+    pub connect_timeout: Duration,
+    /// Close a TCP relay after this long without a byte either way.
+    pub tcp_idle_timeout: Duration,
+    /// Forget a UDP NAT entry after this long without a datagram either way.
+    pub udp_idle_timeout: Duration,
+}
+
+impl Default for DirectConfig {
+    fn default() -> Self {
+        DirectConfig {
+            mark: None,
+            connect_timeout: Duration::from_secs(10),
+            // As common NATs do: long for TCP, short for UDP.
+            tcp_idle_timeout: Duration::from_secs(600),
+            udp_idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Dials every flow's original destination; see the crate docs.
+#[derive(Debug, Clone)]
+pub struct Direct {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: DirectConfig,
+    /// UDP NAT: (client, original destination) → the connected upstream socket.
+    udp: Mutex<HashMap<(SocketAddr, SocketAddr), Arc<UdpSocket>>>,
+    stats: Arc<Stats>,
+}
+
+impl Direct {
+    pub fn new(config: DirectConfig, stats: Arc<Stats>) -> Self {
+        Direct { inner: Arc::new(Inner { config, udp: Mutex::default(), stats }) }
+    }
+
+    /// Live UDP NAT entries.
+    pub fn udp_entries(&self) -> usize {
+        self.inner.udp.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+impl Inner {
+    async fn dial_tcp(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        if let Some(mark) = self.config.mark {
+            SockRef::from(&socket).set_mark(mark)?;
+        }
+        socket.set_nodelay(true)?;
+        let stream = tokio::time::timeout(self.config.connect_timeout, socket.connect(dst))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        Ok(stream)
+    }
+
+    fn bind_udp(&self, dst: SocketAddr) -> io::Result<UdpSocket> {
+        let socket = Socket::new(Domain::for_address(dst), Type::DGRAM, Some(Protocol::UDP))?;
+        if let Some(mark) = self.config.mark {
+            socket.set_mark(mark)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.connect(&dst.into())?;
+        UdpSocket::from_std(socket.into())
+    }
+}
+
+impl TcpHandler for Direct {
+    fn handle_tcp(&self, request: TcpRequest) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let (src, dst) = (request.src(), request.dst());
+            let upstream = match inner.dial_tcp(dst).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%src, %dst, error = %e, "dial failed; resetting client");
+                    request.reject();
+                    return;
+                }
+            };
+            let flow = request.accept();
+            match crate::relay(flow, upstream, inner.config.tcp_idle_timeout).await {
+                Ok(s) => tracing::debug!(%src, %dst, up = s.a_to_b, down = s.b_to_a, "tcp relay done"),
+                Err(e) => tracing::debug!(%src, %dst, error = %e, "tcp relay ended"),
+            }
+        });
+    }
+}
+
+impl UdpHandler for Direct {
+    fn handle_udp(&self, src: SocketAddr, dst: SocketAddr, payload: &[u8], reply: &UdpSender) {
+        let inner = &self.inner;
+        let existing = inner.udp.lock().ok().and_then(|m| m.get(&(src, dst)).cloned());
+        let socket = match existing {
+            Some(s) => s,
+            None => match inner.bind_udp(dst) {
+                Ok(s) => {
+                    let s = Arc::new(s);
+                    if let Ok(mut m) = inner.udp.lock() {
+                        m.insert((src, dst), s.clone());
+                    }
+                    tokio::spawn(udp_return_path(self.inner.clone(), s.clone(), src, dst, reply.clone()));
+                    s
+                }
+                Err(e) => {
+                    tracing::debug!(%src, %dst, error = %e, "udp upstream socket failed");
+                    Stats::inc(&inner.stats.udp_dropped);
+                    return;
+                }
+            },
+        };
+        // Non-blocking: a full socket buffer drops the datagram, as a router would.
+        if socket.try_send(payload).is_err() {
+            Stats::inc(&inner.stats.udp_dropped);
+        }
+    }
+}
+
+/// Carries replies for one UDP NAT entry back to the client, from the original
+/// destination's address, until the entry is idle for `udp_idle_timeout`.
+async fn udp_return_path(inner: Arc<Inner>, socket: Arc<UdpSocket>, src: SocketAddr, dst: SocketAddr, reply: UdpSender) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match tokio::time::timeout(inner.config.udp_idle_timeout, socket.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                let _ = reply.send(dst, src, &buf[..n]);
+            }
+            // ICMP errors (port unreachable) surface as recv errors on a connected socket;
+            // they do not end the NAT entry.
+            Ok(Err(_)) => continue,
+            Err(_) => break,
+        }
+    }
+    if let Ok(mut m) = inner.udp.lock() {
+        m.remove(&(src, dst));
+    }
+}
