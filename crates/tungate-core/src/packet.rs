@@ -293,3 +293,12 @@ mod tests {
         }
     }
 }
+#[cfg(test)]
+mod dump {
+    #[test]
+    fn dump_v6_udp() {
+        let mut buf = [0u8; 200];
+        let n = super::build_udp("[fd77::2]:5353".parse().unwrap(), "[fd18::1]:4000".parse().unwrap(), b"hello", &mut buf).unwrap();
+        println!("HEX {}", buf[..n].iter().map(|b| format!("{b:02x}")).collect::<String>());
+    }
+}

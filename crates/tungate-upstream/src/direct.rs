@@ -45,8 +45,9 @@ pub struct Direct {
 #[derive(Debug)]
 struct Inner {
     config: DirectConfig,
-    /// UDP NAT: (client, original destination) → the connected upstream socket.
-    udp: Mutex<HashMap<(SocketAddr, SocketAddr), Arc<UdpSocket>>>,
+    /// UDP NAT: (client, original destination) → the connected upstream socket (the
+    /// sending half; a task owns a duplicate of it for the return path).
+    udp: Mutex<HashMap<(SocketAddr, SocketAddr), Arc<std::net::UdpSocket>>>,
     stats: Arc<Stats>,
 }
 
@@ -74,14 +75,19 @@ impl Inner {
         Ok(stream)
     }
 
-    fn bind_udp(&self, dst: SocketAddr) -> io::Result<UdpSocket> {
+    /// A connected, non-blocking UDP socket to `dst`: the std half sends (tokio's
+    /// `try_send` refuses until the reactor has reported the new socket writable, which
+    /// would drop a flow's first datagram), the tokio half receives.
+    fn bind_udp(&self, dst: SocketAddr) -> io::Result<(std::net::UdpSocket, UdpSocket)> {
         let socket = Socket::new(Domain::for_address(dst), Type::DGRAM, Some(Protocol::UDP))?;
         if let Some(mark) = self.config.mark {
             socket.set_mark(mark)?;
         }
         socket.set_nonblocking(true)?;
         socket.connect(&dst.into())?;
-        UdpSocket::from_std(socket.into())
+        let send: std::net::UdpSocket = socket.into();
+        let recv = UdpSocket::from_std(send.try_clone()?)?;
+        Ok((send, recv))
     }
 }
 
@@ -114,13 +120,13 @@ impl UdpHandler for Direct {
         let socket = match existing {
             Some(s) => s,
             None => match inner.bind_udp(dst) {
-                Ok(s) => {
-                    let s = Arc::new(s);
+                Ok((send, recv)) => {
+                    let send = Arc::new(send);
                     if let Ok(mut m) = inner.udp.lock() {
-                        m.insert((src, dst), s.clone());
+                        m.insert((src, dst), send.clone());
                     }
-                    tokio::spawn(udp_return_path(self.inner.clone(), s.clone(), src, dst, reply.clone()));
-                    s
+                    tokio::spawn(udp_return_path(self.inner.clone(), recv, src, dst, reply.clone()));
+                    send
                 }
                 Err(e) => {
                     tracing::debug!(%src, %dst, error = %e, "udp upstream socket failed");
@@ -130,7 +136,8 @@ impl UdpHandler for Direct {
             },
         };
         // Non-blocking: a full socket buffer drops the datagram, as a router would.
-        if socket.try_send(payload).is_err() {
+        if let Err(e) = socket.send(payload) {
+            tracing::debug!(%src, %dst, error = %e, "udp send upstream failed");
             Stats::inc(&inner.stats.udp_dropped);
         }
     }
@@ -138,7 +145,7 @@ impl UdpHandler for Direct {
 
 /// Carries replies for one UDP NAT entry back to the client, from the original
 /// destination's address, until the entry is idle for `udp_idle_timeout`.
-async fn udp_return_path(inner: Arc<Inner>, socket: Arc<UdpSocket>, src: SocketAddr, dst: SocketAddr, reply: UdpSender) {
+async fn udp_return_path(inner: Arc<Inner>, socket: UdpSocket, src: SocketAddr, dst: SocketAddr, reply: UdpSender) {
     let mut buf = vec![0u8; 65536];
     loop {
         match tokio::time::timeout(inner.config.udp_idle_timeout, socket.recv(&mut buf)).await {

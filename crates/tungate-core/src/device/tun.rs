@@ -34,17 +34,17 @@ impl TunConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TunError {
-    #[error("no permission to create TUN {name:?} (needs CAP_NET_ADMIN and access to /dev/net/tun): {source}")]
+    #[error("no permission to create TUN {name:?} (needs CAP_NET_ADMIN and access to /dev/net/tun)")]
     Permission { name: String, source: io::Error },
-    #[error("TUN {name:?} is busy (another process has it open, or the name belongs to a non-TUN interface): {source}")]
+    #[error("TUN {name:?} is busy (another process has it open, or the name belongs to a non-TUN interface)")]
     Busy { name: String, source: io::Error },
-    #[error("/dev/net/tun is missing (is the tun kernel module loaded?): {0}")]
-    NoTunDriver(io::Error),
+    #[error("/dev/net/tun is missing (is the tun kernel module loaded?)")]
+    NoTunDriver(#[source] io::Error),
     #[error("fd {fd} is not an open file descriptor")]
     FdNotOpen { fd: RawFd },
-    #[error("fd {fd} is not a TUN device: {source}")]
+    #[error("fd {fd} is not a TUN device")]
     NotATun { fd: RawFd, source: io::Error },
-    #[error("TUN {name:?}: {what}: {source}")]
+    #[error("TUN {name:?}: {what}")]
     Setup { name: String, what: &'static str, source: io::Error },
 }
 

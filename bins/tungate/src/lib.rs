@@ -1,0 +1,195 @@
+//! The command line shared by every variant binary. A variant's `main` names its backend
+//! and how to build it; everything else (flags, TUN set-up, upstream, signals) is here.
+
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use ipnet::IpNet;
+use tungate_core::device::tun::{TunConfig, TunDevice};
+use tungate_core::{Backend, Handlers, Mtu};
+use tungate_upstream::{Direct, DirectConfig};
+
+/// A TUN gateway: terminates every TCP connection and UDP flow that enters the TUN and
+/// hands it, with its real source and original destination, to an upstream.
+///
+/// The program creates (or adopts) the TUN and assigns its addresses; it never touches
+/// routes. Route the traffic to capture into the TUN yourself, and give the gateway's own
+/// upstream sockets a mark (--mark) that policy routing sends around the TUN.
+#[derive(Debug, Parser)]
+#[command(version, after_help = EXAMPLE)]
+pub struct Args {
+    /// Create (or attach to) the TUN interface NAME.
+    #[arg(long, value_name = "NAME", required_unless_present = "tun_fd", conflicts_with = "tun_fd")]
+    pub tun: Option<String>,
+
+    /// Adopt an already-open TUN file descriptor (Android VpnService, a supervisor).
+    /// Its addresses are not changed; --address only tells the stack its own addresses.
+    #[arg(long, value_name = "FD")]
+    pub tun_fd: Option<i32>,
+
+    /// Link MTU of the TUN, which is also the stack's packet size (576-65535; IPv6 needs 1280).
+    #[arg(long, value_name = "N", default_value = "1500", value_parser = parse_mtu)]
+    pub mtu: Mtu,
+
+    /// Address of the TUN as ADDRESS/PREFIX, IPv4 or IPv6; repeatable.
+    #[arg(long = "address", value_name = "CIDR", value_parser = parse_cidr)]
+    pub addresses: Vec<IpNet>,
+
+    /// Where flows go: `direct` dials the original destination. (socks5:// and http://
+    /// upstreams are not supported yet.)
+    #[arg(long, value_name = "URL", default_value = "direct")]
+    pub proxy: String,
+
+    /// SO_MARK put on every upstream socket (decimal or 0x-hex), for policy routing.
+    #[arg(long, value_name = "N", value_parser = parse_mark)]
+    pub mark: Option<u32>,
+
+    /// Stack backend to use; each variant binary contains exactly one.
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: String,
+}
+
+const EXAMPLE: &str = "Example (a namespace or host where 10.77.0.0/24 should go through the gateway):
+  tungate-smoltcp --tun tun0 --address 198.18.0.1/24 --mark 0x100 &
+  ip route add 10.77.0.0/24 dev tun0
+  ip rule add fwmark 0x100 lookup 100
+  ip route add 10.77.0.0/24 via <real gateway> table 100";
+
+fn parse_mtu(s: &str) -> Result<Mtu, String> {
+    Mtu::from_str(s).map_err(|e| e.to_string())
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    IpNet::from_str(s).map_err(|_| format!("{s:?} is not ADDRESS/PREFIX (e.g. 198.18.0.1/24 or fd18::1/64)"))
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("{s:?} is not a 32-bit mark (decimal or 0x-hex)"))
+}
+
+/// Checks the combination of flags that clap cannot.
+fn validate(args: &Args, backend: &str) -> anyhow::Result<()> {
+    if let Some(wanted) = &args.backend {
+        if wanted != backend {
+            bail!(
+                "backend {wanted:?} is not compiled into this variant (tungate-{backend} contains only {backend:?}); \
+                 run tungate-{wanted} instead"
+            );
+        }
+    }
+    match args.proxy.as_str() {
+        "direct" => {}
+        p if p.starts_with("socks5://") || p.starts_with("socks5h://") || p.starts_with("http://") => {
+            bail!("--proxy {p:?}: SOCKS5 and HTTP CONNECT upstreams are not supported yet; use --proxy direct")
+        }
+        p => bail!("--proxy {p:?}: unknown upstream (expected `direct`)"),
+    }
+    if !args.mtu.supports_ipv6() {
+        if let Some(v6) = args.addresses.iter().find(|a| matches!(a.addr(), IpAddr::V6(_))) {
+            bail!("--address {v6}: IPv6 needs an MTU of at least 1280, but --mtu is {}", args.mtu);
+        }
+    }
+    Ok(())
+}
+
+/// Runs a variant: parses flags, opens the TUN, serves until SIGINT/SIGTERM.
+/// `make_backend` builds the backend for the configured MTU.
+pub fn main<B: Backend>(make_backend: impl FnOnce(Mtu) -> B) -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(args, make_backend) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tungate-{}: error: {e:#}", B::NAME);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run<B: Backend>(args: Args, make_backend: impl FnOnce(Mtu) -> B) -> anyhow::Result<()> {
+    validate(&args, B::NAME)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(async move {
+        let device = match (&args.tun, args.tun_fd) {
+            (_, Some(fd)) => TunDevice::adopt_fd(fd, args.mtu).with_context(|| format!("--tun-fd {fd}"))?,
+            (Some(name), None) => {
+                let mut config = TunConfig::new(name.clone(), args.mtu);
+                config.addresses = args.addresses.clone();
+                TunDevice::create(&config).with_context(|| format!("--tun {name}"))?
+            }
+            (None, None) => bail!("one of --tun or --tun-fd is required"),
+        };
+        let stats = Arc::new(tungate_core::Stats::default());
+        let direct = Direct::new(DirectConfig { mark: args.mark, ..Default::default() }, stats.clone());
+        let mut handlers = Handlers::new(Arc::new(direct.clone()), Arc::new(direct));
+        handlers.stats = stats.clone();
+        let addresses: Vec<String> = args.addresses.iter().map(|a| a.to_string()).collect();
+        tracing::info!(
+            backend = B::NAME,
+            tun = device.name(),
+            mtu = %args.mtu,
+            addresses = %addresses.join(","),
+            mark = ?args.mark,
+            "ready"
+        );
+        make_backend(args.mtu).run(device, handlers, shutdown_signal()).await.context("backend stopped")?;
+        tracing::info!(stats = ?stats.snapshot(), "shut down");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        // Without signal handlers the default action (terminate) still applies.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(["tungate-x"].iter().chain(extra))
+    }
+
+    #[test]
+    fn flags_parse_and_validate() {
+        let a = args(&["--tun", "tun0", "--mtu", "9000", "--address", "198.18.0.1/24", "--address", "fd18::1/64", "--mark", "0x100"]).unwrap();
+        assert_eq!(a.mark, Some(0x100));
+        assert_eq!(a.addresses.len(), 2);
+        assert!(validate(&a, "smoltcp").is_ok());
+
+        assert!(args(&["--tun", "t", "--mtu", "100"]).is_err());
+        assert!(args(&["--tun", "t", "--address", "198.18.0.1"]).is_err());
+        assert!(args(&["--tun", "t", "--mark", "0xzz"]).is_err());
+        assert!(args(&["--mtu", "1500"]).is_err(), "a device is required");
+        assert!(args(&["--tun", "t", "--tun-fd", "3"]).is_err(), "one device only");
+
+        let socks = args(&["--tun", "t", "--proxy", "socks5://127.0.0.1:1080"]).unwrap();
+        assert!(validate(&socks, "smoltcp").unwrap_err().to_string().contains("not supported yet"));
+        let other = args(&["--tun", "t", "--backend", "lwip"]).unwrap();
+        assert!(validate(&other, "smoltcp").unwrap_err().to_string().contains("not compiled into this variant"));
+        let small = args(&["--tun", "t", "--mtu", "1000", "--address", "fd18::1/64"]).unwrap();
+        assert!(validate(&small, "smoltcp").is_err());
+    }
+}

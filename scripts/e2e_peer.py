@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Kernel-socket peers for tungate's namespace tests: servers run in the "server"
+namespace, clients in the "client" namespace, so every byte crosses the gateway.
+
+Servers print "listening" once bound (the harness waits for that line) and serve
+until killed. Clients exit 0 on success and print one line of evidence; on a
+mismatch they print the reason and exit 1.
+
+  serve-sink HOST PORT      TCP: read to EOF, answer the hex SHA-256, close
+  serve-source HOST PORT    TCP: read "N\\n", send N bytes of stream(N), close
+  serve-udp-echo HOST PORT  UDP: echo every datagram to its sender
+  serve-http DIR HOST PORT  HTTP/1.1 file server (GET)
+  upload HOST PORT N        send stream(N), half-close, compare the server's digest
+  download HOST PORT N      request N bytes, compare length and digest with stream(N)
+  udp HOST PORT COUNT       COUNT datagrams; each echo must match and come from HOST:PORT
+  refused HOST PORT         connect must be refused (RST) within 1 s
+"""
+import functools
+import hashlib
+import http.server
+import random
+import socket
+import socketserver
+import sys
+import time
+
+CHUNK = 1 << 20
+
+
+def stream(n):
+    """The deterministic byte stream of length n, in chunks."""
+    rng = random.Random(n)
+    left = n
+    while left > 0:
+        k = min(CHUNK, left)
+        yield rng.randbytes(k)
+        left -= k
+
+
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, addr, handler):
+        self.address_family = family(addr[0])
+        super().__init__(addr, handler)
+
+
+class Sink(socketserver.BaseRequestHandler):
+    def handle(self):
+        h = hashlib.sha256()
+        while True:
+            b = self.request.recv(CHUNK)
+            if not b:
+                break
+            h.update(b)
+        self.request.sendall(h.hexdigest().encode())
+        self.request.shutdown(socket.SHUT_WR)
+
+
+class Source(socketserver.BaseRequestHandler):
+    def handle(self):
+        line = b""
+        while not line.endswith(b"\n"):
+            b = self.request.recv(64)
+            if not b:
+                return
+            line += b
+        for chunk in stream(int(line)):
+            self.request.sendall(chunk)
+        self.request.shutdown(socket.SHUT_WR)
+
+
+def listening():
+    print("listening", flush=True)
+
+
+def serve_tcp(host, port, handler):
+    srv = Server((host, int(port)), handler)
+    listening()
+    srv.serve_forever()
+
+
+def serve_udp_echo(host, port):
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.bind((host, int(port)))
+    listening()
+    while True:
+        data, peer = s.recvfrom(65535)
+        s.sendto(data, peer)
+
+
+def serve_http(directory, host, port):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+    http.server.ThreadingHTTPServer.address_family = family(host)
+    srv = http.server.ThreadingHTTPServer((host, int(port)), handler)
+    listening()
+    srv.serve_forever()
+
+
+def connect(host, port):
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect((host, int(port)))
+    return s
+
+
+def fail(msg):
+    print("FAIL " + msg, flush=True)
+    sys.exit(1)
+
+
+def upload(host, port, n):
+    n = int(n)
+    s = connect(host, port)
+    h = hashlib.sha256()
+    t = time.monotonic()
+    for chunk in stream(n):
+        h.update(chunk)
+        s.sendall(chunk)
+    s.shutdown(socket.SHUT_WR)
+    answer = b""
+    while True:
+        b = s.recv(256)
+        if not b:
+            break
+        answer += b
+    if answer.decode(errors="replace") != h.hexdigest():
+        fail(f"upload of {n} bytes: server digest {answer!r} != {h.hexdigest()}")
+    print(f"ok upload {n} bytes sha256={h.hexdigest()} in {time.monotonic() - t:.2f}s", flush=True)
+
+
+def download(host, port, n):
+    n = int(n)
+    s = connect(host, port)
+    s.sendall(f"{n}\n".encode())
+    got = hashlib.sha256()
+    total = 0
+    t = time.monotonic()
+    while True:
+        b = s.recv(CHUNK)
+        if not b:
+            break
+        got.update(b)
+        total += len(b)
+    want = hashlib.sha256()
+    for chunk in stream(n):
+        want.update(chunk)
+    if total != n:
+        fail(f"download: got {total} bytes, expected {n}")
+    if got.hexdigest() != want.hexdigest():
+        fail(f"download of {n} bytes corrupted: {got.hexdigest()} != {want.hexdigest()}")
+    print(f"ok download {n} bytes sha256={got.hexdigest()} in {time.monotonic() - t:.2f}s", flush=True)
+
+
+def udp(host, port, count):
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.settimeout(5)
+    for i in range(int(count)):
+        payload = random.Random(i).randbytes(100 + i * 37)
+        s.sendto(payload, (host, int(port)))
+        data, peer = s.recvfrom(65535)
+        if data != payload:
+            fail(f"udp datagram {i}: echo differs")
+        if (peer[0], peer[1]) != (host, int(port)):
+            fail(f"udp datagram {i}: reply from {peer}, expected {host}:{port}")
+    print(f"ok udp {count} datagrams echoed from {host}:{port}", flush=True)
+
+
+def refused(host, port):
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    t = time.monotonic()
+    try:
+        s.connect((host, int(port)))
+    except ConnectionRefusedError:
+        print(f"ok refused in {(time.monotonic() - t) * 1000:.1f} ms", flush=True)
+        return
+    except socket.timeout:
+        fail("connect to a closed port timed out after 1 s instead of being refused")
+    fail("connect to a closed port succeeded")
+
+
+COMMANDS = {
+    "serve-sink": lambda h, p: serve_tcp(h, p, Sink),
+    "serve-source": lambda h, p: serve_tcp(h, p, Source),
+    "serve-udp-echo": serve_udp_echo,
+    "serve-http": serve_http,
+    "upload": upload,
+    "download": download,
+    "udp": udp,
+    "refused": refused,
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    COMMANDS[sys.argv[1]](*sys.argv[2:])
