@@ -14,10 +14,14 @@
 //! Every test asserts on data that crossed the stack: SHA-256 digests, byte counts,
 //! addresses and counters.
 
+pub mod cli;
 pub mod mem;
 pub mod netns;
 pub mod peer;
 pub mod services;
+
+pub use cli::{cli_bad_flags, cli_sigterm_exits_cleanly, cli_tun_busy_and_permission};
+pub use netns::{netns_256mib_each_way, netns_closed_port_refused, netns_http_get, netns_iperf3_short, netns_udp_echo};
 
 /// Instantiates the whole suite for one backend: `$backend` is an expression building
 /// the backend, `$bin` the variant binary's name (found in `$TUNGATE_BIN_DIR`).
@@ -32,7 +36,8 @@ macro_rules! conformance_suite {
             unknown_segment_gets_rst);
         $crate::conformance_suite!(@netns $bin;
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
-            netns_iperf3_short);
+            netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
+            cli_sigterm_exits_cleanly);
     };
     (@mem $backend:expr; $($name:ident),*) => {
         mod conformance_mem {
@@ -52,7 +57,7 @@ macro_rules! conformance_suite {
                 #[test]
                 #[ignore = "needs root, network namespaces and the variant binary; run by `make test`"]
                 fn $name() {
-                    $crate::netns::$name($bin);
+                    $crate::$name($bin);
                 }
             )*
         }

@@ -1,0 +1,101 @@
+//! The variant binary's command line: bad input gets one line of error with context and a
+//! non-zero exit; SIGTERM ends it cleanly. Namespaced cases run under `unshare -n`, so the
+//! TUNs they create live and die in a private network namespace.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::netns::binary;
+
+struct Run {
+    code: Option<i32>,
+    stderr: String,
+}
+
+fn run(bin: &str, args: &[&str]) -> Run {
+    let out = Command::new(binary(bin)).args(args).stdin(Stdio::null()).output().expect("run binary");
+    Run { code: out.status.code(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+}
+
+/// Runs a shell script in a private network namespace with `$BIN` set.
+fn in_private_netns(bin: &str, script: &str) -> Run {
+    let out = Command::new("unshare")
+        .args(["-n", "bash", "-c", script])
+        .env("BIN", binary(bin))
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare runs");
+    Run { code: out.status.code(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+}
+
+fn assert_one_line_error(r: &Run, code: i32, needle: &str) {
+    assert_eq!(r.code, Some(code), "exit code; stderr: {}", r.stderr);
+    assert!(r.stderr.contains(needle), "stderr lacks {needle:?}: {}", r.stderr);
+    if code == 1 {
+        assert_eq!(r.stderr.trim_end().lines().count(), 1, "one line of error: {}", r.stderr);
+    }
+}
+
+pub fn cli_bad_flags(bin: &str) {
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--address", "198.18.0.300/24"]), 2, "is not ADDRESS/PREFIX");
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--address", "198.18.0.1"]), 2, "is not ADDRESS/PREFIX");
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--mtu", "70000"]), 2, "out of range");
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--mtu", "100"]), 2, "out of range");
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--mark", "0xnope"]), 2, "not a 32-bit mark");
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--backend", "nosuch"]), 1, "not compiled into this variant");
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--proxy", "socks5://127.0.0.1:1080"]), 1, "not supported yet");
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--proxy", "ftp://x"]), 1, "unknown upstream");
+    assert_one_line_error(&run(bin, &["--tun-fd", "999"]), 1, "fd 999 is not an open file descriptor");
+    // fd 0 is /dev/null here: open, but not a TUN.
+    assert_one_line_error(&run(bin, &["--tun-fd", "0"]), 1, "fd 0 is not a TUN device");
+    let help = Command::new(binary(bin)).arg("--help").output().expect("help");
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--tun", "--tun-fd", "--mtu", "--address", "--proxy", "--mark", "--log-level"] {
+        assert!(text.contains(flag), "--help documents {flag}");
+    }
+}
+
+pub fn cli_tun_busy_and_permission(bin: &str) {
+    let busy = in_private_netns(
+        bin,
+        r#"ip link set lo up
+           "$BIN" --tun tgbusy --address 198.18.0.1/24 2>/dev/null & first=$!
+           for i in $(seq 100); do ip link show tgbusy >/dev/null 2>&1 && break; sleep 0.05; done
+           "$BIN" --tun tgbusy; rc=$?
+           kill $first; wait $first
+           exit $rc"#,
+    );
+    assert_one_line_error(&busy, 1, "is busy");
+    let denied = in_private_netns(
+        bin,
+        r#"exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all "$BIN" --tun tgperm"#,
+    );
+    assert_one_line_error(&denied, 1, "no permission");
+}
+
+pub fn cli_sigterm_exits_cleanly(bin: &str) {
+    let mut child = Command::new("unshare")
+        .args(["-n"])
+        .arg(binary(bin))
+        .args(["--tun", "tgterm", "--address", "198.18.0.1/24", "--address", "fd18::1/64"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("piped");
+    let mut lines = BufReader::new(stderr).lines();
+    let ready = lines.by_ref().take(20).map_while(Result::ok).any(|l| l.contains("ready"));
+    assert!(ready, "the gateway announces readiness");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "exit status after SIGTERM: {status}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no exit within 10 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
