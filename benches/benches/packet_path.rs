@@ -5,6 +5,9 @@
 //!   smoltcp host and the suite's in-memory handler: the cost of the engine, the flow
 //!   rings and the driver, without TUN system calls.
 
+// A benchmark that cannot set up should stop loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};

@@ -174,7 +174,19 @@ mod tests {
 
     #[test]
     fn flags_parse_and_validate() {
-        let a = args(&["--tun", "tun0", "--mtu", "9000", "--address", "198.18.0.1/24", "--address", "fd18::1/64", "--mark", "0x100"]).unwrap();
+        let a = args(&[
+            "--tun",
+            "tun0",
+            "--mtu",
+            "9000",
+            "--address",
+            "198.18.0.1/24",
+            "--address",
+            "fd18::1/64",
+            "--mark",
+            "0x100",
+        ])
+        .unwrap();
         assert_eq!(a.mark, Some(0x100));
         assert_eq!(a.addresses.len(), 2);
         assert!(validate(&a, "smoltcp").is_ok());

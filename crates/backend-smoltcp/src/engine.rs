@@ -58,7 +58,10 @@ struct Flow {
 
 enum Stage {
     /// Waiting for the handler; the client's SYN is held and fed to the socket on accept.
-    Pending { syn: PacketBuf, summary: TcpSummary },
+    Pending {
+        syn: PacketBuf,
+        summary: TcpSummary,
+    },
     Open(Box<OpenFlow>),
 }
 

@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr,
-    TcpSeqNumber, UdpPacket, UdpRepr,
+    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    UdpPacket, UdpRepr,
 };
 
 /// Why a packet was not accepted.
@@ -63,7 +63,11 @@ impl TcpSummary {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Classified<'a> {
     Tcp(TcpSummary),
-    Udp { src: SocketAddr, dst: SocketAddr, payload: &'a [u8] },
+    Udp {
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: &'a [u8],
+    },
     /// Well-formed but not handled: ICMP, fragments, IPv6 extension headers, other protocols.
     Unsupported,
 }
@@ -84,12 +88,7 @@ pub fn classify(packet: &[u8]) -> Result<Classified<'_>, ParseError> {
             }
             let header = ip.header_len() as usize;
             let total = ip.total_len() as usize;
-            (
-                IpAddr::V4(ip.src_addr()),
-                IpAddr::V4(ip.dst_addr()),
-                ip.next_header(),
-                &packet[header..total],
-            )
+            (IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr()), ip.next_header(), &packet[header..total])
         }
         Some(6) => {
             let ip = Ipv6Packet::new_checked(packet).map_err(|_| ParseError::IpHeader)?;
@@ -143,7 +142,13 @@ const HOP_LIMIT: u8 = 64;
 
 /// Writes the IP header for a `payload_len`-byte transport payload at the start of `out`
 /// and returns the header length.
-fn emit_ip(src: IpAddr, dst: IpAddr, protocol: IpProtocol, payload_len: usize, out: &mut [u8]) -> Result<usize, BuildError> {
+fn emit_ip(
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: IpProtocol,
+    payload_len: usize,
+    out: &mut [u8],
+) -> Result<usize, BuildError> {
     match (src, dst) {
         (IpAddr::V4(src_addr), IpAddr::V4(dst_addr)) => {
             let repr = Ipv4Repr { src_addr, dst_addr, next_header: protocol, payload_len, hop_limit: HOP_LIMIT };
@@ -298,7 +303,9 @@ mod dump {
     #[test]
     fn dump_v6_udp() {
         let mut buf = [0u8; 200];
-        let n = super::build_udp("[fd77::2]:5353".parse().unwrap(), "[fd18::1]:4000".parse().unwrap(), b"hello", &mut buf).unwrap();
+        let n =
+            super::build_udp("[fd77::2]:5353".parse().unwrap(), "[fd18::1]:4000".parse().unwrap(), b"hello", &mut buf)
+                .unwrap();
         println!("HEX {}", buf[..n].iter().map(|b| format!("{b:02x}")).collect::<String>());
     }
 }

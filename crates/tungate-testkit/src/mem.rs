@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tungate_core::stats::StatsSnapshot;
 use tungate_core::{Backend, Handlers, Mtu, Stats};
 
-use crate::peer::{PeerHost, PEER_V4, PEER_V6};
+use crate::peer::{PEER_V4, PEER_V6, PeerHost};
 use crate::services::{self, Services, pattern};
 
 /// Destinations: nothing is routed anywhere, the addresses only name flows.

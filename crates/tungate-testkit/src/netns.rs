@@ -111,7 +111,12 @@ impl Topology {
 
     /// Runs a command in the client namespace and returns its output.
     pub fn client(&self, args: &[&str]) -> Output {
-        Command::new("ip").args(["netns", "exec", &self.cli]).args(args).stdin(Stdio::null()).output().expect("run client")
+        Command::new("ip")
+            .args(["netns", "exec", &self.cli])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run client")
     }
 
     /// Runs an `e2e_peer.py` client, asserting success; returns its stdout.
@@ -131,9 +136,8 @@ impl Topology {
     }
 
     pub fn gateway_log(&self) -> String {
-        let dir = std::env::var("NETNS_RUNDIR").unwrap_or_else(|_| {
-            format!("{}/tungate-netns", std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into()))
-        });
+        let dir = std::env::var("NETNS_RUNDIR")
+            .unwrap_or_else(|_| format!("{}/tungate-netns", std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into())));
         std::fs::read_to_string(format!("{dir}/{}/gateway.log", self.id)).unwrap_or_default()
     }
 }

@@ -34,6 +34,9 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// A datagram as the UDP handler received it: (src, dst, payload).
+pub type UdpSeen = (SocketAddr, SocketAddr, Vec<u8>);
+
 /// What the handler saw for a flow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
@@ -48,7 +51,7 @@ pub struct Services {
     /// their destination on accept.
     pub seen: Arc<Mutex<HashMap<SocketAddr, Seen>>>,
     /// UDP datagrams as the handler received them: (src, dst, payload).
-    pub udp_seen: Arc<Mutex<Vec<(SocketAddr, SocketAddr, Vec<u8>)>>>,
+    pub udp_seen: Arc<Mutex<Vec<UdpSeen>>>,
 }
 
 impl Services {

@@ -85,8 +85,11 @@ impl TunDevice {
         }
         let dev = builder.build_async().map_err(|e| classify_create_error(&name, e))?;
         for (a, prefix) in extra_v4 {
-            dev.add_address_v4(a, prefix)
-                .map_err(|source| TunError::Setup { name: name.clone(), what: "adding an IPv4 address", source })?;
+            dev.add_address_v4(a, prefix).map_err(|source| TunError::Setup {
+                name: name.clone(),
+                what: "adding an IPv4 address",
+                source,
+            })?;
         }
         let name = dev.name().unwrap_or(name);
         Ok(TunDevice { dev, mtu: config.mtu, name })
