@@ -281,6 +281,23 @@ impl TcpFlow {
 
     /// Resets the connection: the client gets RST, pending bytes are discarded.
     pub fn abort(&self) {
+        self.abort_handle().abort();
+    }
+
+    /// A handle that can reset this flow after it was moved into a relay.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle { shared: self.shared.clone() }
+    }
+}
+
+/// Resets a [`TcpFlow`] from outside (e.g. when its upstream was reset).
+#[derive(Debug, Clone)]
+pub struct AbortHandle {
+    shared: Arc<Shared>,
+}
+
+impl AbortHandle {
+    pub fn abort(&self) {
         let mut st = self.shared.state();
         st.abort_requested = true;
         self.shared.wake_stack(&mut st);

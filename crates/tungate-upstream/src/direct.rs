@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
@@ -47,8 +48,28 @@ struct Inner {
     config: DirectConfig,
     /// UDP NAT: (client, original destination) → the connected upstream socket (the
     /// sending half; a task owns a duplicate of it for the return path).
-    udp: Mutex<HashMap<(SocketAddr, SocketAddr), Arc<std::net::UdpSocket>>>,
+    udp: Mutex<HashMap<(SocketAddr, SocketAddr), Arc<UdpEntry>>>,
     stats: Arc<Stats>,
+}
+
+/// One UDP NAT entry.
+#[derive(Debug)]
+struct UdpEntry {
+    send: std::net::UdpSocket,
+    /// When the client last sent, in ms since `created`; the return path reads it to tell
+    /// an idle entry from one that only carries client → destination traffic.
+    last_send_ms: AtomicU64,
+    created: Instant,
+}
+
+impl UdpEntry {
+    fn touch(&self) {
+        self.last_send_ms.store(self.created.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.created.elapsed().saturating_sub(Duration::from_millis(self.last_send_ms.load(Ordering::Relaxed)))
+    }
 }
 
 impl Direct {
@@ -105,9 +126,15 @@ impl TcpHandler for Direct {
                 }
             };
             let flow = request.accept();
+            let abort = flow.abort_handle();
             match crate::relay(flow, upstream, inner.config.tcp_idle_timeout).await {
                 Ok(s) => tracing::debug!(%src, %dst, up = s.a_to_b, down = s.b_to_a, "tcp relay done"),
-                Err(e) => tracing::debug!(%src, %dst, error = %e, "tcp relay ended"),
+                Err(e) => {
+                    // A reset or timeout on either side resets the client too, rather than
+                    // ending with a FIN that would pass for a complete response.
+                    tracing::debug!(%src, %dst, error = %e, "tcp relay failed; resetting client");
+                    abort.abort();
+                }
             }
         });
     }
@@ -121,12 +148,12 @@ impl UdpHandler for Direct {
             Some(s) => s,
             None => match inner.bind_udp(dst) {
                 Ok((send, recv)) => {
-                    let send = Arc::new(send);
+                    let entry = Arc::new(UdpEntry { send, last_send_ms: AtomicU64::new(0), created: Instant::now() });
                     if let Ok(mut m) = inner.udp.lock() {
-                        m.insert((src, dst), send.clone());
+                        m.insert((src, dst), entry.clone());
                     }
-                    tokio::spawn(udp_return_path(self.inner.clone(), recv, src, dst, reply.clone()));
-                    send
+                    tokio::spawn(udp_return_path(self.inner.clone(), entry.clone(), recv, src, dst, reply.clone()));
+                    entry
                 }
                 Err(e) => {
                     tracing::debug!(%src, %dst, error = %e, "udp upstream socket failed");
@@ -136,7 +163,8 @@ impl UdpHandler for Direct {
             },
         };
         // Non-blocking: a full socket buffer drops the datagram, as a router would.
-        if let Err(e) = socket.send(payload) {
+        socket.touch();
+        if let Err(e) = socket.send.send(payload) {
             tracing::debug!(%src, %dst, error = %e, "udp send upstream failed");
             Stats::inc(&inner.stats.udp_dropped);
         }
@@ -145,20 +173,52 @@ impl UdpHandler for Direct {
 
 /// Carries replies for one UDP NAT entry back to the client, from the original
 /// destination's address, until the entry is idle for `udp_idle_timeout`.
-async fn udp_return_path(inner: Arc<Inner>, socket: UdpSocket, src: SocketAddr, dst: SocketAddr, reply: UdpSender) {
+async fn udp_return_path(
+    inner: Arc<Inner>,
+    entry: Arc<UdpEntry>,
+    socket: UdpSocket,
+    src: SocketAddr,
+    dst: SocketAddr,
+    reply: UdpSender,
+) {
+    let idle = inner.config.udp_idle_timeout;
     let mut buf = vec![0u8; 65536];
+    let mut wait = idle;
     loop {
-        match tokio::time::timeout(inner.config.udp_idle_timeout, socket.recv(&mut buf)).await {
+        match tokio::time::timeout(wait, socket.recv(&mut buf)).await {
             Ok(Ok(n)) => {
                 let _ = reply.send(dst, src, &buf[..n]);
+                wait = idle;
             }
             // ICMP errors (port unreachable) surface as recv errors on a connected socket;
             // they do not end the NAT entry.
-            Ok(Err(_)) => continue,
-            Err(_) => break,
+            Ok(Err(_)) => {}
+            // No reply for `wait`: the entry lives on if the client sent meanwhile.
+            Err(_) => match idle.checked_sub(entry.idle_for()) {
+                Some(left) if !left.is_zero() => wait = left,
+                _ => break,
+            },
         }
     }
     if let Ok(mut m) = inner.udp.lock() {
         m.remove(&(src, dst));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn udp_entry_idle_tracks_client_sends() {
+        let (send, _recv) = Direct::new(DirectConfig::default(), Arc::default())
+            .inner
+            .bind_udp("127.0.0.1:9".parse().unwrap())
+            .unwrap();
+        let entry = UdpEntry { send, last_send_ms: AtomicU64::new(0), created: Instant::now() };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(entry.idle_for() >= Duration::from_millis(30));
+        entry.touch();
+        assert!(entry.idle_for() < Duration::from_millis(30));
     }
 }

@@ -3,7 +3,9 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -43,7 +45,7 @@ where
                 let (a_to_b, b_to_a) = r?;
                 return Ok(RelayStats { a_to_b, b_to_a });
             }
-            () = tokio::time::sleep_until(deadline.into()) => {
+            () = tokio::time::sleep_until(deadline) => {
                 let since = Duration::from_micros(last.load(Ordering::Relaxed));
                 if Instant::now() >= start + since + idle {
                     return Err(io::Error::new(io::ErrorKind::TimedOut, "relay idle timeout"));
