@@ -26,7 +26,7 @@
 #                                        never fails: safe in a trap)
 #   netns_srv ID / netns_cli ID          print the namespace names
 #   netns_srv_exec ID CMD... / netns_cli_exec ID CMD...
-#   netns_gateway_log ID / netns_gateway_pid ID
+#   netns_gateway_log ID / netns_gateway_pid ID / netns_gateway_error ID (why start failed)
 #
 # Tunables (set before sourcing or before calling): NETNS_RUNDIR, NETNS_IPV6 (1),
 # NETNS_MARK (0x100), NETNS_TABLE (100), NETNS_GATEWAY_TIMEOUT (5), NETNS_GATEWAY_LOG_LEVEL
@@ -62,7 +62,7 @@ NETNS_TUN_ADDR4=198.18.0.1/24
 NETNS_TUN_ADDR6=fd18::1/64
 
 _nns_log() { printf '[netns] %s\n' "$*" >&2; }
-_nns_err() { printf '[netns] ERROR: %s\n' "$*" >&2; return 1; }
+_nns_err() { printf '[netns] ERROR: %s\n' "$*" >&2; }
 
 # Run a command; on failure print it with its status and return 1.
 _nns_do() {
@@ -74,7 +74,7 @@ _nns_do() {
 }
 
 _nns_check_id() {
-  [[ "${1:-}" =~ ^[A-Za-z0-9_.-]{1,40}$ ]] || _nns_err "bad namespace ID '${1:-}' (want [A-Za-z0-9_.-]{1,40})"
+  [[ "${1:-}" =~ ^[A-Za-z0-9_.-]{1,40}$ ]] || { _nns_err "bad namespace ID '${1:-}' (want [A-Za-z0-9_.-]{1,40})"; return 1; }
 }
 
 netns_srv() { printf 'tg-srv-%s\n' "$1"; }
@@ -85,6 +85,11 @@ _nns_exists() { [[ -e "/run/netns/$1" ]]; }
 netns_srv_exec() { local id=$1; shift; ip netns exec "tg-srv-$id" "$@"; }
 netns_cli_exec() { local id=$1; shift; ip netns exec "tg-cli-$id" "$@"; }
 netns_gateway_log() { printf '%s/gateway.log\n' "$(_nns_dir "$1")"; }
+netns_gateway_error() {
+  local f
+  f="$(_nns_dir "$1")/gateway.error"
+  [[ -s "$f" ]] && cat "$f"
+}
 netns_gateway_pid() {
   local f
   f="$(_nns_dir "$1")/gateway.pid"
@@ -145,7 +150,7 @@ _nns_sysctls() {
 
 # netns_up ID MTU
 netns_up() {
-  local id=${1:-} mtu=${2:-} srv cli dir
+  local id=${1:-} mtu=${2:-} srv cli
   _nns_check_id "$id" || return 1
   [[ "$mtu" =~ ^[0-9]+$ ]] && ((mtu >= 576 && mtu <= 65535)) || {
     _nns_err "netns_up: bad MTU '$mtu'"
@@ -158,6 +163,15 @@ netns_up() {
     _nns_err "netns_up: namespace $srv or $cli already exists (stale? run netns_down $id)"
     return 1
   fi
+  if ! _nns_up_body "$id" "$mtu" "$srv" "$cli"; then
+    _nns_err "netns_up $id failed: removing the half-built namespaces"
+    netns_down "$id"
+    return 1
+  fi
+}
+
+_nns_up_body() {
+  local id=$1 mtu=$2 srv=$3 cli=$4 dir
   dir=$(_nns_dir "$id")
   mkdir -p "$dir" || { _nns_err "cannot create $dir"; return 1; }
   : >"$dir/pids"
@@ -222,6 +236,7 @@ _nns_gateway_fail() {
   local id=$1 msg=$2 log pid
   log=$(netns_gateway_log "$id")
   pid=$(netns_gateway_pid "$id" || true)
+  printf '%s\n' "$msg" >"$(_nns_dir "$id")/gateway.error" 2>/dev/null || true
   {
     printf '[netns] ERROR: %s\n' "$msg"
     printf '[netns] ---- gateway stderr (%s) ----\n' "$log"
@@ -230,7 +245,7 @@ _nns_gateway_fail() {
   } >&2
   [[ -n "$pid" ]] && _nns_kill_wait 2 "$pid"
   rm -f "$(_nns_dir "$id")/gateway.pid"
-  return 1
+  return 0
 }
 
 # netns_start_gateway ID BIN MTU [EXTRA_ARG...]
@@ -255,6 +270,7 @@ netns_start_gateway() {
 
   log="$dir/gateway.log"
   : >"$log"
+  rm -f "$dir/gateway.error"
   printf '# %s %s\n' "$bin" "${args[*]}" >>"$log"
   ip netns exec "$cli" "$bin" "${args[@]}" </dev/null >>"$log" 2>&1 &
   pid=$!

@@ -1,0 +1,62 @@
+# tungate — build, test, lint and benchmark.
+#
+#   make deps     install missing system packages / rustup components (idempotent)
+#   make all      build each variant in its own cargo invocation (one backend feature each),
+#                 then print a size table (scripts/sizes.sh)
+#   make test     all + the whole workspace test suite, including the ignored (netns) tests
+#   make bench    all + scripts/bench.sh (results/latest.md, results/latest.json)
+#   make lint     rustfmt check + clippy -D warnings
+#   make clean
+#
+# Variables: VARIANTS (backends to build), BENCH_VARIANTS (passed to bench.sh; default:
+# every target/release/tungate-* present), CARGO.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+# CI's environment may lack ~/.cargo/bin on PATH.
+ifeq ($(shell command -v cargo 2>/dev/null),)
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+endif
+
+CARGO ?= cargo
+VARIANTS ?= smoltcp
+BENCH_VARIANTS ?=
+RELEASE_DIR := $(CURDIR)/target/release
+
+.PHONY: all build deps test bench lint fmt-check clippy sizes clean
+
+all: deps
+	@$(MAKE) --no-print-directory build
+
+deps:
+	scripts/install-deps.sh
+
+# Separate invocations so features never leak between variants; each variant's binary
+# has its own name, so the builds do not overwrite each other's output.
+build:
+	@for v in $(VARIANTS); do \
+	  echo "==> cargo build tungate-$$v"; \
+	  $(CARGO) build --release --locked -p tungate --no-default-features --features "$$v" --bin "tungate-$$v"; \
+	done
+	@scripts/sizes.sh $(VARIANTS)
+
+sizes:
+	@scripts/sizes.sh $(VARIANTS)
+
+test: deps all
+	TUNGATE_BIN_DIR=$(RELEASE_DIR) $(CARGO) test --workspace --release --locked -- --include-ignored
+
+bench: deps all
+	scripts/bench.sh $(BENCH_VARIANTS)
+
+lint: fmt-check clippy
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets --all-features --release --locked -- -D warnings
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,416 @@
+#!/usr/bin/env bash
+# scripts/bench.sh [VARIANT...] — iperf3 throughput of each tungate variant vs the kernel
+# baseline, through namespaces created and deleted here (scripts/netns.sh).
+#
+# VARIANT: `smoltcp`, `tungate-smoltcp`, or a path to a binary. Default: every
+# target/release/tungate-* that exists. Env:
+#   BENCH_MTUS="1500 9000"  BENCH_SECONDS=5  BENCH_ROUNDS=3  BENCH_OMIT=1
+#   BENCH_BIN_DIR=target/release  BENCH_RESULTS_DIR=results  BENCH_PORT=5201
+# Each (MTU, round, subject) gets a fresh namespace pair (and gateway process), so only one
+# gateway is ever up and the baseline/TUN routes never coexist; subjects are interleaved
+# round by round. Writes results/bench-<UTC>.md, results/latest.md, results/latest.json.
+# Exit status: 0 if every measurement succeeded, 1 otherwise.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/netns.sh
+source "$REPO/scripts/netns.sh"
+
+CMDLINE=$(printf '%q ' "$0" "$@")
+CMDLINE=${CMDLINE% }
+BENCH_MTUS=${BENCH_MTUS:-1500 9000}
+BENCH_SECONDS=${BENCH_SECONDS:-5}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+BENCH_OMIT=${BENCH_OMIT:-1}
+BENCH_BIN_DIR=${BENCH_BIN_DIR:-$REPO/target/release}
+BENCH_RESULTS_DIR=${BENCH_RESULTS_DIR:-$REPO/results}
+BENCH_PORT=${BENCH_PORT:-5201}
+DIRECTIONS=(upload download)
+KNOWN_VARIANTS=" smoltcp lwip ipstack netstack-smoltcp system "
+
+say() { printf '[bench] %s\n' "$*" >&2; }
+die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 2; }
+
+for v in BENCH_SECONDS BENCH_ROUNDS BENCH_OMIT BENCH_PORT; do
+  [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer (got '${!v}')"
+done
+((BENCH_ROUNDS >= 1 && BENCH_SECONDS >= 1)) || die "BENCH_ROUNDS and BENCH_SECONDS must be >= 1"
+for m in $BENCH_MTUS; do
+  [[ "$m" =~ ^[0-9]+$ ]] || die "BENCH_MTUS: bad MTU '$m'"
+done
+[[ $EUID -eq 0 ]] || die "must run as root (network namespaces)"
+for c in ip iperf3 timeout; do
+  command -v "$c" >/dev/null 2>&1 || die "'$c' not found (run scripts/install-deps.sh)"
+done
+if command -v python3 >/dev/null 2>&1; then
+  HAVE_PY=1
+else
+  HAVE_PY=0
+  command -v jq >/dev/null 2>&1 || die "need python3 (or jq) to parse iperf3 JSON"
+fi
+((HAVE_PY)) || say "note: python3 missing: using jq for parsing; no markdown/JSON report will be written"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/tungate-bench.XXXXXX")
+export NETNS_RUNDIR="$WORK/netns"
+RAW="$WORK/raw.tsv"     # mtu  direction  subject  round  status  bps  reason
+NOTES="$WORK/notes.txt"
+: >"$RAW"
+: >"$NOTES"
+IDS=()
+
+# shellcheck disable=SC2317  # invoked via trap
+cleanup() {
+  local rc=$? id
+  trap - EXIT INT TERM
+  for id in "${IDS[@]}"; do
+    netns_down "$id"
+  done
+  rm -rf "$WORK"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'say "interrupted"; exit 130' INT
+trap 'say "terminated"; exit 143' TERM
+
+note() {
+  say "note: $*"
+  printf '%s\n' "$*" >>"$NOTES"
+}
+
+# ---- subjects -------------------------------------------------------------------------
+SUBJECTS=(kernel)
+declare -A BIN=()
+
+add_variant() { # add_variant NAME PATH
+  local name=$1 path=$2 short=${1#tungate-}
+  if [[ "$short" == redirect ]]; then
+    note "skipped $name: the redirect (nftables) variant needs its own bench path (not implemented yet)"
+    return 0
+  fi
+  if [[ "$KNOWN_VARIANTS" != *" $short "* ]]; then
+    note "skipped $name: unknown variant (don't know how to run it)"
+    return 0
+  fi
+  if [[ -n "${BIN[$name]:-}" ]]; then
+    return 0
+  fi
+  if [[ ! -x "$path" || ! -f "$path" ]]; then
+    note "requested variant $name not found at $path: its cells are FAILED"
+    BIN[$name]="$path"
+    SUBJECTS+=("$name")
+    return 0
+  fi
+  BIN[$name]="$path"
+  SUBJECTS+=("$name")
+}
+
+if (($# > 0)); then
+  for a in "$@"; do
+    if [[ "$a" == */* ]]; then
+      add_variant "$(basename "$a")" "$a"
+    else
+      add_variant "tungate-${a#tungate-}" "$BENCH_BIN_DIR/tungate-${a#tungate-}"
+    fi
+  done
+else
+  shopt -s nullglob
+  for f in "$BENCH_BIN_DIR"/tungate-*; do
+    b=$(basename "$f")
+    # only plain executables named tungate-<name> (skip tungate-*.d, hashed deps, …)
+    [[ "$b" =~ ^tungate-[a-z0-9-]+$ && -f "$f" && -x "$f" ]] || continue
+    add_variant "$b" "$f"
+  done
+  shopt -u nullglob
+fi
+((${#SUBJECTS[@]} > 1)) || note "no gateway variants to run (looked in $BENCH_BIN_DIR): kernel baseline only"
+
+# ---- metadata (taken before anything is written under results/) -----------------------
+META_NPROC=$(nproc 2>/dev/null || echo "?")
+META_CPU=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)
+META_CPU=${META_CPU:-unknown}
+META_MEM=$(awk '/^MemTotal:/ {printf "%.1f GiB", $2/1048576; exit}' /proc/meminfo 2>/dev/null || true)
+META_KERNEL=$(uname -r)
+META_RUSTC=$(rustc -V 2>/dev/null || echo "rustc not found")
+META_IPERF=$(iperf3 --version 2>/dev/null | head -n 1 || true)
+if META_GIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null); then
+  if [[ -n "$(git -C "$REPO" status --porcelain 2>/dev/null || true)" ]]; then
+    META_GIT+="-dirty"
+  fi
+else
+  META_GIT="(no commit)"
+fi
+META_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+
+# ---- measurement ----------------------------------------------------------------------
+record() { # record MTU DIR SUBJECT ROUND STATUS BPS REASON
+  local reason=${7//$'\t'/ }
+  reason=${reason//$'\n'/ }
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" "$reason" >>"$RAW"
+}
+
+progress() { # progress MTU DIR ROUND SUBJECT TEXT
+  printf '[bench] mtu=%s %s round %s/%s %s: %s\n' "$1" "$2" "$3" "$BENCH_ROUNDS" "$4" "$5"
+}
+
+fail_all_dirs() { # fail_all_dirs MTU ROUND SUBJECT REASON
+  local d
+  for d in "${DIRECTIONS[@]}"; do
+    record "$1" "$d" "$3" "$2" FAILED "" "$4"
+    progress "$1" "$d" "$2" "$3" "FAILED ($4)"
+  done
+}
+
+# parse_bps < iperf3-json  ->  "<bps>" or "ERR <reason>"
+parse_bps() {
+  if ((HAVE_PY)); then
+    python3 -c '
+import json, sys
+try:
+    d = json.load(sys.stdin)
+except Exception as e:
+    print("ERR iperf3 produced no valid JSON (%s)" % e.__class__.__name__); sys.exit(0)
+if d.get("error"):
+    print("ERR iperf3: %s" % d["error"]); sys.exit(0)
+try:
+    bps = float(d["end"]["sum_received"]["bits_per_second"])
+except Exception:
+    print("ERR iperf3 JSON has no end.sum_received.bits_per_second"); sys.exit(0)
+print("ERR zero throughput" if bps <= 0 else "%.0f" % bps)
+'
+  else
+    jq -r 'if .error then "ERR iperf3: " + .error
+           else (.end.sum_received.bits_per_second // "ERR no sum_received" | tostring) end' 2>/dev/null ||
+      echo "ERR iperf3 produced no valid JSON"
+  fi
+}
+
+gbps() { awk -v b="$1" 'BEGIN { printf "%.2f", b / 1e9 }'; }
+
+# run_iperf ID DIRECTION -> prints "<bps>" or "ERR <reason>"
+run_iperf() {
+  local id=$1 dir=$2 out errf res rc=0
+  local args=(-c "$NETNS_SRV_V4" -p "$BENCH_PORT" -t "$BENCH_SECONDS" -O "$BENCH_OMIT" -J --connect-timeout 3000)
+  [[ "$dir" == download ]] && args+=(-R)
+  errf="$WORK/iperf-client.err"
+  out=$(timeout -k 5 $((BENCH_SECONDS + BENCH_OMIT + 30)) \
+    ip netns exec "$(netns_cli "$id")" iperf3 "${args[@]}" 2>"$errf") || rc=$?
+  res=$(printf '%s' "$out" | parse_bps)
+  if [[ "$res" != ERR* ]] && ((rc != 0)); then
+    res="ERR iperf3 exited $rc"
+  fi
+  if [[ "$res" == ERR* && $rc -eq 124 ]]; then
+    res="ERR iperf3 timed out"
+  fi
+  if [[ "$res" == ERR* && -s "$errf" ]]; then
+    res+=" ($(tail -n 1 "$errf"))"
+  fi
+  printf '%s\n' "$res"
+}
+
+SEQ=0
+run_subject_round() { # MTU ROUND SUBJECT
+  local mtu=$1 round=$2 subj=$3 id res d reason gpid line
+  SEQ=$((SEQ + 1))
+  id="b$$-$SEQ"
+  IDS+=("$id")
+
+  if [[ "$subj" != kernel && ! -x "${BIN[$subj]}" ]]; then
+    fail_all_dirs "$mtu" "$round" "$subj" "binary not found: ${BIN[$subj]}"
+    return 0
+  fi
+  if ! netns_up "$id" "$mtu"; then
+    fail_all_dirs "$mtu" "$round" "$subj" "namespace setup failed"
+    netns_down "$id"
+    return 0
+  fi
+  if ! netns_start_iperf_server "$id" "$BENCH_PORT"; then
+    fail_all_dirs "$mtu" "$round" "$subj" "iperf3 server did not start"
+    netns_down "$id"
+    return 0
+  fi
+  if [[ "$subj" == kernel ]]; then
+    if ! netns_route_baseline "$id"; then
+      fail_all_dirs "$mtu" "$round" "$subj" "baseline route setup failed"
+      netns_down "$id"
+      return 0
+    fi
+  else
+    if ! netns_start_gateway "$id" "${BIN[$subj]}" "$mtu"; then
+      line=$(grep -v '^#' "$(netns_gateway_log "$id")" 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' |
+        grep -v '^[[:space:]]*$' | tail -n 1 || true)
+      reason=$(netns_gateway_error "$id" || true)
+      reason=${reason:-gateway failed to start}
+      [[ -n "$line" ]] && reason+="; last log line: ${line:0:200}"
+      fail_all_dirs "$mtu" "$round" "$subj" "$reason"
+      netns_down "$id"
+      return 0
+    fi
+  fi
+
+  for d in "${DIRECTIONS[@]}"; do
+    gpid=""
+    if [[ "$subj" != kernel ]]; then
+      gpid=$(netns_gateway_pid "$id" || true)
+      if [[ -z "$gpid" ]] || ! _nns_alive "$gpid"; then
+        record "$mtu" "$d" "$subj" "$round" FAILED "" "gateway died"
+        progress "$mtu" "$d" "$round" "$subj" "FAILED (gateway died)"
+        continue
+      fi
+    fi
+    res=$(run_iperf "$id" "$d")
+    if [[ "$res" == ERR* ]]; then
+      reason=${res#ERR }
+      if [[ -n "$gpid" ]] && ! _nns_alive "$gpid"; then
+        reason="gateway died during the test; $reason"
+        say "gateway log tail ($subj, mtu $mtu):"
+        tail -n 20 "$(netns_gateway_log "$id")" >&2 || true
+      fi
+      record "$mtu" "$d" "$subj" "$round" FAILED "" "$reason"
+      progress "$mtu" "$d" "$round" "$subj" "FAILED ($reason)"
+      # a failed client can leave iperf3 -s wedged: restart it for the next direction
+      netns_stop_iperf_server "$id" "$BENCH_PORT"
+      netns_start_iperf_server "$id" "$BENCH_PORT" || true
+    else
+      record "$mtu" "$d" "$subj" "$round" ok "$res" ""
+      progress "$mtu" "$d" "$round" "$subj" "$(gbps "$res") Gbit/s"
+    fi
+  done
+
+  [[ "$subj" != kernel ]] && netns_stop_gateway "$id"
+  netns_down "$id"
+  return 0
+}
+
+say "subjects: ${SUBJECTS[*]}; MTUs: $BENCH_MTUS; ${BENCH_ROUNDS} rounds x ${BENCH_SECONDS}s (+${BENCH_OMIT}s omitted)"
+for mtu in $BENCH_MTUS; do
+  for ((round = 1; round <= BENCH_ROUNDS; round++)); do
+    for subj in "${SUBJECTS[@]}"; do
+      run_subject_round "$mtu" "$round" "$subj"
+    done
+  done
+done
+
+FAILED=0
+if grep -q $'\tFAILED\t' "$RAW"; then FAILED=1; fi
+
+# ---- report ---------------------------------------------------------------------------
+if ((HAVE_PY)); then
+  mkdir -p "$BENCH_RESULTS_DIR"
+  MD="$BENCH_RESULTS_DIR/bench-$STAMP.md"
+  export META_NPROC META_CPU META_MEM META_KERNEL META_RUSTC META_IPERF META_GIT META_DATE CMDLINE
+  export BENCH_MTUS BENCH_SECONDS BENCH_ROUNDS BENCH_OMIT
+  python3 - "$RAW" "$NOTES" "$MD" "$BENCH_RESULTS_DIR/latest.json" "${SUBJECTS[@]}" <<'PY'
+import json, os, statistics, sys
+
+raw, notes_path, md_path, json_path, *subjects = sys.argv[1:]
+env = os.environ
+mtus = [int(m) for m in env["BENCH_MTUS"].split()]
+directions = ["upload", "download"]
+
+cells = {}  # (mtu, dir, subject) -> [round dicts]
+with open(raw) as f:
+    for line in f:
+        line = line.rstrip("\n")
+        if not line:
+            continue
+        mtu, d, subj, rnd, status, bps, reason = line.split("\t")
+        r = {"round": int(rnd), "status": status}
+        if status == "ok":
+            r["bits_per_second"] = float(bps)
+            r["gbps"] = round(float(bps) / 1e9, 3)
+        else:
+            r["reason"] = reason
+        cells.setdefault((int(mtu), d, subj), []).append(r)
+
+with open(notes_path) as f:
+    notes = [l.strip() for l in f if l.strip()]
+
+def median_gbps(rounds):
+    ok = [r["bits_per_second"] for r in rounds if r["status"] == "ok"]
+    return round(statistics.median(ok) / 1e9, 3) if ok else None
+
+results, failures = [], []
+for mtu in mtus:
+    for subj in subjects:
+        for d in directions:
+            rounds = sorted(cells.get((mtu, d, subj), []), key=lambda r: r["round"])
+            med = median_gbps(rounds)
+            base = median_gbps(cells.get((mtu, d, "kernel"), []))
+            ratio = round(med / base, 3) if (med is not None and base) else None
+            results.append({"mtu": mtu, "direction": d, "subject": subj,
+                            "median_gbps": med, "ratio_to_baseline": ratio,
+                            "rounds": rounds})
+            for r in rounds:
+                if r["status"] != "ok":
+                    failures.append("mtu=%d %s round %d %s: %s" % (mtu, d, r["round"], subj, r["reason"]))
+
+meta = {
+    "machine": {"nproc": env["META_NPROC"], "cpu": env["META_CPU"], "memory": env["META_MEM"]},
+    "kernel": env["META_KERNEL"], "rustc": env["META_RUSTC"], "iperf3": env["META_IPERF"],
+    "git": env["META_GIT"], "date": env["META_DATE"], "command": env["CMDLINE"],
+}
+config = {"mtus": mtus, "seconds": int(env["BENCH_SECONDS"]), "omit_seconds": int(env["BENCH_OMIT"]),
+          "rounds": int(env["BENCH_ROUNDS"]), "streams": 1, "baseline": "kernel",
+          "directions": {"upload": "iperf3 -c (cli -> srv)", "download": "iperf3 -c -R (srv -> cli)"}}
+
+def fmt(x):
+    return "FAILED" if x is None else "%.2f" % x
+
+L = []
+L.append("# tungate throughput benchmark")
+L.append("")
+L.append("- machine: %s CPUs, %s, %s RAM" % (meta["machine"]["nproc"], meta["machine"]["cpu"], meta["machine"]["memory"]))
+L.append("- kernel: %s" % meta["kernel"])
+L.append("- rustc: %s" % meta["rustc"])
+L.append("- iperf3: %s" % meta["iperf3"])
+L.append("- git: %s" % meta["git"])
+L.append("- date: %s" % meta["date"])
+L.append("- command: `%s`" % meta["command"])
+L.append("- method: iperf3 single TCP stream, %ds (+%ds omitted), %d rounds, subjects interleaved round by round; "
+         "fresh namespace pair and gateway process per subject and round; ratio = median / kernel-baseline median "
+         "of this run" % (config["seconds"], config["omit_seconds"], config["rounds"]))
+L.append("")
+for mtu in mtus:
+    L.append("## MTU %d" % mtu)
+    L.append("")
+    L.append("| subject | direction | median Gbit/s | ratio to baseline | all rounds (Gbit/s) |")
+    L.append("|---|---|---:|---:|---|")
+    for r in results:
+        if r["mtu"] != mtu:
+            continue
+        ratio = "-" if r["ratio_to_baseline"] is None else "%.2f" % r["ratio_to_baseline"]
+        allr = ", ".join("%.2f" % x["gbps"] if x["status"] == "ok" else "FAILED" for x in r["rounds"])
+        L.append("| %s | %s | %s | %s | %s |" % (r["subject"], r["direction"], fmt(r["median_gbps"]), ratio, allr or "-"))
+    L.append("")
+if failures:
+    L.append("## Failures")
+    L.append("")
+    L.extend("- " + x for x in failures)
+    L.append("")
+if notes:
+    L.append("## Notes")
+    L.append("")
+    L.extend("- " + x for x in notes)
+    L.append("")
+
+text = "\n".join(L)
+with open(md_path, "w") as f:
+    f.write(text)
+with open(os.path.join(os.path.dirname(md_path), "latest.md"), "w") as f:
+    f.write(text)
+with open(json_path, "w") as f:
+    json.dump({"meta": meta, "config": config, "subjects": subjects, "results": results,
+               "failures": failures, "notes": notes, "failed": bool(failures),
+               "report": os.path.basename(md_path)}, f, indent=2)
+    f.write("\n")
+PY
+  say "wrote $MD, $BENCH_RESULTS_DIR/latest.md, $BENCH_RESULTS_DIR/latest.json"
+  cat "$BENCH_RESULTS_DIR/latest.md"
+fi
+
+if ((FAILED)); then
+  say "some measurements FAILED (see the report)"
+  exit 1
+fi
+exit 0
