@@ -52,6 +52,10 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub backend: Option<String>,
 
+    /// Threads for the stack and the relays (1 = everything on one thread).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     pub log_level: String,
@@ -123,7 +127,11 @@ pub fn main<B: Backend>(make_backend: impl FnOnce(Mtu) -> B) -> ExitCode {
 
 fn run<B: Backend>(args: Args, make_backend: impl FnOnce(Mtu) -> B) -> anyhow::Result<()> {
     validate(&args, B::NAME)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let runtime = match args.threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n as usize).enable_all().build(),
+    }
+    .context("starting the runtime")?;
     runtime.block_on(async move {
         let device = match (&args.tun, args.tun_fd) {
             (_, Some(fd)) => TunDevice::adopt_fd(fd, args.mtu).with_context(|| format!("--tun-fd {fd}"))?,

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use tungate_core::PacketBuf;
 
@@ -19,6 +19,7 @@ pub(crate) struct Output {
     pub(crate) queue: VecDeque<PacketBuf>,
     pub(crate) pool: Vec<PacketBuf>,
     pub(crate) mtu: usize,
+    pub(crate) verify_tcp_checksum: bool,
 }
 
 impl Output {
@@ -84,6 +85,11 @@ impl phy::Device for FlowDevice<'_> {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = self.out.mtu;
+        // `packet::classify` has verified the IPv4 header checksum already.
+        caps.checksum.ipv4 = Checksum::Tx;
+        if !self.out.verify_tcp_checksum {
+            caps.checksum.tcp = Checksum::Tx;
+        }
         caps
     }
 }

@@ -46,6 +46,11 @@ pub struct SmoltcpConfig {
     pub ring_capacity: usize,
     /// Abort a connection whose peer has not acknowledged anything for this long.
     pub tcp_timeout: Duration,
+    /// Verify the TCP checksum of every received segment. Off by default: what a TUN
+    /// delivers was built in memory by the local kernel (no wire to corrupt it), and
+    /// verifying costs about 4% of the gateway's CPU at MTU 9000 (perf, upload). SYNs
+    /// and segments for unknown flows are always verified before they create state.
+    pub verify_tcp_checksum: bool,
 }
 
 impl Default for SmoltcpConfig {
@@ -56,6 +61,7 @@ impl Default for SmoltcpConfig {
             tcp_tx_buffer: 512 * 1024,
             ring_capacity: tungate_core::flow::DEFAULT_RING_CAPACITY,
             tcp_timeout: Duration::from_secs(120),
+            verify_tcp_checksum: false,
         }
     }
 }

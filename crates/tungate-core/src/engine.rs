@@ -10,7 +10,7 @@
 //!    the device pushes back), then [`Engine::recycle`] the buffer;
 //! 4. sleep until the device is readable, the wake queue is notified, or
 //!    [`Engine::poll_timeout`] passes; on readable, read a batch and feed every packet to
-//!    [`Engine::handle_packet`].
+//!    [`Engine::handle_packet`], then call [`Engine::flush`].
 //!
 //! Tests drive an engine the same way with a simulated clock and in-memory packets.
 
@@ -27,6 +27,12 @@ pub trait Engine: Send + 'static {
     /// Processes one packet read from the device. Never panics on any input: malformed
     /// packets are counted and dropped.
     fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf);
+
+    /// Called after each batch of [`handle_packet`](Self::handle_packet) calls: emit what the
+    /// batch made due (an engine may defer ACKs and data to here, one per flow per batch).
+    fn flush(&mut self, now: Instant) {
+        let _ = now;
+    }
 
     /// Services every flow queued on [`wake_queue`](Self::wake_queue) and queued UDP replies.
     fn handle_wakeups(&mut self, now: Instant);
@@ -87,6 +93,7 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
                 for packet in &mut batch[..n] {
                     engine.handle_packet(now, packet);
                 }
+                engine.flush(now);
             }
             () = wake.notified() => {}
             () = &mut sleep => armed = None,
