@@ -141,7 +141,12 @@ impl PacketDevice for TunDevice {
     }
 
     async fn send(&mut self, packet: &PacketBuf) -> io::Result<()> {
-        self.dev.send(packet.packet()).await.map(|_| ())
+        // A TUN write almost never blocks: try it without building a readiness future
+        // (which showed up at ~1% of the gateway's CPU at MTU 1500), wait only if needed.
+        match self.dev.try_send(packet.packet()) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dev.send(packet.packet()).await.map(|_| ()),
+            other => other.map(|_| ()),
+        }
     }
 
     fn mtu(&self) -> Mtu {
