@@ -449,3 +449,196 @@ impl Engine for SmoltcpEngine {
         self.wake.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The engine driven by hand: packets in, packets out, a simulated clock.
+
+    use std::sync::Mutex;
+
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+    use tungate_core::{TcpHandler, TcpRequest, UdpHandler};
+
+    use super::*;
+
+    /// Holds every request undecided, so the test decides when.
+    #[derive(Clone, Default)]
+    struct Hold(Arc<Mutex<Vec<TcpRequest>>>);
+
+    impl TcpHandler for Hold {
+        fn handle_tcp(&self, request: TcpRequest) {
+            self.0.lock().unwrap().push(request);
+        }
+    }
+
+    impl UdpHandler for Hold {
+        fn handle_udp(&self, _: SocketAddr, _: SocketAddr, _: &[u8], _: &UdpSender) {}
+    }
+
+    const CLIENT: &str = "198.18.0.2:40000";
+    const SERVER: &str = "10.77.0.2:80";
+
+    fn segment(control: TcpControl, seq: u32, ack: Option<u32>) -> PacketBuf {
+        let (src, dst): (SocketAddr, SocketAddr) = (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else { unreachable!() };
+        let tcp = TcpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+            control,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+            window_len: 65535,
+            window_scale: None,
+            max_seg_size: Some(1460),
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let ip = Ipv4Repr {
+            src_addr: s,
+            dst_addr: d,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+        let caps = ChecksumCapabilities::default();
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
+        tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[20..]), &s.into(), &d.into(), &caps);
+        PacketBuf::from_slice(&buf)
+    }
+
+    fn engine() -> (SmoltcpEngine, Hold, Instant) {
+        let hold = Hold::default();
+        let handlers = Handlers::new(Arc::new(hold.clone()), Arc::new(hold.clone()));
+        let now = Instant::now();
+        (SmoltcpEngine::new(SmoltcpConfig::default(), handlers, now), hold, now)
+    }
+
+    fn drain(e: &mut SmoltcpEngine) -> Vec<TcpSummary> {
+        let mut out = Vec::new();
+        while let Some(p) = e.poll_transmit() {
+            if let Ok(Classified::Tcp(seg)) = packet::classify(p.packet()) {
+                out.push(seg);
+            }
+            e.recycle(p);
+        }
+        out
+    }
+
+    #[test]
+    fn syn_waits_for_the_handler_and_retransmissions_are_deduplicated() {
+        let (mut e, hold, now) = engine();
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 1000, None));
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 1000, None));
+        e.flush(now);
+        assert!(drain(&mut e).is_empty(), "nothing is sent before the handler decides");
+        let stats = e.handlers.stats.snapshot();
+        assert_eq!((stats.tcp_requests, stats.tcp_syn_duplicate), (1, 1));
+
+        let request = hold.0.lock().unwrap().pop().unwrap();
+        assert_eq!(request.src(), CLIENT.parse().unwrap());
+        assert_eq!(request.dst(), SERVER.parse().unwrap());
+        let _flow = request.accept();
+        e.handle_wakeups(now);
+        let out = drain(&mut e);
+        assert_eq!(out.len(), 1);
+        let syn_ack = out[0];
+        assert!(syn_ack.syn && syn_ack.ack, "{syn_ack:?}");
+        assert_eq!(
+            (syn_ack.src, syn_ack.dst, syn_ack.ack_number),
+            (SERVER.parse().unwrap(), CLIENT.parse().unwrap(), 1001)
+        );
+
+        // The handshake completes; the flow is tracked until it closes.
+        e.handle_packet(now, &mut segment(TcpControl::None, 1001, Some(syn_ack.seq.wrapping_add(1))));
+        e.flush(now);
+        assert_eq!(e.flow_count(), 1);
+    }
+
+    #[test]
+    fn rejected_syn_gets_rst_ack_and_leaves_nothing() {
+        let (mut e, hold, now) = engine();
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 7, None));
+        hold.0.lock().unwrap().pop().unwrap().reject();
+        e.handle_wakeups(now);
+        let out = drain(&mut e);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].rst && out[0].ack && out[0].ack_number == 8, "{:?}", out[0]);
+        assert_eq!(e.flow_count(), 0);
+        assert_eq!(e.handlers.stats.snapshot().tcp_active, 0);
+    }
+
+    #[test]
+    fn a_dropped_request_is_a_rejection() {
+        let (mut e, hold, now) = engine();
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 7, None));
+        hold.0.lock().unwrap().clear();
+        e.handle_wakeups(now);
+        assert!(drain(&mut e)[0].rst);
+        assert_eq!(e.flow_count(), 0);
+    }
+
+    #[test]
+    fn an_unanswered_syn_ack_times_out_and_resets_the_handler() {
+        let (mut e, hold, now) = engine();
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
+        let flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        e.handle_wakeups(now);
+        drain(&mut e);
+        // Advance a simulated clock through smoltcp's retransmissions until it gives up.
+        let mut t = now;
+        for _ in 0..10_000 {
+            let Some(deadline) = e.poll_timeout() else { break };
+            t = deadline.max(t + Duration::from_millis(1));
+            e.handle_timeout(t);
+            drain(&mut e);
+        }
+        assert_eq!(e.flow_count(), 0, "the flow is gone after the SYN-ACK went unanswered");
+        assert!(t - now <= Duration::from_secs(300), "gave up within the configured timeout");
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut flow = flow;
+        let read = rt.block_on(tokio::io::AsyncReadExt::read(&mut flow, &mut [0u8; 8]));
+        assert_eq!(read.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn mutated_packets_never_panic() {
+        let (mut e, hold, now) = engine();
+        // An open flow, so mutations also reach smoltcp, not just the demultiplexer.
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
+        let _flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        e.handle_wakeups(now);
+        let syn_ack = drain(&mut e)[0];
+        let good = segment(TcpControl::None, 2, Some(syn_ack.seq.wrapping_add(1)));
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..50_000 {
+            let mut p = good.packet().to_vec();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % p.len();
+                p[at] = next() as u8;
+            }
+            if i % 7 == 0 {
+                p.truncate((next() as usize) % (p.len() + 1));
+            }
+            let mut buf = PacketBuf::from_slice(&p);
+            e.handle_packet(now, &mut buf);
+            if i % 64 == 0 {
+                e.flush(now);
+                e.handle_wakeups(now);
+                hold.0.lock().unwrap().clear();
+                drain(&mut e);
+            }
+        }
+        let stats = e.handlers.stats.snapshot();
+        assert!(stats.malformed > 0 && stats.rx_packets == 50_001);
+    }
+}
