@@ -12,7 +12,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
 use tungate_core::engine::Engine;
-use tungate_core::flow::{self, Decision, FlowLink, WakeQueue};
+use tungate_core::flow::{self, Decision, FlowIo, FlowLink, WakeQueue};
 use tungate_core::handler::UdpOutbox;
 use tungate_core::packet::{self, Classified, TcpSummary};
 use tungate_core::{FlowId, Handlers, PacketBuf, Stats, UdpSender};
@@ -260,17 +260,7 @@ impl SmoltcpEngine {
         let mut device = FlowDevice { rx: Some(packet), out: &mut self.out };
         open.iface.poll_ingress_single(t, &mut device, &mut open.sockets);
         let socket = open.sockets.get_mut::<tcp::Socket>(open.handle);
-        flow.link.pump(|io| {
-            while socket.can_recv() {
-                let taken = socket.recv(|data| {
-                    let n = io.deliver(data);
-                    (n, n)
-                });
-                if !matches!(taken, Ok(n) if n > 0) {
-                    break;
-                }
-            }
-        });
+        flow.link.pump(|io| deliver_received(socket, io));
         if !flow.egress_pending {
             flow.egress_pending = true;
             self.pending_egress.push(id);
@@ -293,26 +283,8 @@ impl SmoltcpEngine {
             open.established = true;
         }
         let signals = flow.link.pump(|io| {
-            // The rx side stops when the handler's ring is full; FlowIo then marks the
-            // flow blocked and the handler's next read queues it again.
-            while socket.can_recv() {
-                let taken = socket.recv(|data| {
-                    let n = io.deliver(data);
-                    (n, n)
-                });
-                if !matches!(taken, Ok(n) if n > 0) {
-                    break;
-                }
-            }
-            while socket.can_send() {
-                let given = socket.send(|space| {
-                    let n = io.fill(space);
-                    (n, n)
-                });
-                if !matches!(given, Ok(n) if n > 0) {
-                    break;
-                }
-            }
+            deliver_received(socket, io);
+            queue_for_sending(socket, io);
         });
         if signals.abort_requested {
             socket.abort();
@@ -352,6 +324,34 @@ impl SmoltcpEngine {
         }
         Stats::dec(&self.handlers.stats.tcp_active);
         flow
+    }
+}
+
+/// Moves what the socket received into the handler's ring, until either runs dry. A full
+/// ring leaves the rest in the socket (its window closes) and marks the flow blocked, so
+/// the handler's next read queues the flow again.
+fn deliver_received(socket: &mut tcp::Socket<'_>, io: &mut FlowIo<'_>) {
+    while socket.can_recv() {
+        let taken = socket.recv(|data| {
+            let n = io.deliver(data);
+            (n, n)
+        });
+        if !matches!(taken, Ok(n) if n > 0) {
+            break;
+        }
+    }
+}
+
+/// Moves what the handler wrote into the socket's send buffer, as far as it has room.
+fn queue_for_sending(socket: &mut tcp::Socket<'_>, io: &mut FlowIo<'_>) {
+    while socket.can_send() {
+        let given = socket.send(|space| {
+            let n = io.fill(space);
+            (n, n)
+        });
+        if !matches!(given, Ok(n) if n > 0) {
+            break;
+        }
     }
 }
 
