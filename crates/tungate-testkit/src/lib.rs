@@ -15,6 +15,7 @@
 //! addresses and counters.
 
 pub mod cli;
+pub mod fault;
 pub mod mem;
 pub mod netns;
 pub mod peer;
@@ -33,7 +34,7 @@ macro_rules! conformance_suite {
             bulk_16mib_upload_v6, bulk_16mib_download_v6, half_close_client_first,
             half_close_server_first, refused_gets_rst_v4, refused_gets_rst_v6,
             concurrent_200_flows, udp_echo_v4, udp_echo_v6, malformed_burst,
-            unknown_segment_gets_rst);
+            unknown_segment_gets_rst, survives_loss_and_duplication, corruption_is_detected);
         $crate::conformance_suite!(@netns $bin;
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tungate_core::stats::StatsSnapshot;
 use tungate_core::{Backend, Handlers, Mtu, Stats};
 
+use crate::fault::{FaultDevice, Faults};
 use crate::peer::{PEER_V4, PEER_V6, PeerHost};
 use crate::services::{self, Services, pattern};
 
@@ -47,7 +48,13 @@ impl Harness {
     }
 
     pub fn start_with_mtu<B: Backend>(backend: B, mtu: Mtu) -> Self {
+        Self::start_with_faults(backend, mtu, Faults::default())
+    }
+
+    /// Starts the backend behind a [`FaultDevice`] that applies `faults` to the peer's packets.
+    pub fn start_with_faults<B: Backend>(backend: B, mtu: Mtu, faults: Faults) -> Self {
         let (device, link) = tungate_core::device::mem::pair(mtu, 4096);
+        let device = FaultDevice::new(device, faults);
         let services = Services::default();
         let handlers = Handlers::new(Arc::new(services.clone()), Arc::new(services.clone()));
         let stats = handlers.stats.clone();
@@ -357,4 +364,30 @@ fn fix_tcp_checksum_v6(pkt: &mut [u8]) {
     let (src, dst): (IpAddress, IpAddress) = (ip.src_addr().into(), ip.dst_addr().into());
     let mut tcp = TcpPacket::new_unchecked(&mut pkt[40..]);
     tcp.fill_checksum(&src, &dst);
+}
+
+/// 1% of the peer's packets dropped and 1% duplicated: retransmission and duplicate
+/// handling keep both directions intact.
+pub async fn survives_loss_and_duplication<B: Backend>(backend: B) {
+    let faults = Faults { drop_per_mille: 10, duplicate_per_mille: 10, seed: 7, ..Faults::default() };
+    let h = Harness::start_with_faults(backend, Mtu::DEFAULT, faults);
+    upload(&h, dst_v4(services::SINK), 2 << 20).await;
+    download(&h, dst_v6(services::SOURCE), 2 << 20).await;
+    h.stop().await;
+}
+
+/// The suite can fail: one flipped payload byte (with a valid checksum, so no stack can
+/// tell) must surface as a digest mismatch in the upload check.
+pub async fn corruption_is_detected<B: Backend>(backend: B) {
+    let faults = Faults { corrupt_nth_data_segment: Some(20), ..Faults::default() };
+    let h = Harness::start_with_faults(backend, Mtu::DEFAULT, faults);
+    let data = pattern(1 << 20, 42);
+    let mut s = step("connect", h.peer.connect(dst_v4(services::SINK))).await.expect("connect");
+    step("upload", s.write_all(&data)).await.expect("write");
+    s.shutdown().await.expect("shutdown");
+    let mut digest = Vec::new();
+    step("digest", s.read_to_end(&mut digest)).await.expect("read digest");
+    assert_eq!(digest.len(), 32);
+    assert_ne!(digest, Sha256::digest(&data).to_vec(), "a corrupted byte went unnoticed by the upload check");
+    h.stop().await;
 }
