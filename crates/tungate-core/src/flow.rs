@@ -14,7 +14,6 @@
 //! [`FlowId`] is queued on the stack's [`WakeQueue`], so the stack services exactly the
 //! flows that have work and never scans them all.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -81,40 +80,86 @@ pub enum Decision {
     Rejected,
 }
 
-/// A bounded byte FIFO: `VecDeque<u8>` with a capacity limit and slice copies both ways.
+/// A bounded byte FIFO that lends its contiguous filled and free regions, so a relay
+/// can `write(2)` straight from it and `read(2)` straight into it (no bounce buffer).
+/// `VecDeque<u8>` has no safe way to expose its spare capacity, hence this small ring.
+/// The storage is allocated on first use: idle directions cost nothing.
 #[derive(Debug)]
 struct Ring {
-    buf: VecDeque<u8>,
+    buf: Vec<u8>,
     cap: usize,
+    head: usize,
+    len: usize,
 }
 
 impl Ring {
     fn new(cap: usize) -> Self {
-        Ring { buf: VecDeque::new(), cap }
+        Ring { buf: Vec::new(), cap, head: 0, len: 0 }
     }
 
     fn len(&self) -> usize {
-        self.buf.len()
+        self.len
     }
 
-    fn space(&self) -> usize {
-        self.cap - self.buf.len()
+    /// The oldest contiguous run of bytes.
+    fn filled(&self) -> &[u8] {
+        let end = (self.head + self.len).min(self.buf.len());
+        &self.buf[self.head.min(end)..end]
     }
 
-    fn push(&mut self, data: &[u8]) -> usize {
-        let n = data.len().min(self.space());
-        self.buf.extend(&data[..n]);
-        n
+    fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.len);
+        self.len -= n;
+        self.head = if self.len == 0 { 0 } else { (self.head + n) % self.cap };
+    }
+
+    /// The first contiguous free region (empty when full).
+    fn spare(&mut self) -> &mut [u8] {
+        if self.buf.is_empty() {
+            self.buf = vec![0; self.cap];
+        }
+        let tail = (self.head + self.len) % self.cap;
+        let end = if tail >= self.head && self.len < self.cap { self.cap } else { self.head };
+        if self.len == self.cap {
+            return &mut [];
+        }
+        &mut self.buf[tail..end]
+    }
+
+    fn commit(&mut self, n: usize) {
+        debug_assert!(self.len + n <= self.cap);
+        self.len += n;
+    }
+
+    fn push(&mut self, mut data: &[u8]) -> usize {
+        let mut total = 0;
+        while !data.is_empty() {
+            let spare = self.spare();
+            let n = spare.len().min(data.len());
+            if n == 0 {
+                break;
+            }
+            spare[..n].copy_from_slice(&data[..n]);
+            self.commit(n);
+            data = &data[n..];
+            total += n;
+        }
+        total
     }
 
     fn pop(&mut self, out: &mut [u8]) -> usize {
-        let (a, b) = self.buf.as_slices();
-        let na = a.len().min(out.len());
-        out[..na].copy_from_slice(&a[..na]);
-        let nb = b.len().min(out.len() - na);
-        out[na..na + nb].copy_from_slice(&b[..nb]);
-        self.buf.drain(..na + nb);
-        na + nb
+        let mut total = 0;
+        while total < out.len() {
+            let filled = self.filled();
+            let n = filled.len().min(out.len() - total);
+            if n == 0 {
+                break;
+            }
+            out[total..total + n].copy_from_slice(&filled[..n]);
+            self.consume(n);
+            total += n;
+        }
+        total
     }
 }
 
@@ -281,26 +326,84 @@ impl TcpFlow {
 
     /// Resets the connection: the client gets RST, pending bytes are discarded.
     pub fn abort(&self) {
-        self.abort_handle().abort();
-    }
-
-    /// A handle that can reset this flow after it was moved into a relay.
-    pub fn abort_handle(&self) -> AbortHandle {
-        AbortHandle { shared: self.shared.clone() }
-    }
-}
-
-/// Resets a [`TcpFlow`] from outside (e.g. when its upstream was reset).
-#[derive(Debug, Clone)]
-pub struct AbortHandle {
-    shared: Arc<Shared>,
-}
-
-impl AbortHandle {
-    pub fn abort(&self) {
         let mut st = self.shared.state();
         st.abort_requested = true;
         self.shared.wake_stack(&mut st);
+    }
+
+    /// Zero-copy read: when client bytes are buffered, lends the oldest contiguous run to
+    /// `f` (typically a non-blocking `write(2)` to the upstream socket) and consumes what
+    /// `f` reports written. `Ok(0)` means the client sent FIN and everything was taken.
+    /// An error from `f` (including `WouldBlock`) is returned as is, nothing consumed.
+    ///
+    /// `f` runs under the flow's lock; keep it to one non-blocking system call.
+    pub fn poll_read_with(
+        &self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&[u8]) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let shared = &self.shared;
+        let mut st = shared.state();
+        if st.rx.len() > 0 {
+            let n = f(st.rx.filled())?;
+            st.rx.consume(n);
+            if n > 0 && st.rx_blocked {
+                st.rx_blocked = false;
+                shared.wake_stack(&mut st);
+            }
+            return Poll::Ready(Ok(n));
+        }
+        if st.reset {
+            return Poll::Ready(Err(reset_error()));
+        }
+        if st.rx_eof || st.closed {
+            return Poll::Ready(Ok(0));
+        }
+        st.reader = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Zero-copy write: when there is room for bytes to the client, lends the first
+    /// contiguous free region to `f` (typically a non-blocking `read(2)` from the upstream
+    /// socket) and queues what `f` reports read. `f` returning `Ok(0)` (upstream EOF) is
+    /// passed through; so are its errors (including `WouldBlock`).
+    ///
+    /// `f` runs under the flow's lock; keep it to one non-blocking system call.
+    pub fn poll_write_with(
+        &self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let shared = &self.shared;
+        let mut st = shared.state();
+        if st.reset {
+            return Poll::Ready(Err(reset_error()));
+        }
+        if st.tx_closed || st.closed {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "TCP flow closed for writing")));
+        }
+        let spare = st.tx.spare();
+        if spare.is_empty() {
+            st.writer = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = f(spare)?;
+        st.tx.commit(n);
+        if n > 0 {
+            shared.wake_stack(&mut st);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Half-closes towards the client: FIN follows the bytes already written. The same
+    /// as `AsyncWriteExt::shutdown`, without needing `&mut`.
+    pub fn close_write(&self) {
+        let shared = &self.shared;
+        let mut st = shared.state();
+        if !st.tx_closed {
+            st.tx_closed = true;
+            shared.wake_stack(&mut st);
+        }
     }
 }
 
@@ -359,12 +462,7 @@ impl AsyncWrite for TcpFlow {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let shared = &self.shared;
-        let mut st = shared.state();
-        if !st.tx_closed {
-            st.tx_closed = true;
-            shared.wake_stack(&mut st);
-        }
+        self.close_write();
         Poll::Ready(Ok(()))
     }
 }
@@ -516,6 +614,40 @@ mod tests {
         let mut out = [0u8; 16];
         assert_eq!(r.pop(&mut out), 8);
         assert_eq!(&out[..8], b"efghijkl");
+    }
+
+    #[test]
+    fn ring_matches_a_model_under_random_operations() {
+        let mut ring = Ring::new(97);
+        let mut model = std::collections::VecDeque::new();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut counter = 0u8;
+        for _ in 0..20_000 {
+            if next() % 2 == 0 {
+                let data: Vec<u8> = (0..next() % 60)
+                    .map(|_| {
+                        counter = counter.wrapping_add(1);
+                        counter
+                    })
+                    .collect();
+                let n = ring.push(&data);
+                assert_eq!(n, data.len().min(97 - model.len()));
+                model.extend(&data[..n]);
+            } else {
+                let mut out = vec![0u8; (next() % 60) as usize];
+                let n = ring.pop(&mut out);
+                let want: Vec<u8> = model.drain(..n.min(model.len())).collect();
+                assert_eq!(&out[..n], &want[..]);
+                assert_eq!(n, out.len().min(want.len() + model.len()));
+            }
+            assert_eq!(ring.len(), model.len());
+        }
     }
 
     #[tokio::test]

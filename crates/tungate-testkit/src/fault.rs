@@ -69,6 +69,22 @@ fn corrupt_tcp_payload(p: &mut [u8]) -> bool {
     true
 }
 
+/// Whether `p` is a TCP segment with SYN, FIN or RST set.
+fn is_tcp_control(p: &[u8]) -> bool {
+    let l4 = match p.first().map(|b| b >> 4) {
+        Some(4) => match Ipv4Packet::new_checked(p) {
+            Ok(ip) if ip.next_header() == IpProtocol::Tcp => &p[ip.header_len() as usize..ip.total_len() as usize],
+            _ => return false,
+        },
+        Some(6) => match Ipv6Packet::new_checked(p) {
+            Ok(ip) if ip.next_header() == IpProtocol::Tcp => &p[40..],
+            _ => return false,
+        },
+        _ => return false,
+    };
+    TcpPacket::new_checked(l4).map(|t| t.syn() || t.fin() || t.rst()).unwrap_or(false)
+}
+
 fn carries_tcp_data(p: &[u8]) -> bool {
     let l4 = match p.first().map(|b| b >> 4) {
         Some(4) => match Ipv4Packet::new_checked(p) {
@@ -102,7 +118,9 @@ impl<D: PacketDevice> PacketDevice for FaultDevice<D> {
             if !self.inner.try_recv(buf)? {
                 return Ok(false);
             }
-            if self.roll(self.faults.drop_per_mille) {
+            // Control segments are spared: the suite checks how a stack recovers data, and
+            // a lost SYN or FIN only adds a fixed retransmission wait.
+            if !is_tcp_control(buf.packet()) && self.roll(self.faults.drop_per_mille) {
                 self.injected.0 += 1;
                 continue;
             }

@@ -16,6 +16,9 @@ pub const SINK: u16 = 9;
 pub const SOURCE: u16 = 19;
 /// Send a greeting and shut down at once, then read to EOF and record what came.
 pub const GREET_FIRST: u16 = 21;
+/// Read an 8-byte big-endian length and exactly that many bytes, answer their SHA-256,
+/// then close: an upload whose end does not depend on the client's FIN.
+pub const SINK_COUNTED: u16 = 10;
 /// Refused by the handler: the client must see RST.
 pub const REFUSE: u16 = 1;
 pub const GREETING: &[u8] = b"220 hello, this side is closed for writing\r\n";
@@ -102,6 +105,20 @@ async fn serve(mut flow: TcpFlow, port: u16) -> std::io::Result<Vec<u8>> {
                     break;
                 }
                 hash.update(&buf[..n]);
+            }
+            flow.write_all(&hash.finalize()).await?;
+            flow.shutdown().await?;
+        }
+        SINK_COUNTED => {
+            let mut left = flow.read_u64().await? as usize;
+            let mut hash = Sha256::new();
+            while left > 0 {
+                let n = flow.read(&mut buf[..left.min(64 * 1024)]).await?;
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+                left -= n;
             }
             flow.write_all(&hash.finalize()).await?;
             flow.shutdown().await?;

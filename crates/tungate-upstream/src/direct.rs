@@ -126,14 +126,13 @@ impl TcpHandler for Direct {
                 }
             };
             let flow = request.accept();
-            let abort = flow.abort_handle();
-            match crate::relay(flow, upstream, inner.config.tcp_idle_timeout).await {
+            match crate::splice(&flow, &upstream, inner.config.tcp_idle_timeout).await {
                 Ok(s) => tracing::debug!(%src, %dst, up = s.a_to_b, down = s.b_to_a, "tcp relay done"),
                 Err(e) => {
                     // A reset or timeout on either side resets the client too, rather than
                     // ending with a FIN that would pass for a complete response.
                     tracing::debug!(%src, %dst, error = %e, "tcp relay failed; resetting client");
-                    abort.abort();
+                    flow.abort();
                 }
             }
         });

@@ -1,24 +1,75 @@
-//! Copying bytes both ways between two streams with half-close and an idle timeout.
+//! Copying bytes both ways with half-close and an idle timeout.
+//!
+//! [`splice`] is the fast path between a [`TcpFlow`] and a kernel `TcpStream`: each
+//! direction is one non-blocking system call straight into or out of the flow's ring, with
+//! no bounce buffer. [`relay`] is the general form for any two streams.
 
+use std::future::{Future, poll_fn};
 use std::io;
+use std::net::Shutdown;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
+use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tungate_core::TcpFlow;
 
-/// Buffer per direction: large enough that one read drains a full ring or socket
-/// buffer at MTU 9000 rates, small enough that 20 000 relays fit in memory.
+/// Buffer per direction for [`relay`]: large enough that one read drains a full ring or
+/// socket buffer at MTU 9000 rates, small enough that 20 000 relays fit in memory.
 const BUF: usize = 64 * 1024;
 
-/// How a relay ended.
+/// Bytes copied each way by a finished relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayStats {
     /// Bytes copied a → b and b → a.
     pub a_to_b: u64,
     pub b_to_a: u64,
+}
+
+/// When anything last moved, shared by both directions of one relay.
+#[derive(Debug, Clone)]
+struct Activity {
+    start: Instant,
+    last_us: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity { start: Instant::now(), last_us: Arc::default() }
+    }
+
+    fn touch(&self) {
+        self.last_us.store(self.start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        self.start + Duration::from_micros(self.last_us.load(Ordering::Relaxed)) + idle
+    }
+
+    /// Runs both directions until they finish, or fails once nothing moved for `idle`.
+    async fn watch(
+        &self,
+        both: impl Future<Output = io::Result<(u64, u64)>>,
+        idle: Duration,
+    ) -> io::Result<RelayStats> {
+        tokio::pin!(both);
+        loop {
+            tokio::select! {
+                r = &mut both => {
+                    let (a_to_b, b_to_a) = r?;
+                    return Ok(RelayStats { a_to_b, b_to_a });
+                }
+                () = tokio::time::sleep_until(self.idle_deadline(idle)) => {
+                    if Instant::now() >= self.idle_deadline(idle) {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "relay idle timeout"));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Copies `a → b` and `b → a` until both directions have seen EOF (each EOF is passed on
@@ -29,33 +80,15 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
+    let activity = Activity::new();
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
-    let one = pump(&mut ar, &mut bw, &last, start);
-    let two = pump(&mut br, &mut aw, &last, start);
-    let both = async { tokio::try_join!(one, two) };
-    tokio::pin!(both);
-    loop {
-        let since = Duration::from_micros(last.load(Ordering::Relaxed));
-        let deadline = start + since + idle;
-        tokio::select! {
-            r = &mut both => {
-                let (a_to_b, b_to_a) = r?;
-                return Ok(RelayStats { a_to_b, b_to_a });
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                let since = Duration::from_micros(last.load(Ordering::Relaxed));
-                if Instant::now() >= start + since + idle {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "relay idle timeout"));
-                }
-            }
-        }
-    }
+    let one = pump(&mut ar, &mut bw, &activity);
+    let two = pump(&mut br, &mut aw, &activity);
+    activity.watch(async { tokio::try_join!(one, two) }, idle).await
 }
 
-async fn pump<R, W>(r: &mut R, w: &mut W, last: &AtomicU64, start: Instant) -> io::Result<u64>
+async fn pump<R, W>(r: &mut R, w: &mut W, activity: &Activity) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -70,8 +103,49 @@ where
         }
         w.write_all(&buf[..n]).await?;
         total += n as u64;
-        last.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        activity.touch();
     }
+}
+
+/// [`relay`] between a flow (a) and an upstream kernel socket (b), without a bounce
+/// buffer: one copy fewer per byte each way.
+pub async fn splice(flow: &TcpFlow, upstream: &TcpStream, idle: Duration) -> io::Result<RelayStats> {
+    let activity = Activity::new();
+    let up = async {
+        let mut total = 0u64;
+        loop {
+            match poll_fn(|cx| flow.poll_read_with(cx, |data| upstream.try_write(data))).await {
+                Ok(0) => {
+                    SockRef::from(upstream).shutdown(Shutdown::Write)?;
+                    return Ok(total);
+                }
+                Ok(n) => {
+                    total += n as u64;
+                    activity.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => upstream.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let down = async {
+        let mut total = 0u64;
+        loop {
+            match poll_fn(|cx| flow.poll_write_with(cx, |space| upstream.try_read(space))).await {
+                Ok(0) => {
+                    flow.close_write();
+                    return Ok(total);
+                }
+                Ok(n) => {
+                    total += n as u64;
+                    activity.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => upstream.readable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    activity.watch(async { tokio::try_join!(up, down) }, idle).await
 }
 
 #[cfg(test)]
