@@ -5,7 +5,7 @@
 #                 then print a size table (scripts/sizes.sh)
 #   make test     all + the whole workspace test suite, including the ignored (netns) tests
 #   make bench    all + scripts/bench.sh (results/latest.md, results/latest.json)
-#   make lint     rustfmt check + clippy -D warnings
+#   make lint     rustfmt check + clippy -D warnings + rustdoc -D warnings
 #   make clean
 #
 # Variables: VARIANTS (backends to build), BENCH_VARIANTS (passed to bench.sh; default:
@@ -24,7 +24,7 @@ VARIANTS ?= smoltcp
 BENCH_VARIANTS ?=
 RELEASE_DIR := $(CURDIR)/target/release
 
-.PHONY: all build deps test bench lint fmt-check clippy sizes clean
+.PHONY: all build deps test bench lint fmt-check clippy doc sizes clean
 
 all: deps
 	@$(MAKE) --no-print-directory build
@@ -50,13 +50,16 @@ test: deps all
 bench: deps all
 	scripts/bench.sh $(BENCH_VARIANTS)
 
-lint: fmt-check clippy
+lint: fmt-check clippy doc
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets --all-features --release --locked -- -D warnings
+
+doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --all-features --locked
 
 clean:
 	$(CARGO) clean

@@ -12,7 +12,7 @@
 //!   async driver that connects an engine to a device.
 //! * [`backend`]: the trait the binaries drive; backends live in their own crates.
 //!
-//! `unsafe` is allowed only in [`device::sys`] (adopting an inherited file descriptor).
+//! `unsafe` is allowed only in `device/sys.rs` (adopting an inherited file descriptor).
 
 pub mod backend;
 pub mod config;
