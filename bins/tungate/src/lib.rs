@@ -109,8 +109,17 @@ fn validate(args: &Args, backend: &str) -> anyhow::Result<()> {
 }
 
 /// Runs a variant: parses flags, opens the TUN, serves until SIGINT/SIGTERM.
-/// `make_backend` builds the backend for the configured MTU.
-pub fn main<B: Backend>(make_backend: impl FnOnce(Mtu) -> B) -> ExitCode {
+/// What a variant's `main` gets to build its backend from.
+#[derive(Debug, Clone)]
+pub struct StackSettings {
+    pub mtu: Mtu,
+    /// The TUN's own addresses (`--address`). Stacks that accept every destination
+    /// (smoltcp) do not need them; a kernel NAT stack listens on one of them.
+    pub addresses: Vec<IpNet>,
+}
+
+/// `make_backend` builds the backend from the command line's stack settings.
+pub fn main<B: Backend>(make_backend: impl FnOnce(&StackSettings) -> B) -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
@@ -125,7 +134,7 @@ pub fn main<B: Backend>(make_backend: impl FnOnce(Mtu) -> B) -> ExitCode {
     }
 }
 
-fn run<B: Backend>(args: Args, make_backend: impl FnOnce(Mtu) -> B) -> anyhow::Result<()> {
+fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -> anyhow::Result<()> {
     validate(&args, B::NAME)?;
     let runtime = match args.threads {
         1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
@@ -155,7 +164,8 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(Mtu) -> B) -> anyhow::R
             mark = ?args.mark,
             "ready"
         );
-        make_backend(args.mtu).run(device, handlers, shutdown_signal()).await.context("backend stopped")?;
+        let settings = StackSettings { mtu: args.mtu, addresses: args.addresses.clone() };
+        make_backend(&settings).run(device, handlers, shutdown_signal()).await.context("backend stopped")?;
         tracing::info!(stats = ?stats.snapshot(), "shut down");
         Ok(())
     })

@@ -1,7 +1,7 @@
 //! `tungate-smoltcp`: the gateway on the smoltcp backend.
 
 fn main() -> std::process::ExitCode {
-    tungate::main::<backend_smoltcp::Smoltcp>(|mtu| {
-        backend_smoltcp::Smoltcp::new(backend_smoltcp::SmoltcpConfig { mtu, ..Default::default() })
+    tungate::main(|settings| {
+        backend_smoltcp::Smoltcp::new(backend_smoltcp::SmoltcpConfig { mtu: settings.mtu, ..Default::default() })
     })
 }
