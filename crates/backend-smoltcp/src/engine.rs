@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
@@ -221,7 +221,12 @@ impl SmoltcpEngine {
             tcp::SocketBuffer::new(vec![0; self.config.tcp_tx_buffer]),
         );
         socket.set_nagle_enabled(false);
-        socket.set_timeout(Some(SmolDuration::from_micros(self.config.tcp_timeout.as_micros() as u64)));
+        // smoltcp aborts a socket that heard nothing for `timeout`, idle or not; keep-alive
+        // probes at a quarter of it keep a live but quiet client from being reset, while
+        // a vanished one is still dropped after `tcp_timeout`.
+        let timeout = SmolDuration::from_micros(self.config.tcp_timeout.as_micros() as u64);
+        socket.set_timeout(Some(timeout));
+        socket.set_keep_alive(Some(timeout / 4));
         let listening = socket.listen(IpListenEndpoint { addr: Some(IpAddress::from(dst.ip())), port: dst.port() });
         let mut sockets = SocketSet::new(Vec::with_capacity(1));
         let handle = sockets.add(socket);
@@ -292,14 +297,26 @@ impl SmoltcpEngine {
             socket.close();
             open.fin_queued = true;
         }
-        if open.established && !open.rx_eof && !socket.may_recv() && socket.recv_queue() == 0 {
+        // The client's FIN counts only once every byte before it reached the handler:
+        // smoltcp then reports `Finished`. After a RST it reports `InvalidState` instead,
+        // so a reset never passes for a clean end.
+        if open.established && !open.rx_eof && matches!(socket.recv(|_| (0, ())), Err(tcp::RecvError::Finished)) {
             open.rx_eof = true;
             flow.link.set_rx_eof();
         }
-        open.iface.poll_egress(t, &mut device, &mut open.sockets);
+        // Emit everything that is due, not one segment per call.
+        while open.iface.poll_egress(t, &mut device, &mut open.sockets) != PollResult::None {}
 
         let socket = open.sockets.get::<tcp::Socket>(open.handle);
-        if socket.state() == tcp::State::Closed || (socket.state() == tcp::State::TimeWait && signals.handler_gone) {
+        let state = socket.state();
+        // A listening socket after accept means the client reset the handshake (smoltcp
+        // returns SYN-RECEIVED to LISTEN on RST).
+        let done = matches!(state, tcp::State::Closed | tcp::State::Listen)
+            || (state == tcp::State::TimeWait && signals.handler_gone);
+        // Bytes still in the socket after a graceful close wait for the handler; its reads
+        // queue the flow again (the ring is full, so the flow is marked blocked).
+        let undelivered = socket.recv_queue() > 0 && !signals.handler_gone;
+        if done && !undelivered {
             // A clean end is FIN both ways; anything else closing the socket was a reset.
             let clean = open.rx_eof && open.fin_queued;
             flow.link.set_closed(!clean);
@@ -556,6 +573,22 @@ mod tests {
         e.handle_packet(now, &mut segment(TcpControl::None, 1001, Some(syn_ack.seq.wrapping_add(1))));
         e.flush(now);
         assert_eq!(e.flow_count(), 1);
+    }
+
+    #[test]
+    fn a_client_reset_during_the_handshake_ends_the_flow() {
+        let (mut e, hold, now) = engine();
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 1000, None));
+        let mut flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        e.handle_wakeups(now);
+        assert!(drain(&mut e)[0].syn);
+        // The client gave up meanwhile and answers the SYN-ACK with RST.
+        e.handle_packet(now, &mut segment(TcpControl::Rst, 1001, None));
+        e.flush(now);
+        assert_eq!(e.flow_count(), 0, "the flow is gone, not left listening");
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let read = rt.block_on(tokio::io::AsyncReadExt::read(&mut flow, &mut [0u8; 8]));
+        assert_eq!(read.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
     }
 
     #[test]

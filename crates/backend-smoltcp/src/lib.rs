@@ -44,7 +44,8 @@ pub struct SmoltcpConfig {
     pub tcp_tx_buffer: usize,
     /// Capacity of each direction's ring between the stack and the handler.
     pub ring_capacity: usize,
-    /// Abort a connection whose peer has not acknowledged anything for this long.
+    /// Abort a connection whose client has not answered anything (data, ACK or keep-alive
+    /// probe, sent every quarter of this) for this long.
     pub tcp_timeout: Duration,
     /// Verify the TCP checksum of every received segment. Off by default: what a TUN
     /// delivers was built in memory by the local kernel (no wire to corrupt it), and

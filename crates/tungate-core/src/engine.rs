@@ -96,7 +96,64 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
                 engine.flush(now);
             }
             () = wake.notified() => {}
-            () = &mut sleep => armed = None,
+            () = &mut sleep => {
+                // A fired `Sleep` stays ready: park it far away until a deadline is set.
+                armed = None;
+                sleep.as_mut().reset(far());
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::config::Mtu;
+
+    /// An engine with one timer, 20 ms after start, that counts how often it is driven.
+    struct OneTimer {
+        deadline: Option<Instant>,
+        calls: Arc<AtomicUsize>,
+        wake: Arc<WakeQueue>,
+    }
+
+    impl Engine for OneTimer {
+        fn handle_packet(&mut self, _: Instant, _: &mut PacketBuf) {}
+        fn handle_wakeups(&mut self, _: Instant) {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+        }
+        fn handle_timeout(&mut self, now: Instant) {
+            if self.deadline.is_some_and(|d| d <= now) {
+                self.deadline = None;
+            }
+        }
+        fn poll_timeout(&mut self) -> Option<Instant> {
+            self.deadline
+        }
+        fn poll_transmit(&mut self) -> Option<PacketBuf> {
+            None
+        }
+        fn recycle(&mut self, _: PacketBuf) {}
+        fn wake_queue(&self) -> Arc<WakeQueue> {
+            self.wake.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_driver_sleeps_after_its_last_timer_fired() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let engine = OneTimer {
+            deadline: Some(Instant::now() + Duration::from_millis(20)),
+            calls: calls.clone(),
+            wake: WakeQueue::new(),
+        };
+        let (device, _peer) = crate::device::mem::pair(Mtu::DEFAULT, 4);
+        run_engine(engine, device, tokio::time::sleep(Duration::from_millis(300))).await.unwrap();
+        // One pass at start, one when the timer fires, one at shutdown; a spinning loop
+        // would make millions.
+        let n = calls.load(Ordering::Relaxed);
+        assert!(n <= 5, "the driver looped {n} times while idle");
     }
 }

@@ -94,7 +94,7 @@ struct Ring {
 
 impl Ring {
     fn new(cap: usize) -> Self {
-        Ring { buf: Vec::new(), cap, head: 0, len: 0 }
+        Ring { buf: Vec::new(), cap: cap.max(1), head: 0, len: 0 }
     }
 
     fn len(&self) -> usize {
@@ -480,9 +480,20 @@ impl Drop for TcpFlow {
 }
 
 /// The stack's side of a flow. All methods are cheap and never block on the handler.
+/// Dropping it without [`set_closed`](FlowLink::set_closed) (the stack stopped) resets
+/// the flow, so no handler waits forever.
 #[derive(Debug)]
 pub struct FlowLink {
     shared: Arc<Shared>,
+}
+
+impl Drop for FlowLink {
+    fn drop(&mut self) {
+        let closed = self.shared.state().closed;
+        if !closed {
+            self.set_closed(true);
+        }
+    }
 }
 
 /// What a stack must do for a flow, read (and cleared where noted) under one lock.

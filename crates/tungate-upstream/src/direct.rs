@@ -131,8 +131,11 @@ impl TcpHandler for Direct {
                 Err(e) => {
                     // A reset or timeout on either side resets the client too, rather than
                     // ending with a FIN that would pass for a complete response.
-                    tracing::debug!(%src, %dst, error = %e, "tcp relay failed; resetting client");
+                    tracing::debug!(%src, %dst, error = %e, "tcp relay failed; resetting both sides");
                     flow.abort();
+                    // Linger 0: dropping the socket sends RST, so the destination does not
+                    // take a truncated stream for a complete one either.
+                    let _ = SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
                 }
             }
         });
