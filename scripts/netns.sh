@@ -105,10 +105,27 @@ _nns_alive() {
   [[ "${stat:0:1}" != Z ]]
 }
 
+# Whether PID lives in one of this library's namespaces (tg-srv-*/tg-cli-*). A recorded
+# pid may have exited and been reused by an unrelated process elsewhere: never signal that.
+_nns_pid_in_our_ns() {
+  local pid=$1 ino f
+  ino=$(stat -L -c %i "/proc/$pid/ns/net" 2>/dev/null) || return 1
+  for f in /run/netns/tg-srv-* /run/netns/tg-cli-*; do
+    [[ -e "$f" ]] || continue
+    [[ "$(stat -L -c %i "$f" 2>/dev/null)" == "$ino" ]] && return 0
+  done
+  return 1
+}
+
 # _nns_kill_wait SECONDS PID... : SIGTERM, wait up to SECONDS, then SIGKILL. Never fails.
+# Only processes inside our namespaces are signalled.
 _nns_kill_wait() {
-  local secs=$1 pid i alive
+  local secs=$1 pid i alive ours=()
   shift
+  for pid in "$@"; do
+    _nns_alive "$pid" && _nns_pid_in_our_ns "$pid" && ours+=("$pid")
+  done
+  set -- "${ours[@]}"
   (($# > 0)) || return 0
   for pid in "$@"; do
     _nns_alive "$pid" && kill -TERM "$pid" 2>/dev/null || true

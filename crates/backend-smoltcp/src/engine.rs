@@ -304,7 +304,8 @@ impl SmoltcpEngine {
             open.rx_eof = true;
             flow.link.set_rx_eof();
         }
-        // Emit everything that is due, not one segment per call.
+        // Emit everything that is due, not one segment per call (one per call starved MTU
+        // 1500 downloads; bursts capped at 8 or 32 segments measured no better).
         while open.iface.poll_egress(t, &mut device, &mut open.sockets) != PollResult::None {}
 
         let socket = open.sockets.get::<tcp::Socket>(open.handle);
