@@ -302,7 +302,8 @@ impl Drop for TcpRequest {
 ///
 /// Reads return the client's bytes and then 0 once the client sent FIN; `shutdown` sends
 /// FIN to the client after the written bytes. A reset by the client surfaces as
-/// `ConnectionReset`. Dropping the flow closes it gracefully; [`TcpFlow::abort`] resets it.
+/// `ConnectionReset`. Dropping the flow closes it gracefully (with RST instead if client
+/// bytes are left unread, or arrive later); [`TcpFlow::abort`] resets it.
 pub struct TcpFlow {
     src: SocketAddr,
     dst: SocketAddr,
@@ -471,6 +472,11 @@ impl Drop for TcpFlow {
     fn drop(&mut self) {
         let shared = &self.shared;
         let mut st = shared.state();
+        // Closing with unread client bytes resets, as a kernel socket does (RFC 9293
+        // §3.6: data would be lost silently otherwise); else FIN after what was written.
+        if st.rx.len() > 0 {
+            st.abort_requested = true;
+        }
         st.handler_gone = true;
         st.tx_closed = true;
         st.reader = None;
@@ -521,6 +527,10 @@ impl FlowIo<'_> {
     /// the handler is gone and they are discarded).
     pub fn deliver(&mut self, data: &[u8]) -> usize {
         if self.st.handler_gone {
+            // Like a closed kernel socket: data for nobody is answered with RST.
+            if !data.is_empty() {
+                self.st.abort_requested = true;
+            }
             return data.len();
         }
         let n = self.st.rx.push(data);
@@ -694,6 +704,25 @@ mod tests {
 
         link.set_rx_eof();
         assert_eq!(flow.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[test]
+    fn dropping_a_flow_resets_only_if_client_bytes_are_lost() {
+        let wake = WakeQueue::new();
+        // Nothing unread: FIN; bytes arriving afterwards: RST.
+        let (link, req) = new_flow(FlowId(1), addr("10.0.0.1:1"), addr("10.0.0.2:2"), 16, wake.clone());
+        drop(req.accept());
+        let sig = link.pump(|_| {});
+        assert!(sig.tx_finished && sig.handler_gone && !sig.abort_requested);
+        let sig = link.pump(|io| assert_eq!(io.deliver(b"late"), 4));
+        assert!(sig.abort_requested, "data for a closed flow is answered with RST");
+
+        // Unread bytes at drop: RST at once.
+        let (link, req) = new_flow(FlowId(2), addr("10.0.0.1:1"), addr("10.0.0.2:2"), 16, wake);
+        let flow = req.accept();
+        link.pump(|io| assert_eq!(io.deliver(b"unread"), 6));
+        drop(flow);
+        assert!(link.pump(|_| {}).abort_requested);
     }
 
     #[tokio::test]

@@ -145,7 +145,14 @@ impl TcpHandler for Direct {
 impl UdpHandler for Direct {
     fn handle_udp(&self, src: SocketAddr, dst: SocketAddr, payload: &[u8], reply: &UdpSender) {
         let inner = &self.inner;
-        let existing = inner.udp.lock().ok().and_then(|m| m.get(&(src, dst)).cloned());
+        // Touched under the map lock, so the return path cannot expire an entry between
+        // this lookup and the send below (it decides under the same lock).
+        let existing = inner.udp.lock().ok().and_then(|m| {
+            m.get(&(src, dst)).map(|e| {
+                e.touch();
+                e.clone()
+            })
+        });
         let socket = match existing {
             Some(s) => s,
             None => match inner.bind_udp(dst) {
@@ -165,7 +172,6 @@ impl UdpHandler for Direct {
             },
         };
         // Non-blocking: a full socket buffer drops the datagram, as a router would.
-        socket.touch();
         if let Err(e) = socket.send.send(payload) {
             tracing::debug!(%src, %dst, error = %e, "udp send upstream failed");
             Stats::inc(&inner.stats.udp_dropped);
@@ -196,14 +202,17 @@ async fn udp_return_path(
             // they do not end the NAT entry.
             Ok(Err(_)) => {}
             // No reply for `wait`: the entry lives on if the client sent meanwhile.
-            Err(_) => match idle.checked_sub(entry.idle_for()) {
-                Some(left) if !left.is_zero() => wait = left,
-                _ => break,
-            },
+            Err(_) => {
+                let Ok(mut m) = inner.udp.lock() else { return };
+                match idle.checked_sub(entry.idle_for()) {
+                    Some(left) if !left.is_zero() => wait = left,
+                    _ => {
+                        m.remove(&(src, dst));
+                        return;
+                    }
+                }
+            }
         }
-    }
-    if let Ok(mut m) = inner.udp.lock() {
-        m.remove(&(src, dst));
     }
 }
 
