@@ -324,13 +324,25 @@ impl SmoltcpEngine {
             self.remove(id, false);
             return;
         }
-        let deadline = open.iface.poll_at(t, &open.sockets).map(|d| self.std_instant(d));
+        if let Some(d) = open.iface.poll_at(t, &open.sockets).map(|d| self.std_instant(d)) {
+            self.arm(id, d);
+        }
+    }
+
+    /// Makes sure flow `id` is polled by `deadline`. An entry is pushed only when the
+    /// deadline is earlier than the one armed; a later one is found when the armed entry
+    /// fires and the flow re-arms. Superseded entries stay in the heap until they surface,
+    /// so the heap is rebuilt from the live deadlines once it holds far more entries than
+    /// there are flows: memory stays O(flows) at O(1) amortised cost per push.
+    fn arm(&mut self, id: FlowId, deadline: Instant) {
         let flow = &mut self.flows[id.0];
-        if let Some(d) = deadline {
-            if flow.armed.is_none_or(|armed| d < armed) {
-                flow.armed = Some(d);
-                self.timers.push(Reverse((d, id)));
-            }
+        if flow.armed.is_some_and(|armed| armed <= deadline) {
+            return;
+        }
+        flow.armed = Some(deadline);
+        self.timers.push(Reverse((deadline, id)));
+        if self.timers.len() > 4 * self.flows.len() + 64 {
+            self.timers = self.flows.iter().filter_map(|(key, f)| f.armed.map(|d| Reverse((d, FlowId(key))))).collect();
         }
     }
 
@@ -590,6 +602,22 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let read = rt.block_on(tokio::io::AsyncReadExt::read(&mut flow, &mut [0u8; 8]));
         assert_eq!(read.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn the_timer_heap_stays_proportional_to_the_flows() {
+        let (mut e, hold, now) = engine();
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
+        let _flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        e.handle_wakeups(now);
+        let id = FlowId(e.flows.iter().next().unwrap().0);
+        // Ever-earlier deadlines each push an entry and supersede the one before.
+        let base = e.flows[id.0].armed.expect("the SYN-ACK's retransmission timer is armed");
+        for i in 1..=10_000u64 {
+            e.arm(id, base - Duration::from_micros(i));
+        }
+        assert!(e.timers.len() <= 4 * e.flow_count() + 64, "heap holds {} entries", e.timers.len());
+        assert_eq!(e.poll_timeout(), Some(base - Duration::from_micros(10_000)));
     }
 
     #[test]
