@@ -244,14 +244,9 @@ impl SmoltcpEngine {
             self.send_rst(&summary);
             return;
         }
+        // A SYN smoltcp would not take leaves the socket listening, which `poll_flow`
+        // treats as the end of the flow; the client then hears nothing and retries.
         self.poll_flow(id, now, Some(syn.packet()));
-        // A SYN smoltcp would not take leaves the socket listening: nothing will follow.
-        if let Some(Stage::Open(open)) = self.flows.get(id.0).map(|f| &f.stage) {
-            if open.sockets.get::<tcp::Socket>(open.handle).state() == tcp::State::Listen {
-                self.remove(id, true);
-                self.send_rst(&summary);
-            }
-        }
     }
 
     /// Feeds `packet` to its flow and moves received bytes to the handler, but leaves
