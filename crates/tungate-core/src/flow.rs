@@ -414,25 +414,12 @@ fn reset_error() -> io::Error {
 
 impl AsyncRead for TcpFlow {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let shared = &self.shared;
-        let mut st = shared.state();
-        if st.rx.len() > 0 {
-            let n = st.rx.pop(buf.initialize_unfilled());
-            buf.advance(n);
-            if st.rx_blocked {
-                st.rx_blocked = false;
-                shared.wake_stack(&mut st);
-            }
-            return Poll::Ready(Ok(()));
-        }
-        if st.reset {
-            return Poll::Ready(Err(reset_error()));
-        }
-        if st.rx_eof || st.closed {
-            return Poll::Ready(Ok(()));
-        }
-        st.reader = Some(cx.waker().clone());
-        Poll::Pending
+        self.poll_read_with(cx, |data| {
+            let n = data.len().min(buf.remaining());
+            buf.put_slice(&data[..n]);
+            Ok(n)
+        })
+        .map_ok(|_| ())
     }
 }
 

@@ -69,35 +69,29 @@ fn corrupt_tcp_payload(p: &mut [u8]) -> bool {
     true
 }
 
+/// The TCP segment inside IP packet `p`, if it is one.
+fn tcp_segment(p: &[u8]) -> Option<TcpPacket<&[u8]>> {
+    let l4 = match p.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ip = Ipv4Packet::new_checked(p).ok().filter(|ip| ip.next_header() == IpProtocol::Tcp)?;
+            &p[ip.header_len() as usize..ip.total_len() as usize]
+        }
+        Some(6) => {
+            Ipv6Packet::new_checked(p).ok().filter(|ip| ip.next_header() == IpProtocol::Tcp)?;
+            &p[40..]
+        }
+        _ => return None,
+    };
+    TcpPacket::new_checked(l4).ok()
+}
+
 /// Whether `p` is a TCP segment with SYN, FIN or RST set.
 fn is_tcp_control(p: &[u8]) -> bool {
-    let l4 = match p.first().map(|b| b >> 4) {
-        Some(4) => match Ipv4Packet::new_checked(p) {
-            Ok(ip) if ip.next_header() == IpProtocol::Tcp => &p[ip.header_len() as usize..ip.total_len() as usize],
-            _ => return false,
-        },
-        Some(6) => match Ipv6Packet::new_checked(p) {
-            Ok(ip) if ip.next_header() == IpProtocol::Tcp => &p[40..],
-            _ => return false,
-        },
-        _ => return false,
-    };
-    TcpPacket::new_checked(l4).map(|t| t.syn() || t.fin() || t.rst()).unwrap_or(false)
+    tcp_segment(p).is_some_and(|t| t.syn() || t.fin() || t.rst())
 }
 
 fn carries_tcp_data(p: &[u8]) -> bool {
-    let l4 = match p.first().map(|b| b >> 4) {
-        Some(4) => match Ipv4Packet::new_checked(p) {
-            Ok(ip) if ip.next_header() == IpProtocol::Tcp => &p[ip.header_len() as usize..ip.total_len() as usize],
-            _ => return false,
-        },
-        Some(6) => match Ipv6Packet::new_checked(p) {
-            Ok(ip) if ip.next_header() == IpProtocol::Tcp => &p[40..],
-            _ => return false,
-        },
-        _ => return false,
-    };
-    TcpPacket::new_checked(l4).map(|t| !t.payload().is_empty()).unwrap_or(false)
+    tcp_segment(p).is_some_and(|t| !t.payload().is_empty())
 }
 
 impl<D: PacketDevice> PacketDevice for FaultDevice<D> {
