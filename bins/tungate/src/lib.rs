@@ -153,8 +153,7 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
         };
         let stats = Arc::new(tungate_core::Stats::default());
         let direct = Direct::new(DirectConfig { mark: args.mark, ..Default::default() }, stats.clone());
-        let mut handlers = Handlers::new(Arc::new(direct.clone()), Arc::new(direct));
-        handlers.stats = stats.clone();
+        let handlers = Handlers { tcp: Arc::new(direct.clone()), udp: Arc::new(direct), stats: stats.clone() };
         let addresses: Vec<String> = args.addresses.iter().map(|a| a.to_string()).collect();
         tracing::info!(
             backend = B::NAME,

@@ -389,7 +389,7 @@ fn is_unicast(ip: IpAddr) -> bool {
 
 impl Engine for SmoltcpEngine {
     fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) {
-        let stats = self.handlers.stats.clone();
+        let stats = &self.handlers.stats;
         Stats::inc(&stats.rx_packets);
         match packet::classify(packet.packet()) {
             Err(_) => Stats::inc(&stats.malformed),

@@ -425,24 +425,14 @@ impl AsyncRead for TcpFlow {
 
 impl AsyncWrite for TcpFlow {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let shared = &self.shared;
-        let mut st = shared.state();
-        if st.reset {
-            return Poll::Ready(Err(reset_error()));
-        }
-        if st.tx_closed || st.closed {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "TCP flow closed for writing")));
-        }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let n = st.tx.push(data);
-        if n == 0 {
-            st.writer = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        shared.wake_stack(&mut st);
-        Poll::Ready(Ok(n))
+        self.poll_write_with(cx, |spare| {
+            let n = spare.len().min(data.len());
+            spare[..n].copy_from_slice(&data[..n]);
+            Ok(n)
+        })
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -296,19 +296,10 @@ pub async fn malformed_burst<B: Backend>(backend: B) {
     let mut p = vec![0x60u8; 40];
     p[4] = 0xff; // IPv6 payload length beyond the packet
     bad.push(p);
-    let mut x = 0x1234_5678u32;
-    for i in 0..500 {
-        let len = 1 + i % 200;
-        let mut p: Vec<u8> = (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect();
-        p[0] = 0x40 | (p[0] & 0x0f); // IPv4 version, random rest: must never parse as valid
-        p.truncate(19); // too short for any IPv4 header
+    // Random bytes behind an IPv4 version nibble, all shorter than an IPv4 header.
+    for i in 0..500usize {
+        let mut p = pattern(1 + i % 19, i as u64);
+        p[0] = 0x40 | (p[0] & 0x0f);
         bad.push(p);
     }
     let before = h.stats();

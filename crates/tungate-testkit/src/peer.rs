@@ -255,11 +255,6 @@ impl PeerHost {
     pub async fn send_raw(&self, packet: Vec<u8>) {
         let _ = self.raw_tx.send(packet).await;
     }
-
-    /// Open TCP sockets on the peer (for leak checks).
-    pub fn socket_count(&self) -> usize {
-        lock(&self.inner).sockets.iter().count()
-    }
 }
 
 /// One TCP connection of the peer host.

@@ -76,11 +76,6 @@ impl Direct {
     pub fn new(config: DirectConfig, stats: Arc<Stats>) -> Self {
         Direct { inner: Arc::new(Inner { config, udp: Mutex::default(), stats }) }
     }
-
-    /// Live UDP NAT entries.
-    pub fn udp_entries(&self) -> usize {
-        self.inner.udp.lock().map(|m| m.len()).unwrap_or(0)
-    }
 }
 
 impl Inner {
