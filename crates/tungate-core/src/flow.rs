@@ -524,6 +524,29 @@ impl FlowIo<'_> {
         self.gave += n;
         n
     }
+
+    /// Lends `f` the handler's bytes for the client, oldest first, one contiguous run at a
+    /// time, until `f` takes less than it was offered; returns how many were taken. For
+    /// stacks that copy into their own send queue (lwIP), this saves a copy over
+    /// [`fill`](Self::fill).
+    pub fn fill_with(&mut self, mut f: impl FnMut(&[u8]) -> usize) -> usize {
+        let mut total = 0;
+        loop {
+            let run = self.st.tx.filled();
+            if run.is_empty() {
+                break;
+            }
+            let offered = run.len();
+            let n = f(run).min(offered);
+            self.st.tx.consume(n);
+            total += n;
+            if n < offered {
+                break;
+            }
+        }
+        self.gave += total;
+        total
+    }
 }
 
 impl FlowLink {

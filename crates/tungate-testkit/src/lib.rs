@@ -26,10 +26,20 @@ pub use netns::{netns_256mib_each_way, netns_closed_port_refused, netns_http_get
 
 /// Instantiates the whole suite for one backend: `$backend` is an expression building
 /// the backend, `$bin` the variant binary's name (found in `$TUNGATE_BIN_DIR`).
+///
+/// A backend that admits one instance per process (lwIP keeps global state) is
+/// instantiated with `one_per_process` first: its in-memory tests then take turns
+/// instead of running in parallel. The tests themselves are the same.
 #[macro_export]
 macro_rules! conformance_suite {
+    (one_per_process, $backend:expr, $bin:expr) => {
+        $crate::conformance_suite!(@suite [true] $backend, $bin);
+    };
     ($backend:expr, $bin:expr) => {
-        $crate::conformance_suite!(@mem $backend;
+        $crate::conformance_suite!(@suite [false] $backend, $bin);
+    };
+    (@suite [$serial:literal] $backend:expr, $bin:expr) => {
+        $crate::conformance_suite!(@mem [$serial] $backend;
             handshake_and_addresses, bulk_16mib_upload_v4, bulk_16mib_download_v4,
             bulk_16mib_upload_v6, bulk_16mib_download_v6, half_close_client_first,
             half_close_server_first, refused_gets_rst_v4, refused_gets_rst_v6,
@@ -40,13 +50,16 @@ macro_rules! conformance_suite {
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
             cli_sigterm_exits_cleanly);
     };
-    (@mem $backend:expr; $($name:ident),*) => {
+    (@mem [$serial:literal] $backend:expr; $($name:ident),*) => {
         mod conformance_mem {
             #[allow(unused_imports)]
             use super::*;
+            /// Held by each test when the backend admits one instance per process.
+            static ONE_AT_A_TIME: ::tokio::sync::Mutex<()> = ::tokio::sync::Mutex::const_new(());
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    let _turn = if $serial { Some(ONE_AT_A_TIME.lock().await) } else { None };
                     $crate::mem::$name($backend).await;
                 }
             )*
