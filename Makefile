@@ -20,7 +20,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 endif
 
 CARGO ?= cargo
-VARIANTS ?= smoltcp
+VARIANTS ?= smoltcp lwip
 BENCH_VARIANTS ?=
 RELEASE_DIR := $(CURDIR)/target/release
 
@@ -34,7 +34,10 @@ deps:
 
 # Separate invocations so features never leak between variants; each variant's binary
 # has its own name, so the builds do not overwrite each other's output.
+# `cargo fetch` first: backend-lwip's build script compiles lwIP's C sources from the
+# `lwip` package that Cargo.lock pins, which only a fetch downloads (it is never built).
 build:
+	$(CARGO) fetch --locked
 	@for v in $(VARIANTS); do \
 	  echo "==> cargo build tungate-$$v"; \
 	  $(CARGO) build --release --locked -p tungate --no-default-features --features "$$v" --bin "tungate-$$v"; \
