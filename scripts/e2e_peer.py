@@ -14,11 +14,18 @@ mismatch they print the reason and exit 1.
   download HOST PORT N      request N bytes, compare length and digest with stream(N)
   udp HOST PORT COUNT       COUNT datagrams; each echo must match and come from HOST:PORT
   refused HOST PORT         connect must be refused (RST) within 1 s
+  serve-echo HOST PORT      TCP (asyncio, thousands of connections): echo until EOF, close
+  many HOST PORT N SIZE     open N connections at once; on each send SIZE bytes of its own
+                            pattern and check the echo by digest; print "ready N" with all
+                            N open, wait for a line on stdin, then close all and check each
+                            sees EOF; print "ok many N"
 """
+import asyncio
 import functools
 import hashlib
 import http.server
 import random
+import resource
 import socket
 import socketserver
 import sys
@@ -185,7 +192,77 @@ def refused(host, port):
     fail("connect to a closed port succeeded")
 
 
+def raise_fd_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def serve_echo(host, port):
+    raise_fd_limit()
+
+    async def echo(reader, writer):
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def main():
+        srv = await asyncio.start_server(echo, host, int(port), backlog=4096)
+        listening()
+        async with srv:
+            await srv.serve_forever()
+
+    asyncio.run(main())
+
+
+def many(host, port, n, size):
+    raise_fd_limit()
+    n, size = int(n), int(size)
+
+    async def one(i, opened, release):
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 60)
+        payload = random.Random(i).randbytes(size)
+        writer.write(payload)
+        await writer.drain()
+        got = await asyncio.wait_for(reader.readexactly(size), 60)
+        if hashlib.sha256(got).digest() != hashlib.sha256(payload).digest():
+            raise RuntimeError(f"connection {i}: echo differs")
+        opened.append(i)
+        await release.wait()
+        writer.write_eof()
+        rest = await asyncio.wait_for(reader.read(), 60)
+        if rest:
+            raise RuntimeError(f"connection {i}: {len(rest)} unexpected bytes before EOF")
+        writer.close()
+        return len(got)
+
+    async def main():
+        opened, release = [], asyncio.Event()
+        tasks = [asyncio.create_task(one(i, opened, release)) for i in range(n)]
+        while len(opened) < n:
+            failed = [t for t in tasks if t.done() and t.exception()]
+            if failed:
+                raise failed[0].exception()
+            await asyncio.sleep(0.05)
+        print(f"ready {n}", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        release.set()
+        sizes = await asyncio.gather(*tasks)
+        return sum(sizes)
+
+    t = time.monotonic()
+    total = asyncio.run(main())
+    print(f"ok many {n} connections echoed {total} bytes in {time.monotonic() - t:.2f}s", flush=True)
+
+
 COMMANDS = {
+    "serve-echo": serve_echo,
+    "many": many,
     "serve-sink": lambda h, p: serve_tcp(h, p, Sink),
     "serve-source": lambda h, p: serve_tcp(h, p, Source),
     "serve-udp-echo": serve_udp_echo,

@@ -136,6 +136,13 @@ pub fn main<B: Backend>(make_backend: impl FnOnce(&StackSettings) -> B) -> ExitC
 
 fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -> anyhow::Result<()> {
     validate(&args, B::NAME)?;
+    // Every relayed connection holds an upstream socket: a gateway with thousands of
+    // flows needs more descriptors than the usual soft limit of 1024. Raise the soft
+    // limit to the hard one; if that fails, run with what there is.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
     let runtime = match args.threads {
         1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n as usize).enable_all().build(),
@@ -163,11 +170,32 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             mark = ?args.mark,
             "ready"
         );
+        tokio::spawn(release_memory_after_bursts(stats.clone()));
         let settings = StackSettings { mtu: args.mtu, addresses: args.addresses.clone() };
         make_backend(&settings).run(device, handlers, shutdown_signal()).await.context("backend stopped")?;
         tracing::info!(stats = ?stats.snapshot(), "shut down");
         Ok(())
     })
+}
+
+/// Gives freed heap back to the OS once most of a burst of connections has ended (see
+/// [`tungate_core::os::release_free_heap`]). Checked every 2 s; trims only after at least
+/// 256 new connections, when at most a quarter as many are still open.
+async fn release_memory_after_bursts(stats: Arc<tungate_core::Stats>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut interval = tokio::time::interval(std::time::Duration::from_secs(2));
+    let mut requests_at_trim = 0;
+    loop {
+        interval.tick().await;
+        let requests = stats.tcp_requests.load(Relaxed);
+        let active = stats.tcp_active.load(Relaxed);
+        let new = requests - requests_at_trim;
+        if new >= 256 && active * 4 <= new {
+            tungate_core::os::release_free_heap();
+            requests_at_trim = requests;
+            tracing::debug!(new, active, "returned free heap to the OS");
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -272,7 +272,12 @@ impl Stack {
     }
 
     pub(crate) fn recycle(&mut self, buf: PacketBuf) {
-        self.sink().free.push(buf);
+        let sink = self.sink();
+        // Keep at most ~2 MiB of spare buffers: a burst larger than that (thousands of
+        // handshakes at once) allocates, and its buffers are freed instead of kept forever.
+        if sink.free.len() * sink.mtu < 2 << 20 {
+            sink.free.push(buf);
+        }
     }
 
     /// Records which engine flow owns `id`.

@@ -1,3 +1,10 @@
 //! The shared conformance suite, instantiated for backend-smoltcp.
 
 tungate_testkit::conformance_suite!(backend_smoltcp::Smoltcp::default(), "tungate-smoltcp");
+
+/// 2 000 connections open at once through tungate-smoltcp (the same load test as lwIP's).
+#[test]
+#[ignore = "needs root, network namespaces and the variant binary; run by `make test`"]
+fn netns_2000_concurrent_connections() {
+    tungate_testkit::netns::netns_many_connections("tungate-smoltcp", 2000);
+}

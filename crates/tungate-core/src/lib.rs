@@ -12,7 +12,8 @@
 //!   async driver that connects an engine to a device.
 //! * [`backend`]: the trait the binaries drive; backends live in their own crates.
 //!
-//! `unsafe` is allowed only in `device/sys.rs` (adopting an inherited file descriptor).
+//! `unsafe` is allowed only in `device/sys.rs` (adopting an inherited file descriptor) and
+//! [`os`] (returning free heap memory to the OS).
 
 pub mod backend;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod device;
 pub mod engine;
 pub mod flow;
 pub mod handler;
+pub mod os;
 pub mod packet;
 pub mod stats;
 

@@ -2,5 +2,7 @@
 //! crates/backend-lwip/csrc/lwipopts.h).
 
 fn main() -> std::process::ExitCode {
-    tungate::main(|settings| backend_lwip::Lwip::new(backend_lwip::LwipConfig { mtu: settings.mtu, ..Default::default() }))
+    tungate::main(|settings| {
+        backend_lwip::Lwip::new(backend_lwip::LwipConfig { mtu: settings.mtu, ..Default::default() })
+    })
 }
