@@ -441,6 +441,14 @@ impl Engine for LwipEngine {
         } else {
             self.next_tick = None;
         }
+        // Handshakes that completed or failed leave their entry behind; drop those at the
+        // front so they do not wake the engine for nothing.
+        while let Some(&(_, id, key)) = self.handshakes.front() {
+            if self.flows.get(id.0).is_some_and(|f| f.key == key && matches!(f.stage, Stage::Handshaking)) {
+                break;
+            }
+            self.handshakes.pop_front();
+        }
         let handshake = self.handshakes.front().map(|&(d, _, _)| d);
         match (self.next_tick, handshake) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -472,5 +480,338 @@ impl Engine for LwipEngine {
 
     fn wake_queue(&self) -> Arc<WakeQueue> {
         self.wake.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine driven by hand: packets in, packets out, a simulated clock. lwIP admits
+    //! one instance per process, so these tests take turns.
+
+    use std::sync::Mutex;
+
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    };
+    use tokio::io::AsyncWriteExt;
+    use tungate_core::{Mtu, TcpHandler, TcpRequest, UdpHandler};
+
+    use super::*;
+
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    /// Holds every request undecided, so the test decides when.
+    #[derive(Clone, Default)]
+    struct Hold(Arc<Mutex<Vec<TcpRequest>>>);
+
+    impl TcpHandler for Hold {
+        fn handle_tcp(&self, request: TcpRequest) {
+            self.0.lock().unwrap().push(request);
+        }
+    }
+
+    impl UdpHandler for Hold {
+        fn handle_udp(&self, _: SocketAddr, _: SocketAddr, _: &[u8], _: &UdpSender) {}
+    }
+
+    const CLIENT: &str = "198.18.0.2:40000";
+    const SERVER: &str = "10.77.0.2:80";
+    const CLIENT6: &str = "[fd18::2]:40000";
+    const SERVER6: &str = "[fd77::2]:80";
+
+    fn segment_between(
+        src: SocketAddr,
+        dst: SocketAddr,
+        control: TcpControl,
+        seq: u32,
+        ack: Option<u32>,
+        payload: &[u8],
+    ) -> PacketBuf {
+        let tcp = TcpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+            control,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+            window_len: 65535,
+            window_scale: (control == TcpControl::Syn).then_some(7),
+            max_seg_size: (control == TcpControl::Syn).then_some(65000),
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload,
+        };
+        let caps = ChecksumCapabilities::default();
+        match (src.ip(), dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let ip = Ipv4Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: tcp.buffer_len(),
+                    hop_limit: 64,
+                };
+                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+                ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
+                tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[20..]), &s.into(), &d.into(), &caps);
+                PacketBuf::from_slice(&buf)
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let ip = Ipv6Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: tcp.buffer_len(),
+                    hop_limit: 64,
+                };
+                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+                ip.emit(&mut Ipv6Packet::new_unchecked(&mut buf[..]));
+                tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[40..]), &s.into(), &d.into(), &caps);
+                PacketBuf::from_slice(&buf)
+            }
+            _ => unreachable!("one family per segment"),
+        }
+    }
+
+    fn segment(control: TcpControl, seq: u32, ack: Option<u32>) -> PacketBuf {
+        segment_between(CLIENT.parse().unwrap(), SERVER.parse().unwrap(), control, seq, ack, &[])
+    }
+
+    fn engine_with_mtu(mtu: usize) -> (LwipEngine, Hold, Instant) {
+        let hold = Hold::default();
+        let handlers = Handlers::new(Arc::new(hold.clone()), Arc::new(hold.clone()));
+        let now = Instant::now();
+        let config = LwipConfig { mtu: Mtu::new(mtu as u64).unwrap(), ..LwipConfig::default() };
+        (LwipEngine::new(config, handlers, now).unwrap(), hold, now)
+    }
+
+    fn engine() -> (LwipEngine, Hold, Instant) {
+        engine_with_mtu(1500)
+    }
+
+    /// Every packet the engine wants to send, as raw bytes.
+    fn drain_raw(e: &mut LwipEngine) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(p) = e.poll_transmit() {
+            out.push(p.packet().to_vec());
+            e.recycle(p);
+        }
+        out
+    }
+
+    fn drain(e: &mut LwipEngine) -> Vec<TcpSummary> {
+        drain_raw(e)
+            .iter()
+            .filter_map(|p| match packet::classify(p) {
+                Ok(Classified::Tcp(seg)) => Some(seg),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The MSS and window-scale options of a TCP segment in an IP packet.
+    fn syn_options(p: &[u8]) -> (Option<u16>, Option<u8>) {
+        let header = if p[0] >> 4 == 4 { usize::from(p[0] & 0x0f) * 4 } else { 40 };
+        let tcp = TcpPacket::new_checked(&p[header..]).unwrap();
+        let (src, dst) = if p[0] >> 4 == 4 {
+            let ip = Ipv4Packet::new_unchecked(p);
+            (IpAddress::from(ip.src_addr()), IpAddress::from(ip.dst_addr()))
+        } else {
+            let ip = Ipv6Packet::new_unchecked(p);
+            (IpAddress::from(ip.src_addr()), IpAddress::from(ip.dst_addr()))
+        };
+        assert!(tcp.verify_checksum(&src, &dst), "lwIP's checksum is right");
+        let repr = TcpRepr::parse(&tcp, &src, &dst, &ChecksumCapabilities::default()).unwrap();
+        (repr.max_seg_size, repr.window_scale)
+    }
+
+    #[test]
+    fn a_second_engine_in_the_process_is_a_clear_error() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let (first, _, _) = engine();
+        let hold = Hold::default();
+        let handlers = Handlers::new(Arc::new(hold.clone()), Arc::new(hold));
+        let err = LwipEngine::new(LwipConfig::default(), handlers.clone(), Instant::now()).unwrap_err();
+        assert!(err.to_string().contains("already running"), "{err}");
+        drop(first);
+        // Once the first is gone, lwIP can be started again.
+        assert!(LwipEngine::new(LwipConfig::default(), handlers, Instant::now()).is_ok());
+    }
+
+    #[test]
+    fn the_syn_ack_waits_for_the_handler_and_carries_an_mss_from_the_mtu() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        for (mtu, client, server, mss) in
+            [(1500, CLIENT, SERVER, 1460), (9000, CLIENT, SERVER, 8960), (9000, CLIENT6, SERVER6, 8940)]
+        {
+            let (mut e, hold, now) = engine_with_mtu(mtu);
+            let (c, s) = (client.parse().unwrap(), server.parse().unwrap());
+            e.handle_packet(now, &mut segment_between(c, s, TcpControl::Syn, 1000, None, &[]));
+            e.handle_packet(now, &mut segment_between(c, s, TcpControl::Syn, 1000, None, &[]));
+            e.flush(now);
+            assert!(drain(&mut e).is_empty(), "nothing is sent before the handler decides");
+            let stats = e.handlers.stats.snapshot();
+            assert_eq!((stats.tcp_requests, stats.tcp_syn_duplicate), (1, 1));
+            let request = hold.0.lock().unwrap().pop().unwrap();
+            assert_eq!((request.src(), request.dst()), (c, s));
+            let _flow = request.accept();
+            e.handle_wakeups(now);
+            let out = drain_raw(&mut e);
+            assert_eq!(out.len(), 1);
+            let Ok(Classified::Tcp(syn_ack)) = packet::classify(&out[0]) else { panic!("a TCP segment") };
+            assert!(syn_ack.syn && syn_ack.ack, "{syn_ack:?}");
+            assert_eq!((syn_ack.src, syn_ack.dst, syn_ack.ack_number), (s, c, 1001));
+            let (got_mss, scale) = syn_options(&out[0]);
+            assert_eq!(got_mss, Some(mss), "MSS at MTU {mtu} for {server}");
+            assert_eq!(scale, Some(5), "window scaling for the 1 MiB window");
+        }
+    }
+
+    #[test]
+    fn rejected_syn_gets_rst_and_leaves_nothing() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut e, hold, now) = engine();
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 7, None));
+        hold.0.lock().unwrap().pop().unwrap().reject();
+        e.handle_wakeups(now);
+        let out = drain(&mut e);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].rst && out[0].ack && out[0].ack_number == 8, "{:?}", out[0]);
+        assert_eq!(e.flow_count(), 0);
+        assert_eq!(e.handlers.stats.snapshot().tcp_active, 0);
+        assert_eq!(e.poll_timeout(), None, "lwIP never saw the flow: no timer");
+    }
+
+    #[test]
+    fn a_client_reset_during_the_handshake_ends_the_flow() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut e, hold, now) = engine();
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 1000, None));
+        let mut flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        e.handle_wakeups(now);
+        let syn_ack = drain(&mut e)[0];
+        assert!(syn_ack.syn);
+        e.handle_packet(now, &mut segment(TcpControl::Rst, 1001, None));
+        e.flush(now);
+        assert_eq!(e.flow_count(), 0);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let read = rt.block_on(tokio::io::AsyncReadExt::read(&mut flow, &mut [0u8; 8]));
+        assert_eq!(read.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+        // lwIP freed its half-open PCB on the RST: the timer stops.
+        assert_eq!(e.poll_timeout(), None);
+    }
+
+    #[test]
+    fn an_unanswered_syn_ack_times_out_and_the_engine_then_sleeps() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut e, hold, now) = engine();
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
+        let mut flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        e.handle_wakeups(now);
+        let mut t = now;
+        let mut syn_acks = 0;
+        for _ in 0..10_000 {
+            syn_acks += drain(&mut e).iter().filter(|s| s.syn).count();
+            let Some(deadline) = e.poll_timeout() else { break };
+            t = deadline.max(t + Duration::from_millis(1));
+            e.handle_timeout(t);
+        }
+        assert!(syn_acks >= 2, "lwIP retransmitted its SYN-ACK ({syn_acks} sent)");
+        assert_eq!(e.flow_count(), 0);
+        assert_eq!(e.poll_timeout(), None, "no connection left: no timer");
+        assert!(t - now <= Duration::from_secs(30), "gave up after {:?}", t - now);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let read = rt.block_on(tokio::io::AsyncReadExt::read(&mut flow, &mut [0u8; 8]));
+        assert_eq!(read.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+    }
+
+    /// One handler write far beyond `u16::MAX` (lwIP's `tcp_write` length type) reaches
+    /// the client whole and in order, against a client that ACKs everything it gets.
+    #[test]
+    fn a_write_larger_than_u16_arrives_whole() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut e, hold, now) = engine();
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 0, None));
+        let mut flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        e.handle_wakeups(now);
+        let syn_ack = drain(&mut e)[0];
+        let mut next_ack = syn_ack.seq.wrapping_add(1);
+        e.handle_packet(now, &mut segment(TcpControl::None, 1, Some(next_ack)));
+        e.flush(now);
+
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let written = rt.block_on(flow.write(&data)).unwrap();
+        assert_eq!(written, data.len(), "the ring takes the whole write");
+        e.handle_wakeups(now);
+        let mut got = Vec::new();
+        let mut t = now;
+        for _ in 0..10_000 {
+            for p in drain_raw(&mut e) {
+                let Ok(Classified::Tcp(seg)) = packet::classify(&p) else { continue };
+                if seg.seq == next_ack && seg.segment_len > 0 {
+                    let header = usize::from(p[0] & 0x0f) * 4;
+                    let tcp = TcpPacket::new_checked(&p[header..]).unwrap();
+                    got.extend_from_slice(tcp.payload());
+                    next_ack = next_ack.wrapping_add(seg.segment_len as u32);
+                }
+            }
+            if got.len() >= data.len() {
+                break;
+            }
+            e.handle_packet(t, &mut segment(TcpControl::None, 1, Some(next_ack)));
+            e.flush(t);
+            t += Duration::from_millis(1);
+            e.handle_timeout(t);
+        }
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the bytes arrive as written");
+    }
+
+    #[test]
+    fn mutated_packets_never_panic() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut e, hold, now) = engine();
+        // An open flow, so mutations also reach lwIP, not just the demultiplexer.
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
+        let _flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        e.handle_wakeups(now);
+        let syn_ack = drain(&mut e)[0];
+        let good = segment_between(
+            CLIENT.parse().unwrap(),
+            SERVER.parse().unwrap(),
+            TcpControl::None,
+            2,
+            Some(syn_ack.seq.wrapping_add(1)),
+            b"some payload bytes",
+        );
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..50_000 {
+            let mut p = good.packet().to_vec();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % p.len();
+                p[at] = next() as u8;
+            }
+            if i % 7 == 0 {
+                p.truncate((next() as usize) % (p.len() + 1));
+            }
+            let mut buf = PacketBuf::from_slice(&p);
+            e.handle_packet(now, &mut buf);
+            if i % 64 == 0 {
+                e.flush(now);
+                e.handle_wakeups(now);
+                hold.0.lock().unwrap().clear();
+                drain(&mut e);
+            }
+        }
+        let stats = e.handlers.stats.snapshot();
+        assert!(stats.malformed > 0 && stats.rx_packets == 50_001);
     }
 }

@@ -155,11 +155,14 @@ impl Stack {
         // for as long as lwIP lists it; `netif_init` only writes fields of it.
         let listener = unsafe {
             sys::lwip_init();
-            (*netif.as_ptr()).mtu = mtu;
             let added = sys::netif_add_noaddr(netif.as_ptr(), ptr::null_mut(), Some(netif_init), Some(sys::ip_input));
             if added.is_null() {
                 return Err(Self::fail(netif, sink, "netif_add"));
             }
+            // After netif_add, which zeroes the MTU (0 would mean "no limit": lwIP would
+            // then advertise and send its compile-time maximum MSS).
+            (*netif.as_ptr()).mtu = mtu;
+            (*netif.as_ptr()).mtu6 = mtu;
             sys::netif_set_default(netif.as_ptr());
             sys::netif_set_link_up(netif.as_ptr());
             sys::netif_set_up(netif.as_ptr());
@@ -495,7 +498,7 @@ impl Drop for Stack {
     }
 }
 
-/// Why [`Stack::new`] failed.
+/// Why lwIP could not be started ([`LwipEngine::new`](crate::LwipEngine::new)).
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
     #[error(transparent)]
@@ -567,14 +570,13 @@ fn slot_of(arg: *mut c_void) -> Option<usize> {
     (arg as usize).checked_sub(1)
 }
 
-/// netif init: MTU, output functions and flags; lwIP calls it from netif_add.
+/// netif init: output functions and name; lwIP calls it from netif_add.
 unsafe extern "C" fn netif_init(netif: *mut sys::netif) -> err_t {
     // SAFETY: lwIP passes the netif being added, which is live and ours.
     unsafe {
         let n = &mut *netif;
         n.output = Some(on_output_ip4);
         n.output_ip6 = Some(on_output_ip6);
-        n.mtu6 = n.mtu;
         n.name = [b't' as _, b'g' as _];
     }
     ERR_OK
