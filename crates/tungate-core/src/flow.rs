@@ -184,10 +184,13 @@ struct State {
     closed: bool,
     /// The handler dropped its `TcpFlow`.
     handler_gone: bool,
-    /// `id` is already in the wake queue.
+    /// `id` is already in the wake queue (always true for a [`FlowPort`], which is woken
+    /// through `stack_waker` instead).
     queued: bool,
     reader: Option<Waker>,
     writer: Option<Waker>,
+    /// The task driving a [`FlowPort`], when it waits for the handler.
+    stack_waker: Option<Waker>,
 }
 
 #[derive(Debug)]
@@ -195,6 +198,8 @@ struct Shared {
     id: FlowId,
     wake: Arc<WakeQueue>,
     state: Mutex<State>,
+    /// Client bytes delivered to the handler's ring so far (see [`FlowLink::progress`]).
+    delivered: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -204,6 +209,9 @@ impl Shared {
 
     /// Queues the flow for the stack unless it already is. Called with the lock held.
     fn wake_stack(&self, st: &mut State) {
+        if let Some(w) = st.stack_waker.take() {
+            w.wake();
+        }
         if !st.queued {
             st.queued = true;
             self.wake.push(self.id);
@@ -237,7 +245,9 @@ pub fn new_flow(
             queued: false,
             reader: None,
             writer: None,
+            stack_waker: None,
         }),
+        delivered: std::sync::atomic::AtomicU64::new(0),
     });
     (FlowLink { shared: shared.clone() }, TcpRequest { src, dst, shared: Some(shared) })
 }
@@ -612,6 +622,104 @@ impl FlowLink {
     /// Clears the "queued" mark for a flow serviced without [`pump`](Self::pump).
     pub fn clear_queued(&self) {
         self.shared.state().queued = false;
+    }
+
+    /// Turns this link into an async [`FlowPort`], for stacks that hand out connections
+    /// as byte streams. From then on the flow wakes the port's task, not the wake queue.
+    pub fn into_port(self) -> FlowPort {
+        self.shared.state().queued = true;
+        FlowPort { link: self }
+    }
+}
+
+/// How many client bytes a [`FlowPort`] has delivered to the handler's ring. Lets a
+/// layer in front of a stack without receive back-pressure (ipstack) cap what the stack
+/// holds unread.
+#[derive(Debug, Clone)]
+pub struct FlowProgress(Arc<Shared>);
+
+impl FlowProgress {
+    pub fn delivered(&self) -> u64 {
+        self.0.delivered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The stack's side of an accepted flow as `AsyncRead + AsyncWrite`, for stacks that
+/// deliver connections as streams (ipstack, netstack-smoltcp) rather than packets.
+///
+/// * Reading yields the handler's bytes for the client; `Ok(0)` once the handler shut
+///   down its write side (send FIN); `ConnectionReset` when the handler aborted.
+/// * Writing delivers the client's bytes to the handler, waiting while its ring is full
+///   (back-pressure reaches the stack's window); `shutdown` is the client's FIN.
+/// * [`finish`](Self::finish) reports how the connection ended; dropping the port without
+///   it reports a reset.
+#[derive(Debug)]
+pub struct FlowPort {
+    link: FlowLink,
+}
+
+impl FlowPort {
+    /// A handle that reports how many client bytes this port has delivered.
+    pub fn progress(&self) -> FlowProgress {
+        FlowProgress(self.link.shared.clone())
+    }
+
+    /// Ends the flow for the handler: a clean close, or a reset.
+    pub fn finish(self, reset: bool) {
+        self.link.set_closed(reset);
+    }
+}
+
+impl AsyncRead for FlowPort {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let shared = &self.link.shared;
+        let mut st = shared.state();
+        if st.abort_requested {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, "the handler reset the flow")));
+        }
+        if st.tx.len() > 0 {
+            let n = st.tx.pop(buf.initialize_unfilled());
+            buf.advance(n);
+            if let Some(w) = st.writer.take() {
+                w.wake();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if st.tx_closed || st.closed {
+            return Poll::Ready(Ok(()));
+        }
+        st.stack_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for FlowPort {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let shared = &self.link.shared;
+        let mut st = shared.state();
+        if st.abort_requested {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, "the handler reset the flow")));
+        }
+        let mut io = FlowIo { st: &mut st, got: 0, gave: 0 };
+        let n = io.deliver(data);
+        if n == 0 && !data.is_empty() {
+            st.stack_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        shared.delivered.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(w) = st.reader.take() {
+            w.wake();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.link.set_rx_eof();
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -11,10 +11,13 @@
 //! * [`engine`]: the I/O-free engine contract every packet-level backend implements, and the
 //!   async driver that connects an engine to a device.
 //! * [`backend`]: the trait the binaries drive; backends live in their own crates.
+//! * [`admission`]: the layer in front of stacks that hand out connections as streams
+//!   (held SYNs, RST for strangers, UDP on tungate's own path) and the stream↔flow bridge.
 //!
 //! `unsafe` is allowed only in `device/sys.rs` (adopting an inherited file descriptor) and
 //! [`os`] (returning free heap memory to the OS).
 
+pub mod admission;
 pub mod backend;
 pub mod config;
 pub mod device;
@@ -24,10 +27,11 @@ pub mod handler;
 pub mod os;
 pub mod packet;
 pub mod stats;
+pub mod stream_stack;
 
 pub use backend::{Backend, BackendError};
 pub use config::{Mtu, MtuError};
 pub use device::{PacketBuf, PacketDevice};
-pub use flow::{FlowId, TcpFlow, TcpRequest};
+pub use flow::{FlowId, FlowPort, TcpFlow, TcpRequest};
 pub use handler::{Handlers, TcpHandler, UdpHandler, UdpSender};
 pub use stats::Stats;

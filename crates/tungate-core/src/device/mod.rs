@@ -44,6 +44,12 @@ impl PacketBuf {
         PacketBuf { data: vec![0; capacity].into_boxed_slice(), len: 0, meta: PacketMeta::default() }
     }
 
+    /// A buffer that takes over `packet` (no copy when its capacity equals its length).
+    pub fn from_vec(packet: Vec<u8>) -> Self {
+        let len = packet.len();
+        PacketBuf { data: packet.into_boxed_slice(), len, meta: PacketMeta::default() }
+    }
+
     /// A buffer holding a copy of `packet`.
     pub fn from_slice(packet: &[u8]) -> Self {
         PacketBuf { data: packet.into(), len: packet.len(), meta: PacketMeta::default() }

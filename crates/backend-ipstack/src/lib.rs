@@ -1,0 +1,326 @@
+//! A tungate backend on the [`ipstack`] crate (1.0), the simple stream stack many
+//! tun2proxy-style tools use, made correct and bounded at our layer.
+//!
+//! # How a packet travels
+//!
+//! ```text
+//! TUN ─▶ Admission (tungate-core): UDP → UdpHandler; new SYN held until the handler
+//!          │ decides; RST for strangers; client data past the unread cap dropped
+//!          ▼ Forward
+//!        Pipe (bounded channel, pooled buffers) ─▶ ipstack's own tasks ─▶ Pipe ─▶ TUN
+//!                                                  │ accept()
+//!                                                  ▼
+//!                         Admission::take_port → bridge(ipstack stream, FlowPort) → handler
+//! ```
+//!
+//! # What ipstack cannot do, and what we do about it
+//!
+//! * **No receive back-pressure**: ipstack ACKs and buffers (unbounded) whatever arrives
+//!   in order, read or not. Admission drops a client segment that would leave more than
+//!   [`IpstackConfig::unread_limit`] bytes unread inside ipstack; the client retransmits
+//!   it once the handler caught up. Memory per flow: that limit + the flow's 256 KiB ring.
+//! * **No refusal**: ipstack answers every SYN. Admission holds SYNs until the handler
+//!   decides and answers refusals with RST itself.
+//! * **No RST on abort**: ipstack has no abort; when the handler resets a flow the stream
+//!   is dropped, and the client gets RST only for its next segment.
+//! * **`Drop` panics on a current-thread runtime** (it calls `block_in_place`): streams
+//!   are dropped on tokio's blocking pool instead ([`StreamStack::dispose`]).
+//! * **UDP**: ipstack's per-flow UDP streams can only answer from the original
+//!   destination; UDP never reaches ipstack here — it takes tungate's own path (any
+//!   source, same as every backend).
+//! * **Half-close**: ipstack closes its sending side as soon as the client's FIN arrives
+//!   and drops payload carried on a FIN segment; the conformance suite records these as
+//!   this backend's explicit exceptions.
+//!
+//! Tuning: MSS = MTU − 60 (one value for IPv4 and IPv6: ipstack takes a single MSS
+//! option), the largest window ipstack can advertise (65535: it has no window scaling),
+//! 256 KiB unacknowledged bytes towards the client (its default of 16 KiB caps a flow
+//! at a few hundred Mbit/s), idle timeout 10 min (same as the direct upstream's relays).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ipstack::{IpStack, IpStackConfig, IpStackStream, IpStackTcpStream, TcpConfig, TcpOptions};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use tokio_util::sync::PollSender;
+use tungate_core::admission::Admission;
+use tungate_core::stream_stack::{StreamStack, run_stream_stack};
+use tungate_core::{Backend, BackendError, Handlers, Mtu, PacketBuf, PacketDevice};
+
+/// Tuning of the ipstack backend. Every default is documented with its reason.
+#[derive(Debug, Clone)]
+pub struct IpstackConfig {
+    /// The TUN MTU; ipstack's read buffer and the MSS option follow it.
+    pub mtu: Mtu,
+    /// Capacity of each direction's ring between the stack and the handler.
+    pub ring_capacity: usize,
+    /// Client bytes ipstack may hold unread per flow before further segments are dropped
+    /// at our layer (see the crate docs). 1 MiB keeps a fast flow's pipeline full.
+    pub unread_limit: u64,
+    /// Bytes ipstack may have in flight towards the client.
+    pub max_unacked_bytes: u32,
+    /// ipstack resets a connection with no reads or writes for this long.
+    pub idle_timeout: Duration,
+    /// Packets queued from the TUN into ipstack before the TUN is no longer read.
+    pub input_depth: usize,
+}
+
+impl Default for IpstackConfig {
+    fn default() -> Self {
+        IpstackConfig {
+            mtu: Mtu::DEFAULT,
+            ring_capacity: tungate_core::flow::DEFAULT_RING_CAPACITY,
+            unread_limit: 1 << 20,
+            max_unacked_bytes: 256 * 1024,
+            idle_timeout: Duration::from_secs(600),
+            input_depth: 256,
+        }
+    }
+}
+
+/// The ipstack backend.
+#[derive(Debug, Clone, Default)]
+pub struct Ipstack {
+    pub config: IpstackConfig,
+}
+
+impl Ipstack {
+    pub fn new(config: IpstackConfig) -> Self {
+        Ipstack { config }
+    }
+}
+
+impl Backend for Ipstack {
+    const NAME: &'static str = "ipstack";
+
+    fn run<D: PacketDevice>(
+        self,
+        device: D,
+        handlers: Handlers,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let mut config = self.config;
+        config.mtu = device.mtu();
+        async move {
+            let mtu = u16::try_from(config.mtu.get()).unwrap_or(u16::MAX);
+            let admission = Admission::with_unread_limit(
+                handlers,
+                config.mtu,
+                config.ring_capacity,
+                Duration::from_secs(25),
+                Some(config.unread_limit),
+            );
+            let stack = IpstackStack::start(&config, mtu);
+            run_stream_stack(stack, admission, device, shutdown).await?;
+            Ok(())
+        }
+    }
+}
+
+/// ipstack behind two packet channels.
+struct IpstackStack {
+    to_stack: PollSender<PacketBuf>,
+    from_stack: mpsc::UnboundedReceiver<PacketBuf>,
+    accepted: mpsc::UnboundedReceiver<IpStackTcpStream>,
+    pool: Pool,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for IpstackStack {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+impl IpstackStack {
+    fn start(config: &IpstackConfig, mtu: u16) -> Self {
+        let pool = Pool::default();
+        let (to_stack, stack_rx) = mpsc::channel(config.input_depth);
+        let (stack_tx, from_stack) = mpsc::unbounded_channel();
+        let pipe = Pipe { rx: stack_rx, tx: stack_tx, pool: pool.clone(), mtu: usize::from(mtu) };
+        let mut tcp = TcpConfig::default();
+        tcp.max_unacked_bytes = config.max_unacked_bytes;
+        tcp.read_buffer_size = usize::from(u16::MAX);
+        tcp.timeout = config.idle_timeout;
+        tcp.options = Some(vec![TcpOptions::MaximumSegmentSize(mtu.saturating_sub(60))]);
+        let mut ip = IpStackConfig::default();
+        ip.mtu_unchecked(mtu).with_tcp_config(tcp);
+        let mut stack = IpStack::new(ip, pipe);
+        let (accepted_tx, accepted) = mpsc::unbounded_channel();
+        let accept_task = tokio::spawn(async move {
+            loop {
+                match stack.accept().await {
+                    Ok(IpStackStream::Tcp(stream)) => {
+                        if accepted_tx.send(stream).is_err() {
+                            break;
+                        }
+                    }
+                    // Only TCP is forwarded to ipstack.
+                    Ok(other) => tracing::debug!("ipstack produced a non-TCP stream: {:?}", other.peer_addr()),
+                    Err(e) => {
+                        tracing::error!("ipstack stopped: {e}");
+                        break;
+                    }
+                }
+            }
+            // `IpStack`'s own drop aborts its task; keep that off a runtime worker too.
+            let _ = tokio::task::spawn_blocking(move || drop(stack));
+        });
+        IpstackStack { to_stack: PollSender::new(to_stack), from_stack, accepted, pool, accept_task }
+    }
+}
+
+/// An ipstack stream whose `shutdown` is retried on a timer. ipstack sends FIN only if
+/// nothing is in flight at the moment `poll_shutdown` is called, and otherwise parks a
+/// waker that nothing wakes when the ACKs arrive: the FIN would never be sent.
+struct Stream {
+    inner: IpStackTcpStream,
+    retry: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// How often a pending ipstack shutdown is polled again.
+const SHUTDOWN_RETRY: Duration = Duration::from_millis(5);
+
+impl AsyncRead for Stream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if let Poll::Ready(r) = Pin::new(&mut self.inner).poll_shutdown(cx) {
+                return Poll::Ready(r);
+            }
+            let retry = self.retry.get_or_insert_with(|| Box::pin(tokio::time::sleep(SHUTDOWN_RETRY)));
+            if retry.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            retry.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_RETRY);
+        }
+    }
+}
+
+impl StreamStack for IpstackStack {
+    type Stream = Stream;
+
+    fn poll_input_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.to_stack.poll_reserve(cx).map_err(|_| io::Error::other("ipstack stopped reading"))
+    }
+
+    fn input(&mut self, packet: &PacketBuf) -> io::Result<()> {
+        let mut buf = self.pool.take(packet.len());
+        buf.spare_mut()[..packet.len()].copy_from_slice(packet.packet());
+        buf.set_len(packet.len());
+        self.to_stack.send_item(buf).map_err(|_| io::Error::other("ipstack stopped reading"))
+    }
+
+    fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<Option<PacketBuf>> {
+        self.from_stack.poll_recv(cx)
+    }
+
+    fn recycle(&mut self, buf: PacketBuf) {
+        self.pool.put(buf);
+    }
+
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(Stream, SocketAddr, SocketAddr)>> {
+        match self.accepted.poll_recv(cx) {
+            // ipstack's local address is the client's, its peer the original destination.
+            Poll::Ready(Some(inner)) => {
+                let (client, dst) = (inner.local_addr(), inner.peer_addr());
+                Poll::Ready(Ok((Stream { inner, retry: None }, client, dst)))
+            }
+            Poll::Ready(None) => Poll::Ready(Err(io::Error::other("ipstack stopped accepting"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn dispose(stream: Stream) {
+        // ipstack's Drop calls `block_in_place`, which panics on a current-thread runtime
+        // (tungate's default); the blocking pool is allowed to block.
+        drop(tokio::task::spawn_blocking(move || drop(stream)));
+    }
+}
+
+/// Recycled packet buffers shared by the pipe (ipstack's side) and the driver.
+#[derive(Debug, Clone, Default)]
+struct Pool(Arc<Mutex<Vec<PacketBuf>>>);
+
+impl Pool {
+    fn take(&self, len: usize) -> PacketBuf {
+        let buf = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match buf {
+            Some(buf) if buf.capacity() >= len => buf,
+            _ => PacketBuf::with_capacity(len.max(1500)),
+        }
+    }
+
+    fn put(&self, buf: PacketBuf) {
+        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < 1024 {
+            pool.push(buf);
+        }
+    }
+}
+
+/// The device ipstack sees: each read is one packet from the driver, each write one packet
+/// to the TUN. Writes never block ipstack (its own output queue is unbounded anyway, and
+/// the driver drains this one first).
+struct Pipe {
+    rx: mpsc::Receiver<PacketBuf>,
+    tx: mpsc::UnboundedSender<PacketBuf>,
+    pool: Pool,
+    mtu: usize,
+}
+
+impl AsyncRead for Pipe {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(packet)) => {
+                // ipstack reads into an MTU-sized buffer; the admission layer only
+                // forwards packets the TUN delivered, which fit.
+                let n = packet.len().min(buf.remaining());
+                buf.put_slice(&packet.packet()[..n]);
+                self.pool.put(packet);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(None) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for Pipe {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let mut buf = self.pool.take(data.len().max(self.mtu));
+        buf.spare_mut()[..data.len()].copy_from_slice(data);
+        buf.set_len(data.len());
+        match self.tx.send(buf) {
+            Ok(()) => Poll::Ready(Ok(data.len())),
+            Err(_) => Poll::Ready(Err(io::Error::from(io::ErrorKind::BrokenPipe))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,372 @@
+//! Admission in front of stream stacks: for stacks that terminate TCP themselves and hand
+//! out accepted connections as byte streams (ipstack, netstack-smoltcp).
+//!
+//! Such stacks answer a SYN at once, so they cannot let the handler refuse a connection,
+//! and their UDP paths are weaker than tungate's own. [`Admission`] sits between the TUN
+//! and the stack and gives every backend the same contract:
+//!
+//! * A bare SYN for a new 4-tuple is **held**: the handler gets a [`TcpRequest`]; on accept
+//!   the SYN is released to the stack, on reject the client gets RST from here. The
+//!   stack's accepted stream is then matched by 4-tuple to the flow's [`FlowPort`], and
+//!   [`bridge`] carries the bytes.
+//! * Other segments go to the stack only for 4-tuples it was given; anything else gets
+//!   RST from here (counted as `tcp_unknown_flow`).
+//! * UDP never reaches the stack: it goes to the [`UdpHandler`](crate::UdpHandler) with a
+//!   [`UdpSender`](crate::UdpSender) that can answer from any address, as in every backend.
+//!
+//! I/O-free: the backend's task feeds packets in and writes what comes out.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::Mtu;
+use crate::device::PacketBuf;
+use crate::flow::{self, Decision, FlowId, FlowLink, FlowPort, FlowProgress, TcpRequest, WakeQueue};
+use crate::handler::{Handlers, UdpOutbox, UdpSender};
+use crate::packet::{self, Classified, TcpSummary};
+use crate::stats::Stats;
+
+/// A flow's 4-tuple as the client sees it: (client, original destination).
+pub type FlowKey = (SocketAddr, SocketAddr);
+
+/// What to do with a packet [`Admission::handle_packet`] looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Give it to the stack.
+    Forward,
+    /// Handled here (UDP, held SYN, RST queued) or dropped (malformed, unsupported).
+    Consumed,
+}
+
+enum Entry {
+    /// Waiting for the handler; the SYN is held.
+    Pending { link: FlowLink, syn: PacketBuf, summary: TcpSummary },
+    /// The SYN went to the stack; its stream has not arrived yet.
+    Released { port: FlowPort, deadline: Instant, cap: Cap },
+    /// The stream was handed to a bridge.
+    Bridged { cap: Cap },
+}
+
+/// What a flow's client has had forwarded to the stack, against what reached the handler.
+#[derive(Debug, Clone)]
+struct Cap {
+    /// The client's first data sequence number (ISN + 1).
+    start: u32,
+    progress: FlowProgress,
+}
+
+impl Cap {
+    /// Whether `seg` would leave more than `limit` bytes unread inside the stack.
+    fn exceeds(&self, seg: &TcpSummary, limit: u64) -> bool {
+        let end = seg.seq.wrapping_add(seg.segment_len as u32).wrapping_sub(self.start);
+        // Offsets past 2^31 are segments from before `start` (old duplicates): harmless.
+        end < 1 << 31 && u64::from(end) > self.progress.delivered() + limit
+    }
+}
+
+/// The admission layer. See the module docs.
+pub struct Admission {
+    handlers: Handlers,
+    unread_limit: Option<u64>,
+    ring_capacity: usize,
+    handshake_timeout: Duration,
+    flows: HashMap<FlowKey, (FlowId, Entry)>,
+    ids: Slab<FlowKey>,
+    wake: Arc<WakeQueue>,
+    woken: Vec<FlowId>,
+    released: VecDeque<(Instant, FlowKey)>,
+    udp_out: Arc<UdpOutbox>,
+    udp_sender: UdpSender,
+    out: VecDeque<PacketBuf>,
+    free: Vec<PacketBuf>,
+    last_from_udp: bool,
+    mtu: Mtu,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission").field("flows", &self.flows.len()).finish_non_exhaustive()
+    }
+}
+
+impl Admission {
+    /// `handshake_timeout`: how long a released SYN may wait for the stack's stream.
+    pub fn new(handlers: Handlers, mtu: Mtu, ring_capacity: usize, handshake_timeout: Duration) -> Self {
+        Self::with_unread_limit(handlers, mtu, ring_capacity, handshake_timeout, None)
+    }
+
+    /// Like [`new`](Self::new), for a stack that keeps accepting (and ACKing) data its
+    /// application has not read (ipstack): a client segment that would leave more than
+    /// `limit` bytes unread inside the stack is dropped here instead of forwarded. The
+    /// client retransmits it once the handler has caught up — TCP's own recovery, used as
+    /// back-pressure, so the stack's memory per flow stays below `limit` plus a segment.
+    pub fn with_unread_limit(
+        handlers: Handlers,
+        mtu: Mtu,
+        ring_capacity: usize,
+        handshake_timeout: Duration,
+        limit: Option<u64>,
+    ) -> Self {
+        let wake = WakeQueue::new();
+        let udp_out = UdpOutbox::new(mtu, wake.clone(), handlers.stats.clone());
+        let udp_sender = udp_out.sender();
+        Admission {
+            handlers,
+            unread_limit: limit,
+            ring_capacity,
+            handshake_timeout,
+            flows: HashMap::new(),
+            ids: Slab::new(),
+            wake,
+            woken: Vec::new(),
+            released: VecDeque::new(),
+            udp_out,
+            udp_sender,
+            out: VecDeque::new(),
+            free: Vec::new(),
+            last_from_udp: false,
+            mtu,
+        }
+    }
+
+    /// Notified when a handler decided, a UDP reply is queued, or a flow needs attention.
+    pub fn wake_queue(&self) -> Arc<WakeQueue> {
+        self.wake.clone()
+    }
+
+    /// Flows known here (pending, released or bridged).
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    fn stats(&self) -> &Stats {
+        &self.handlers.stats
+    }
+
+    /// Looks at one packet from the TUN.
+    pub fn handle_packet(&mut self, packet: &PacketBuf) -> Verdict {
+        let stats = &self.handlers.stats;
+        Stats::inc(&stats.rx_packets);
+        let seg = match packet::classify(packet.packet()) {
+            Err(_) => {
+                Stats::inc(&stats.malformed);
+                return Verdict::Consumed;
+            }
+            Ok(Classified::Unsupported) => {
+                Stats::inc(&stats.unsupported);
+                return Verdict::Consumed;
+            }
+            Ok(Classified::Udp { src, dst, payload }) => {
+                Stats::inc(&stats.udp_rx);
+                self.handlers.udp.handle_udp(src, dst, payload, &self.udp_sender);
+                return Verdict::Consumed;
+            }
+            Ok(Classified::Tcp(seg)) => seg,
+        };
+        if let Some((_, entry)) = self.flows.get(&(seg.src, seg.dst)) {
+            return match entry {
+                Entry::Pending { .. } => {
+                    if seg.is_bare_syn() {
+                        Stats::inc(&stats.tcp_syn_duplicate);
+                    }
+                    Verdict::Consumed
+                }
+                Entry::Released { cap, .. } | Entry::Bridged { cap } => match self.unread_limit {
+                    Some(limit) if cap.exceeds(&seg, limit) => Verdict::Consumed,
+                    _ => Verdict::Forward,
+                },
+            };
+        }
+        if !packet::tcp_checksum_ok(packet.packet(), &seg) {
+            Stats::inc(&stats.malformed);
+            return Verdict::Consumed;
+        }
+        if !seg.is_bare_syn() {
+            if !seg.rst {
+                Stats::inc(&stats.tcp_unknown_flow);
+                self.send_rst(&seg);
+            }
+            return Verdict::Consumed;
+        }
+        if !is_unicast(seg.src.ip()) || !is_unicast(seg.dst.ip()) || seg.src.port() == 0 || seg.dst.port() == 0 {
+            Stats::inc(&stats.malformed);
+            return Verdict::Consumed;
+        }
+        let key = (seg.src, seg.dst);
+        let id = FlowId(self.ids.insert(key));
+        let (link, request): (FlowLink, TcpRequest) =
+            flow::new_flow(id, seg.src, seg.dst, self.ring_capacity, self.wake.clone());
+        self.flows.insert(key, (id, Entry::Pending { link, syn: PacketBuf::from_slice(packet.packet()), summary: seg }));
+        Stats::inc(&stats.tcp_requests);
+        Stats::inc(&stats.tcp_active);
+        tracing::debug!(src = %seg.src, dst = %seg.dst, "tcp request");
+        self.handlers.tcp.handle_tcp(request);
+        Verdict::Consumed
+    }
+
+    /// Acts on handler decisions: an accepted flow's SYN is passed to `forward` (for the
+    /// stack), a rejected one is answered with RST. Also gives up on released SYNs whose
+    /// stream never came (the handler sees a reset).
+    pub fn service(&mut self, now: Instant, mut forward: impl FnMut(PacketBuf)) {
+        let mut woken = std::mem::take(&mut self.woken);
+        self.wake.drain_into(&mut woken);
+        for &id in &woken {
+            let Some(&key) = self.ids.get(id.0) else { continue };
+            let Some((_, Entry::Pending { link, .. })) = self.flows.get(&key) else { continue };
+            link.clear_queued();
+            match link.decision() {
+                Decision::Pending => {}
+                Decision::Accepted => {
+                    let Some((id, Entry::Pending { link, syn, summary })) = self.flows.remove(&key) else {
+                        continue;
+                    };
+                    let deadline = now + self.handshake_timeout;
+                    let port = link.into_port();
+                    let cap = Cap { start: summary.seq.wrapping_add(1), progress: port.progress() };
+                    self.flows.insert(key, (id, Entry::Released { port, deadline, cap }));
+                    self.released.push_back((deadline, key));
+                    forward(syn);
+                }
+                Decision::Rejected => {
+                    let Some((_, Entry::Pending { summary, .. })) = self.flows.get(&key) else { continue };
+                    let summary = *summary;
+                    Stats::inc(&self.stats().tcp_rejected);
+                    self.send_rst(&summary);
+                    self.remove(key, true);
+                }
+            }
+        }
+        woken.clear();
+        self.woken = woken;
+        while let Some(&(deadline, key)) = self.released.front() {
+            if deadline > now {
+                break;
+            }
+            self.released.pop_front();
+            if matches!(self.flows.get(&key), Some((_, Entry::Released { deadline: d, .. })) if *d == deadline) {
+                tracing::debug!(src = %key.0, dst = %key.1, "the stack never delivered the connection");
+                self.remove(key, true);
+            }
+        }
+    }
+
+    /// The earliest time [`service`](Self::service) has a timeout to act on.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(&(deadline, key)) = self.released.front() {
+            if matches!(self.flows.get(&key), Some((_, Entry::Released { deadline: d, .. })) if *d == deadline) {
+                return Some(deadline);
+            }
+            self.released.pop_front();
+        }
+        None
+    }
+
+    /// The stack accepted a connection from `client` to `dst`: returns the flow's port if
+    /// it was admitted and not yet bridged. A stream without a port (a stack that made a
+    /// second stream for a retransmitted SYN) should be dropped.
+    pub fn take_port(&mut self, client: SocketAddr, dst: SocketAddr) -> Option<FlowPort> {
+        let key = (client, dst);
+        let (id, entry) = self.flows.remove(&key)?;
+        match entry {
+            Entry::Released { port, cap, .. } => {
+                self.flows.insert(key, (id, Entry::Bridged { cap }));
+                Some(port)
+            }
+            other => {
+                self.flows.insert(key, (id, other));
+                None
+            }
+        }
+    }
+
+    /// A bridge ended: forget the flow (later segments for it get RST from here).
+    pub fn finished(&mut self, key: FlowKey) {
+        if matches!(self.flows.get(&key), Some((_, Entry::Bridged { .. }))) {
+            self.remove(key, false);
+        }
+    }
+
+    fn remove(&mut self, key: FlowKey, reset: bool) {
+        if let Some((id, entry)) = self.flows.remove(&key) {
+            self.ids.remove(id.0);
+            match entry {
+                Entry::Pending { link, .. } => link.set_closed(reset),
+                Entry::Released { port, .. } => port.finish(reset),
+                Entry::Bridged { .. } => {}
+            }
+            Stats::dec(&self.handlers.stats.tcp_active);
+        }
+    }
+
+    fn send_rst(&mut self, seg: &TcpSummary) {
+        let mut buf = self.free.pop().unwrap_or_else(|| PacketBuf::with_capacity(self.mtu.get()));
+        match packet::build_tcp_rst(seg, buf.spare_mut()) {
+            Some(len) => {
+                buf.set_len(len);
+                self.out.push_back(buf);
+            }
+            None => self.free.push(buf),
+        }
+    }
+
+    /// The next packet this layer wants written to the TUN (RSTs, UDP replies).
+    pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
+        if let Some(buf) = self.out.pop_front() {
+            self.last_from_udp = false;
+            return Some(buf);
+        }
+        let buf = self.udp_out.pop()?;
+        self.last_from_udp = true;
+        Some(buf)
+    }
+
+    /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
+    pub fn recycle(&mut self, buf: PacketBuf) {
+        if self.last_from_udp {
+            self.udp_out.recycle(buf);
+        } else if self.free.len() < 64 {
+            self.free.push(buf);
+        }
+    }
+}
+
+fn is_unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => !(a.is_broadcast() || a.is_multicast() || a.is_unspecified()),
+        IpAddr::V6(a) => !(a.is_multicast() || a.is_unspecified()),
+    }
+}
+
+/// How a [`bridge`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeEnd {
+    /// Both directions ended with FIN.
+    Clean,
+    /// Either side reset or failed.
+    Reset,
+}
+
+/// Bytes moved per read in each direction of a [`bridge`].
+pub const BRIDGE_BUFFER: usize = 32 * 1024;
+
+/// Carries bytes both ways between a stack's accepted `stream` and the handler's `port`,
+/// half-close included, until both directions have ended; then tells the handler how it
+/// ended. A reset on either side ends both (the stream is dropped: what the client then
+/// sees depends on what the stack does on drop).
+pub async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, mut port: FlowPort) -> BridgeEnd {
+    let result = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut port, BRIDGE_BUFFER, BRIDGE_BUFFER).await;
+    let end = match result {
+        Ok(_) => BridgeEnd::Clean,
+        Err(e) => {
+            tracing::debug!("bridge ended: {e}");
+            BridgeEnd::Reset
+        }
+    };
+    port.finish(end == BridgeEnd::Reset);
+    end
+}
