@@ -23,8 +23,11 @@
 //!   decides and answers refusals with RST itself.
 //! * **No RST on abort**: ipstack has no abort; when the handler resets a flow the stream
 //!   is dropped, and the client gets RST only for its next segment.
-//! * **`Drop` panics on a current-thread runtime** (it calls `block_in_place`): streams
-//!   are dropped on tokio's blocking pool instead ([`StreamStack::dispose`]).
+//! * **`Drop` panics on a current-thread runtime** (it calls `block_in_place`, then
+//!   blocks until the stream's task ends): streams are dropped on a reaper thread of
+//!   their own instead ([`StreamStack::dispose`]).
+//! * **RST does not wake a stream**: admission ends the bridge itself when the client's
+//!   RST passes by.
 //! * **UDP**: ipstack's per-flow UDP streams can only answer from the original
 //!   destination; UDP never reaches ipstack here — it takes tungate's own path (any
 //!   source, same as every backend).
@@ -148,6 +151,9 @@ impl IpstackStack {
         tcp.max_unacked_bytes = config.max_unacked_bytes;
         tcp.read_buffer_size = usize::from(u16::MAX);
         tcp.timeout = config.idle_timeout;
+        // ipstack drops a segment from its send queue after this many retransmissions
+        // (data loss, default 3); 12 rides out seconds of loss like other stacks' limits.
+        tcp.max_retransmit_count = 12;
         tcp.options = Some(vec![TcpOptions::MaximumSegmentSize(mtu.saturating_sub(60))]);
         let mut ip = IpStackConfig::default();
         ip.mtu_unchecked(mtu).with_tcp_config(tcp);
@@ -169,8 +175,8 @@ impl IpstackStack {
                     }
                 }
             }
-            // `IpStack`'s own drop aborts its task; keep that off a runtime worker too.
-            let _ = tokio::task::spawn_blocking(move || drop(stack));
+            // `IpStack`'s own drop only aborts its task (no blocking).
+            drop(stack);
         });
         IpstackStack { to_stack: PollSender::new(to_stack), from_stack, accepted, pool, accept_task }
     }
@@ -251,9 +257,42 @@ impl StreamStack for IpstackStack {
     }
 
     fn dispose(stream: Stream) {
-        // ipstack's Drop calls `block_in_place`, which panics on a current-thread runtime
-        // (tungate's default); the blocking pool is allowed to block.
-        drop(tokio::task::spawn_blocking(move || drop(stream)));
+        reap(stream.inner);
+    }
+}
+
+/// Drops ipstack streams on a thread of their own.
+///
+/// ipstack's `Drop` calls `block_in_place` and then blocks until the stream's task ends:
+/// that panics on a current-thread runtime (tungate's default), would stall a worker of a
+/// multi-threaded one, and on tokio's blocking pool it holds up runtime shutdown (the
+/// pool is waited for). One reaper thread, outside every runtime's worker set, does it.
+fn reap(stream: IpStackTcpStream) {
+    static REAPER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<IpStackTcpStream>>> = std::sync::OnceLock::new();
+    let reaper = REAPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<IpStackTcpStream>();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().ok()?;
+        std::thread::Builder::new()
+            .name("ipstack-reaper".into())
+            .spawn(move || {
+                // Entered, so ipstack's `Handle::current()` finds a handle; its
+                // `block_on`s wait for tasks of the gateway's runtime, which wake them.
+                let _entered = runtime.enter();
+                for stream in rx {
+                    drop(stream);
+                }
+            })
+            .ok()?;
+        Some(tx)
+    });
+    match reaper {
+        Some(tx) => {
+            if let Err(std::sync::mpsc::SendError(stream)) = tx.send(stream) {
+                std::mem::forget(stream);
+            }
+        }
+        // No thread could be started: leaking is better than panicking in ipstack's Drop.
+        None => std::mem::forget(stream),
     }
 }
 

@@ -166,7 +166,9 @@ impl NetstackStack {
     fn check_runner(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         let Poll::Ready(ended) = Pin::new(&mut self.instance.runner).poll(cx) else { return Ok(()) };
         match ended {
-            Err(e) if e.is_panic() => tracing::error!("netstack-smoltcp panicked; rebuilding the stack (its connections are reset)"),
+            Err(e) if e.is_panic() => {
+                tracing::error!("netstack-smoltcp panicked; rebuilding the stack (its connections are reset)")
+            }
             Err(e) => tracing::error!("netstack-smoltcp's runner stopped ({e}); rebuilding the stack"),
             Ok(r) => tracing::error!("netstack-smoltcp's runner returned {r:?}; rebuilding the stack"),
         }

@@ -176,10 +176,17 @@ impl Admission {
                     }
                     Verdict::Consumed
                 }
-                Entry::Released { cap, .. } | Entry::Bridged { cap } => match self.unread_limit {
-                    Some(limit) if cap.exceeds(&seg, limit) => Verdict::Consumed,
-                    _ => Verdict::Forward,
-                },
+                Entry::Released { cap, .. } | Entry::Bridged { cap } => {
+                    if seg.rst {
+                        // Some stacks never wake a stream on RST; end the bridge from here.
+                        cap.progress.client_reset();
+                        return Verdict::Forward;
+                    }
+                    match self.unread_limit {
+                        Some(limit) if cap.exceeds(&seg, limit) => Verdict::Consumed,
+                        _ => Verdict::Forward,
+                    }
+                }
             };
         }
         if !packet::tcp_checksum_ok(packet.packet(), &seg) {
@@ -201,7 +208,8 @@ impl Admission {
         let id = FlowId(self.ids.insert(key));
         let (link, request): (FlowLink, TcpRequest) =
             flow::new_flow(id, seg.src, seg.dst, self.ring_capacity, self.wake.clone());
-        self.flows.insert(key, (id, Entry::Pending { link, syn: PacketBuf::from_slice(packet.packet()), summary: seg }));
+        self.flows
+            .insert(key, (id, Entry::Pending { link, syn: PacketBuf::from_slice(packet.packet()), summary: seg }));
         Stats::inc(&stats.tcp_requests);
         Stats::inc(&stats.tcp_active);
         tracing::debug!(src = %seg.src, dst = %seg.dst, "tcp request");

@@ -642,6 +642,16 @@ impl FlowProgress {
     pub fn delivered(&self) -> u64 {
         self.0.delivered.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// The client reset the connection: the port's reads and writes fail from now on, so
+    /// its bridge ends (for stacks that do not wake their streams on RST themselves).
+    pub fn client_reset(&self) {
+        let mut st = self.0.state();
+        st.abort_requested = true;
+        if let Some(w) = st.stack_waker.take() {
+            w.wake();
+        }
+    }
 }
 
 /// The stack's side of an accepted flow as `AsyncRead + AsyncWrite`, for stacks that

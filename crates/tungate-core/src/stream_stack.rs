@@ -129,9 +129,10 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
                     Some(port) => {
                         let done = done_tx.clone();
                         tokio::spawn(async move {
-                            let mut stream = stream;
+                            // Disposed however the task ends (finished or aborted).
+                            let mut stream = Disposing::<S>(Some(stream));
                             bridge(&mut stream, port).await;
-                            S::dispose(stream);
+                            drop(stream);
                             let _ = done.send((src, dst));
                         });
                     }
@@ -157,6 +158,53 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
             Some(key) = done_rx.recv() => admission.finished(key),
             () = wake.notified() => {}
             () = &mut sleep => {}
+        }
+    }
+}
+
+/// Owns a stack's stream and hands it to [`StreamStack::dispose`] when dropped.
+struct Disposing<S: StreamStack>(Option<S::Stream>);
+
+impl<S: StreamStack> Drop for Disposing<S> {
+    fn drop(&mut self) {
+        if let Some(stream) = self.0.take() {
+            S::dispose(stream);
+        }
+    }
+}
+
+impl<S: StreamStack> AsyncRead for Disposing<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.0.as_mut() {
+            Some(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl<S: StreamStack> AsyncWrite for Disposing<S> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.0.as_mut() {
+            Some(s) => std::pin::Pin::new(s).poll_write(cx, data),
+            None => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.0.as_mut() {
+            Some(s) => std::pin::Pin::new(s).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.0.as_mut() {
+            Some(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
         }
     }
 }

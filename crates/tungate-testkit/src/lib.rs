@@ -30,16 +30,23 @@ pub use netns::{netns_256mib_each_way, netns_closed_port_refused, netns_http_get
 /// A backend that admits one instance per process (lwIP keeps global state) is
 /// instantiated with `one_per_process` first: its in-memory tests then take turns
 /// instead of running in parallel. The tests themselves are the same.
+///
+/// A backend documented to lack a capability is instantiated with
+/// `limits = mem::Limits { .. }`: the affected tests check the documented substitute
+/// behaviour instead (see [`mem::Limits`]); nothing is skipped.
 #[macro_export]
 macro_rules! conformance_suite {
     (one_per_process, $backend:expr, $bin:expr) => {
-        $crate::conformance_suite!(@suite [true] $backend, $bin);
+        $crate::conformance_suite!(@suite [true] [$crate::mem::Limits::NONE] $backend, $bin);
+    };
+    (limits = $limits:expr, $backend:expr, $bin:expr) => {
+        $crate::conformance_suite!(@suite [false] [$limits] $backend, $bin);
     };
     ($backend:expr, $bin:expr) => {
-        $crate::conformance_suite!(@suite [false] $backend, $bin);
+        $crate::conformance_suite!(@suite [false] [$crate::mem::Limits::NONE] $backend, $bin);
     };
-    (@suite [$serial:literal] $backend:expr, $bin:expr) => {
-        $crate::conformance_suite!(@mem [$serial] $backend;
+    (@suite [$serial:literal] [$limits:expr] $backend:expr, $bin:expr) => {
+        $crate::conformance_suite!(@mem [$serial] [$limits] $backend;
             handshake_and_addresses, bulk_16mib_upload_v4, bulk_16mib_download_v4,
             bulk_16mib_upload_v6, bulk_16mib_download_v6, half_close_client_first,
             half_close_server_first, refused_gets_rst_v4, refused_gets_rst_v6,
@@ -50,7 +57,7 @@ macro_rules! conformance_suite {
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
             cli_sigterm_exits_cleanly);
     };
-    (@mem [$serial:literal] $backend:expr; $($name:ident),*) => {
+    (@mem [$serial:literal] [$limits:expr] $backend:expr; $($name:ident),*) => {
         mod conformance_mem {
             #[allow(unused_imports)]
             use super::*;
@@ -60,6 +67,7 @@ macro_rules! conformance_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let _turn = if $serial { Some(ONE_AT_A_TIME.lock().await) } else { None };
+                    $crate::mem::declare_limits($limits);
                     $crate::mem::$name($backend).await;
                 }
             )*
