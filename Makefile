@@ -20,7 +20,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 endif
 
 CARGO ?= cargo
-VARIANTS ?= smoltcp lwip
+VARIANTS ?= smoltcp lwip ipstack netstack-smoltcp
 BENCH_VARIANTS ?=
 RELEASE_DIR := $(CURDIR)/target/release
 

@@ -8,9 +8,11 @@ mismatch they print the reason and exit 1.
 
   serve-sink HOST PORT      TCP: read to EOF, answer the hex SHA-256, close
   serve-source HOST PORT    TCP: read "N\\n", send N bytes of stream(N), close
+  serve-sink-counted HOST PORT  TCP: read "N\\n" then N bytes, answer the hex SHA-256 (no FIN needed)
   serve-udp-echo HOST PORT  UDP: echo every datagram to its sender
   serve-http DIR HOST PORT  HTTP/1.1 file server (GET)
   upload HOST PORT N        send stream(N), half-close, compare the server's digest
+  upload-counted HOST PORT N  send "N\\n" + stream(N) without half-close, compare the digest
   download HOST PORT N      request N bytes, compare length and digest with stream(N)
   udp HOST PORT COUNT       COUNT datagrams; each echo must match and come from HOST:PORT
   refused HOST PORT         connect must be refused (RST) within 1 s
@@ -67,6 +69,25 @@ class Sink(socketserver.BaseRequestHandler):
             h.update(b)
         self.request.sendall(h.hexdigest().encode())
         self.request.shutdown(socket.SHUT_WR)
+
+
+class SinkCounted(socketserver.BaseRequestHandler):
+    def handle(self):
+        line = b""
+        while not line.endswith(b"\n"):
+            b = self.request.recv(1)
+            if not b:
+                return
+            line += b
+        left = int(line)
+        h = hashlib.sha256()
+        while left > 0:
+            b = self.request.recv(min(CHUNK, left))
+            if not b:
+                break
+            h.update(b)
+            left -= len(b)
+        self.request.sendall(h.hexdigest().encode())
 
 
 class Source(socketserver.BaseRequestHandler):
@@ -139,6 +160,26 @@ def upload(host, port, n):
     if answer.decode(errors="replace") != h.hexdigest():
         fail(f"upload of {n} bytes: server digest {answer!r} != {h.hexdigest()}")
     print(f"ok upload {n} bytes sha256={h.hexdigest()} in {time.monotonic() - t:.2f}s", flush=True)
+
+
+def upload_counted(host, port, n):
+    n = int(n)
+    s = connect(host, port)
+    h = hashlib.sha256()
+    t = time.monotonic()
+    s.sendall(f"{n}\n".encode())
+    for chunk in stream(n):
+        h.update(chunk)
+        s.sendall(chunk)
+    answer = b""
+    while len(answer) < 64:
+        b = s.recv(64 - len(answer))
+        if not b:
+            break
+        answer += b
+    if answer.decode(errors="replace") != h.hexdigest():
+        fail(f"counted upload of {n} bytes: server digest {answer!r} != {h.hexdigest()}")
+    print(f"ok upload {n} bytes sha256={h.hexdigest()} in {time.monotonic() - t:.2f}s (length-delimited)", flush=True)
 
 
 def download(host, port, n):
@@ -265,6 +306,8 @@ COMMANDS = {
     "many": many,
     "serve-sink": lambda h, p: serve_tcp(h, p, Sink),
     "serve-source": lambda h, p: serve_tcp(h, p, Source),
+    "serve-sink-counted": lambda h, p: serve_tcp(h, p, SinkCounted),
+    "upload-counted": upload_counted,
     "serve-udp-echo": serve_udp_echo,
     "serve-http": serve_http,
     "upload": upload,

@@ -52,7 +52,7 @@ macro_rules! conformance_suite {
             half_close_server_first, refused_gets_rst_v4, refused_gets_rst_v6,
             concurrent_200_flows, udp_echo_v4, udp_echo_v6, malformed_burst,
             unknown_segment_gets_rst, survives_loss_and_duplication, corruption_is_detected);
-        $crate::conformance_suite!(@netns $bin;
+        $crate::conformance_suite!(@netns [$limits] $bin;
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
             cli_sigterm_exits_cleanly);
@@ -73,12 +73,13 @@ macro_rules! conformance_suite {
             )*
         }
     };
-    (@netns $bin:expr; $($name:ident),*) => {
+    (@netns [$limits:expr] $bin:expr; $($name:ident),*) => {
         mod conformance_netns {
             $(
                 #[test]
                 #[ignore = "needs root, network namespaces and the variant binary; run by `make test`"]
                 fn $name() {
+                    $crate::mem::declare_limits($limits);
                     $crate::$name($bin);
                 }
             )*

@@ -48,7 +48,8 @@ pub fn declare_limits(limits: Limits) {
     *LIMITS.lock().unwrap_or_else(|p| p.into_inner()) = limits;
 }
 
-fn limits() -> Limits {
+/// The limits declared for this test binary.
+pub fn limits() -> Limits {
     *LIMITS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
