@@ -16,6 +16,8 @@ mismatch they print the reason and exit 1.
   download HOST PORT N      request N bytes, compare length and digest with stream(N)
   udp HOST PORT COUNT       COUNT datagrams; each echo must match and come from HOST:PORT
   refused HOST PORT         connect must be refused (RST) within 1 s
+  serve-slow-sink HOST PORT RATE  TCP: read at most RATE bytes/s until EOF (a slow upstream)
+  push HOST PORT N SECONDS  send up to N bytes for at most SECONDS, print "pushed B bytes"
   serve-echo HOST PORT      TCP (asyncio, thousands of connections): echo until EOF, close
   many HOST PORT N SIZE     open N connections at once; on each send SIZE bytes of its own
                             pattern and check the echo by digest; print "ready N" with all
@@ -233,6 +235,36 @@ def refused(host, port):
     fail("connect to a closed port succeeded")
 
 
+def serve_slow_sink(host, port, rate):
+    rate = int(rate)
+
+    class Slow(socketserver.BaseRequestHandler):
+        def handle(self):
+            tick = 0.05
+            while True:
+                b = self.request.recv(max(1, int(rate * tick)))
+                if not b:
+                    break
+                time.sleep(tick)
+
+    serve_tcp(host, port, Slow)
+
+
+def push(host, port, n, seconds):
+    n, seconds = int(n), float(seconds)
+    s = connect(host, port)
+    s.settimeout(0.5)
+    sent, deadline = 0, time.monotonic() + seconds
+    block = random.Random(1).randbytes(CHUNK)
+    while sent < n and time.monotonic() < deadline:
+        try:
+            sent += s.send(block[: min(CHUNK, n - sent)])
+        except socket.timeout:
+            pass
+    s.close()
+    print(f"pushed {sent} bytes", flush=True)
+
+
 def raise_fd_limit():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -303,6 +335,8 @@ def many(host, port, n, size):
 
 COMMANDS = {
     "serve-echo": serve_echo,
+    "serve-slow-sink": serve_slow_sink,
+    "push": push,
     "many": many,
     "serve-sink": lambda h, p: serve_tcp(h, p, Sink),
     "serve-source": lambda h, p: serve_tcp(h, p, Source),

@@ -158,6 +158,7 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             }
             (None, None) => bail!("one of --tun or --tun-fd is required"),
         };
+        let shutdown = shutdown_signal();
         let stats = Arc::new(tungate_core::Stats::default());
         let direct = Direct::new(DirectConfig { mark: args.mark, ..Default::default() }, stats.clone());
         let handlers = Handlers { tcp: Arc::new(direct.clone()), udp: Arc::new(direct), stats: stats.clone() };
@@ -172,7 +173,7 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
         );
         tokio::spawn(release_memory_after_bursts(stats.clone()));
         let settings = StackSettings { mtu: args.mtu, addresses: args.addresses.clone() };
-        make_backend(&settings).run(device, handlers, shutdown_signal()).await.context("backend stopped")?;
+        make_backend(&settings).run(device, handlers, shutdown).await.context("backend stopped")?;
         tracing::info!(stats = ?stats.snapshot(), "shut down");
         Ok(())
     })
@@ -198,15 +199,21 @@ async fn release_memory_after_bursts(stats: Arc<tungate_core::Stats>) {
     }
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGINT/SIGTERM handlers now (before "ready" is logged, so a signal sent
+/// right after it is never handled by the default action) and returns the future that
+/// completes on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        // Without signal handlers the default action (terminate) still applies.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    let handlers = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()));
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            // Without signal handlers the default action (terminate) still applies.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
     }
 }
 

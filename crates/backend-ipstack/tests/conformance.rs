@@ -8,3 +8,11 @@ tungate_testkit::conformance_suite!(
     backend_ipstack::Ipstack::default(),
     "tungate-ipstack"
 );
+
+/// ipstack buffers unread data without limit; the admission cap (1 MiB unread per flow)
+/// plus the flow's 256 KiB ring must keep the gateway's growth under 16 MiB.
+#[test]
+#[ignore = "needs root, network namespaces and the variant binary; run by `make test`"]
+fn netns_slow_reader_memory_is_bounded() {
+    tungate_testkit::netns::netns_slow_reader("tungate-ipstack", 16 * 1024);
+}

@@ -306,3 +306,48 @@ pub fn netns_many_connections(bin: &str, n: usize) {
         "gateway memory did not return near idle: idle {idle} KiB, peak {peak} KiB, after {after} KiB (margin {margin} KiB)"
     );
 }
+
+/// A client pushes up to 256 MiB as fast as it can towards an upstream that reads 300 KB/s.
+/// The gateway must hold back (its window closes, or it drops what it cannot hold) rather
+/// than buffer: its resident memory may grow by at most `bound_kib` over idle. Samples
+/// every 100 ms for 15 s; returns the peak growth in KiB.
+pub fn netns_slow_reader(bin: &str, bound_kib: u64) -> u64 {
+    let mut t = Topology::start(bin, 1500);
+    t.peer_server(&["serve-slow-sink", "10.77.0.2", "7100", "300000"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = t.gateway_rss_kib();
+    let script = peer_script();
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &t.cli, "python3", script.to_str().expect("utf-8 path")])
+        .args(["push", "10.77.0.2", "7100", &(256u64 << 20).to_string(), "15"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn client");
+    let mut peak = idle;
+    let start = std::time::Instant::now();
+    while client.try_wait().expect("wait").is_none() && start.elapsed() < Duration::from_secs(30) {
+        peak = peak.max(t.gateway_rss_kib());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = client.wait_with_output().expect("client output");
+    let pushed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let growth = peak.saturating_sub(idle);
+    eprintln!("[slow-reader] {bin}: {} ; gateway RSS idle {idle} KiB, peak {peak} KiB (+{growth} KiB)", pushed.trim());
+    let log = t.gateway_log();
+    if log.contains("rebuilding the stack") {
+        eprintln!("[slow-reader] {bin}: the stack died under this load and was rebuilt (see its log)");
+    } else {
+        assert!(pushed.starts_with("pushed "), "client failed: {pushed}\n{log}");
+    }
+    // Whatever happened, the gateway still serves.
+    t.peer_server(&["serve-source", "10.77.0.2", "7101"]);
+    let after = t.peer_client(&["download", "10.77.0.2", "7101", "1000000"]);
+    assert!(after.starts_with("ok download 1000000 bytes"), "{after}");
+    assert!(
+        growth <= bound_kib,
+        "gateway memory grew by {growth} KiB behind a slow reader (bound {bound_kib} KiB)\n{}",
+        t.gateway_log()
+    );
+    growth
+}
