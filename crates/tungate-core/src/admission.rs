@@ -11,8 +11,8 @@
 //!   [`bridge`] carries the bytes.
 //! * Other segments go to the stack only for 4-tuples it was given; anything else gets
 //!   RST from here (counted as `tcp_unknown_flow`).
-//! * UDP never reaches the stack: it goes to the [`UdpHandler`](crate::UdpHandler) with a
-//!   [`UdpSender`](crate::UdpSender) that can answer from any address, as in every backend.
+//! * UDP never reaches the stack: it goes to the [`UdpHandler`] with a
+//!   [`UdpSender`] that can answer from any address, as in every backend.
 //!
 //! I/O-free: the backend's task feeds packets in and writes what comes out.
 
@@ -28,6 +28,8 @@ use crate::config::Mtu;
 use crate::device::PacketBuf;
 use crate::flow::{self, Decision, FlowId, FlowLink, FlowPort, FlowProgress, TcpRequest, WakeQueue};
 use crate::handler::{Handlers, UdpOutbox, UdpSender};
+#[cfg(doc)]
+use crate::handler::UdpHandler;
 use crate::packet::{self, Classified, TcpSummary};
 use crate::stats::Stats;
 
