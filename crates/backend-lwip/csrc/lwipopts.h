@@ -114,6 +114,10 @@
 #define TCP_OVERSIZE TCP_MSS
 #define TCP_LISTEN_BACKLOG 0  /* the engine admits flows before lwIP sees the SYN */
 #define LWIP_TCP_TIMESTAMPS 0
+/* TIME-WAIT lasts 2 * TCP_MSL. lwIP's 60 s default keeps a closed 4-tuple for 2 min, and
+ * a SYN that reuses it (clients cycle ports under load) is answered by the TIME-WAIT PCB
+ * instead of being accepted. A TUN has no stale duplicates in flight: 1 s is plenty. */
+#define TCP_MSL 1000UL
 /* Keep-alive on every accepted PCB (set by the engine): a client that vanished without
  * FIN or RST is dropped after KEEPIDLE + KEEPCNT * KEEPINTVL = 60 + 6 * 10 s = 120 s,
  * the same bound as backend-smoltcp's timeout. */

@@ -294,7 +294,7 @@ impl LwipEngine {
             self.finish(id, true);
             return;
         }
-        if !open.detached && !self.stack.is_attached(pcb) {
+        if !open.detached && self.stack.was_reset(pcb) {
             // lwIP freed it: the client reset the connection or it timed out.
             self.finish(id, true);
             return;
@@ -316,7 +316,14 @@ impl LwipEngine {
             open.detached = true;
             self.stack.detach(pcb);
         }
-        let done = open.detached && open.rx_eof;
+        // The handler is gone and our FIN is out: nobody waits for the client's FIN.
+        // Hand the PCB to lwIP (FIN-WAIT-2 then times out there, late data gets RST).
+        let orphaned = signals.handler_gone && open.fin_sent && !open.detached;
+        if orphaned {
+            open.detached = true;
+            self.stack.detach(pcb);
+        }
+        let done = (open.detached && open.rx_eof) || orphaned;
         self.collect_events();
         if done {
             self.finish(id, false);

@@ -99,6 +99,8 @@ struct Slot {
     fin: bool,
     /// The engine's flow for this connection.
     owner: usize,
+    /// lwIP freed the PCB through the error callback.
+    reset: bool,
 }
 
 impl Slot {
@@ -216,7 +218,17 @@ impl Stack {
     }
 
     fn pcb(&mut self, id: PcbId) -> Option<NonNull<tcp_pcb>> {
-        self.sink().slots.get(id.0).and_then(|s| s.pcb)
+        let pcb = self.sink().slots.get(id.0).and_then(|s| s.pcb)?;
+        // SAFETY: the slot holds only live PCBs: lwIP frees an attached PCB only through
+        // the error callback (which clears the slot) or from TIME-WAIT, and a PCB is
+        // taken out of the slot below as soon as it is seen in TIME-WAIT.
+        let time_wait = unsafe { pcb.as_ref().state } == sys::tcp_state_TIME_WAIT;
+        if time_wait {
+            // lwIP frees TIME-WAIT PCBs without a callback: hand it over now.
+            self.detach(id);
+            return None;
+        }
+        Some(pcb)
     }
 
     /// Makes the slot forget its PCB and returns it (to hand back to lwIP).
@@ -358,9 +370,10 @@ impl Stack {
         self.sink().slots.get(id.0).is_some_and(|s| s.fin)
     }
 
-    /// Whether lwIP still has the PCB (not freed, detached or aborted).
-    pub(crate) fn is_attached(&mut self, id: PcbId) -> bool {
-        self.pcb(id).is_some()
+    /// Whether lwIP freed the PCB without a graceful close (the client reset it, or
+    /// retransmissions or keep-alives ran out).
+    pub(crate) fn was_reset(&mut self, id: PcbId) -> bool {
+        self.sink().slots.get(id.0).is_some_and(|s| s.reset)
     }
 
     /// Room in the send buffer, in bytes.
@@ -432,6 +445,11 @@ impl Stack {
     /// callback will name it again. Received bytes not yet read stay readable.
     pub(crate) fn detach(&mut self, id: PcbId) {
         let Some(pcb) = self.take_pcb(id) else { return };
+        Self::hand_over(pcb);
+    }
+
+    /// Clears `pcb`'s callbacks and closes it: lwIP owns it from here.
+    fn hand_over(pcb: NonNull<tcp_pcb>) {
         // SAFETY: `pcb` was live; the callbacks are cleared first so lwIP never calls us
         // for it again. tcp_close on a PCB that already sent FIN only marks it closed;
         // if lwIP still cannot queue a FIN (no memory) it must be aborted instead.
@@ -621,8 +639,14 @@ unsafe extern "C" fn on_accept(_: *mut c_void, pcb: *mut tcp_pcb, err: err_t) ->
         return ERR_OK;
     }
     let slot = with_sink(None, |sink| {
-        let key =
-            sink.slots.insert(Slot { pcb: NonNull::new(pcb), rx: VecDeque::new(), rx_offset: 0, fin: false, owner: 0 });
+        let key = sink.slots.insert(Slot {
+            pcb: NonNull::new(pcb),
+            rx: VecDeque::new(),
+            rx_offset: 0,
+            fin: false,
+            owner: 0,
+            reset: false,
+        });
         // SAFETY: lwIP passes the new, live PCB.
         let p = unsafe { &*pcb };
         let client = to_socket_addr(&p.remote_ip, p.remote_port);
@@ -663,8 +687,9 @@ unsafe extern "C" fn on_recv(arg: *mut c_void, _: *mut tcp_pcb, p: *mut pbuf, er
         sink.events.push(Event::Readable(PcbId(key)));
         true
     });
-    // ERR_OK: we own the pbuf. ERR_MEM: lwIP keeps it and offers it again later.
-    if taken { ERR_OK } else { ERR_MEM }
+    // ERR_OK: we own the pbuf. ERR_MEM: lwIP keeps it and offers it again later. A FIN
+    // (null pbuf) is never refused: lwIP would not offer it again.
+    if taken || p.is_null() { ERR_OK } else { ERR_MEM }
 }
 
 unsafe extern "C" fn on_sent(arg: *mut c_void, _: *mut tcp_pcb, _: u16) -> err_t {
@@ -681,6 +706,7 @@ unsafe extern "C" fn on_err(arg: *mut c_void, err: err_t) {
         with_sink((), |sink| {
             if let Some(slot) = sink.slots.get_mut(key) {
                 slot.pcb = None;
+                slot.reset = true;
                 tracing::debug!(err, "lwIP closed a connection");
                 sink.events.push(Event::Closed(PcbId(key)));
             }

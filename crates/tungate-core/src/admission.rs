@@ -27,9 +27,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::config::Mtu;
 use crate::device::PacketBuf;
 use crate::flow::{self, Decision, FlowId, FlowLink, FlowPort, FlowProgress, TcpRequest, WakeQueue};
-use crate::handler::{Handlers, UdpOutbox, UdpSender};
 #[cfg(doc)]
 use crate::handler::UdpHandler;
+use crate::handler::{Handlers, UdpOutbox, UdpSender};
 use crate::packet::{self, Classified, TcpSummary};
 use crate::stats::Stats;
 
@@ -65,6 +65,10 @@ struct Cap {
 impl Cap {
     /// Whether `seg` would leave more than `limit` bytes unread inside the stack.
     fn exceeds(&self, seg: &TcpSummary, limit: u64) -> bool {
+        // Pure ACKs (and window updates) carry no data: never hold them back.
+        if seg.segment_len == 0 {
+            return false;
+        }
         let end = seg.seq.wrapping_add(seg.segment_len as u32).wrapping_sub(self.start);
         // Offsets past 2^31 are segments from before `start` (old duplicates): harmless.
         end < 1 << 31 && u64::from(end) > self.progress.delivered() + limit
@@ -175,6 +179,9 @@ impl Admission {
                 Entry::Pending { .. } => {
                     if seg.is_bare_syn() {
                         Stats::inc(&stats.tcp_syn_duplicate);
+                    } else if seg.rst {
+                        // The client gave up before the handler decided.
+                        self.remove((seg.src, seg.dst), true);
                     }
                     Verdict::Consumed
                 }

@@ -74,7 +74,9 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
     let mut batch: Vec<PacketBuf> = (0..RX_BATCH).map(|_| PacketBuf::with_capacity(capacity)).collect();
     let mut to_stack: VecDeque<PacketBuf> = VecDeque::new();
     let mut spare: Vec<PacketBuf> = Vec::new();
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<FlowKey>();
+    // Bridges end with the driver: dropping the set aborts them, their streams are
+    // disposed and their ports report a reset to the handlers.
+    let mut bridges: tokio::task::JoinSet<FlowKey> = tokio::task::JoinSet::new();
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
     let sleep = tokio::time::sleep_until(far());
     tokio::pin!(shutdown, sleep);
@@ -127,13 +129,11 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
                 }
                 StackEvent::Accepted(stream, src, dst) => match admission.take_port(src, dst) {
                     Some(port) => {
-                        let done = done_tx.clone();
-                        tokio::spawn(async move {
+                        bridges.spawn(async move {
                             // Disposed however the task ends (finished or aborted).
                             let mut stream = Disposing::<S>(Some(stream));
                             bridge(&mut stream, port).await;
-                            drop(stream);
-                            let _ = done.send((src, dst));
+                            (src, dst)
                         });
                     }
                     None => S::dispose(stream),
@@ -155,7 +155,11 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
                     }
                 }
             }
-            Some(key) = done_rx.recv() => admission.finished(key),
+            Some(ended) = bridges.join_next(), if !bridges.is_empty() => {
+                if let Ok(key) = ended {
+                    admission.finished(key);
+                }
+            }
             () = wake.notified() => {}
             () = &mut sleep => {}
         }
