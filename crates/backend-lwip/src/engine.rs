@@ -2,7 +2,7 @@
 //! reached through [`crate::ffi::Stack`].
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -156,7 +156,7 @@ impl LwipEngine {
             return;
         }
         if seg.is_bare_syn() {
-            if !is_unicast(seg.src.ip()) || !is_unicast(seg.dst.ip()) || seg.dst.port() == 0 || seg.src.port() == 0 {
+            if !seg.has_unicast_endpoints() {
                 Stats::inc(&self.stats().malformed);
                 return;
             }
@@ -385,13 +385,6 @@ fn mark_dirty(dirty: &mut Vec<FlowId>, flow: &mut Flow, id: FlowId) {
     }
 }
 
-fn is_unicast(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => !(a.is_broadcast() || a.is_multicast() || a.is_unspecified()),
-        IpAddr::V6(a) => !(a.is_multicast() || a.is_unspecified()),
-    }
-}
-
 impl Engine for LwipEngine {
     fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) {
         self.now = now;
@@ -495,6 +488,7 @@ mod tests {
     //! The engine driven by hand: packets in, packets out, a simulated clock. lwIP admits
     //! one instance per process, so these tests take turns.
 
+    use std::net::IpAddr;
     use std::sync::Mutex;
 
     use smoltcp::phy::ChecksumCapabilities;

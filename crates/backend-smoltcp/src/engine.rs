@@ -144,7 +144,7 @@ impl SmoltcpEngine {
             }
             return;
         }
-        if !is_unicast(seg.src.ip()) || !is_unicast(seg.dst.ip()) || seg.dst.port() == 0 || seg.src.port() == 0 {
+        if !seg.has_unicast_endpoints() {
             Stats::inc(&self.stats().malformed);
             return;
         }
@@ -377,13 +377,6 @@ fn queue_for_sending(socket: &mut tcp::Socket<'_>, io: &mut FlowIo<'_>) {
         if !matches!(given, Ok(n) if n > 0) {
             break;
         }
-    }
-}
-
-fn is_unicast(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => !(a.is_broadcast() || a.is_multicast() || a.is_unspecified()),
-        IpAddr::V6(a) => !(a.is_multicast() || a.is_unspecified()),
     }
 }
 

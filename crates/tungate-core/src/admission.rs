@@ -17,7 +17,7 @@
 //! I/O-free: the backend's task feeds packets in and writes what comes out.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -209,7 +209,7 @@ impl Admission {
             }
             return Verdict::Consumed;
         }
-        if !is_unicast(seg.src.ip()) || !is_unicast(seg.dst.ip()) || seg.src.port() == 0 || seg.dst.port() == 0 {
+        if !seg.has_unicast_endpoints() {
             Stats::inc(&stats.malformed);
             return Verdict::Consumed;
         }
@@ -349,13 +349,6 @@ impl Admission {
         } else if self.free.len() < 64 {
             self.free.push(buf);
         }
-    }
-}
-
-fn is_unicast(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => !(a.is_broadcast() || a.is_multicast() || a.is_unspecified()),
-        IpAddr::V6(a) => !(a.is_multicast() || a.is_unspecified()),
     }
 }
 

@@ -53,6 +53,19 @@ pub struct TcpSummary {
 }
 
 impl TcpSummary {
+    /// Both ends are unicast addresses with non-zero ports: the only segments that may
+    /// open a flow (a SYN from or to broadcast, multicast or an unspecified address is
+    /// counted as malformed).
+    pub fn has_unicast_endpoints(&self) -> bool {
+        fn unicast(ip: IpAddr) -> bool {
+            match ip {
+                IpAddr::V4(a) => !(a.is_broadcast() || a.is_multicast() || a.is_unspecified()),
+                IpAddr::V6(a) => !(a.is_multicast() || a.is_unspecified()),
+            }
+        }
+        unicast(self.src.ip()) && unicast(self.dst.ip()) && self.src.port() != 0 && self.dst.port() != 0
+    }
+
     /// A connection-opening SYN (no ACK, no RST).
     pub fn is_bare_syn(&self) -> bool {
         self.syn && !self.ack && !self.rst
