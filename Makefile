@@ -20,7 +20,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 endif
 
 CARGO ?= cargo
-VARIANTS ?= smoltcp lwip ipstack netstack-smoltcp
+VARIANTS ?= smoltcp lwip ipstack netstack-smoltcp system
 BENCH_VARIANTS ?=
 RELEASE_DIR := $(CURDIR)/target/release
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Parser;
 use ipnet::IpNet;
+use tungate_core::device::offload::Offload;
 use tungate_core::device::tun::{TunConfig, TunDevice};
 use tungate_core::{Backend, Handlers, Mtu};
 use tungate_upstream::{Direct, DirectConfig};
@@ -48,6 +49,12 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = parse_mark)]
     pub mark: Option<u32>,
 
+    /// TUN offload (Linux virtio-net header with TSO/USO): the kernel hands the gateway
+    /// 64 KiB super-packets instead of MTU-sized ones. `auto` enables it when the kernel
+    /// and the backend support it; `on` fails if either does not. Never used with --tun-fd.
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_offload)]
+    pub offload: Offload,
+
     /// Stack backend to use; each variant binary contains exactly one.
     #[arg(long, value_name = "NAME")]
     pub backend: Option<String>,
@@ -71,6 +78,10 @@ fn parse_mtu(s: &str) -> Result<Mtu, String> {
     Mtu::from_str(s).map_err(|e| e.to_string())
 }
 
+fn parse_offload(s: &str) -> Result<Offload, String> {
+    s.parse()
+}
+
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
     IpNet::from_str(s).map_err(|_| format!("{s:?} is not ADDRESS/PREFIX (e.g. 198.18.0.1/24 or fd18::1/64)"))
 }
@@ -83,8 +94,17 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("{s:?} is not a 32-bit mark (decimal or 0x-hex)"))
 }
 
-/// Checks the combination of flags that clap cannot.
-fn validate(args: &Args, backend: &str) -> anyhow::Result<()> {
+/// Checks the combination of flags that clap cannot. `offload_capable`: the backend
+/// takes offloaded input.
+fn validate(args: &Args, backend: &str, offload_capable: bool) -> anyhow::Result<()> {
+    if args.offload == Offload::On {
+        if !offload_capable {
+            bail!("--offload on: backend {backend:?} does not support TUN offload; use --offload off (or auto)");
+        }
+        if let Some(fd) = args.tun_fd {
+            bail!("--offload on: an inherited TUN (--tun-fd {fd}) runs without offload; use --offload auto or off");
+        }
+    }
     if let Some(wanted) = &args.backend {
         if wanted != backend {
             bail!(
@@ -135,7 +155,7 @@ pub fn main<B: Backend>(make_backend: impl FnOnce(&StackSettings) -> B) -> ExitC
 }
 
 fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -> anyhow::Result<()> {
-    validate(&args, B::NAME)?;
+    validate(&args, B::NAME, B::RX_OFFLOAD.is_some())?;
     // Every relayed connection holds an upstream socket: a gateway with thousands of
     // flows needs more descriptors than the usual soft limit of 1024. Raise the soft
     // limit to the hard one; if that fails, run with what there is.
@@ -154,6 +174,10 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             (Some(name), None) => {
                 let mut config = TunConfig::new(name.clone(), args.mtu);
                 config.addresses = args.addresses.clone();
+                if let Some(mode) = B::RX_OFFLOAD {
+                    config.offload = args.offload;
+                    config.rx_mode = mode;
+                }
                 TunDevice::create(&config).with_context(|| format!("--tun {name}"))?
             }
             (None, None) => bail!("one of --tun or --tun-fd is required"),
@@ -166,6 +190,7 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
         tracing::info!(
             backend = B::NAME,
             tun = device.name(),
+            offload = device.offload().is_some(),
             mtu = %args.mtu,
             addresses = %addresses.join(","),
             mark = ?args.mark,
@@ -242,7 +267,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.mark, Some(0x100));
         assert_eq!(a.addresses.len(), 2);
-        assert!(validate(&a, "smoltcp").is_ok());
+        assert!(validate(&a, "smoltcp", true).is_ok());
 
         assert!(args(&["--tun", "t", "--mtu", "100"]).is_err());
         assert!(args(&["--tun", "t", "--address", "198.18.0.1"]).is_err());
@@ -251,10 +276,15 @@ mod tests {
         assert!(args(&["--tun", "t", "--tun-fd", "3"]).is_err(), "one device only");
 
         let socks = args(&["--tun", "t", "--proxy", "socks5://127.0.0.1:1080"]).unwrap();
-        assert!(validate(&socks, "smoltcp").unwrap_err().to_string().contains("not supported yet"));
+        assert!(validate(&socks, "smoltcp", true).unwrap_err().to_string().contains("not supported yet"));
         let other = args(&["--tun", "t", "--backend", "lwip"]).unwrap();
-        assert!(validate(&other, "smoltcp").unwrap_err().to_string().contains("not compiled into this variant"));
+        assert!(validate(&other, "smoltcp", true).unwrap_err().to_string().contains("not compiled into this variant"));
         let small = args(&["--tun", "t", "--mtu", "1000", "--address", "fd18::1/64"]).unwrap();
-        assert!(validate(&small, "smoltcp").is_err());
+        assert!(validate(&small, "smoltcp", true).is_err());
+        let on = args(&["--tun", "t", "--offload", "on"]).unwrap();
+        assert!(validate(&on, "lwip", false).unwrap_err().to_string().contains("does not support TUN offload"));
+        let fd_on = args(&["--tun-fd", "3", "--offload", "on"]).unwrap();
+        assert!(validate(&fd_on, "system", true).unwrap_err().to_string().contains("inherited"));
+        assert!(args(&["--tun", "t", "--offload", "maybe"]).is_err());
     }
 }

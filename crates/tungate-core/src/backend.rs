@@ -24,6 +24,10 @@ pub trait Backend: Send + 'static {
     /// The name used in the binary's name (`tungate-<NAME>`) and in logs.
     const NAME: &'static str;
 
+    /// How this backend takes TUN offload input, if it can: `None` runs the TUN without
+    /// offload (and `--offload on` is refused).
+    const RX_OFFLOAD: Option<crate::device::offload::RxMode> = None;
+
     /// Serves `device` until `shutdown` completes (`Ok`) or the device fails.
     fn run<D: PacketDevice>(
         self,

@@ -64,7 +64,7 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let wake = engine.wake_queue();
-    let capacity = device.mtu().get();
+    let capacity = device.max_packet_len();
     let mut batch: Vec<PacketBuf> = (0..RX_BATCH).map(|_| PacketBuf::with_capacity(capacity)).collect();
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
     let sleep = tokio::time::sleep_until(far());

@@ -191,6 +191,13 @@ struct State {
     writer: Option<Waker>,
     /// The task driving a [`FlowPort`], when it waits for the handler.
     stack_waker: Option<Waker>,
+    /// The stack terminates this flow in a kernel socket it can hand over whole
+    /// ([`FlowLink::offer_streams`]).
+    stream_capable: bool,
+    /// The handler asked for that socket ([`TcpRequest::accept_stream`]).
+    wants_stream: bool,
+    /// The socket, handed over and not yet taken.
+    stream: Option<tokio::net::TcpStream>,
 }
 
 #[derive(Debug)]
@@ -246,6 +253,9 @@ pub fn new_flow(
             reader: None,
             writer: None,
             stack_waker: None,
+            stream_capable: false,
+            wants_stream: false,
+            stream: None,
         }),
         delivered: std::sync::atomic::AtomicU64::new(0),
     });
@@ -284,6 +294,35 @@ impl TcpRequest {
         TcpFlow { src: self.src, dst: self.dst, shared }
     }
 
+    /// Accepts, and takes the connection as the kernel socket that terminates it when the
+    /// stack has one (the system stack): the handler then moves bytes between two kernel
+    /// sockets with no ring in between. Other stacks give a [`TcpFlow`] as
+    /// [`accept`](Self::accept) does. Resolves once the stack has the connection (or
+    /// failed to get it: the flow then reads as reset).
+    pub async fn accept_stream(mut self) -> Accepted {
+        let (src, dst) = (self.src, self.dst);
+        let shared = self.shared.take().expect("a request is decided once");
+        {
+            let mut st = shared.state();
+            st.wants_stream = st.stream_capable;
+            st.decision = Decision::Accepted;
+            shared.wake_stack(&mut st);
+        }
+        std::future::poll_fn(|cx| {
+            let mut st = shared.state();
+            if let Some(stream) = st.stream.take() {
+                return Poll::Ready(Some(stream));
+            }
+            if !st.wants_stream || st.closed {
+                return Poll::Ready(None);
+            }
+            st.reader = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+        .map_or_else(|| Accepted::Flow(TcpFlow { src, dst, shared }), Accepted::Stream)
+    }
+
     /// Refuses: the client's SYN is answered with RST.
     pub fn reject(mut self) {
         self.decide(Decision::Rejected);
@@ -306,6 +345,15 @@ impl Drop for TcpRequest {
             self.decide(Decision::Rejected);
         }
     }
+}
+
+/// What [`TcpRequest::accept_stream`] gives the handler.
+#[derive(Debug)]
+pub enum Accepted {
+    /// The kernel socket facing the client (its peer address is the stack's, not the
+    /// client's: use the request's `src`/`dst`).
+    Stream(tokio::net::TcpStream),
+    Flow(TcpFlow),
 }
 
 /// An accepted TCP connection, seen from the handler.
@@ -624,6 +672,12 @@ impl FlowLink {
         self.shared.state().queued = false;
     }
 
+    /// Marks the flow as one whose connection the stack can hand over as a kernel socket
+    /// ([`FlowPort::hand_over`]). Call before the request reaches the handler.
+    pub fn offer_streams(&self) {
+        self.shared.state().stream_capable = true;
+    }
+
     /// Turns this link into an async [`FlowPort`], for stacks that hand out connections
     /// as byte streams. From then on the flow wakes the port's task, not the wake queue.
     pub fn into_port(self) -> FlowPort {
@@ -672,6 +726,27 @@ impl FlowPort {
     /// A handle that reports how many client bytes this port has delivered.
     pub fn progress(&self) -> FlowProgress {
         FlowProgress(self.link.shared.clone())
+    }
+
+    /// Gives the handler the kernel socket itself, if it asked for it
+    /// ([`TcpRequest::accept_stream`]); otherwise returns both for a [`bridge`].
+    ///
+    /// [`bridge`]: crate::admission::bridge
+    #[allow(clippy::result_large_err)]
+    pub fn hand_over(self, stream: tokio::net::TcpStream) -> Result<(), (tokio::net::TcpStream, FlowPort)> {
+        {
+            let mut st = self.link.shared.state();
+            if !st.wants_stream || st.closed {
+                drop(st);
+                return Err((stream, self));
+            }
+            st.stream = Some(stream);
+            if let Some(w) = st.reader.take() {
+                w.wake();
+            }
+        }
+        self.link.set_closed(false);
+        Ok(())
     }
 
     /// Ends the flow for the handler: a clean close, or a reset.

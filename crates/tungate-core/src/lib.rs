@@ -15,7 +15,7 @@
 //!   (held SYNs, RST for strangers, UDP on tungate's own path) and the stream↔flow bridge.
 //!
 //! `unsafe` is allowed only in `device/sys.rs` (adopting an inherited file descriptor) and
-//! [`os`] (returning free heap memory to the OS).
+//! [`os`] (returning free heap memory to the OS, splice pipes).
 
 pub mod admission;
 pub mod backend;
@@ -32,6 +32,6 @@ pub mod stream_stack;
 pub use backend::{Backend, BackendError};
 pub use config::{Mtu, MtuError};
 pub use device::{PacketBuf, PacketDevice};
-pub use flow::{FlowId, FlowPort, TcpFlow, TcpRequest};
+pub use flow::{Accepted, FlowId, FlowPort, TcpFlow, TcpRequest};
 pub use handler::{Handlers, TcpHandler, UdpHandler, UdpSender};
 pub use stats::Stats;

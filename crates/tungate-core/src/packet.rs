@@ -46,6 +46,7 @@ pub struct TcpSummary {
     pub syn: bool,
     pub ack: bool,
     pub rst: bool,
+    pub fin: bool,
     pub seq: u32,
     pub ack_number: u32,
     /// Sequence space the segment occupies (payload + SYN + FIN).
@@ -120,6 +121,7 @@ pub fn classify(packet: &[u8]) -> Result<Classified<'_>, ParseError> {
                 syn: tcp.syn(),
                 ack: tcp.ack(),
                 rst: tcp.rst(),
+                fin: tcp.fin(),
                 seq: tcp.seq_number().0 as u32,
                 ack_number: tcp.ack_number().0 as u32,
                 segment_len: tcp.segment_len(),
@@ -279,6 +281,7 @@ mod tests {
             syn: true,
             ack: false,
             rst: false,
+            fin: false,
             seq: u32::MAX,
             ack_number: 0,
             segment_len: 1,

@@ -70,7 +70,7 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let wake = admission.wake_queue();
-    let capacity = device.mtu().get();
+    let capacity = device.max_packet_len();
     let mut batch: Vec<PacketBuf> = (0..RX_BATCH).map(|_| PacketBuf::with_capacity(capacity)).collect();
     let mut to_stack: VecDeque<PacketBuf> = VecDeque::new();
     let mut spare: Vec<PacketBuf> = Vec::new();

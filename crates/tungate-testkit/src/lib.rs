@@ -31,11 +31,21 @@ pub use netns::{netns_256mib_each_way, netns_closed_port_refused, netns_http_get
 /// instantiated with `one_per_process` first: its in-memory tests then take turns
 /// instead of running in parallel. The tests themselves are the same.
 ///
+/// A backend with no in-memory form (the kernel system stack, whose TCP is the kernel's)
+/// is instantiated with `netns_only MODULE, "bin [flags]"`: the namespace half only, once
+/// per flag set (e.g. offload on and off), each in its own module.
+///
 /// A backend documented to lack a capability is instantiated with
 /// `limits = mem::Limits { .. }`: the affected tests check the documented substitute
 /// behaviour instead (see [`mem::Limits`]); nothing is skipped.
 #[macro_export]
 macro_rules! conformance_suite {
+    (netns_only $module:ident, $bin:expr) => {
+        $crate::conformance_suite!(@netns $module [$crate::mem::Limits::NONE] $bin;
+            netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
+            netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
+            cli_sigterm_exits_cleanly);
+    };
     (one_per_process, $backend:expr, $bin:expr) => {
         $crate::conformance_suite!(@suite [true] [$crate::mem::Limits::NONE] $backend, $bin);
     };
@@ -52,7 +62,7 @@ macro_rules! conformance_suite {
             half_close_server_first, refused_gets_rst_v4, refused_gets_rst_v6,
             concurrent_200_flows, udp_echo_v4, udp_echo_v6, malformed_burst,
             unknown_segment_gets_rst, survives_loss_and_duplication, corruption_is_detected);
-        $crate::conformance_suite!(@netns [$limits] $bin;
+        $crate::conformance_suite!(@netns conformance_netns [$limits] $bin;
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
             cli_sigterm_exits_cleanly);
@@ -73,8 +83,8 @@ macro_rules! conformance_suite {
             )*
         }
     };
-    (@netns [$limits:expr] $bin:expr; $($name:ident),*) => {
-        mod conformance_netns {
+    (@netns $module:ident [$limits:expr] $bin:expr; $($name:ident),*) => {
+        mod $module {
             $(
                 #[test]
                 #[ignore = "needs root, network namespaces and the variant binary; run by `make test`"]

@@ -430,6 +430,7 @@ pub async fn unknown_segment_gets_rst<B: Backend>(backend: B) {
         syn: false,
         ack: false,
         rst: false,
+        fin: false,
         seq: 1000,
         ack_number: 0,
         segment_len: 0,

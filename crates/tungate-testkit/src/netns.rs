@@ -23,8 +23,11 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
 }
 
-/// The variant binary, from `$TUNGATE_BIN_DIR` (set by `make test`).
+/// The variant binary, from `$TUNGATE_BIN_DIR` (set by `make test`). `name` may carry
+/// extra gateway flags after the binary's name ("tungate-system --offload off"): the
+/// namespace tests pass them to the gateway, everything else ignores them.
 pub fn binary(name: &str) -> PathBuf {
+    let name = name.split_whitespace().next().unwrap_or(name);
     let dir = std::env::var_os("TUNGATE_BIN_DIR").unwrap_or_else(|| {
         panic!("TUNGATE_BIN_DIR is not set: build the variants and run the namespace suite with `make test`")
     });
@@ -67,6 +70,7 @@ impl Topology {
     /// Creates the namespaces (veth MTU `mtu`) and starts `bin` as the gateway.
     pub fn start(bin: &str, mtu: u32) -> Topology {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let extra: Vec<&str> = bin.split_whitespace().skip(1).collect();
         let bin = binary(bin);
         let id = format!("t{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let topo = Topology {
@@ -77,9 +81,10 @@ impl Topology {
             _serial: serial,
         };
         let status = netns_lib(&format!(
-            "netns_up {id} {mtu} && netns_start_gateway {id} '{bin}' {mtu}",
+            "netns_up {id} {mtu} && netns_start_gateway {id} '{bin}' {mtu} {extra}",
             id = topo.id,
-            bin = bin.display()
+            bin = bin.display(),
+            extra = extra.join(" ")
         ));
         assert!(status.success(), "setting up namespaces and the gateway failed (see stderr above)");
         topo

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
-use tungate_core::{Stats, TcpHandler, TcpRequest, UdpHandler, UdpSender};
+use tungate_core::{Accepted, Stats, TcpHandler, TcpRequest, UdpHandler, UdpSender};
 
 /// Settings of the direct upstream.
 #[derive(Debug, Clone)]
@@ -120,7 +120,22 @@ impl TcpHandler for Direct {
                     return;
                 }
             };
-            let flow = request.accept();
+            let flow = match request.accept_stream().await {
+                Accepted::Flow(flow) => flow,
+                Accepted::Stream(client) => {
+                    // The system stack: two kernel sockets, spliced (no user-space copy).
+                    match crate::splice_sockets(&client, &upstream, inner.config.tcp_idle_timeout).await {
+                        Ok(s) => tracing::debug!(%src, %dst, up = s.a_to_b, down = s.b_to_a, "tcp relay done"),
+                        Err(e) => {
+                            tracing::debug!(%src, %dst, error = %e, "tcp relay failed; resetting both sides");
+                            for s in [&client, &upstream] {
+                                let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
+                            }
+                        }
+                    }
+                    return;
+                }
+            };
             match crate::splice(&flow, &upstream, inner.config.tcp_idle_timeout).await {
                 Ok(s) => tracing::debug!(%src, %dst, up = s.a_to_b, down = s.b_to_a, "tcp relay done"),
                 Err(e) => {

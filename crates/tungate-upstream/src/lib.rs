@@ -8,4 +8,4 @@ mod direct;
 mod relay;
 
 pub use direct::{Direct, DirectConfig};
-pub use relay::{RelayStats, relay, splice};
+pub use relay::{RelayStats, relay, splice, splice_sockets};

@@ -148,6 +148,49 @@ pub async fn splice(flow: &TcpFlow, upstream: &TcpStream, idle: Duration) -> io:
     activity.watch(async { tokio::try_join!(up, down) }, idle).await
 }
 
+/// Bytes one splice moves at most: the pipe's size.
+const SPLICE_CHUNK: usize = 1 << 20;
+
+/// [`relay`] between two kernel sockets (a flow the system stack handed over as its
+/// socket, and the upstream) with `splice(2)`: the bytes move as page references through
+/// a pipe per direction and never enter user memory.
+pub async fn splice_sockets(a: &TcpStream, b: &TcpStream, idle: Duration) -> io::Result<RelayStats> {
+    let activity = Activity::new();
+    let one = splice_one_way(a, b, &activity);
+    let two = splice_one_way(b, a, &activity);
+    activity.watch(async { tokio::try_join!(one, two) }, idle).await
+}
+
+async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Result<u64> {
+    use std::os::fd::AsFd;
+    use tokio::io::Interest;
+    let pipe = tungate_core::os::Pipe::new(SPLICE_CHUNK)?;
+    let mut total = 0u64;
+    loop {
+        let n = loop {
+            match from.try_io(Interest::READABLE, || pipe.fill_from(from.as_fd(), SPLICE_CHUNK)) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => from.readable().await?,
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            SockRef::from(to).shutdown(Shutdown::Write)?;
+            return Ok(total);
+        }
+        activity.touch();
+        let mut left = n;
+        while left > 0 {
+            match to.try_io(Interest::WRITABLE, || pipe.drain_to(to.as_fd(), left)) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        total += n as u64;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +213,37 @@ mod tests {
         assert_eq!(got, b"response!");
         let stats = task.await.unwrap().unwrap();
         assert_eq!(stats, RelayStats { a_to_b: 7, b_to_a: 9 });
+    }
+
+    #[tokio::test]
+    async fn splice_sockets_carries_both_ways_with_half_close() {
+        use sha2::Digest;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // client ⇄ (a | relay | b) ⇄ server, all over loopback.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (a, _) = listener.accept().await.unwrap();
+        let mut server_side = TcpStream::connect(addr).await.unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        let relay = tokio::spawn(async move { splice_sockets(&a, &b, Duration::from_secs(10)).await });
+        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let up2 = up.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&up2).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server_side.read_to_end(&mut got).await.unwrap();
+        assert_eq!(sha2::Sha256::digest(&got), sha2::Sha256::digest(&up), "upload corrupted");
+        // The server answers after the client's half-close.
+        server_side.write_all(b"done").await.unwrap();
+        server_side.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"done");
+        let stats = relay.await.unwrap().unwrap();
+        assert_eq!(stats, RelayStats { a_to_b: up.len() as u64, b_to_a: 4 });
     }
 
     #[tokio::test(start_paused = true)]

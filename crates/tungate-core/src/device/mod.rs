@@ -6,8 +6,8 @@
 //! (`send` waits) and never drop; a stack's retransmission timers are far too coarse to
 //! treat a local queue as lossy.
 //!
-//! Implementations: [`tun::TunDevice`] (Linux TUN on tun-rs) and [`mem::MemDevice`] (an
-//! in-memory pair for tests and benchmarks).
+//! Implementations: [`tun::TunDevice`] (Linux TUN on tun-rs, optionally with offload) and
+//! [`mem::MemDevice`] (an in-memory pair for tests and benchmarks).
 
 use std::future::Future;
 use std::io;
@@ -15,18 +15,23 @@ use std::io;
 use crate::config::Mtu;
 
 pub mod mem;
+pub mod offload;
 #[cfg(target_os = "linux")]
 pub(crate) mod sys;
 #[cfg(target_os = "linux")]
 pub mod tun;
 
-/// Per-packet metadata that travels with a [`PacketBuf`].
-///
-/// Empty today; TUN offload will carry the virtio-net header fields (GSO type and size,
-/// checksum start and offset) here without changing the device trait.
+/// Per-packet metadata that travels with a [`PacketBuf`]: the virtio-net header fields of
+/// an offload-enabled TUN (see [`offload`]). Both are `None` for a plain packet.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct PacketMeta {}
+pub struct PacketMeta {
+    /// The packet is a super-packet the kernel (or the device) splits into segments.
+    pub gso: Option<offload::Gso>,
+    /// The transport checksum is not final: the field holds the pseudo-header sum, and
+    /// the checksum over the transport header and payload is still to be folded in.
+    pub csum: Option<offload::PartialChecksum>,
+}
 
 /// A reusable packet buffer: fixed capacity, a filled length and metadata.
 ///
@@ -109,6 +114,13 @@ pub trait PacketDevice: Send + 'static {
     /// Writes one packet, waiting while the device cannot take it.
     fn send(&mut self, packet: &PacketBuf) -> impl Future<Output = io::Result<()>> + Send;
 
-    /// The largest packet this device carries.
+    /// The link MTU: the largest packet a stack should build.
     fn mtu(&self) -> Mtu;
+
+    /// The largest packet [`try_recv`](Self::try_recv) can deliver: the MTU, or 64 KiB
+    /// when the device hands out offload super-packets whole ([`offload::RxMode::Whole`]).
+    /// Receive buffers must be at least this large.
+    fn max_packet_len(&self) -> usize {
+        self.mtu().get()
+    }
 }

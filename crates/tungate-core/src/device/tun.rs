@@ -1,12 +1,13 @@
 //! A Linux TUN device on tun-rs: created by name, or adopted from an inherited descriptor.
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::IpAddr;
 use std::os::fd::RawFd;
 
 use ipnet::IpNet;
 
-use super::{PacketBuf, PacketDevice};
+use super::offload::{MAX_SUPER_PACKET, Offload, RxMode, VNET_HDR_LEN, VnetHeader};
+use super::{PacketBuf, PacketDevice, PacketMeta};
 use crate::config::Mtu;
 
 /// How to create a TUN interface.
@@ -20,13 +21,24 @@ pub struct TunConfig {
     /// Kernel transmit queue length. The only loss on a local TUN path is a full queue,
     /// and user-space stacks retransmit slowly, so the default is far above the kernel's 500.
     pub tx_queue_len: u32,
+    /// Whether to open the TUN with `IFF_VNET_HDR` and TCP/UDP segmentation offload.
+    pub offload: Offload,
+    /// How offloaded input is delivered (ignored without offload).
+    pub rx_mode: RxMode,
 }
 
 impl TunConfig {
     pub const DEFAULT_TX_QUEUE_LEN: u32 = 10_000;
 
     pub fn new(name: impl Into<String>, mtu: Mtu) -> Self {
-        TunConfig { name: name.into(), mtu, addresses: Vec::new(), tx_queue_len: Self::DEFAULT_TX_QUEUE_LEN }
+        TunConfig {
+            name: name.into(),
+            mtu,
+            addresses: Vec::new(),
+            tx_queue_len: Self::DEFAULT_TX_QUEUE_LEN,
+            offload: Offload::Off,
+            rx_mode: RxMode::Split,
+        }
     }
 }
 
@@ -46,13 +58,57 @@ pub enum TunError {
     NotATun { fd: RawFd, source: io::Error },
     #[error("TUN {name:?}: {what}")]
     Setup { name: String, what: &'static str, source: io::Error },
+    #[error("TUN {name:?}: the kernel refused offload (IFF_VNET_HDR with checksum and TSO); use --offload auto or off")]
+    OffloadRefused { name: String, source: io::Error },
 }
 
-/// A TUN interface opened with `IFF_NO_PI`: every read and write is one IP packet.
+/// A TUN interface opened with `IFF_NO_PI`: every read and write is one IP packet, with a
+/// virtio-net header in front when offload is on.
 pub struct TunDevice {
     dev: tun_rs::AsyncDevice,
     mtu: Mtu,
     name: String,
+    vnet: Option<Box<Vnet>>,
+}
+
+/// State of an offload-enabled TUN.
+struct Vnet {
+    rx: RxMode,
+    /// Whether the kernel took USO too (TSO is required for offload at all).
+    uso: bool,
+    /// [`RxMode::Split`]: a raw read (header + super-packet) and the segments it made,
+    /// of which `next..count` are not delivered yet.
+    raw: Box<[u8]>,
+    segs: Vec<Box<[u8]>>,
+    sizes: Vec<usize>,
+    next: usize,
+    count: usize,
+    /// Set after a GSO write failed with `EINVAL` (a known kernel regression): from then
+    /// on super-packets are split here and written as plain segments.
+    split_writes: bool,
+}
+
+/// Segments one super-packet can make: 64 KiB at the smallest MSS a peer may announce
+/// (IPv4 minimum 536) is 123.
+const MAX_SEGMENTS: usize = 128;
+
+impl Vnet {
+    fn new(rx: RxMode, uso: bool, mtu: Mtu) -> Box<Self> {
+        let segs = match rx {
+            RxMode::Split => (0..MAX_SEGMENTS).map(|_| vec![0; mtu.get()].into_boxed_slice()).collect(),
+            RxMode::Whole => Vec::new(),
+        };
+        Box::new(Vnet {
+            rx,
+            uso,
+            raw: vec![0; VNET_HDR_LEN + MAX_SUPER_PACKET].into_boxed_slice(),
+            sizes: vec![0; segs.len()],
+            segs,
+            next: 0,
+            count: 0,
+            split_writes: false,
+        })
+    }
 }
 
 impl std::fmt::Debug for TunDevice {
@@ -64,12 +120,34 @@ impl std::fmt::Debug for TunDevice {
 impl TunDevice {
     /// Creates (or attaches to) the named TUN, sets MTU, addresses and queue length, and
     /// brings it up. Routes are left to the operator.
+    ///
+    /// With [`Offload::Auto`] a kernel that refuses offload gets a plain TUN (logged);
+    /// with [`Offload::On`] that is an error.
     pub fn create(config: &TunConfig) -> Result<Self, TunError> {
+        match config.offload {
+            Offload::Off => Self::create_with(config, false),
+            // EINVAL also means "a non-TUN interface has this name": find out which.
+            Offload::On => Self::create_with(config, true).or_else(|e| match e {
+                TunError::OffloadRefused { .. } => Self::create_with(config, false).and(Err(e)),
+                other => Err(other),
+            }),
+            Offload::Auto => Self::create_with(config, true).or_else(|e| match e {
+                TunError::OffloadRefused { source, .. } => {
+                    tracing::warn!("TUN offload unavailable ({source}); running without it");
+                    Self::create_with(config, false)
+                }
+                other => Err(other),
+            }),
+        }
+    }
+
+    fn create_with(config: &TunConfig, offload: bool) -> Result<Self, TunError> {
         let name = config.name.clone();
         let mut builder = tun_rs::DeviceBuilder::new()
             .name(&config.name)
             .mtu(config.mtu.get() as u16)
-            .tx_queue_len(config.tx_queue_len);
+            .tx_queue_len(config.tx_queue_len)
+            .offload(offload);
         // The builder takes one IPv4 address; further ones are added once the link exists.
         let mut has_v4 = false;
         let mut extra_v4 = Vec::new();
@@ -83,7 +161,16 @@ impl TunDevice {
                 IpAddr::V6(a) => builder = builder.ipv6(a, net.prefix_len()),
             }
         }
-        let dev = builder.build_async().map_err(|e| classify_create_error(&name, e))?;
+        let dev = builder.build_async().map_err(|e| {
+            // tun-rs fails the build if TUNSETOFFLOAD (csum + TSO) is refused; IFF_VNET_HDR
+            // itself is older than any supported kernel.
+            if offload && e.raw_os_error() == Some(libc::EINVAL) {
+                TunError::OffloadRefused { name: name.clone(), source: e }
+            } else {
+                classify_create_error(&name, e)
+            }
+        })?;
+        let vnet = offload.then(|| Vnet::new(config.rx_mode, dev.udp_gso(), config.mtu));
         for (a, prefix) in extra_v4 {
             dev.add_address_v4(a, prefix).map_err(|source| TunError::Setup {
                 name: name.clone(),
@@ -92,11 +179,13 @@ impl TunDevice {
             })?;
         }
         let name = dev.name().unwrap_or(name);
-        Ok(TunDevice { dev, mtu: config.mtu, name })
+        Ok(TunDevice { dev, mtu: config.mtu, name, vnet })
     }
 
     /// Adopts an inherited TUN descriptor (Android `VpnService`, a supervisor): its
     /// interface is already configured, so only the MTU the stack should assume is given.
+    /// Such a descriptor runs without offload: its framing (no virtio-net header) was
+    /// chosen by whoever opened it.
     pub fn adopt_fd(fd: RawFd, mtu: Mtu) -> Result<Self, TunError> {
         let dev = super::sys::adopt_tun_fd(fd).map_err(|source| {
             if source.raw_os_error() == Some(libc::EBADF) && !super::sys::fd_is_open(fd) {
@@ -106,11 +195,119 @@ impl TunDevice {
             }
         })?;
         let name = dev.name().unwrap_or_else(|_| format!("fd{fd}"));
-        Ok(TunDevice { dev, mtu, name })
+        Ok(TunDevice { dev, mtu, name, vnet: None })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the TUN runs with a virtio-net header and TSO (and how input is delivered).
+    pub fn offload(&self) -> Option<RxMode> {
+        self.vnet.as_ref().map(|v| v.rx)
+    }
+
+    /// Whether the kernel also took UDP segmentation offload (USO, Linux 6.2+).
+    pub fn udp_offload(&self) -> bool {
+        self.vnet.as_ref().is_some_and(|v| v.uso)
+    }
+
+    /// [`RxMode::Whole`]: one read, header decoded into the buffer's metadata.
+    fn recv_whole(&mut self, buf: &mut PacketBuf) -> io::Result<bool> {
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        let n = {
+            let mut iov = [IoSliceMut::new(&mut hdr), IoSliceMut::new(buf.spare_mut())];
+            match self.dev.try_recv_vectored(&mut iov) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        };
+        match VnetHeader::decode(&hdr).to_meta() {
+            Some(meta) if n > VNET_HDR_LEN => {
+                buf.meta = meta;
+                buf.set_len(n - VNET_HDR_LEN);
+            }
+            // A header tungate cannot interpret: deliver an empty packet, which every
+            // backend counts as malformed.
+            _ => {
+                buf.meta = PacketMeta::default();
+                buf.set_len(0);
+            }
+        }
+        Ok(true)
+    }
+
+    /// [`RxMode::Split`]: segments of the last super-packet first, then one more read.
+    fn recv_split(&mut self, buf: &mut PacketBuf) -> io::Result<bool> {
+        let Some(v) = self.vnet.as_deref_mut() else { return Ok(false) };
+        if v.next == v.count {
+            match self.dev.try_recv_multiple(&mut v.raw, &mut v.segs, &mut v.sizes, 0) {
+                Ok(n) => (v.next, v.count) = (0, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                // Raised by tun-rs for a header or super-packet it cannot split: that one
+                // packet is lost (counted as malformed by the backend), not the device.
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput || e.kind() == io::ErrorKind::Other => {
+                    tracing::debug!("dropping an offloaded packet that cannot be split: {e}");
+                    buf.meta = PacketMeta::default();
+                    buf.set_len(0);
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (i, len) = (v.next, v.sizes[v.next]);
+        v.next += 1;
+        buf.meta = PacketMeta::default();
+        buf.spare_mut()[..len].copy_from_slice(&v.segs[i][..len]);
+        buf.set_len(len);
+        Ok(true)
+    }
+
+    /// Writes one packet with its virtio-net header.
+    async fn send_vnet(&mut self, packet: &PacketBuf) -> io::Result<()> {
+        let split = self.vnet.as_ref().is_some_and(|v| v.split_writes);
+        if packet.meta.gso.is_some() && split {
+            return self.send_split(packet).await;
+        }
+        let hdr = VnetHeader::from_meta(&packet.meta).encode();
+        loop {
+            match self.dev.try_send_vectored(&[IoSlice::new(&hdr), IoSlice::new(packet.packet())]) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dev.writable().await?,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && packet.meta.gso.is_some() => {
+                    tracing::warn!(
+                        "TUN {}: the kernel refused a GSO write ({e}); splitting super-packets from now on",
+                        self.name
+                    );
+                    if let Some(v) = self.vnet.as_deref_mut() {
+                        v.split_writes = true;
+                    }
+                    return self.send_split(packet).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Splits a super-packet into plain segments with final checksums and writes each
+    /// (the fallback for kernels that refuse GSO writes; allocation per packet is fine
+    /// on this path).
+    async fn send_split(&mut self, packet: &PacketBuf) -> io::Result<()> {
+        let mut segments = Vec::new();
+        let mut scratch = Vec::new();
+        super::offload::split(packet, &mut scratch, self.mtu.get(), &mut segments)?;
+        let hdr = [0u8; VNET_HDR_LEN];
+        for seg in &segments {
+            loop {
+                match self.dev.try_send_vectored(&[IoSlice::new(&hdr), IoSlice::new(seg.packet())]) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dev.writable().await?,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -130,6 +327,11 @@ impl PacketDevice for TunDevice {
     }
 
     fn try_recv(&mut self, buf: &mut PacketBuf) -> io::Result<bool> {
+        match self.vnet.as_ref().map(|v| v.rx) {
+            Some(RxMode::Whole) => return self.recv_whole(buf),
+            Some(RxMode::Split) => return self.recv_split(buf),
+            None => {}
+        }
         match self.dev.try_recv(buf.spare_mut()) {
             Ok(n) => {
                 buf.set_len(n);
@@ -141,6 +343,9 @@ impl PacketDevice for TunDevice {
     }
 
     async fn send(&mut self, packet: &PacketBuf) -> io::Result<()> {
+        if self.vnet.is_some() {
+            return self.send_vnet(packet).await;
+        }
         // A TUN write almost never blocks: try it without building a readiness future
         // (which showed up at ~1% of the gateway's CPU at MTU 1500), wait only if needed.
         match self.dev.try_send(packet.packet()) {
@@ -151,5 +356,12 @@ impl PacketDevice for TunDevice {
 
     fn mtu(&self) -> Mtu {
         self.mtu
+    }
+
+    fn max_packet_len(&self) -> usize {
+        match self.offload() {
+            Some(RxMode::Whole) => MAX_SUPER_PACKET,
+            _ => self.mtu.get(),
+        }
     }
 }

@@ -1,0 +1,597 @@
+//! The NAT table and the in-place rewrite: the whole of the system stack's packet work.
+//! I/O-free — the driver feeds packets in and writes what comes out.
+//!
+//! A client segment `S:sp → D:dp` is rewritten to `F:np → G:L` (F one of the fake client
+//! addresses of the TUN's prefix, np a NAT port, G:L the kernel listener on the TUN's own
+//! address) and written back into the TUN, where the kernel's own TCP terminates it. The
+//! listener's replies `G:L → F:np` come out of the TUN and are rewritten back to
+//! `D:dp → S:sp`. When the kernel accepts `F:np`, [`Nat::take_port`] maps it back to
+//! `(S:sp, D:dp)` and the flow's [`FlowPort`] for the bridge.
+//!
+//! Entries are created only by a bare SYN, and only after the handler accepted (the SYN
+//! is held meanwhile, as in every backend); any other segment for an unknown flow gets a
+//! RST. An entry ends `linger` after both FINs or a RST went through (late ACKs and
+//! retransmissions still pass), or after `idle_timeout` without a packet. Its NAT
+//! address then cools down before reuse: for the kernel's TIME-WAIT (60 s) if the
+//! kernel's socket closed first — a new SYN from the same `F:np` could hit that
+//! TIME-WAIT socket — and for `linger` otherwise.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use tungate_core::admission::FlowKey;
+use tungate_core::device::PacketBuf;
+use tungate_core::device::offload::{self, GsoKind};
+use tungate_core::flow::{self, Decision, FlowId, FlowLink, FlowPort, TcpRequest, WakeQueue};
+use tungate_core::handler::{Handlers, UdpOutbox, UdpSender};
+use tungate_core::packet::{self, Classified, TcpSummary};
+use tungate_core::{Mtu, Stats};
+
+use crate::checksum::Delta;
+
+/// NAT settings. Every default is documented with its reason.
+#[derive(Debug, Clone)]
+pub struct NatConfig {
+    /// The kernel listener `G:L` for IPv4 flows (none: IPv4 TCP gets RST).
+    pub listen_v4: Option<SocketAddr>,
+    /// The kernel listener for IPv6 flows.
+    pub listen_v6: Option<SocketAddr>,
+    /// Fake client addresses `F` (in the TUN's prefix, not assigned to anything).
+    pub fake_v4: Vec<Ipv4Addr>,
+    pub fake_v6: Vec<Ipv6Addr>,
+    /// NAT ports per fake address. 64 512 per address: the whole non-privileged range.
+    pub ports: RangeInclusive<u16>,
+    /// An entry without any packet for this long is dropped. RFC 5382 REQ-5: at least
+    /// 2 h 4 min for established connections.
+    pub idle_timeout: Duration,
+    /// An accepted flow whose connection the kernel never delivered is reset after this.
+    pub handshake_timeout: Duration,
+    /// How long an entry stays after both FINs or a RST (final ACKs, retransmissions).
+    pub linger: Duration,
+    /// How long a NAT address rests after the kernel's socket closed first: Linux's
+    /// TIME-WAIT is 60 s, plus a margin.
+    pub time_wait: Duration,
+    /// Ring capacity of each flow between the bridge and the handler.
+    pub ring_capacity: usize,
+    pub mtu: Mtu,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        NatConfig {
+            listen_v4: None,
+            listen_v6: None,
+            fake_v4: Vec::new(),
+            fake_v6: Vec::new(),
+            ports: 1024..=65535,
+            idle_timeout: Duration::from_secs(2 * 3600 + 4 * 60),
+            handshake_timeout: Duration::from_secs(30),
+            linger: Duration::from_secs(2),
+            time_wait: Duration::from_secs(61),
+            ring_capacity: tungate_core::flow::DEFAULT_RING_CAPACITY,
+            mtu: Mtu::DEFAULT,
+        }
+    }
+}
+
+/// What the driver does with a packet after [`Nat::handle_packet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Rewritten in place: write it back to the TUN (with its offload metadata).
+    Forward,
+    /// Handled here (UDP, held SYN, RST queued) or dropped.
+    Consumed,
+}
+
+enum State {
+    /// Waiting for the handler; the SYN is held.
+    Pending { link: FlowLink, syn: PacketBuf, summary: TcpSummary },
+    /// The SYN went to the kernel; `port` waits for its accepted connection.
+    Open { port: Option<FlowPort>, since: Instant },
+}
+
+struct Entry {
+    client: SocketAddr,
+    dst: SocketAddr,
+    nat: SocketAddr,
+    state: State,
+    last_seen: Instant,
+    fin_client: bool,
+    fin_kernel: bool,
+    kernel_closed_first: bool,
+    /// Both FINs or a RST went through at this time.
+    closing_since: Option<Instant>,
+}
+
+/// The NAT table. See the module docs.
+pub struct Nat {
+    config: NatConfig,
+    handlers: Handlers,
+    entries: Slab<Entry>,
+    by_client: HashMap<FlowKey, usize>,
+    by_nat: HashMap<SocketAddr, usize>,
+    /// NAT addresses resting until the given time.
+    cooling: HashMap<SocketAddr, Instant>,
+    cursor_v4: usize,
+    cursor_v6: usize,
+    wake: Arc<WakeQueue>,
+    woken: Vec<FlowId>,
+    udp_out: Arc<UdpOutbox>,
+    udp_sender: UdpSender,
+    out: VecDeque<PacketBuf>,
+    free: Vec<PacketBuf>,
+    last_from_udp: bool,
+    split_scratch: (Vec<u8>, Vec<PacketBuf>),
+}
+
+impl std::fmt::Debug for Nat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nat").field("entries", &self.entries.len()).finish_non_exhaustive()
+    }
+}
+
+impl Nat {
+    pub fn new(config: NatConfig, handlers: Handlers) -> Self {
+        let wake = WakeQueue::new();
+        let udp_out = UdpOutbox::new(config.mtu, wake.clone(), handlers.stats.clone());
+        let udp_sender = udp_out.sender();
+        Nat {
+            config,
+            handlers,
+            entries: Slab::new(),
+            by_client: HashMap::new(),
+            by_nat: HashMap::new(),
+            cooling: HashMap::new(),
+            cursor_v4: 0,
+            cursor_v6: 0,
+            wake,
+            woken: Vec::new(),
+            udp_out,
+            udp_sender,
+            out: VecDeque::new(),
+            free: Vec::new(),
+            last_from_udp: false,
+            split_scratch: (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Notified when a handler decided or a UDP reply is queued.
+    pub fn wake_queue(&self) -> Arc<WakeQueue> {
+        self.wake.clone()
+    }
+
+    /// NAT entries (pending, open or lingering).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn stats(&self) -> &Stats {
+        &self.handlers.stats
+    }
+
+    fn is_listener(&self, addr: SocketAddr) -> bool {
+        Some(addr) == self.config.listen_v4 || Some(addr) == self.config.listen_v6
+    }
+
+    /// An address a client flow must not target: the listener's or a fake one (a flow
+    /// to those would loop through the TUN).
+    fn is_ours(&self, ip: IpAddr) -> bool {
+        self.config.listen_v4.is_some_and(|l| l.ip() == ip)
+            || self.config.listen_v6.is_some_and(|l| l.ip() == ip)
+            || match ip {
+                IpAddr::V4(a) => self.config.fake_v4.contains(&a),
+                IpAddr::V6(a) => self.config.fake_v6.contains(&a),
+            }
+    }
+
+    /// Looks at one packet from the TUN; may rewrite it in place.
+    pub fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Verdict {
+        Stats::inc(&self.stats().rx_packets);
+        if transport_protocol(packet.packet()) == Some(UDP) {
+            self.handle_udp(packet);
+            return Verdict::Consumed;
+        }
+        let seg = match packet::classify(packet.packet()) {
+            Ok(Classified::Tcp(seg)) => seg,
+            Ok(Classified::Udp { .. }) | Ok(Classified::Unsupported) => {
+                Stats::inc(&self.stats().unsupported);
+                return Verdict::Consumed;
+            }
+            Err(_) => {
+                Stats::inc(&self.stats().malformed);
+                return Verdict::Consumed;
+            }
+        };
+        if self.is_listener(seg.src) {
+            return self.from_kernel(now, packet, &seg);
+        }
+        if let Some(&i) = self.by_client.get(&(seg.src, seg.dst)) {
+            let e = &mut self.entries[i];
+            if let State::Pending { .. } = e.state {
+                if seg.is_bare_syn() {
+                    Stats::inc(&self.handlers.stats.tcp_syn_duplicate);
+                } else if seg.rst {
+                    // The client gave up before the handler decided.
+                    self.remove(now, i, true);
+                }
+                return Verdict::Consumed;
+            }
+            if seg.is_bare_syn() && e.closing_since.is_some() {
+                // The client reuses its port for a new connection: start afresh.
+                self.remove(now, i, false);
+            } else {
+                e.last_seen = now;
+                if seg.fin && !e.fin_kernel {
+                    e.kernel_closed_first = false;
+                }
+                e.fin_client |= seg.fin;
+                if (seg.rst || (e.fin_client && e.fin_kernel)) && e.closing_since.is_none() {
+                    e.closing_since = Some(now);
+                }
+                let nat = e.nat;
+                let listen = self.listener_for(nat);
+                return match listen {
+                    Some(listen) if rewrite(packet, nat, listen) => Verdict::Forward,
+                    _ => {
+                        Stats::inc(&self.handlers.stats.malformed);
+                        Verdict::Consumed
+                    }
+                };
+            }
+        }
+        self.new_flow(now, packet, seg);
+        Verdict::Consumed
+    }
+
+    fn listener_for(&self, nat: SocketAddr) -> Option<SocketAddr> {
+        if nat.is_ipv4() { self.config.listen_v4 } else { self.config.listen_v6 }
+    }
+
+    /// A segment from the kernel listener to a NAT address.
+    fn from_kernel(&mut self, now: Instant, packet: &mut PacketBuf, seg: &TcpSummary) -> Verdict {
+        let Some(&i) = self.by_nat.get(&seg.dst) else {
+            // A late segment of an entry already gone (the kernel's socket retransmitting
+            // into a connection the client has reset): nobody to deliver it to.
+            Stats::inc(&self.handlers.stats.tcp_unknown_flow);
+            return Verdict::Consumed;
+        };
+        let e = &mut self.entries[i];
+        e.last_seen = now;
+        if seg.fin && !e.fin_client && !e.fin_kernel {
+            e.kernel_closed_first = true;
+        }
+        e.fin_kernel |= seg.fin;
+        if (seg.rst || (e.fin_client && e.fin_kernel)) && e.closing_since.is_none() {
+            e.closing_since = Some(now);
+        }
+        if rewrite(packet, e.dst, e.client) {
+            Verdict::Forward
+        } else {
+            Stats::inc(&self.handlers.stats.malformed);
+            Verdict::Consumed
+        }
+    }
+
+    /// A TCP segment for no entry: a bare SYN becomes a request, anything else a RST.
+    fn new_flow(&mut self, now: Instant, packet: &PacketBuf, seg: TcpSummary) {
+        // A partial checksum (offload) is the local kernel's own work: nothing to verify.
+        if packet.meta.csum.is_none() && !packet::tcp_checksum_ok(packet.packet(), &seg) {
+            Stats::inc(&self.stats().malformed);
+            return;
+        }
+        if !seg.is_bare_syn() {
+            if !seg.rst {
+                Stats::inc(&self.stats().tcp_unknown_flow);
+                self.send_rst(&seg);
+            }
+            return;
+        }
+        if !seg.has_unicast_endpoints() || self.is_ours(seg.dst.ip()) {
+            Stats::inc(&self.stats().malformed);
+            return;
+        }
+        let now_listener = self.listener_for(seg.dst);
+        let Some(nat) = now_listener.and_then(|_| self.allocate(now, seg.dst.is_ipv6())) else {
+            tracing::debug!(src = %seg.src, dst = %seg.dst, "no NAT address free (or no listener for this family)");
+            Stats::inc(&self.stats().tcp_rejected);
+            self.send_rst(&seg);
+            return;
+        };
+        let i = self.entries.vacant_key();
+        let (link, request): (FlowLink, TcpRequest) =
+            flow::new_flow(FlowId(i), seg.src, seg.dst, self.config.ring_capacity, self.wake.clone());
+        link.offer_streams();
+        let mut syn = PacketBuf::from_slice(packet.packet());
+        syn.meta = packet.meta;
+        self.entries.insert(Entry {
+            client: seg.src,
+            dst: seg.dst,
+            nat,
+            state: State::Pending { link, syn, summary: seg },
+            last_seen: now,
+            fin_client: false,
+            fin_kernel: false,
+            kernel_closed_first: false,
+            closing_since: None,
+        });
+        self.by_client.insert((seg.src, seg.dst), i);
+        self.by_nat.insert(nat, i);
+        Stats::inc(&self.stats().tcp_requests);
+        Stats::inc(&self.stats().tcp_active);
+        tracing::debug!(src = %seg.src, dst = %seg.dst, %nat, "tcp request");
+        self.handlers.tcp.handle_tcp(request);
+    }
+
+    /// A free NAT address: not in use, not cooling down. Walks the whole space in order
+    /// (fake address by fake address), so an address is reused as late as possible.
+    fn allocate(&mut self, now: Instant, v6: bool) -> Option<SocketAddr> {
+        let ports = self.config.ports.clone();
+        let per_fake = usize::from(ports.end() - ports.start()) + 1;
+        let fakes = if v6 { self.config.fake_v6.len() } else { self.config.fake_v4.len() };
+        let space = per_fake * fakes;
+        for _ in 0..space {
+            let cursor = if v6 { &mut self.cursor_v6 } else { &mut self.cursor_v4 };
+            let c = *cursor % space;
+            *cursor = (c + 1) % space;
+            let port = ports.start() + (c % per_fake) as u16;
+            let ip = if v6 {
+                IpAddr::V6(self.config.fake_v6[c / per_fake])
+            } else {
+                IpAddr::V4(self.config.fake_v4[c / per_fake])
+            };
+            let candidate = SocketAddr::new(ip, port);
+            if self.by_nat.contains_key(&candidate) {
+                continue;
+            }
+            match self.cooling.get(&candidate) {
+                Some(&until) if until > now => continue,
+                Some(_) => {
+                    self.cooling.remove(&candidate);
+                }
+                None => {}
+            }
+            return Some(candidate);
+        }
+        None
+    }
+
+    /// Acts on handler decisions: an accepted flow's SYN is rewritten and queued for the
+    /// TUN, a rejected one is answered with RST.
+    pub fn service(&mut self, now: Instant) {
+        let mut woken = std::mem::take(&mut self.woken);
+        self.wake.drain_into(&mut woken);
+        for &FlowId(i) in &woken {
+            let Some(Entry { state: State::Pending { link, .. }, .. }) = self.entries.get(i) else { continue };
+            link.clear_queued();
+            match link.decision() {
+                Decision::Pending => {}
+                Decision::Accepted => {
+                    let e = &mut self.entries[i];
+                    let State::Pending { link, mut syn, .. } =
+                        std::mem::replace(&mut e.state, State::Open { port: None, since: now })
+                    else {
+                        unreachable!("matched Pending above")
+                    };
+                    e.state = State::Open { port: Some(link.into_port()), since: now };
+                    e.last_seen = now;
+                    let listen = if e.nat.is_ipv4() { self.config.listen_v4 } else { self.config.listen_v6 };
+                    if listen.is_some_and(|l| rewrite(&mut syn, e.nat, l)) {
+                        self.out.push_back(syn);
+                    }
+                }
+                Decision::Rejected => {
+                    let Entry { state: State::Pending { summary, .. }, .. } = &self.entries[i] else { continue };
+                    let summary = *summary;
+                    Stats::inc(&self.stats().tcp_rejected);
+                    self.send_rst(&summary);
+                    self.remove(now, i, true);
+                }
+            }
+        }
+        woken.clear();
+        self.woken = woken;
+    }
+
+    /// The kernel accepted a connection from `peer` (a NAT address): the flow's real
+    /// client, original destination and port, if it is a flow that waits for one.
+    pub fn take_port(&mut self, peer: SocketAddr) -> Option<(SocketAddr, SocketAddr, FlowPort)> {
+        let &i = self.by_nat.get(&normalize(peer))?;
+        let e = &mut self.entries[i];
+        match &mut e.state {
+            State::Open { port, .. } => port.take().map(|p| (e.client, e.dst, p)),
+            State::Pending { .. } => None,
+        }
+    }
+
+    /// Expires entries and cooled-down NAT addresses. Cheap enough to call every second
+    /// (one pass over the table).
+    pub fn sweep(&mut self, now: Instant) {
+        let c = &self.config;
+        let expired: Vec<(usize, bool)> = self
+            .entries
+            .iter()
+            .filter_map(|(i, e)| {
+                let stale_handshake =
+                    matches!(e.state, State::Open { port: Some(_), since } if now >= since + c.handshake_timeout);
+                let done = e.closing_since.is_some_and(|t| now >= t + c.linger);
+                let idle = !matches!(e.state, State::Pending { .. }) && now >= e.last_seen + c.idle_timeout;
+                (stale_handshake || done || idle).then_some((i, !done))
+            })
+            .collect();
+        for (i, reset) in expired {
+            self.remove(now, i, reset);
+        }
+        self.cooling.retain(|_, until| *until > now);
+    }
+
+    /// Whether [`sweep`](Self::sweep) has anything to watch.
+    pub fn needs_sweep(&self) -> bool {
+        !self.entries.is_empty() || !self.cooling.is_empty()
+    }
+
+    fn remove(&mut self, now: Instant, i: usize, reset: bool) {
+        let e = self.entries.remove(i);
+        self.by_client.remove(&(e.client, e.dst));
+        self.by_nat.remove(&e.nat);
+        let rest = if e.kernel_closed_first { self.config.time_wait } else { self.config.linger };
+        if !matches!(e.state, State::Pending { .. }) {
+            self.cooling.insert(e.nat, now + rest);
+        }
+        match e.state {
+            State::Pending { link, .. } => link.set_closed(reset),
+            State::Open { port: Some(port), .. } => port.finish(reset),
+            State::Open { port: None, .. } => {}
+        }
+        Stats::dec(&self.handlers.stats.tcp_active);
+    }
+
+    fn handle_udp(&mut self, packet: &mut PacketBuf) {
+        if packet.meta.gso.is_some_and(|g| g.kind == GsoKind::Udp) {
+            // A USO super-packet (an application using UDP_SEGMENT): one datagram each.
+            let (mut scratch, mut segments) = std::mem::take(&mut self.split_scratch);
+            match offload::split(packet, &mut scratch, self.config.mtu.get(), &mut segments) {
+                Ok(()) => {
+                    for seg in segments.drain(..) {
+                        self.deliver_udp(seg.packet());
+                    }
+                }
+                Err(_) => Stats::inc(&self.stats().malformed),
+            }
+            self.split_scratch = (scratch, segments);
+            return;
+        }
+        if let Some(csum) = packet.meta.csum {
+            if !offload::complete_checksum(packet.packet_mut(), csum) {
+                Stats::inc(&self.stats().malformed);
+                return;
+            }
+        }
+        self.deliver_udp(packet.packet());
+    }
+
+    fn deliver_udp(&self, datagram: &[u8]) {
+        match packet::classify(datagram) {
+            Ok(Classified::Udp { src, dst, payload }) => {
+                Stats::inc(&self.stats().udp_rx);
+                self.handlers.udp.handle_udp(src, dst, payload, &self.udp_sender);
+            }
+            Ok(_) => Stats::inc(&self.stats().unsupported),
+            Err(_) => Stats::inc(&self.stats().malformed),
+        }
+    }
+
+    fn send_rst(&mut self, seg: &TcpSummary) {
+        let mut buf = self.free.pop().unwrap_or_else(|| PacketBuf::with_capacity(self.config.mtu.get()));
+        buf.meta = Default::default();
+        match packet::build_tcp_rst(seg, buf.spare_mut()) {
+            Some(len) => {
+                buf.set_len(len);
+                self.out.push_back(buf);
+            }
+            None => self.free.push(buf),
+        }
+    }
+
+    /// The next packet this table wants written to the TUN (released SYNs, RSTs, UDP).
+    pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
+        if let Some(buf) = self.out.pop_front() {
+            self.last_from_udp = false;
+            return Some(buf);
+        }
+        let buf = self.udp_out.pop()?;
+        self.last_from_udp = true;
+        Some(buf)
+    }
+
+    /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
+    pub fn recycle(&mut self, buf: PacketBuf) {
+        if self.last_from_udp {
+            self.udp_out.recycle(buf);
+        } else if self.free.len() < 64 && buf.capacity() >= self.config.mtu.get() {
+            self.free.push(buf);
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 peer (a dual-stack listener) as the IPv4 address it is.
+fn normalize(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// The transport protocol of an IP packet (IPv6: the first next-header only).
+fn transport_protocol(packet: &[u8]) -> Option<u8> {
+    match packet.first()? >> 4 {
+        4 => packet.get(9).copied(),
+        6 => packet.get(6).copied(),
+        _ => None,
+    }
+}
+
+/// Rewrites a TCP packet's addresses and ports in place to `src → dst`, updating the IPv4
+/// header checksum and the TCP checksum incrementally — a final checksum for a plain
+/// packet, the pseudo-header sum for one with a partial checksum (offload), where the
+/// ports are left to the final sum. `false` (nothing changed) if the packet is not TCP
+/// of that family or is too short.
+pub fn rewrite(packet: &mut PacketBuf, src: SocketAddr, dst: SocketAddr) -> bool {
+    let partial = packet.meta.csum.is_some();
+    let p = packet.packet_mut();
+    let (l4, addr_at, addr_len) = match (p.first().map(|b| b >> 4), src.ip(), dst.ip()) {
+        (Some(4), IpAddr::V4(_), IpAddr::V4(_)) if p.len() >= 20 && p[9] == TCP => {
+            (usize::from(p[0] & 0x0f) * 4, 12, 4)
+        }
+        (Some(6), IpAddr::V6(_), IpAddr::V6(_)) if p.len() >= 40 && p[6] == TCP => (40, 8, 16),
+        _ => return false,
+    };
+    if p.len() < l4 + 20 {
+        return false;
+    }
+    let mut new_addrs = [0u8; 32];
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            new_addrs[..4].copy_from_slice(&s.octets());
+            new_addrs[4..8].copy_from_slice(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            new_addrs[..16].copy_from_slice(&s.octets());
+            new_addrs[16..].copy_from_slice(&d.octets());
+        }
+        _ => return false,
+    }
+    let new_addrs = &new_addrs[..2 * addr_len];
+    let mut new_ports = [0u8; 4];
+    new_ports[..2].copy_from_slice(&src.port().to_be_bytes());
+    new_ports[2..].copy_from_slice(&dst.port().to_be_bytes());
+
+    let mut addrs = Delta::default();
+    addrs.replace(&p[addr_at..addr_at + 2 * addr_len], new_addrs);
+    let mut all = addrs;
+    all.replace(&p[l4..l4 + 4], &new_ports);
+
+    if addr_len == 4 {
+        let ip_check = u16::from_be_bytes([p[10], p[11]]);
+        p[10..12].copy_from_slice(&addrs.update_final(ip_check).to_be_bytes());
+    }
+    let tcp_check = u16::from_be_bytes([p[l4 + 16], p[l4 + 17]]);
+    let tcp_check = if partial { addrs.update_partial(tcp_check) } else { all.update_final(tcp_check) };
+    p[l4 + 16..l4 + 18].copy_from_slice(&tcp_check.to_be_bytes());
+    p[addr_at..addr_at + 2 * addr_len].copy_from_slice(new_addrs);
+    p[l4..l4 + 4].copy_from_slice(&new_ports);
+    true
+}
