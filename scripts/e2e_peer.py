@@ -23,6 +23,8 @@ mismatch they print the reason and exit 1.
                             pattern and check the echo by digest; print "ready N" with all
                             N open, wait for a line on stdin, then close all and check each
                             sees EOF; print "ok many N"
+  sequential HOST PORT N    N connections one after another: send 32 bytes of its own,
+                            check the echo, close first; print "ok sequential N"
 """
 import asyncio
 import functools
@@ -333,7 +335,31 @@ def many(host, port, n, size):
     print(f"ok many {n} connections echoed {total} bytes in {time.monotonic() - t:.2f}s", flush=True)
 
 
+def sequential(host, port, n):
+    n = int(n)
+    t = time.monotonic()
+    ports = set()
+    for i in range(n):
+        payload = (f"{i:08d}" * 4).encode()
+        s = connect(host, port)
+        ports.add(s.getsockname()[1])
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = s.recv(len(payload) - len(got))
+            if not chunk:
+                fail(f"connection {i}: EOF after {len(got)} of {len(payload)} bytes")
+            got += chunk
+        if got != payload:
+            fail(f"connection {i}: echo differs")
+        s.close()
+        if (i + 1) % 5000 == 0:
+            print(f"[sequential] {i + 1}/{n} in {time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
+    print(f"ok sequential {n} connections from {len(ports)} client ports in {time.monotonic() - t:.2f}s", flush=True)
+
+
 COMMANDS = {
+    "sequential": sequential,
     "serve-echo": serve_echo,
     "serve-slow-sink": serve_slow_sink,
     "push": push,

@@ -441,9 +441,10 @@ impl Nat {
         let e = self.entries.remove(i);
         self.by_client.remove(&(e.client, e.dst));
         self.by_nat.remove(&e.nat);
+        // The kernel's TIME-WAIT started with the close, not with this removal.
         let rest = if e.kernel_closed_first { self.config.time_wait } else { self.config.linger };
         if !matches!(e.state, State::Pending { .. }) {
-            self.cooling.insert(e.nat, now + rest);
+            self.cooling.insert(e.nat, e.closing_since.unwrap_or(now) + rest);
         }
         match e.state {
             State::Pending { link, .. } => link.set_closed(reset),
@@ -594,4 +595,326 @@ pub fn rewrite(packet: &mut PacketBuf, src: SocketAddr, dst: SocketAddr) -> bool
     p[addr_at..addr_at + 2 * addr_len].copy_from_slice(new_addrs);
     p[l4..l4 + 4].copy_from_slice(&new_ports);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr,
+        TcpSeqNumber, checksum,
+    };
+    use tungate_core::device::offload::PartialChecksum;
+    use tungate_core::{TcpHandler, UdpHandler};
+
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// A TCP segment `src → dst` with `payload`, final checksums.
+    fn segment(src: SocketAddr, dst: SocketAddr, control: TcpControl, ack: bool, payload: &[u8]) -> PacketBuf {
+        let tcp = TcpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+            control,
+            seq_number: TcpSeqNumber(1000),
+            ack_number: ack.then_some(TcpSeqNumber(5000)),
+            window_len: 1024,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload,
+        };
+        let caps = ChecksumCapabilities::default();
+        let mut buf = vec![0u8; 60 + tcp.buffer_len()];
+        let len = match (src.ip(), dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let ip = Ipv4Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: tcp.buffer_len(),
+                    hop_limit: 64,
+                };
+                let mut p = Ipv4Packet::new_unchecked(&mut buf[..20 + tcp.buffer_len()]);
+                ip.emit(&mut p, &caps);
+                let mut t = TcpPacket::new_unchecked(&mut buf[20..20 + tcp.buffer_len()]);
+                tcp.emit(&mut t, &IpAddress::Ipv4(s), &IpAddress::Ipv4(d), &caps);
+                20 + tcp.buffer_len()
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let ip = Ipv6Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: tcp.buffer_len(),
+                    hop_limit: 64,
+                };
+                ip.emit(&mut Ipv6Packet::new_unchecked(&mut buf[..40 + tcp.buffer_len()]));
+                let mut t = TcpPacket::new_unchecked(&mut buf[40..40 + tcp.buffer_len()]);
+                tcp.emit(&mut t, &IpAddress::Ipv6(s), &IpAddress::Ipv6(d), &caps);
+                40 + tcp.buffer_len()
+            }
+            _ => unreachable!(),
+        };
+        buf.truncate(len);
+        PacketBuf::from_vec(buf)
+    }
+
+    /// Addresses, ports and both checksums of a TCP packet, verified by full recompute.
+    fn check(p: &PacketBuf) -> (SocketAddr, SocketAddr) {
+        let Ok(Classified::Tcp(seg)) = packet::classify(p.packet()) else { panic!("not TCP") };
+        assert!(packet::tcp_checksum_ok(p.packet(), &seg), "TCP checksum wrong after rewrite");
+        (seg.src, seg.dst)
+    }
+
+    /// Turns a plain packet into one with a partial checksum, as an offloading kernel
+    /// hands it over: the field holds the uncomplemented pseudo-header sum.
+    fn make_partial(p: &mut PacketBuf) {
+        let bytes = p.packet_mut();
+        let (l4, src, dst) = if bytes[0] >> 4 == 4 {
+            let ip = Ipv4Packet::new_unchecked(&bytes[..]);
+            (20, IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()))
+        } else {
+            let ip = Ipv6Packet::new_unchecked(&bytes[..]);
+            (40, IpAddress::Ipv6(ip.src_addr()), IpAddress::Ipv6(ip.dst_addr()))
+        };
+        let len = (bytes.len() - l4) as u32;
+        let pseudo = checksum::pseudo_header(&src, &dst, IpProtocol::Tcp, len);
+        bytes[l4 + 16..l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+        p.meta.csum = Some(PartialChecksum { start: l4 as u16, offset: 16 });
+    }
+
+    #[test]
+    fn rewrite_keeps_checksums_right_for_plain_and_partial_packets() {
+        let payload: Vec<u8> = (0..3000u32).map(|i| (i * 13 % 256) as u8).collect();
+        let cases = [
+            (sa("198.18.0.1:40000"), sa("10.77.0.2:5201"), sa("198.18.0.2:1024"), sa("198.18.0.1:33000")),
+            (sa("[fd18::1]:40000"), sa("[fd77::2]:443"), sa("[fd18::5]:65535"), sa("[fd18::1]:33000")),
+        ];
+        for (client, dst, nat, listen) in cases {
+            for len in [0, 1, 17, 1460, 3000] {
+                for partial in [false, true] {
+                    let mut p = segment(client, dst, TcpControl::Psh, true, &payload[..len]);
+                    if partial {
+                        make_partial(&mut p);
+                    }
+                    assert!(rewrite(&mut p, nat, listen));
+                    if partial {
+                        // What the kernel (or the device) does last: fold in the bytes.
+                        let csum = p.meta.csum.unwrap();
+                        assert!(offload::complete_checksum(p.packet_mut(), csum));
+                    }
+                    assert_eq!(check(&p), (nat, listen), "{client} len {len} partial {partial}");
+                    // And back again.
+                    let mut back = segment(listen, nat, TcpControl::None, true, &payload[..len]);
+                    assert!(rewrite(&mut back, dst, client));
+                    assert_eq!(check(&back), (dst, client));
+                }
+            }
+        }
+        let mut v4 = segment(cases[0].0, cases[0].1, TcpControl::Syn, false, &[]);
+        assert!(!rewrite(&mut v4, cases[1].2, cases[1].3), "no family change");
+        let mut short = PacketBuf::from_slice(&v4.packet()[..30]);
+        assert!(!rewrite(&mut short, cases[0].2, cases[0].3), "truncated TCP header");
+    }
+
+    #[derive(Default)]
+    struct Hold(Mutex<Vec<TcpRequest>>);
+    impl TcpHandler for Hold {
+        fn handle_tcp(&self, request: TcpRequest) {
+            self.0.lock().unwrap().push(request);
+        }
+    }
+    struct NoUdp;
+    impl UdpHandler for NoUdp {
+        fn handle_udp(&self, _: SocketAddr, _: SocketAddr, _: &[u8], _: &UdpSender) {}
+    }
+
+    const LISTEN: &str = "198.18.0.1:33000";
+
+    fn table(ports: RangeInclusive<u16>, fakes: &[&str]) -> (Nat, Arc<Hold>) {
+        let hold = Arc::new(Hold::default());
+        let config = NatConfig {
+            listen_v4: Some(sa(LISTEN)),
+            fake_v4: fakes.iter().map(|f| f.parse().unwrap()).collect(),
+            ports,
+            ..NatConfig::default()
+        };
+        (Nat::new(config, Handlers::new(hold.clone(), Arc::new(NoUdp))), hold)
+    }
+
+    /// Opens a flow from `client` and accepts it; returns its NAT address.
+    fn open(nat: &mut Nat, hold: &Hold, now: Instant, client: SocketAddr) -> Option<SocketAddr> {
+        let dst = sa("10.77.0.2:80");
+        let mut syn = segment(client, dst, TcpControl::Syn, false, &[]);
+        assert_eq!(nat.handle_packet(now, &mut syn), Verdict::Consumed, "the SYN is held");
+        let request = hold.0.lock().unwrap().pop();
+        let Some(request) = request else {
+            // Refused here: the client got a RST.
+            let rst = nat.poll_transmit().expect("a RST");
+            let Ok(Classified::Tcp(seg)) = packet::classify(rst.packet()) else { panic!() };
+            assert!(seg.rst && seg.dst == client);
+            return None;
+        };
+        assert_eq!((request.src(), request.dst()), (client, dst));
+        std::mem::forget(request.accept());
+        nat.service(now);
+        let released = nat.poll_transmit().expect("the SYN goes to the kernel after the accept");
+        let (from, to) = check(&released);
+        assert_eq!(to, sa(LISTEN));
+        Some(from)
+    }
+
+    fn segment_through(nat: &mut Nat, now: Instant, mut p: PacketBuf) -> (SocketAddr, SocketAddr) {
+        assert_eq!(nat.handle_packet(now, &mut p), Verdict::Forward);
+        check(&p)
+    }
+
+    #[test]
+    fn a_flow_is_translated_both_ways_and_leaves_nothing_behind() {
+        let t0 = Instant::now();
+        let (mut nat, hold) = table(1024..=65535, &["198.18.0.2"]);
+        let client = sa("198.18.0.1:40000");
+        let dst = sa("10.77.0.2:80");
+        let f = open(&mut nat, &hold, t0, client).unwrap();
+        assert_eq!(f.ip(), "198.18.0.2".parse::<IpAddr>().unwrap());
+        // SYN-ACK from the kernel listener to the NAT address goes back as dst → client.
+        let synack = segment(sa(LISTEN), f, TcpControl::Syn, true, &[]);
+        assert_eq!(segment_through(&mut nat, t0, synack), (dst, client));
+        let (c, d, _port) = nat.take_port(f).expect("the accepted connection maps back");
+        assert_eq!((c, d), (client, dst));
+        assert!(nat.take_port(f).is_none(), "handed out once");
+        // Data, then FIN from the client and FIN from the kernel.
+        let data = segment(client, dst, TcpControl::Psh, true, b"hello");
+        assert_eq!(segment_through(&mut nat, t0, data), (f, sa(LISTEN)));
+        let fin = segment(client, dst, TcpControl::Fin, true, &[]);
+        assert_eq!(segment_through(&mut nat, t0, fin), (f, sa(LISTEN)));
+        let fin = segment(sa(LISTEN), f, TcpControl::Fin, true, &[]);
+        assert_eq!(segment_through(&mut nat, t0, fin), (dst, client));
+        // The last ACK still passes during the linger; then the entry is gone.
+        let t1 = t0 + Duration::from_millis(500);
+        let ack = segment(client, dst, TcpControl::None, true, &[]);
+        assert_eq!(segment_through(&mut nat, t1, ack), (f, sa(LISTEN)));
+        nat.sweep(t1);
+        assert_eq!(nat.len(), 1);
+        nat.sweep(t0 + Duration::from_secs(3));
+        assert_eq!(nat.len(), 0);
+        assert_eq!(nat.stats().snapshot().tcp_active, 0);
+        // Later segments for it: RST to the client, and kernel ones are dropped.
+        let stray = segment(client, dst, TcpControl::None, true, &[]);
+        let mut stray2 = stray.clone();
+        assert_eq!(nat.handle_packet(t1, &mut stray2), Verdict::Consumed);
+        let rst = nat.poll_transmit().expect("RST for an unknown flow");
+        let Ok(Classified::Tcp(seg)) = packet::classify(rst.packet()) else { panic!() };
+        assert!(seg.rst && (seg.src, seg.dst) == (dst, client));
+        let mut late = segment(sa(LISTEN), f, TcpControl::None, true, &[]);
+        assert_eq!(nat.handle_packet(t1, &mut late), Verdict::Consumed);
+        assert!(nat.poll_transmit().is_none(), "nothing is sent for the kernel's late segments");
+    }
+
+    #[test]
+    fn a_refused_flow_gets_rst_and_no_entry() {
+        let t0 = Instant::now();
+        let (mut nat, hold) = table(1024..=65535, &["198.18.0.2"]);
+        let client = sa("198.18.0.1:40001");
+        let mut syn = segment(client, sa("10.77.0.2:9"), TcpControl::Syn, false, &[]);
+        nat.handle_packet(t0, &mut syn);
+        // A retransmitted SYN while the handler decides is dropped.
+        nat.handle_packet(t0, &mut syn.clone());
+        assert_eq!(nat.stats().snapshot().tcp_syn_duplicate, 1);
+        hold.0.lock().unwrap().pop().unwrap().reject();
+        nat.service(t0);
+        let rst = nat.poll_transmit().expect("RST");
+        let Ok(Classified::Tcp(seg)) = packet::classify(rst.packet()) else { panic!() };
+        assert!(seg.rst && seg.ack && seg.dst == client);
+        assert!(nat.is_empty());
+        // A flow to the listener's own address or a fake one would loop: refused.
+        let mut to_fake = segment(client, sa("198.18.0.2:80"), TcpControl::Syn, false, &[]);
+        nat.handle_packet(t0, &mut to_fake);
+        assert!(hold.0.lock().unwrap().is_empty() && nat.is_empty());
+    }
+
+    #[test]
+    fn nat_addresses_rest_after_the_kernels_time_wait_and_spread_over_fakes() {
+        let t0 = Instant::now();
+        // Two ports on each of two fake addresses: four NAT addresses in all.
+        let (mut nat, hold) = table(2000..=2001, &["198.18.0.2", "198.18.0.3"]);
+        let dst = sa("10.77.0.2:80");
+        let mut used = Vec::new();
+        for i in 0..4u16 {
+            let client = SocketAddr::new("198.18.0.1".parse().unwrap(), 50000 + i);
+            let f = open(&mut nat, &hold, t0, client).expect("a free NAT address");
+            used.push(f);
+            // The kernel's socket closes first (the server ended): TIME-WAIT on its side.
+            let fin = segment(sa(LISTEN), f, TcpControl::Fin, true, &[]);
+            segment_through(&mut nat, t0, fin);
+            let fin = segment(client, dst, TcpControl::Fin, true, &[]);
+            segment_through(&mut nat, t0, fin);
+        }
+        used.sort();
+        assert_eq!(used, [sa("198.18.0.2:2000"), sa("198.18.0.2:2001"), sa("198.18.0.3:2000"), sa("198.18.0.3:2001")]);
+        nat.sweep(t0 + Duration::from_secs(3));
+        assert!(nat.is_empty(), "entries end after the linger");
+        // All four rest for the kernel's TIME-WAIT: a fifth flow is refused, not mapped
+        // onto an address whose kernel socket may still be in TIME-WAIT.
+        let later = t0 + Duration::from_secs(30);
+        assert_eq!(open(&mut nat, &hold, later, sa("198.18.0.1:50010")), None);
+        assert_eq!(nat.stats().snapshot().tcp_rejected, 1);
+        let after = t0 + Duration::from_secs(62);
+        nat.sweep(after);
+        assert!(open(&mut nat, &hold, after, sa("198.18.0.1:50011")).is_some(), "free again after TIME-WAIT");
+    }
+
+    #[test]
+    fn client_first_closes_rest_only_for_the_linger() {
+        let t0 = Instant::now();
+        let (mut nat, hold) = table(3000..=3000, &["198.18.0.2"]);
+        let client = sa("198.18.0.1:50000");
+        let dst = sa("10.77.0.2:80");
+        let f = open(&mut nat, &hold, t0, client).unwrap();
+        segment_through(&mut nat, t0, segment(client, dst, TcpControl::Fin, true, &[]));
+        segment_through(&mut nat, t0, segment(sa(LISTEN), f, TcpControl::Fin, true, &[]));
+        nat.sweep(t0 + Duration::from_secs(3));
+        // The kernel's side closed passively (no TIME-WAIT there): reusable after the linger.
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(open(&mut nat, &hold, t1, sa("198.18.0.1:50001")), Some(f));
+    }
+
+    #[test]
+    fn malformed_and_mutated_packets_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let t0 = Instant::now();
+        let (mut nat, hold) = table(1024..=65535, &["198.18.0.2"]);
+        let f = open(&mut nat, &hold, t0, sa("198.18.0.1:40000")).unwrap();
+        let seeds = [
+            segment(sa("198.18.0.1:40000"), sa("10.77.0.2:80"), TcpControl::Psh, true, b"data"),
+            segment(sa(LISTEN), f, TcpControl::None, true, b"reply"),
+            segment(sa("[fd18::1]:1"), sa("[fd77::2]:2"), TcpControl::Syn, false, &[]),
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for i in 0..30_000 {
+            let mut p = seeds[i % seeds.len()].clone();
+            let bytes = p.packet_mut();
+            for _ in 0..rng.gen_range(1..4) {
+                let at = rng.gen_range(0..bytes.len());
+                bytes[at] = rng.r#gen();
+            }
+            let cut = rng.gen_range(0..=p.len());
+            let mut p = PacketBuf::from_slice(&p.packet()[..cut]);
+            if rng.gen_bool(0.3) {
+                p.meta.csum = Some(PartialChecksum { start: rng.r#gen(), offset: rng.r#gen() });
+            }
+            nat.handle_packet(t0, &mut p);
+            while let Some(out) = nat.poll_transmit() {
+                nat.recycle(out);
+            }
+        }
+    }
 }

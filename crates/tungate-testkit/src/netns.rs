@@ -147,6 +147,23 @@ impl Topology {
         format!("{dir}/{}/{name}", self.id)
     }
 
+    /// Stops the gateway (SIGTERM) and returns the counters it logged on the way out.
+    pub fn stop_gateway(&self) -> std::collections::HashMap<String, u64> {
+        netns_lib(&format!("netns_stop_gateway {}", self.id));
+        let log = self.gateway_log();
+        let line = log.lines().rev().find(|l| l.contains("shut down")).unwrap_or_else(|| {
+            panic!("the gateway did not log its counters at shutdown:\n{log}");
+        });
+        // `stats=StatsSnapshot { rx_packets: 12, tx_packets: 3, … }`
+        let body = line.split('{').nth(1).and_then(|b| b.split('}').next()).unwrap_or("");
+        body.split(',')
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once(':')?;
+                Some((k.trim().to_owned(), v.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
     pub fn gateway_log(&self) -> String {
         std::fs::read_to_string(self.state_file("gateway.log")).unwrap_or_default()
     }
@@ -310,6 +327,30 @@ pub fn netns_many_connections(bin: &str, n: usize) {
         after <= idle + margin,
         "gateway memory did not return near idle: idle {idle} KiB, peak {peak} KiB, after {after} KiB (margin {margin} KiB)"
     );
+}
+
+/// `n` short connections one after another (32 bytes echoed each, the client closes
+/// first). Every one must succeed — no NAT port or client port runs out — and afterwards
+/// no relay stays open and the gateway tracks no flow (for the system stack: no NAT entry
+/// is left, after its 2 s linger).
+pub fn netns_sequential_connections(bin: &str, n: usize) {
+    let mut t = Topology::start(bin, 1500);
+    t.peer_server(&["serve-echo", "10.77.0.2", "7000"]);
+    let out = t.peer_client(&["sequential", "10.77.0.2", "7000", &n.to_string()]);
+    assert!(out.starts_with(&format!("ok sequential {n} connections")), "{out}");
+    eprintln!("[sequential] {bin}: {}", out.trim());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while t.open_upstream_sockets(7000) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(t.open_upstream_sockets(7000), 0, "relays left open");
+    // Entries linger for 2 s after both FINs and are swept every second.
+    std::thread::sleep(Duration::from_secs(4));
+    let stats = t.stop_gateway();
+    eprintln!("[sequential] {bin}: counters at exit {stats:?}");
+    assert_eq!(stats.get("tcp_requests"), Some(&(n as u64)), "every connection was one request");
+    assert_eq!(stats.get("tcp_rejected"), Some(&0), "no connection was refused (no port exhaustion)");
+    assert_eq!(stats.get("tcp_active"), Some(&0), "flows (NAT entries) left behind");
 }
 
 /// A client pushes up to 256 MiB as fast as it can towards an upstream that reads 300 KB/s.
