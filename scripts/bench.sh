@@ -2,8 +2,10 @@
 # scripts/bench.sh [VARIANT...] — iperf3 throughput of each tungate variant vs the kernel
 # baseline, through namespaces created and deleted here (scripts/netns.sh).
 #
-# VARIANT: `smoltcp`, `tungate-smoltcp`, or a path to a binary. Default: every
-# target/release/tungate-* that exists. Env:
+# VARIANT: `smoltcp`, `tungate-smoltcp`, or a path to a binary, optionally with flags
+# after a slash: `system/offload-off` runs tungate-system --offload off. Default: every
+# target/release/tungate-* that exists, plus system/offload-off and smoltcp/offload-off
+# beside the offload (auto) runs. Env:
 #   BENCH_MTUS="1500 9000"  BENCH_SECONDS=5  BENCH_ROUNDS=3  BENCH_OMIT=1
 #   BENCH_BIN_DIR=target/release  BENCH_RESULTS_DIR=results  BENCH_PORT=5201
 # Each (MTU, round, subject) gets a fresh namespace pair (and gateway process), so only one
@@ -26,7 +28,7 @@ BENCH_BIN_DIR=${BENCH_BIN_DIR:-$REPO/target/release}
 BENCH_RESULTS_DIR=${BENCH_RESULTS_DIR:-$REPO/results}
 BENCH_PORT=${BENCH_PORT:-5201}
 DIRECTIONS=(upload download)
-KNOWN_VARIANTS=" smoltcp lwip ipstack netstack-smoltcp system "
+KNOWN_VARIANTS=" smoltcp lwip ipstack netstack-smoltcp system redirect "
 
 say() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 2; }
@@ -80,12 +82,15 @@ note() {
 # ---- subjects -------------------------------------------------------------------------
 SUBJECTS=(kernel)
 declare -A BIN=()
+declare -A ARGS=()
 
-add_variant() { # add_variant NAME PATH
-  local name=$1 path=$2 short=${1#tungate-}
-  if [[ "$short" == redirect ]]; then
-    note "skipped $name: the redirect (nftables) variant needs its own bench path (not implemented yet)"
-    return 0
+add_variant() { # add_variant NAME[/FLAG-VALUE] PATH
+  local name=$1 path=$2 short=${1#tungate-} flags=""
+  if [[ "$short" == */* ]]; then
+    flags=${short#*/}
+    short=${short%%/*}
+    [[ "$flags" =~ ^[a-z0-9]+-[a-z0-9]+$ ]] || { note "skipped $name: flags must look like offload-off"; return 0; }
+    flags="--${flags%%-*} ${flags#*-}"
   fi
   if [[ "$KNOWN_VARIANTS" != *" $short "* ]]; then
     note "skipped $name: unknown variant (don't know how to run it)"
@@ -101,15 +106,17 @@ add_variant() { # add_variant NAME PATH
     return 0
   fi
   BIN[$name]="$path"
+  ARGS[$name]="$flags"
   SUBJECTS+=("$name")
 }
 
 if (($# > 0)); then
   for a in "$@"; do
-    if [[ "$a" == */* ]]; then
+    if [[ "$a" == /* || "$a" == ./* || "$a" == ../* ]]; then
       add_variant "$(basename "$a")" "$a"
     else
-      add_variant "tungate-${a#tungate-}" "$BENCH_BIN_DIR/tungate-${a#tungate-}"
+      b=${a#tungate-}
+      add_variant "tungate-$b" "$BENCH_BIN_DIR/tungate-${b%%/*}"
     fi
   done
 else
@@ -119,10 +126,20 @@ else
     # only plain executables named tungate-<name> (skip tungate-*.d, hashed deps, …)
     [[ "$b" =~ ^tungate-[a-z0-9-]+$ && -f "$f" && -x "$f" ]] || continue
     add_variant "$b" "$f"
+    # Offload-capable variants run with offload (the default, auto) and without.
+    case "$b" in
+      tungate-system | tungate-smoltcp) add_variant "$b/offload-off" "$f" ;;
+    esac
   done
   shopt -u nullglob
 fi
 ((${#SUBJECTS[@]} > 1)) || note "no gateway variants to run (looked in $BENCH_BIN_DIR): kernel baseline only"
+for subj in "${SUBJECTS[@]}"; do
+  case "$subj" in
+    tungate-system | tungate-smoltcp) note "$subj runs with its default --offload auto (TUN offload on when the kernel takes it)" ;;
+    tungate-redirect) note "tungate-redirect: no TUN; nftables REDIRECT to a local listener in the client namespace, kernel sockets spliced: the ceiling for capture approaches" ;;
+  esac
+done
 
 # ---- metadata (taken before anything is written under results/) -----------------------
 META_NPROC=$(nproc 2>/dev/null || echo "?")
@@ -236,7 +253,8 @@ run_subject_round() { # MTU ROUND SUBJECT
       return 0
     fi
   else
-    if ! netns_start_gateway "$id" "${BIN[$subj]}" "$mtu"; then
+    # shellcheck disable=SC2086  # ARGS holds flags, split on purpose
+    if ! netns_start_gateway "$id" "${BIN[$subj]}" "$mtu" ${ARGS[$subj]}; then
       line=$(grep -v '^#' "$(netns_gateway_log "$id")" 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' |
         grep -v '^[[:space:]]*$' | tail -n 1 || true)
       reason=$(netns_gateway_error "$id" || true)

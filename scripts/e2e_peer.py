@@ -16,6 +16,8 @@ mismatch they print the reason and exit 1.
   download HOST PORT N      request N bytes, compare length and digest with stream(N)
   udp HOST PORT COUNT       COUNT datagrams; each echo must match and come from HOST:PORT
   refused HOST PORT         connect must be refused (RST) within 1 s
+  reset HOST PORT           connect may succeed, then the connection must be reset (RST)
+                            within 1 s (a capture that completes handshakes itself)
   serve-slow-sink HOST PORT RATE  TCP: read at most RATE bytes/s until EOF (a slow upstream)
   push HOST PORT N SECONDS  send up to N bytes for at most SECONDS, print "pushed B bytes"
   serve-echo HOST PORT      TCP (asyncio, thousands of connections): echo until EOF, close
@@ -237,6 +239,21 @@ def refused(host, port):
     fail("connect to a closed port succeeded")
 
 
+def reset(host, port):
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    t = time.monotonic()
+    try:
+        s.connect((host, int(port)))
+        data = s.recv(1)
+    except (ConnectionRefusedError, ConnectionResetError):
+        print(f"ok reset in {(time.monotonic() - t) * 1000:.1f} ms", flush=True)
+        return
+    except socket.timeout:
+        fail("no reset within 1 s")
+    fail(f"the connection was not reset (read {data!r})")
+
+
 def serve_slow_sink(host, port, rate):
     rate = int(rate)
 
@@ -374,6 +391,7 @@ COMMANDS = {
     "download": download,
     "udp": udp,
     "refused": refused,
+    "reset": reset,
 }
 
 if __name__ == "__main__":

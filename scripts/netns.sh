@@ -19,6 +19,8 @@
 #   netns_up ID MTU                      create both namespaces + veth (MTU), addresses, lo up
 #   netns_route_baseline ID              kernel path: 10.77.0.0/24 (+fd77::/64) via the veth
 #   netns_start_gateway ID BIN MTU [ARG...]   start BIN in the cli ns, wait for tun0, add routes
+#                                        (tungate-redirect: baseline route + an nftables
+#                                        REDIRECT rule in the cli ns instead of a TUN)
 #   netns_stop_gateway ID                remove routes, SIGTERM (5 s) then SIGKILL
 #   netns_start_iperf_server ID [PORT]   iperf3 -s -B 10.77.0.2 in the srv ns (tracked pid)
 #   netns_stop_iperf_server ID
@@ -265,10 +267,56 @@ _nns_gateway_fail() {
   return 0
 }
 
+NETNS_REDIRECT_PORT=12345
+
+# The no-TUN baseline: tungate-redirect listens on loopback; an nftables REDIRECT rule in
+# the cli namespace (only there) captures TCP to the server networks, except the
+# gateway's own marked dials; the traffic itself takes the kernel baseline route.
+_nns_start_redirect() {
+  local id=$1 bin=$2 cli dir log pid i
+  shift 2
+  cli=$(netns_cli "$id")
+  dir=$(_nns_dir "$id")
+  netns_route_baseline "$id" || return 1
+  local args=(--listen "127.0.0.1:$NETNS_REDIRECT_PORT" --listen "[::1]:$NETNS_REDIRECT_PORT")
+  args+=(--mark "$NETNS_MARK" --log-level "$NETNS_GATEWAY_LOG_LEVEL" "$@")
+  log="$dir/gateway.log"
+  : >"$log"
+  rm -f "$dir/gateway.error"
+  printf '# %s %s\n' "$bin" "${args[*]}" >>"$log"
+  ip netns exec "$cli" "$bin" "${args[@]}" </dev/null >>"$log" 2>&1 &
+  pid=$!
+  printf '%s\n' "$pid" >"$dir/gateway.pid"
+  _nns_record_pid "$id" "$pid"
+  for ((i = 0; i < NETNS_GATEWAY_TIMEOUT * 20; i++)); do
+    _nns_alive "$pid" || { _nns_gateway_fail "$id" "gateway $(basename "$bin") exited during startup"; return 1; }
+    grep -q 'ready' "$log" 2>/dev/null && break
+    sleep 0.05
+  done
+  grep -q 'ready' "$log" 2>/dev/null || { _nns_gateway_fail "$id" "gateway $(basename "$bin") not ready"; return 1; }
+  ip netns exec "$cli" nft -f - <<NFT || { _nns_gateway_fail "$id" "nftables REDIRECT rule failed"; return 1; }
+table inet tungate {
+  chain output {
+    type nat hook output priority -100;
+    meta mark $NETNS_MARK return
+    ip daddr $NETNS_SRV_NET4 meta l4proto tcp redirect to :$NETNS_REDIRECT_PORT
+    ip6 daddr $NETNS_SRV_NET6 meta l4proto tcp redirect to :$NETNS_REDIRECT_PORT
+  }
+}
+NFT
+  _nns_log "gateway $(basename "$bin") up in $cli (pid $pid, nftables REDIRECT to :$NETNS_REDIRECT_PORT)"
+}
+
 # netns_start_gateway ID BIN MTU [EXTRA_ARG...]
 netns_start_gateway() {
   local id=${1:-} bin=${2:-} mtu=${3:-} cli dir log pid i link up ready
   shift 3 || { _nns_err "usage: netns_start_gateway ID BIN MTU [ARG...]"; return 1; }
+  if [[ "$(basename "$bin")" == tungate-redirect ]]; then
+    _nns_check_id "$id" || return 1
+    _nns_exists "$(netns_cli "$id")" || { _nns_err "netns_start_gateway: $(netns_cli "$id") does not exist (netns_up first)"; return 1; }
+    _nns_start_redirect "$id" "$bin" "$@"
+    return
+  fi
   local extra=("$@")
   _nns_check_id "$id" || return 1
   cli=$(netns_cli "$id")
@@ -346,6 +394,7 @@ netns_stop_gateway() {
   cli=$(netns_cli "$id")
   dir=$(_nns_dir "$id")
   if _nns_exists "$cli"; then
+    ip netns exec "$cli" nft delete table inet tungate 2>/dev/null || true
     ip -n "$cli" route del "$NETNS_SRV_NET4" dev "$NETNS_TUN" 2>/dev/null || true
     ip -n "$cli" route del "$NETNS_SRV_NET4" table "$NETNS_TABLE" 2>/dev/null || true
     ip -n "$cli" rule del pref "$NETNS_RULE_PREF" 2>/dev/null || true

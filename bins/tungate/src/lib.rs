@@ -288,3 +288,95 @@ mod tests {
         assert!(args(&["--tun", "t", "--offload", "maybe"]).is_err());
     }
 }
+
+#[cfg(feature = "redirect")]
+pub mod redirect {
+    //! The command line of `tungate-redirect`.
+
+    use std::net::SocketAddr;
+    use std::process::ExitCode;
+    use std::sync::Arc;
+
+    use anyhow::{Context, bail};
+    use clap::Parser;
+    use tungate_upstream::{Direct, DirectConfig};
+
+    /// The no-TUN baseline: serves TCP connections that an nftables REDIRECT rule sends to
+    /// its listeners, with their original destination (SO_ORIGINAL_DST), through the same
+    /// handler as the TUN variants.
+    ///
+    /// The program installs no rule. Capture locally originated traffic with, e.g.:
+    ///   nft add table ip tungate
+    ///   nft add chain ip tungate output '{ type nat hook output priority -100; }'
+    ///   nft add rule ip tungate output ip daddr 10.77.0.0/24 meta mark != 0x100 \
+    ///       meta l4proto tcp redirect to :12345
+    /// and keep the gateway's own dials out of it with --mark 0x100.
+    #[derive(Debug, Parser)]
+    #[command(version)]
+    pub struct Args {
+        /// Address to listen on (the REDIRECT target); repeatable for IPv4 and IPv6.
+        #[arg(long = "listen", value_name = "ADDR:PORT", default_values = ["127.0.0.1:12345", "[::1]:12345"])]
+        pub listen: Vec<SocketAddr>,
+
+        /// Where flows go: `direct` dials the original destination.
+        #[arg(long, value_name = "URL", default_value = "direct")]
+        pub proxy: String,
+
+        /// SO_MARK put on every upstream socket (decimal or 0x-hex), so the capture rule
+        /// can exclude the gateway's own connections.
+        #[arg(long, value_name = "N", value_parser = super::parse_mark)]
+        pub mark: Option<u32>,
+
+        /// Threads for the relays (1 = everything on one thread).
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        pub threads: u16,
+
+        /// Log level: error, warn, info, debug or trace.
+        #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+        pub log_level: String,
+    }
+
+    pub fn main() -> ExitCode {
+        let args = Args::parse();
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+        match run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tungate-redirect: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    fn run(args: Args) -> anyhow::Result<()> {
+        if args.proxy != "direct" {
+            bail!("--proxy {:?}: only `direct` is supported", args.proxy);
+        }
+        if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+            tracing::warn!("cannot raise the open-file limit: {e}");
+        }
+        let runtime = match args.threads {
+            1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+            n => tokio::runtime::Builder::new_multi_thread().worker_threads(n as usize).enable_all().build(),
+        }
+        .context("starting the runtime")?;
+        runtime.block_on(async move {
+            let mut listeners = Vec::new();
+            for addr in &args.listen {
+                let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))?;
+                listeners.push(l);
+            }
+            let shutdown = super::shutdown_signal();
+            let stats = Arc::new(tungate_core::Stats::default());
+            let direct = Direct::new(DirectConfig { mark: args.mark, ..Default::default() }, stats.clone());
+            let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
+            tracing::info!(backend = "redirect", listen = %listen.join(","), mark = ?args.mark, "ready");
+            tungate_redirect::serve(listeners, Arc::new(direct), stats.clone(), shutdown).await?;
+            tracing::info!(stats = ?stats.snapshot(), "shut down");
+            Ok(())
+        })
+    }
+}

@@ -258,6 +258,17 @@ pub fn netns_closed_port_refused(bin: &str) {
     }
 }
 
+/// Like [`netns_closed_port_refused`], for a capture that completes the client's
+/// handshake before the upstream is dialled (nftables REDIRECT): the client must see a
+/// reset within 1 s instead of a refused connect.
+pub fn netns_closed_port_reset(bin: &str) {
+    let t = Topology::start(bin, 1500);
+    for host in ["10.77.0.2", "fd77::2"] {
+        let out = t.peer_client(&["reset", host, "9"]);
+        assert!(out.starts_with("ok reset"), "{out}");
+    }
+}
+
 pub fn netns_iperf3_short(bin: &str) {
     let t = Topology::start(bin, 1500);
     let status = netns_lib(&format!("netns_start_iperf_server {}", t.id));

@@ -1,0 +1,113 @@
+//! The no-TUN baseline: the kernel captures connections with an nftables `REDIRECT`
+//! rule and delivers them to a local listener; the original destination comes from
+//! `SO_ORIGINAL_DST`. Each connection goes to the same [`TcpHandler`] as in every
+//! backend, as a kernel socket ([`TcpRequest::accept_stream`]), so with the direct
+//! upstream the bytes never enter user memory (splice). This is the ceiling for
+//! capture approaches — the kernel's TCP on both legs and no packet work at all.
+//!
+//! The rule (installed by the operator; by the tests inside their namespace only):
+//!
+//! ```text
+//! table ip tungate {
+//!   chain output {
+//!     type nat hook output priority -100;
+//!     ip daddr 10.77.0.0/24 meta mark != 0x100 meta l4proto tcp redirect to :12345
+//!   }
+//! }
+//! ```
+//!
+//! (`meta mark != 0x100` keeps the gateway's own upstream dials out of the capture; the
+//! same in an `ip6` table for IPv6, and a `prerouting` chain for forwarded traffic.)
+//!
+//! Differences from the TUN backends, by construction: the kernel completes the
+//! client's handshake before the handler sees the connection, so a refused upstream
+//! reaches the client as a reset right after `connect` succeeded, not as a refused
+//! `connect`; and UDP is not captured (REDIRECT has no original destination for it).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tungate_core::admission::bridge;
+use tungate_core::flow::{self, Decision, FlowId, WakeQueue};
+use tungate_core::{Stats, TcpHandler};
+
+/// The destination the client connected to before `REDIRECT` rewrote it.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = match stream.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst()?,
+        SocketAddr::V6(_) => sock.original_dst_ipv6()?,
+    };
+    addr.as_socket().ok_or_else(|| io::Error::other("SO_ORIGINAL_DST returned a non-IP address"))
+}
+
+/// Accepts on every listener until `shutdown`, handing each connection to `handler`.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    handler: Arc<dyn TcpHandler>,
+    stats: Arc<Stats>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> io::Result<()> {
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accept = std::future::poll_fn(|cx| {
+            for l in &listeners {
+                if let std::task::Poll::Ready(r) = l.poll_accept(cx) {
+                    return std::task::Poll::Ready(r);
+                }
+            }
+            std::task::Poll::Pending
+        });
+        tokio::select! {
+            biased;
+            () = &mut shutdown => return Ok(()),
+            accepted = accept => match accepted {
+                Ok((stream, client)) => match original_dst(&stream) {
+                    Ok(dst) => {
+                        connections.spawn(serve_one(stream, client, dst, handler.clone(), stats.clone()));
+                    }
+                    // Someone connected to the listener directly: nothing to relay.
+                    Err(e) => tracing::debug!(%client, "no original destination ({e}); closing"),
+                },
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// One captured connection: the handler decides, then takes the socket itself (or the
+/// bytes cross a flow's rings for handlers that want a [`tungate_core::TcpFlow`]).
+async fn serve_one(stream: TcpStream, client: SocketAddr, dst: SocketAddr, handler: Arc<dyn TcpHandler>, stats: Arc<Stats>) {
+    Stats::inc(&stats.tcp_requests);
+    let wake = WakeQueue::new();
+    let (link, request) = flow::new_flow(FlowId(0), client, dst, flow::DEFAULT_RING_CAPACITY, wake.clone());
+    link.offer_streams();
+    tracing::debug!(%client, %dst, "tcp request");
+    handler.handle_tcp(request);
+    loop {
+        match link.decision() {
+            Decision::Pending => wake.notified().await,
+            Decision::Accepted => {
+                let _ = stream.set_nodelay(true);
+                if let Err((stream, port)) = link.into_port().hand_over(stream) {
+                    bridge(stream, port).await;
+                }
+                break;
+            }
+            Decision::Rejected => {
+                Stats::inc(&stats.tcp_rejected);
+                // The handshake is done already: a reset is the closest to a refusal.
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                break;
+            }
+        }
+    }
+}
