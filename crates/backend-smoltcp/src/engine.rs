@@ -84,8 +84,12 @@ impl SmoltcpEngine {
         let wake = WakeQueue::new();
         let udp_out = UdpOutbox::new(config.mtu, wake.clone(), handlers.stats.clone());
         let udp_sender = udp_out.sender();
-        let out =
-            Output { mtu: config.mtu.get(), verify_tcp_checksum: config.verify_tcp_checksum, ..Output::default() };
+        let out = Output {
+            mtu: config.mtu.get(),
+            verify_tcp_checksum: config.verify_tcp_checksum,
+            segmentation_offload: config.segmentation_offload,
+            ..Output::default()
+        };
         SmoltcpEngine {
             config,
             handlers,

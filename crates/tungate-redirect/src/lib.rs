@@ -85,7 +85,13 @@ pub async fn serve(
 
 /// One captured connection: the handler decides, then takes the socket itself (or the
 /// bytes cross a flow's rings for handlers that want a [`tungate_core::TcpFlow`]).
-async fn serve_one(stream: TcpStream, client: SocketAddr, dst: SocketAddr, handler: Arc<dyn TcpHandler>, stats: Arc<Stats>) {
+async fn serve_one(
+    stream: TcpStream,
+    client: SocketAddr,
+    dst: SocketAddr,
+    handler: Arc<dyn TcpHandler>,
+    stats: Arc<Stats>,
+) {
     Stats::inc(&stats.tcp_requests);
     let wake = WakeQueue::new();
     let (link, request) = flow::new_flow(FlowId(0), client, dst, flow::DEFAULT_RING_CAPACITY, wake.clone());

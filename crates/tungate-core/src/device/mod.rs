@@ -123,4 +123,10 @@ pub trait PacketDevice: Send + 'static {
     fn max_packet_len(&self) -> usize {
         self.mtu().get()
     }
+
+    /// Whether [`send`](Self::send) takes TCP super-packets (a [`PacketMeta::gso`] of up
+    /// to 64 KiB with a partial checksum) and segments them — TUN offload.
+    fn segmentation_offload(&self) -> bool {
+        false
+    }
 }

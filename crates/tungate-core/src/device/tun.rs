@@ -364,4 +364,8 @@ impl PacketDevice for TunDevice {
             _ => self.mtu.get(),
         }
     }
+
+    fn segmentation_offload(&self) -> bool {
+        self.vnet.is_some()
+    }
 }
