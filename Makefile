@@ -20,7 +20,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 endif
 
 CARGO ?= cargo
-VARIANTS ?= smoltcp lwip ipstack netstack-smoltcp system
+VARIANTS ?= smoltcp lwip ipstack netstack-smoltcp system redirect
 BENCH_VARIANTS ?=
 RELEASE_DIR := $(CURDIR)/target/release
 

@@ -374,7 +374,7 @@ pub mod redirect {
             let direct = Direct::new(DirectConfig { mark: args.mark, ..Default::default() }, stats.clone());
             let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
             tracing::info!(backend = "redirect", listen = %listen.join(","), mark = ?args.mark, "ready");
-            tungate_redirect::serve(listeners, Arc::new(direct), stats.clone(), shutdown).await?;
+            backend_redirect::serve(listeners, Arc::new(direct), stats.clone(), shutdown).await?;
             tracing::info!(stats = ?stats.snapshot(), "shut down");
             Ok(())
         })

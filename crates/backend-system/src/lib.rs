@@ -134,9 +134,9 @@ impl Backend for System {
         handlers: Handlers,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let mut nat = self.config.nat.clone();
+        nat.mtu = device.mtu();
         async move {
-            let mut nat = self.config.nat.clone();
-            nat.mtu = device.mtu();
             let mut listeners = Vec::new();
             for family_v4 in [true, false] {
                 let Some(net) = self.config.addresses.iter().find(|a| a.addr().is_ipv4() == family_v4) else {

@@ -211,7 +211,7 @@ impl Nat {
             }
         };
         if self.is_listener(seg.src) {
-            return self.from_kernel(now, packet, &seg);
+            return self.kernel_segment(now, packet, &seg);
         }
         if let Some(&i) = self.by_client.get(&(seg.src, seg.dst)) {
             let e = &mut self.entries[i];
@@ -256,7 +256,7 @@ impl Nat {
     }
 
     /// A segment from the kernel listener to a NAT address.
-    fn from_kernel(&mut self, now: Instant, packet: &mut PacketBuf, seg: &TcpSummary) -> Verdict {
+    fn kernel_segment(&mut self, now: Instant, packet: &mut PacketBuf, seg: &TcpSummary) -> Verdict {
         let Some(&i) = self.by_nat.get(&seg.dst) else {
             // A late segment of an entry already gone (the kernel's socket retransmitting
             // into a connection the client has reset): nobody to deliver it to.

@@ -1,7 +1,7 @@
 //! The no-TUN baseline: the kernel captures connections with an nftables `REDIRECT`
 //! rule and delivers them to a local listener; the original destination comes from
 //! `SO_ORIGINAL_DST`. Each connection goes to the same [`TcpHandler`] as in every
-//! backend, as a kernel socket ([`TcpRequest::accept_stream`]), so with the direct
+//! backend, as a kernel socket ([`tungate_core::TcpRequest::accept_stream`]), so with the direct
 //! upstream the bytes never enter user memory (splice). This is the ceiling for
 //! capture approaches — the kernel's TCP on both legs and no packet work at all.
 //!
