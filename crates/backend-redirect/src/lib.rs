@@ -17,7 +17,8 @@
 //! ```
 //!
 //! (`meta mark != 0x100` keeps the gateway's own upstream dials out of the capture; the
-//! same in an `ip6` table for IPv6, and a `prerouting` chain for forwarded traffic.)
+//! same in an `ip6` table for IPv6. For forwarded traffic a `prerouting` chain redirects
+//! to the incoming interface's address, so listen there, not on loopback.)
 //!
 //! Differences from the TUN backends, by construction: the kernel completes the
 //! client's handshake before the handler sees the connection, so a refused upstream
@@ -52,6 +53,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> io::Result<()> {
     let mut connections = tokio::task::JoinSet::new();
+    let own: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     tokio::pin!(shutdown);
     loop {
         let accept = std::future::poll_fn(|cx| {
@@ -67,10 +69,16 @@ pub async fn serve(
             () = &mut shutdown => return Ok(()),
             accepted = accept => match accepted {
                 Ok((stream, client)) => match original_dst(&stream) {
+                    // A connection made to the listener itself (not redirected) reports the
+                    // listener as its original destination: relaying it would dial the
+                    // listener again, and again. Refuse it.
+                    Ok(dst) if own.contains(&dst) || stream.local_addr().is_ok_and(|l| l == dst) => {
+                        tracing::debug!(%client, %dst, "a direct connection to the listener; resetting");
+                        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    }
                     Ok(dst) => {
                         connections.spawn(serve_one(stream, client, dst, handler.clone(), stats.clone()));
                     }
-                    // Someone connected to the listener directly: nothing to relay.
                     Err(e) => tracing::debug!(%client, "no original destination ({e}); closing"),
                 },
                 Err(e) => {

@@ -32,6 +32,20 @@ fn netns_closed_port_reset() {
     tungate_testkit::netns::netns_closed_port_reset(BIN);
 }
 
+/// A connection made to the listener itself (not redirected) must not be relayed: its
+/// original destination is the listener, and dialling it would loop.
+#[test]
+#[ignore = "needs root, network namespaces and the variant binary; run by `make test`"]
+fn netns_direct_connection_to_the_listener_is_reset() {
+    let mut t = tungate_testkit::netns::Topology::start(BIN, 1500);
+    let out = t.peer_client(&["reset", "127.0.0.1", "12345"]);
+    assert!(out.starts_with("ok reset"), "{out}");
+    // And the gateway still serves.
+    t.peer_server(&["serve-source", "10.77.0.2", "7101"]);
+    let after = t.peer_client(&["download", "10.77.0.2", "7101", "1000000"]);
+    assert!(after.starts_with("ok download 1000000 bytes"), "{after}");
+}
+
 /// 2 000 short connections one after another: all served, none refused, no relay left.
 #[test]
 #[ignore = "needs root, network namespaces and the variant binary; run by `make test`"]

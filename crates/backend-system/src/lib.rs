@@ -174,14 +174,15 @@ impl Backend for System {
 }
 
 /// Writes one packet; a packet the kernel refuses (`EINVAL`: a header it will not take)
-/// is dropped and counted instead of stopping the gateway.
+/// or the fallback splitter cannot split is dropped and counted instead of stopping the
+/// gateway.
 async fn send<D: PacketDevice>(device: &mut D, packet: &PacketBuf, stats: &Stats) -> io::Result<()> {
     match device.send(packet).await {
         Ok(()) => {
             Stats::inc(&stats.tx_packets);
             Ok(())
         }
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.kind() == io::ErrorKind::InvalidInput => {
             tracing::debug!("the TUN refused a packet: {e}");
             Stats::inc(&stats.malformed);
             Ok(())

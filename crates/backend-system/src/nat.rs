@@ -12,9 +12,10 @@
 //! is held meanwhile, as in every backend); any other segment for an unknown flow gets a
 //! RST. An entry ends `linger` after both FINs or a RST went through (late ACKs and
 //! retransmissions still pass), or after `idle_timeout` without a packet. Its NAT
-//! address then cools down before reuse: for the kernel's TIME-WAIT (60 s) if the
-//! kernel's socket closed first — a new SYN from the same `F:np` could hit that
-//! TIME-WAIT socket — and for `linger` otherwise.
+//! address then rests before reuse, counted from its last segment: only `linger` after a
+//! clean passive close of the kernel's socket (its FIN acknowledged the client's), and
+//! `time_wait` (65 s) otherwise — the kernel's socket may sit in TIME-WAIT or
+//! SYN-RECEIVED, and a new SYN from the same `F:np` must not meet it.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -52,8 +53,9 @@ pub struct NatConfig {
     pub handshake_timeout: Duration,
     /// How long an entry stays after both FINs or a RST (final ACKs, retransmissions).
     pub linger: Duration,
-    /// How long a NAT address rests after the kernel's socket closed first: Linux's
-    /// TIME-WAIT is 60 s, plus a margin.
+    /// How long a NAT address rests unless the kernel's socket closed passively: Linux's
+    /// TIME-WAIT is 60 s and a SYN-RECEIVED socket lives up to 63 s (5 SYN-ACK
+    /// retransmissions); plus a margin.
     pub time_wait: Duration,
     /// Ring capacity of each flow between the bridge and the handler.
     pub ring_capacity: usize,
@@ -71,7 +73,7 @@ impl Default for NatConfig {
             idle_timeout: Duration::from_secs(2 * 3600 + 4 * 60),
             handshake_timeout: Duration::from_secs(30),
             linger: Duration::from_secs(2),
-            time_wait: Duration::from_secs(61),
+            time_wait: Duration::from_secs(65),
             ring_capacity: tungate_core::flow::DEFAULT_RING_CAPACITY,
             mtu: Mtu::DEFAULT,
         }
@@ -100,11 +102,30 @@ struct Entry {
     nat: SocketAddr,
     state: State,
     last_seen: Instant,
-    fin_client: bool,
+    /// The sequence number just past the client's FIN, once it went through.
+    client_fin_end: Option<u32>,
     fin_kernel: bool,
-    kernel_closed_first: bool,
+    /// The kernel's FIN acknowledged the client's: its socket closed passively (LAST-ACK,
+    /// then gone), so no TIME-WAIT holds the NAT address.
+    kernel_closed_passively: bool,
+    /// A RST went through, either way.
+    reset: bool,
     /// Both FINs or a RST went through at this time.
     closing_since: Option<Instant>,
+}
+
+impl Entry {
+    fn closing(&self) -> bool {
+        self.reset || (self.client_fin_end.is_some() && self.fin_kernel)
+    }
+
+    /// How long the NAT address must rest after the entry ends, counted from its last
+    /// segment: the kernel's socket may be in TIME-WAIT (it closed first, or the FINs
+    /// crossed), still in SYN-RECEIVED or the accept queue (a flow that never finished),
+    /// or reset — all but a clean passive close keep the full `time_wait`.
+    fn rest(&self, config: &NatConfig) -> Duration {
+        if !self.reset && self.fin_kernel && self.kernel_closed_passively { config.linger } else { config.time_wait }
+    }
 }
 
 /// The NAT table. See the module docs.
@@ -125,7 +146,7 @@ pub struct Nat {
     out: VecDeque<PacketBuf>,
     free: Vec<PacketBuf>,
     last_from_udp: bool,
-    split_scratch: (Vec<u8>, Vec<PacketBuf>),
+    splitter: offload::Splitter,
 }
 
 impl std::fmt::Debug for Nat {
@@ -155,7 +176,7 @@ impl Nat {
             out: VecDeque::new(),
             free: Vec::new(),
             last_from_udp: false,
-            split_scratch: (Vec::new(), Vec::new()),
+            splitter: offload::Splitter::default(),
         }
     }
 
@@ -229,11 +250,11 @@ impl Nat {
                 self.remove(now, i, false);
             } else {
                 e.last_seen = now;
-                if seg.fin && !e.fin_kernel {
-                    e.kernel_closed_first = false;
+                if seg.fin && e.client_fin_end.is_none() {
+                    e.client_fin_end = Some(seg.seq.wrapping_add(seg.segment_len as u32));
                 }
-                e.fin_client |= seg.fin;
-                if (seg.rst || (e.fin_client && e.fin_kernel)) && e.closing_since.is_none() {
+                e.reset |= seg.rst;
+                if e.closing() && e.closing_since.is_none() {
                     e.closing_since = Some(now);
                 }
                 let nat = e.nat;
@@ -264,12 +285,21 @@ impl Nat {
             return Verdict::Consumed;
         };
         let e = &mut self.entries[i];
-        e.last_seen = now;
-        if seg.fin && !e.fin_client && !e.fin_kernel {
-            e.kernel_closed_first = true;
+        if matches!(e.state, State::Pending { .. }) {
+            // The SYN is still held: this is a segment of an older connection that used
+            // the same NAT address (it rests long enough that this should not happen).
+            Stats::inc(&self.handlers.stats.tcp_unknown_flow);
+            return Verdict::Consumed;
         }
-        e.fin_kernel |= seg.fin;
-        if (seg.rst || (e.fin_client && e.fin_kernel)) && e.closing_since.is_none() {
+        e.last_seen = now;
+        if seg.fin && !e.fin_kernel {
+            e.fin_kernel = true;
+            // Passive close: the kernel's FIN acknowledges the client's.
+            e.kernel_closed_passively =
+                e.client_fin_end.is_some_and(|end| seg.ack && (seg.ack_number.wrapping_sub(end) as i32) >= 0);
+        }
+        e.reset |= seg.rst;
+        if e.closing() && e.closing_since.is_none() {
             e.closing_since = Some(now);
         }
         if rewrite(packet, e.dst, e.client) {
@@ -317,9 +347,10 @@ impl Nat {
             nat,
             state: State::Pending { link, syn, summary: seg },
             last_seen: now,
-            fin_client: false,
+            client_fin_end: None,
             fin_kernel: false,
-            kernel_closed_first: false,
+            kernel_closed_passively: false,
+            reset: false,
             closing_since: None,
         });
         self.by_client.insert((seg.src, seg.dst), i);
@@ -423,7 +454,8 @@ impl Nat {
                     matches!(e.state, State::Open { port: Some(_), since } if now >= since + c.handshake_timeout);
                 let done = e.closing_since.is_some_and(|t| now >= t + c.linger);
                 let idle = !matches!(e.state, State::Pending { .. }) && now >= e.last_seen + c.idle_timeout;
-                (stale_handshake || done || idle).then_some((i, !done))
+                // Only both FINs and no RST make a clean end for the handler.
+                (stale_handshake || done || idle).then_some((i, e.reset || !done))
             })
             .collect();
         for (i, reset) in expired {
@@ -441,10 +473,13 @@ impl Nat {
         let e = self.entries.remove(i);
         self.by_client.remove(&(e.client, e.dst));
         self.by_nat.remove(&e.nat);
-        // The kernel's TIME-WAIT started with the close, not with this removal.
-        let rest = if e.kernel_closed_first { self.config.time_wait } else { self.config.linger };
+        // A pending flow's SYN never reached the kernel: its address is free at once.
         if !matches!(e.state, State::Pending { .. }) {
-            self.cooling.insert(e.nat, e.closing_since.unwrap_or(now) + rest);
+            // Counted from the last segment: that is when the kernel's timers restarted.
+            let until = e.last_seen + e.rest(&self.config);
+            if until > now {
+                self.cooling.insert(e.nat, until);
+            }
         }
         match e.state {
             State::Pending { link, .. } => link.set_closed(reset),
@@ -457,16 +492,13 @@ impl Nat {
     fn handle_udp(&mut self, packet: &mut PacketBuf) {
         if packet.meta.gso.is_some_and(|g| g.kind == GsoKind::Udp) {
             // A USO super-packet (an application using UDP_SEGMENT): one datagram each.
-            let (mut scratch, mut segments) = std::mem::take(&mut self.split_scratch);
-            match offload::split(packet, &mut scratch, self.config.mtu.get(), &mut segments) {
-                Ok(()) => {
-                    for seg in segments.drain(..) {
-                        self.deliver_udp(seg.packet());
-                    }
-                }
+            let meta = packet.meta;
+            let mut splitter = std::mem::take(&mut self.splitter);
+            match splitter.split(packet.packet_mut(), &meta, self.config.mtu.get()) {
+                Ok(n) => (0..n).for_each(|i| self.deliver_udp(splitter.segment(i))),
                 Err(_) => Stats::inc(&self.stats().malformed),
             }
-            self.split_scratch = (scratch, segments);
+            self.splitter = splitter;
             return;
         }
         if let Some(csum) = packet.meta.csum {
@@ -615,14 +647,26 @@ mod tests {
         s.parse().unwrap()
     }
 
-    /// A TCP segment `src → dst` with `payload`, final checksums.
+    /// A TCP segment `src → dst` with `payload`, final checksums; sequence number 1000,
+    /// acknowledging 5000 when `ack`.
     fn segment(src: SocketAddr, dst: SocketAddr, control: TcpControl, ack: bool, payload: &[u8]) -> PacketBuf {
+        segment_seq(src, dst, control, 1000, ack.then_some(5000), payload)
+    }
+
+    fn segment_seq(
+        src: SocketAddr,
+        dst: SocketAddr,
+        control: TcpControl,
+        seq: i32,
+        ack: Option<i32>,
+        payload: &[u8],
+    ) -> PacketBuf {
         let tcp = TcpRepr {
             src_port: src.port(),
             dst_port: dst.port(),
             control,
-            seq_number: TcpSeqNumber(1000),
-            ack_number: ack.then_some(TcpSeqNumber(5000)),
+            seq_number: TcpSeqNumber(seq),
+            ack_number: ack.map(TcpSeqNumber),
             window_len: 1024,
             window_scale: None,
             max_seg_size: None,
@@ -796,7 +840,8 @@ mod tests {
         assert_eq!(segment_through(&mut nat, t0, data), (f, sa(LISTEN)));
         let fin = segment(client, dst, TcpControl::Fin, true, &[]);
         assert_eq!(segment_through(&mut nat, t0, fin), (f, sa(LISTEN)));
-        let fin = segment(sa(LISTEN), f, TcpControl::Fin, true, &[]);
+        // The kernel's FIN acknowledges the client's (seq 1000 + FIN = 1001).
+        let fin = segment_seq(sa(LISTEN), f, TcpControl::Fin, 5000, Some(1001), &[]);
         assert_eq!(segment_through(&mut nat, t0, fin), (dst, client));
         // The last ACK still passes during the linger; then the entry is gone.
         let t1 = t0 + Duration::from_millis(500);
@@ -867,7 +912,7 @@ mod tests {
         let later = t0 + Duration::from_secs(30);
         assert_eq!(open(&mut nat, &hold, later, sa("198.18.0.1:50010")), None);
         assert_eq!(nat.stats().snapshot().tcp_rejected, 1);
-        let after = t0 + Duration::from_secs(62);
+        let after = t0 + Duration::from_secs(66);
         nat.sweep(after);
         assert!(open(&mut nat, &hold, after, sa("198.18.0.1:50011")).is_some(), "free again after TIME-WAIT");
     }
@@ -880,11 +925,46 @@ mod tests {
         let dst = sa("10.77.0.2:80");
         let f = open(&mut nat, &hold, t0, client).unwrap();
         segment_through(&mut nat, t0, segment(client, dst, TcpControl::Fin, true, &[]));
-        segment_through(&mut nat, t0, segment(sa(LISTEN), f, TcpControl::Fin, true, &[]));
+        segment_through(&mut nat, t0, segment_seq(sa(LISTEN), f, TcpControl::Fin, 5000, Some(1001), &[]));
         nat.sweep(t0 + Duration::from_secs(3));
         // The kernel's side closed passively (no TIME-WAIT there): reusable after the linger.
         let t1 = t0 + Duration::from_secs(5);
         assert_eq!(open(&mut nat, &hold, t1, sa("198.18.0.1:50001")), Some(f));
+    }
+
+    #[test]
+    fn crossed_fins_and_resets_keep_the_address_resting() {
+        let t0 = Instant::now();
+        let (mut nat, hold) = table(3000..=3000, &["198.18.0.2"]);
+        let dst = sa("10.77.0.2:80");
+        // FINs cross: the kernel's FIN does not acknowledge the client's, so its socket
+        // goes through CLOSING into TIME-WAIT.
+        let f = open(&mut nat, &hold, t0, sa("198.18.0.1:50000")).unwrap();
+        segment_through(&mut nat, t0, segment(sa("198.18.0.1:50000"), dst, TcpControl::Fin, true, &[]));
+        segment_through(&mut nat, t0, segment_seq(sa(LISTEN), f, TcpControl::Fin, 5000, Some(1000), &[]));
+        nat.sweep(t0 + Duration::from_secs(3));
+        assert!(nat.is_empty());
+        assert_eq!(open(&mut nat, &hold, t0 + Duration::from_secs(10), sa("198.18.0.1:50001")), None);
+        let t1 = t0 + Duration::from_secs(66);
+        nat.sweep(t1);
+        // A reset flow: its address rests too.
+        open(&mut nat, &hold, t1, sa("198.18.0.1:50002")).unwrap();
+        segment_through(&mut nat, t1, segment(sa("198.18.0.1:50002"), dst, TcpControl::Rst, true, &[]));
+        nat.sweep(t1 + Duration::from_secs(3));
+        assert!(nat.is_empty());
+        assert_eq!(open(&mut nat, &hold, t1 + Duration::from_secs(10), sa("198.18.0.1:50003")), None);
+    }
+
+    #[test]
+    fn kernel_segments_for_a_held_syn_are_dropped() {
+        let t0 = Instant::now();
+        let (mut nat, hold) = table(4000..=4000, &["198.18.0.2"]);
+        let mut syn = segment(sa("198.18.0.1:50000"), sa("10.77.0.2:80"), TcpControl::Syn, false, &[]);
+        nat.handle_packet(t0, &mut syn);
+        assert_eq!(hold.0.lock().unwrap().len(), 1, "pending");
+        let mut stale = segment(sa(LISTEN), sa("198.18.0.2:4000"), TcpControl::Fin, true, &[]);
+        assert_eq!(nat.handle_packet(t0, &mut stale), Verdict::Consumed);
+        assert_eq!(nat.stats().snapshot().tcp_unknown_flow, 1);
     }
 
     #[test]

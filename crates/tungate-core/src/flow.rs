@@ -308,8 +308,24 @@ impl TcpRequest {
             st.decision = Decision::Accepted;
             shared.wake_stack(&mut st);
         }
-        std::future::poll_fn(|cx| {
-            let mut st = shared.state();
+        // If this future is dropped while waiting, the stack must not hand the socket to
+        // nobody: it then bridges it to the flow, whose handler is gone (reset).
+        struct Waiting<'a>(&'a Shared, bool);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    let mut st = self.0.state();
+                    st.wants_stream = false;
+                    st.handler_gone = true;
+                    if let Some(stream) = st.stream.take() {
+                        let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+                    }
+                }
+            }
+        }
+        let mut waiting = Waiting(&shared, false);
+        let stream = std::future::poll_fn(|cx| {
+            let mut st = waiting.0.state();
             if let Some(stream) = st.stream.take() {
                 return Poll::Ready(Some(stream));
             }
@@ -319,8 +335,10 @@ impl TcpRequest {
             st.reader = Some(cx.waker().clone());
             Poll::Pending
         })
-        .await
-        .map_or_else(|| Accepted::Flow(TcpFlow { src, dst, shared }), Accepted::Stream)
+        .await;
+        waiting.1 = true;
+        drop(waiting);
+        stream.map_or_else(|| Accepted::Flow(TcpFlow { src, dst, shared }), Accepted::Stream)
     }
 
     /// Refuses: the client's SYN is answered with RST.

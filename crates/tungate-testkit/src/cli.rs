@@ -51,7 +51,7 @@ pub fn cli_bad_flags(bin: &str) {
     assert_one_line_error(&run(bin, &["--tun-fd", "0"]), 1, "fd 0 is not a TUN device");
     let help = Command::new(binary(bin)).arg("--help").output().expect("help");
     let text = String::from_utf8_lossy(&help.stdout);
-    for flag in ["--tun", "--tun-fd", "--mtu", "--address", "--proxy", "--mark", "--log-level"] {
+    for flag in ["--tun", "--tun-fd", "--mtu", "--address", "--proxy", "--mark", "--log-level", "--offload"] {
         assert!(text.contains(flag), "--help documents {flag}");
     }
 }

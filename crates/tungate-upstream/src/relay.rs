@@ -148,8 +148,11 @@ pub async fn splice(flow: &TcpFlow, upstream: &TcpStream, idle: Duration) -> io:
     activity.watch(async { tokio::try_join!(up, down) }, idle).await
 }
 
-/// Bytes one splice moves at most: the pipe's size.
-const SPLICE_CHUNK: usize = 1 << 20;
+/// Bytes one splice moves at most: the pipe's size. 256 KiB (four times the default):
+/// large enough that one splice moves a 64 KiB super-packet's worth several times over,
+/// small enough that an unprivileged gateway's relays stay within the per-user pipe budget
+/// (`pipe-user-pages-soft`, 64 MiB: 128 relays at full size; beyond, pipes get smaller).
+const SPLICE_CHUNK: usize = 256 * 1024;
 
 /// [`relay`] between two kernel sockets (a flow the system stack handed over as its
 /// socket, and the upstream) with `splice(2)`: the bytes move as page references through
@@ -182,7 +185,11 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity) -
         let mut left = n;
         while left > 0 {
             match to.try_io(Interest::WRITABLE, || pipe.drain_to(to.as_fd(), left)) {
-                Ok(m) => left -= m,
+                Ok(m) => {
+                    left -= m;
+                    // A slow reader drains slowly: that is activity too.
+                    activity.touch();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
                 Err(e) => return Err(e),
             }

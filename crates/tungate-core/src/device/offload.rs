@@ -62,8 +62,9 @@ pub enum RxMode {
     Split,
 }
 
-/// The largest packet an offload-enabled TUN reads or writes (an IPv4 total length).
-pub const MAX_SUPER_PACKET: usize = 65535;
+/// The largest packet an offload-enabled TUN reads or writes: an IPv6 header and the
+/// largest payload length (IPv4's total length stays below it).
+pub const MAX_SUPER_PACKET: usize = 40 + 65535;
 
 /// Segmentation offload of one super-packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,51 +191,68 @@ pub fn complete_checksum(packet: &mut [u8], csum: PartialChecksum) -> bool {
     }
     // The field holds the pseudo-header sum: summing over it folds it in.
     let sum = smoltcp::wire::checksum::data(&packet[start..]);
-    packet[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
+    let mut check = !sum;
+    // UDP sends a computed zero as all ones (zero means "no checksum", and is invalid
+    // for IPv6; RFC 768, RFC 8200 §8.1).
+    if check == 0 && csum.offset == 6 {
+        check = 0xffff;
+    }
+    packet[at..at + 2].copy_from_slice(&check.to_be_bytes());
     true
 }
 
-/// Splits the super-packet `packet` into plain segments with final checksums, appended
-/// to `out` (buffers of `segment_capacity` bytes). Fails on a header it cannot split.
+/// Reusable segment buffers for [`Splitter::split`].
 #[cfg(target_os = "linux")]
-pub fn split(
-    packet: &super::PacketBuf,
-    scratch: &mut Vec<u8>,
-    segment_capacity: usize,
-    out: &mut Vec<super::PacketBuf>,
-) -> std::io::Result<()> {
-    use std::io::{Error, ErrorKind};
-    let invalid = |what: &'static str| Error::new(ErrorKind::InvalidInput, what);
-    let gso = packet.meta.gso.ok_or_else(|| invalid("not a super-packet"))?;
-    let csum = packet.meta.csum.ok_or_else(|| invalid("a super-packet without a partial checksum"))?;
-    scratch.clear();
-    scratch.extend_from_slice(packet.packet());
-    let start = usize::from(csum.start);
-    // The kernel's hdr_len may include payload; the split needs the real header length.
-    let transport = match gso.kind {
-        GsoKind::Udp => 8,
-        _ => usize::from(scratch.get(start + 12).ok_or_else(|| invalid("truncated TCP header"))? >> 4) * 4,
-    };
-    let hdr = tun_rs::VirtioNetHdr {
-        flags: F_NEEDS_CSUM,
-        gso_type: VnetHeader::from_meta(&packet.meta).gso_type,
-        hdr_len: u16::try_from(start + transport).map_err(|_| invalid("header too long"))?,
-        gso_size: gso.size,
-        csum_start: csum.start,
-        csum_offset: csum.offset,
-    };
-    let is_v6 = scratch.first().is_some_and(|b| b >> 4 == 6);
-    let count = (scratch.len().saturating_sub(start + transport)).div_ceil(usize::from(gso.size)).max(1);
-    let mut segs: Vec<Vec<u8>> = (0..count).map(|_| vec![0; segment_capacity]).collect();
-    let mut sizes = vec![0; count];
-    // tun-rs's splitter (wireguard-go's algorithm) fixes every segment's lengths, IPv4
-    // ID, sequence number, flags and checksums.
-    let n = tun_rs::gso_split(scratch, hdr, &mut segs, &mut sizes, 0, is_v6)?;
-    for (seg, &len) in segs.iter_mut().zip(&sizes).take(n) {
-        seg.truncate(len);
-        out.push(super::PacketBuf::from_vec(std::mem::take(seg)));
+#[derive(Debug, Default)]
+pub struct Splitter {
+    segs: Vec<Box<[u8]>>,
+    sizes: Vec<usize>,
+}
+
+#[cfg(target_os = "linux")]
+impl Splitter {
+    /// Splits the super-packet `packet` (its bytes are changed) described by `meta` into
+    /// plain segments with final checksums, in buffers of `segment_capacity` bytes, and
+    /// returns how many ([`segment`](Self::segment) gives each). As many buffers as the
+    /// packet needs are kept for the next call (a peer may announce an MSS as small as
+    /// 48 bytes: up to 1 366 segments). Fails on a header it cannot split.
+    pub fn split(&mut self, packet: &mut [u8], meta: &PacketMeta, segment_capacity: usize) -> std::io::Result<usize> {
+        use std::io::{Error, ErrorKind};
+        let invalid = |what: &'static str| Error::new(ErrorKind::InvalidInput, what);
+        let gso = meta.gso.ok_or_else(|| invalid("not a super-packet"))?;
+        let csum = meta.csum.ok_or_else(|| invalid("a super-packet without a partial checksum"))?;
+        let start = usize::from(csum.start);
+        // The kernel's hdr_len may include payload; the split needs the real header length.
+        let transport = match gso.kind {
+            GsoKind::Udp => 8,
+            _ => usize::from(packet.get(start + 12).ok_or_else(|| invalid("truncated TCP header"))? >> 4) * 4,
+        };
+        let hdr = tun_rs::VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: VnetHeader::from_meta(meta).gso_type,
+            hdr_len: u16::try_from(start + transport).map_err(|_| invalid("header too long"))?,
+            gso_size: gso.size,
+            csum_start: csum.start,
+            csum_offset: csum.offset,
+        };
+        let is_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
+        let count = packet.len().saturating_sub(start + transport).div_ceil(usize::from(gso.size)).max(1);
+        if self.segs.first().is_some_and(|s| s.len() != segment_capacity) {
+            self.segs.clear();
+        }
+        while self.segs.len() < count {
+            self.segs.push(vec![0; segment_capacity].into_boxed_slice());
+        }
+        self.sizes.resize(self.segs.len(), 0);
+        // tun-rs's splitter (wireguard-go's algorithm) fixes every segment's lengths, IPv4
+        // ID, sequence number, flags and checksums.
+        tun_rs::gso_split(packet, hdr, &mut self.segs[..count], &mut self.sizes[..count], 0, is_v6)
     }
-    Ok(())
+
+    /// Segment `i` of the last [`split`](Self::split).
+    pub fn segment(&self, i: usize) -> &[u8] {
+        &self.segs[i][..self.sizes[i]]
+    }
 }
 
 #[cfg(test)]

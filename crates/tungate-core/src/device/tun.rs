@@ -6,7 +6,7 @@ use std::os::fd::RawFd;
 
 use ipnet::IpNet;
 
-use super::offload::{MAX_SUPER_PACKET, Offload, RxMode, VNET_HDR_LEN, VnetHeader};
+use super::offload::{MAX_SUPER_PACKET, Offload, RxMode, Splitter, VNET_HDR_LEN, VnetHeader};
 use super::{PacketBuf, PacketDevice, PacketMeta};
 use crate::config::Mtu;
 
@@ -76,44 +76,45 @@ struct Vnet {
     rx: RxMode,
     /// Whether the kernel took USO too (TSO is required for offload at all).
     uso: bool,
-    /// [`RxMode::Split`]: a raw read (header + super-packet) and the segments it made,
-    /// of which `next..count` are not delivered yet.
+    /// [`RxMode::Split`]: the last raw read (header + super-packet) and its segments, of
+    /// which `next..count` are not delivered yet.
     raw: Box<[u8]>,
-    segs: Vec<Box<[u8]>>,
-    sizes: Vec<usize>,
+    splitter: Splitter,
     next: usize,
     count: usize,
     /// Set after a GSO write failed with `EINVAL` (a known kernel regression): from then
     /// on super-packets are split here and written as plain segments.
     split_writes: bool,
+    /// The write-side splitter and its copy of the packet (made on first use).
+    tx_split: Option<(Vec<u8>, Splitter)>,
 }
 
-/// Segments one super-packet can make: 64 KiB at the smallest MSS a peer may announce
-/// (IPv4 minimum 536) is 123.
-const MAX_SEGMENTS: usize = 128;
-
 impl Vnet {
-    fn new(rx: RxMode, uso: bool, mtu: Mtu) -> Box<Self> {
-        let segs = match rx {
-            RxMode::Split => (0..MAX_SEGMENTS).map(|_| vec![0; mtu.get()].into_boxed_slice()).collect(),
-            RxMode::Whole => Vec::new(),
+    fn new(rx: RxMode, uso: bool) -> Box<Self> {
+        let raw = match rx {
+            RxMode::Split => vec![0; VNET_HDR_LEN + MAX_SUPER_PACKET].into_boxed_slice(),
+            RxMode::Whole => Box::default(),
         };
         Box::new(Vnet {
             rx,
             uso,
-            raw: vec![0; VNET_HDR_LEN + MAX_SUPER_PACKET].into_boxed_slice(),
-            sizes: vec![0; segs.len()],
-            segs,
+            raw,
+            splitter: Splitter::default(),
             next: 0,
             count: 0,
             split_writes: false,
+            tx_split: None,
         })
     }
 }
 
 impl std::fmt::Debug for TunDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunDevice").field("name", &self.name).field("mtu", &self.mtu).finish()
+        f.debug_struct("TunDevice")
+            .field("name", &self.name)
+            .field("mtu", &self.mtu)
+            .field("offload", &self.offload())
+            .finish()
     }
 }
 
@@ -170,7 +171,7 @@ impl TunDevice {
                 classify_create_error(&name, e)
             }
         })?;
-        let vnet = offload.then(|| Vnet::new(config.rx_mode, dev.udp_gso(), config.mtu));
+        let vnet = offload.then(|| Vnet::new(config.rx_mode, dev.udp_gso()));
         for (a, prefix) in extra_v4 {
             dev.add_address_v4(a, prefix).map_err(|source| TunError::Setup {
                 name: name.clone(),
@@ -224,7 +225,8 @@ impl TunDevice {
             }
         };
         match VnetHeader::decode(&hdr).to_meta() {
-            Some(meta) if n > VNET_HDR_LEN => {
+            // (A read reports the packet's length even when the buffer cut it short.)
+            Some(meta) if n > VNET_HDR_LEN && n - VNET_HDR_LEN <= buf.capacity() => {
                 buf.meta = meta;
                 buf.set_len(n - VNET_HDR_LEN);
             }
@@ -239,28 +241,63 @@ impl TunDevice {
     }
 
     /// [`RxMode::Split`]: segments of the last super-packet first, then one more read.
+    /// A packet that cannot be delivered (a header tungate cannot interpret, a
+    /// super-packet that cannot be split, a segment larger than `buf`) comes out empty,
+    /// which every backend counts as malformed.
     fn recv_split(&mut self, buf: &mut PacketBuf) -> io::Result<bool> {
+        let mtu = self.mtu.get();
         let Some(v) = self.vnet.as_deref_mut() else { return Ok(false) };
+        buf.meta = PacketMeta::default();
         if v.next == v.count {
-            match self.dev.try_recv_multiple(&mut v.raw, &mut v.segs, &mut v.sizes, 0) {
-                Ok(n) => (v.next, v.count) = (0, n),
+            let n = match self.dev.try_recv(&mut v.raw) {
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                // Raised by tun-rs for a header or super-packet it cannot split: that one
-                // packet is lost (counted as malformed by the backend), not the device.
-                Err(e) if e.kind() == io::ErrorKind::InvalidInput || e.kind() == io::ErrorKind::Other => {
-                    tracing::debug!("dropping an offloaded packet that cannot be split: {e}");
-                    buf.meta = PacketMeta::default();
-                    buf.set_len(0);
-                    return Ok(true);
-                }
                 Err(e) => return Err(e),
+            };
+            let meta = (n > VNET_HDR_LEN && n <= v.raw.len())
+                .then(|| VnetHeader::decode(v.raw[..VNET_HDR_LEN].try_into().expect("10 bytes")).to_meta())
+                .flatten();
+            let end = n.min(v.raw.len());
+            let packet = &mut v.raw[VNET_HDR_LEN.min(end)..end];
+            let delivered = match meta {
+                Some(meta) if meta.gso.is_none() => {
+                    let complete = meta.csum.is_none_or(|c| super::offload::complete_checksum(packet, c));
+                    if complete && packet.len() <= buf.capacity() {
+                        buf.spare_mut()[..packet.len()].copy_from_slice(packet);
+                        buf.set_len(packet.len());
+                    } else {
+                        buf.set_len(0);
+                    }
+                    true
+                }
+                Some(meta) => match v.splitter.split(packet, &meta, mtu) {
+                    Ok(count) => {
+                        (v.next, v.count) = (0, count);
+                        false
+                    }
+                    Err(e) => {
+                        tracing::debug!("dropping an offloaded packet that cannot be split: {e}");
+                        buf.set_len(0);
+                        true
+                    }
+                },
+                None => {
+                    buf.set_len(0);
+                    true
+                }
+            };
+            if delivered {
+                return Ok(true);
             }
         }
-        let (i, len) = (v.next, v.sizes[v.next]);
+        let seg = v.splitter.segment(v.next);
         v.next += 1;
-        buf.meta = PacketMeta::default();
-        buf.spare_mut()[..len].copy_from_slice(&v.segs[i][..len]);
-        buf.set_len(len);
+        if seg.len() <= buf.capacity() {
+            buf.spare_mut()[..seg.len()].copy_from_slice(seg);
+            buf.set_len(seg.len());
+        } else {
+            buf.set_len(0);
+        }
         Ok(true)
     }
 
@@ -291,16 +328,19 @@ impl TunDevice {
     }
 
     /// Splits a super-packet into plain segments with final checksums and writes each
-    /// (the fallback for kernels that refuse GSO writes; allocation per packet is fine
-    /// on this path).
+    /// (the fallback for kernels that refuse GSO writes).
     async fn send_split(&mut self, packet: &PacketBuf) -> io::Result<()> {
-        let mut segments = Vec::new();
-        let mut scratch = Vec::new();
-        super::offload::split(packet, &mut scratch, self.mtu.get(), &mut segments)?;
+        let mtu = self.mtu.get();
+        let Some(v) = self.vnet.as_deref_mut() else { return Err(io::Error::other("no offload")) };
+        let (copy, splitter) = v.tx_split.get_or_insert_with(Default::default);
+        copy.clear();
+        copy.extend_from_slice(packet.packet());
+        let n = splitter.split(copy, &packet.meta, mtu)?;
         let hdr = [0u8; VNET_HDR_LEN];
-        for seg in &segments {
+        for i in 0..n {
+            let seg = splitter.segment(i);
             loop {
-                match self.dev.try_send_vectored(&[IoSlice::new(&hdr), IoSlice::new(seg.packet())]) {
+                match self.dev.try_send_vectored(&[IoSlice::new(&hdr), IoSlice::new(seg)]) {
                     Ok(_) => break,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dev.writable().await?,
                     Err(e) => return Err(e),
