@@ -269,6 +269,22 @@ _nns_gateway_fail() {
 
 NETNS_REDIRECT_PORT=12345
 
+# _nns_spawn_gateway ID BIN ARG... : start BIN in the cli ns in the background with its
+# output in gateway.log; sets NNS_GATEWAY_PID and records the pid.
+_nns_spawn_gateway() {
+  local id=$1 bin=$2 dir log
+  shift 2
+  dir=$(_nns_dir "$id")
+  log="$dir/gateway.log"
+  : >"$log"
+  rm -f "$dir/gateway.error"
+  printf '# %s %s\n' "$bin" "$*" >>"$log"
+  ip netns exec "$(netns_cli "$id")" "$bin" "$@" </dev/null >>"$log" 2>&1 &
+  NNS_GATEWAY_PID=$!
+  printf '%s\n' "$NNS_GATEWAY_PID" >"$dir/gateway.pid"
+  _nns_record_pid "$id" "$NNS_GATEWAY_PID"
+}
+
 # The no-TUN baseline: tungate-redirect listens on loopback; an nftables REDIRECT rule in
 # the cli namespace (only there) captures TCP to the server networks, except the
 # gateway's own marked dials; the traffic itself takes the kernel baseline route.
@@ -281,13 +297,8 @@ _nns_start_redirect() {
   local args=(--listen "127.0.0.1:$NETNS_REDIRECT_PORT" --listen "[::1]:$NETNS_REDIRECT_PORT")
   args+=(--mark "$NETNS_MARK" --log-level "$NETNS_GATEWAY_LOG_LEVEL" "$@")
   log="$dir/gateway.log"
-  : >"$log"
-  rm -f "$dir/gateway.error"
-  printf '# %s %s\n' "$bin" "${args[*]}" >>"$log"
-  ip netns exec "$cli" "$bin" "${args[@]}" </dev/null >>"$log" 2>&1 &
-  pid=$!
-  printf '%s\n' "$pid" >"$dir/gateway.pid"
-  _nns_record_pid "$id" "$pid"
+  _nns_spawn_gateway "$id" "$bin" "${args[@]}"
+  pid=$NNS_GATEWAY_PID
   for ((i = 0; i < NETNS_GATEWAY_TIMEOUT * 20; i++)); do
     _nns_alive "$pid" || { _nns_gateway_fail "$id" "gateway $(basename "$bin") exited during startup"; return 1; }
     grep -q 'ready' "$log" 2>/dev/null && break
@@ -334,13 +345,8 @@ netns_start_gateway() {
   args+=("${extra[@]}")
 
   log="$dir/gateway.log"
-  : >"$log"
-  rm -f "$dir/gateway.error"
-  printf '# %s %s\n' "$bin" "${args[*]}" >>"$log"
-  ip netns exec "$cli" "$bin" "${args[@]}" </dev/null >>"$log" 2>&1 &
-  pid=$!
-  printf '%s\n' "$pid" >"$dir/gateway.pid"
-  _nns_record_pid "$id" "$pid"
+  _nns_spawn_gateway "$id" "$bin" "${args[@]}"
+  pid=$NNS_GATEWAY_PID
 
   up=0 ready=0
   local up_re='<([^>]*,)?UP[,>]'

@@ -14,7 +14,7 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
 use tungate_core::engine::Engine;
 use tungate_core::flow::{self, Decision, FlowIo, FlowLink, WakeQueue};
 use tungate_core::handler::UdpOutbox;
-use tungate_core::packet::{self, Classified, TcpSummary};
+use tungate_core::packet::{self, Classified, Stranger, TcpSummary};
 use tungate_core::{FlowId, Handlers, PacketBuf, Stats, UdpSender};
 
 use crate::SmoltcpConfig;
@@ -137,22 +137,15 @@ impl SmoltcpEngine {
             }
             return;
         }
-        if !packet::tcp_checksum_ok(packet.packet(), &seg) {
-            Stats::inc(&self.stats().malformed);
-            return;
-        }
-        if !seg.is_bare_syn() {
-            if !seg.rst {
+        match packet::stranger(packet.packet(), &seg, true) {
+            Stranger::Open => self.open_request(packet, seg),
+            Stranger::Reset => {
                 Stats::inc(&self.stats().tcp_unknown_flow);
                 self.send_rst(&seg);
             }
-            return;
+            Stranger::Ignore => {}
+            Stranger::Malformed => Stats::inc(&self.stats().malformed),
         }
-        if !seg.has_unicast_endpoints() {
-            Stats::inc(&self.stats().malformed);
-            return;
-        }
-        self.open_request(packet, seg);
     }
 
     fn open_request(&mut self, packet: &PacketBuf, seg: TcpSummary) {

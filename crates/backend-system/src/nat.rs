@@ -17,7 +17,7 @@
 //! `time_wait` (65 s) otherwise — the kernel's socket may sit in TIME-WAIT or
 //! SYN-RECEIVED, and a new SYN from the same `F:np` must not meet it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -28,8 +28,8 @@ use tungate_core::admission::FlowKey;
 use tungate_core::device::PacketBuf;
 use tungate_core::device::offload::{self, GsoKind};
 use tungate_core::flow::{self, Decision, FlowId, FlowLink, FlowPort, TcpRequest, WakeQueue};
-use tungate_core::handler::{Handlers, UdpOutbox, UdpSender};
-use tungate_core::packet::{self, Classified, TcpSummary};
+use tungate_core::handler::{Handlers, Outbound, UdpSender};
+use tungate_core::packet::{self, Classified, Stranger, TcpSummary};
 use tungate_core::{Mtu, Stats};
 
 use crate::checksum::Delta;
@@ -141,11 +141,8 @@ pub struct Nat {
     cursor_v6: usize,
     wake: Arc<WakeQueue>,
     woken: Vec<FlowId>,
-    udp_out: Arc<UdpOutbox>,
+    outbound: Outbound,
     udp_sender: UdpSender,
-    out: VecDeque<PacketBuf>,
-    free: Vec<PacketBuf>,
-    last_from_udp: bool,
     splitter: offload::Splitter,
 }
 
@@ -158,8 +155,8 @@ impl std::fmt::Debug for Nat {
 impl Nat {
     pub fn new(config: NatConfig, handlers: Handlers) -> Self {
         let wake = WakeQueue::new();
-        let udp_out = UdpOutbox::new(config.mtu, wake.clone(), handlers.stats.clone());
-        let udp_sender = udp_out.sender();
+        let outbound = Outbound::new(config.mtu, wake.clone(), handlers.stats.clone());
+        let udp_sender = outbound.udp_sender();
         Nat {
             config,
             handlers,
@@ -171,11 +168,8 @@ impl Nat {
             cursor_v6: 0,
             wake,
             woken: Vec::new(),
-            udp_out,
+            outbound,
             udp_sender,
-            out: VecDeque::new(),
-            free: Vec::new(),
-            last_from_udp: false,
             splitter: offload::Splitter::default(),
         }
     }
@@ -313,20 +307,18 @@ impl Nat {
     /// A TCP segment for no entry: a bare SYN becomes a request, anything else a RST.
     fn new_flow(&mut self, now: Instant, packet: &PacketBuf, seg: TcpSummary) {
         // A partial checksum (offload) is the local kernel's own work: nothing to verify.
-        if packet.meta.csum.is_none() && !packet::tcp_checksum_ok(packet.packet(), &seg) {
-            Stats::inc(&self.stats().malformed);
-            return;
-        }
-        if !seg.is_bare_syn() {
-            if !seg.rst {
+        match packet::stranger(packet.packet(), &seg, packet.meta.csum.is_none()) {
+            Stranger::Open if !self.is_ours(seg.dst.ip()) => {}
+            Stranger::Reset => {
                 Stats::inc(&self.stats().tcp_unknown_flow);
                 self.send_rst(&seg);
+                return;
             }
-            return;
-        }
-        if !seg.has_unicast_endpoints() || self.is_ours(seg.dst.ip()) {
-            Stats::inc(&self.stats().malformed);
-            return;
+            Stranger::Ignore => return,
+            Stranger::Open | Stranger::Malformed => {
+                Stats::inc(&self.stats().malformed);
+                return;
+            }
         }
         let now_listener = self.listener_for(seg.dst);
         let Some(nat) = now_listener.and_then(|_| self.allocate(now, seg.dst.is_ipv6())) else {
@@ -415,7 +407,7 @@ impl Nat {
                     e.last_seen = now;
                     let listen = if e.nat.is_ipv4() { self.config.listen_v4 } else { self.config.listen_v6 };
                     if listen.is_some_and(|l| rewrite(&mut syn, e.nat, l)) {
-                        self.out.push_back(syn);
+                        self.outbound.push(syn);
                     }
                 }
                 Decision::Rejected => {
@@ -522,35 +514,17 @@ impl Nat {
     }
 
     fn send_rst(&mut self, seg: &TcpSummary) {
-        let mut buf = self.free.pop().unwrap_or_else(|| PacketBuf::with_capacity(self.config.mtu.get()));
-        buf.meta = Default::default();
-        match packet::build_tcp_rst(seg, buf.spare_mut()) {
-            Some(len) => {
-                buf.set_len(len);
-                self.out.push_back(buf);
-            }
-            None => self.free.push(buf),
-        }
+        self.outbound.send_rst(seg);
     }
 
     /// The next packet this table wants written to the TUN (released SYNs, RSTs, UDP).
     pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
-        if let Some(buf) = self.out.pop_front() {
-            self.last_from_udp = false;
-            return Some(buf);
-        }
-        let buf = self.udp_out.pop()?;
-        self.last_from_udp = true;
-        Some(buf)
+        self.outbound.poll_transmit()
     }
 
     /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
     pub fn recycle(&mut self, buf: PacketBuf) {
-        if self.last_from_udp {
-            self.udp_out.recycle(buf);
-        } else if self.free.len() < 64 && buf.capacity() >= self.config.mtu.get() {
-            self.free.push(buf);
-        }
+        self.outbound.recycle(buf);
     }
 }
 

@@ -29,8 +29,8 @@ use crate::device::PacketBuf;
 use crate::flow::{self, Decision, FlowId, FlowLink, FlowPort, FlowProgress, TcpRequest, WakeQueue};
 #[cfg(doc)]
 use crate::handler::UdpHandler;
-use crate::handler::{Handlers, UdpOutbox, UdpSender};
-use crate::packet::{self, Classified, TcpSummary};
+use crate::handler::{Handlers, Outbound, UdpSender};
+use crate::packet::{self, Classified, Stranger, TcpSummary};
 use crate::stats::Stats;
 
 /// A flow's 4-tuple as the client sees it: (client, original destination).
@@ -86,12 +86,8 @@ pub struct Admission {
     wake: Arc<WakeQueue>,
     woken: Vec<FlowId>,
     released: VecDeque<(Instant, FlowKey)>,
-    udp_out: Arc<UdpOutbox>,
+    outbound: Outbound,
     udp_sender: UdpSender,
-    out: VecDeque<PacketBuf>,
-    free: Vec<PacketBuf>,
-    last_from_udp: bool,
-    mtu: Mtu,
 }
 
 impl std::fmt::Debug for Admission {
@@ -119,8 +115,8 @@ impl Admission {
         limit: Option<u64>,
     ) -> Self {
         let wake = WakeQueue::new();
-        let udp_out = UdpOutbox::new(mtu, wake.clone(), handlers.stats.clone());
-        let udp_sender = udp_out.sender();
+        let outbound = Outbound::new(mtu, wake.clone(), handlers.stats.clone());
+        let udp_sender = outbound.udp_sender();
         Admission {
             handlers,
             unread_limit: limit,
@@ -131,12 +127,8 @@ impl Admission {
             wake,
             woken: Vec::new(),
             released: VecDeque::new(),
-            udp_out,
+            outbound,
             udp_sender,
-            out: VecDeque::new(),
-            free: Vec::new(),
-            last_from_udp: false,
-            mtu,
         }
     }
 
@@ -198,20 +190,18 @@ impl Admission {
                 }
             };
         }
-        if !packet::tcp_checksum_ok(packet.packet(), &seg) {
-            Stats::inc(&stats.malformed);
-            return Verdict::Consumed;
-        }
-        if !seg.is_bare_syn() {
-            if !seg.rst {
+        match packet::stranger(packet.packet(), &seg, true) {
+            Stranger::Open => {}
+            Stranger::Reset => {
                 Stats::inc(&stats.tcp_unknown_flow);
                 self.send_rst(&seg);
+                return Verdict::Consumed;
             }
-            return Verdict::Consumed;
-        }
-        if !seg.has_unicast_endpoints() {
-            Stats::inc(&stats.malformed);
-            return Verdict::Consumed;
+            Stranger::Ignore => return Verdict::Consumed,
+            Stranger::Malformed => {
+                Stats::inc(&stats.malformed);
+                return Verdict::Consumed;
+            }
         }
         let key = (seg.src, seg.dst);
         let id = FlowId(self.ids.insert(key));
@@ -321,34 +311,17 @@ impl Admission {
     }
 
     fn send_rst(&mut self, seg: &TcpSummary) {
-        let mut buf = self.free.pop().unwrap_or_else(|| PacketBuf::with_capacity(self.mtu.get()));
-        match packet::build_tcp_rst(seg, buf.spare_mut()) {
-            Some(len) => {
-                buf.set_len(len);
-                self.out.push_back(buf);
-            }
-            None => self.free.push(buf),
-        }
+        self.outbound.send_rst(seg);
     }
 
     /// The next packet this layer wants written to the TUN (RSTs, UDP replies).
     pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
-        if let Some(buf) = self.out.pop_front() {
-            self.last_from_udp = false;
-            return Some(buf);
-        }
-        let buf = self.udp_out.pop()?;
-        self.last_from_udp = true;
-        Some(buf)
+        self.outbound.poll_transmit()
     }
 
     /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
     pub fn recycle(&mut self, buf: PacketBuf) {
-        if self.last_from_udp {
-            self.udp_out.recycle(buf);
-        } else if self.free.len() < 64 {
-            self.free.push(buf);
-        }
+        self.outbound.recycle(buf);
     }
 }
 

@@ -146,3 +146,73 @@ impl UdpOutbox {
         }
     }
 }
+
+/// What a layer that answers for a stack writes to the TUN itself — RSTs and released
+/// SYNs it queues, and the UDP replies handlers send — with a small pool of buffers.
+/// Used by [`Admission`](crate::admission::Admission) and the system stack's NAT.
+#[derive(Debug)]
+pub struct Outbound {
+    queue: VecDeque<PacketBuf>,
+    free: Vec<PacketBuf>,
+    udp: Arc<UdpOutbox>,
+    last_from_udp: bool,
+    mtu: Mtu,
+}
+
+impl Outbound {
+    /// Spare buffers kept for RSTs.
+    const POOL: usize = 64;
+
+    pub fn new(mtu: Mtu, wake: Arc<WakeQueue>, stats: Arc<Stats>) -> Self {
+        Outbound {
+            queue: VecDeque::new(),
+            free: Vec::new(),
+            udp: UdpOutbox::new(mtu, wake, stats),
+            last_from_udp: false,
+            mtu,
+        }
+    }
+
+    /// The sender handlers reply through.
+    pub fn udp_sender(&self) -> UdpSender {
+        self.udp.sender()
+    }
+
+    /// Queues a packet to write.
+    pub fn push(&mut self, packet: PacketBuf) {
+        self.queue.push_back(packet);
+    }
+
+    /// Queues the RST that answers `segment`.
+    pub fn send_rst(&mut self, segment: &crate::packet::TcpSummary) {
+        let mut buf = self.free.pop().unwrap_or_else(|| PacketBuf::with_capacity(self.mtu.get()));
+        buf.meta = Default::default();
+        match packet::build_tcp_rst(segment, buf.spare_mut()) {
+            Some(len) => {
+                buf.set_len(len);
+                self.queue.push_back(buf);
+            }
+            None => self.free.push(buf),
+        }
+    }
+
+    /// The next packet to write: queued ones first, then UDP replies.
+    pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
+        if let Some(buf) = self.queue.pop_front() {
+            self.last_from_udp = false;
+            return Some(buf);
+        }
+        let buf = self.udp.pop()?;
+        self.last_from_udp = true;
+        Some(buf)
+    }
+
+    /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
+    pub fn recycle(&mut self, buf: PacketBuf) {
+        if self.last_from_udp {
+            self.udp.recycle(buf);
+        } else if self.free.len() < Self::POOL && buf.capacity() >= self.mtu.get() {
+            self.free.push(buf);
+        }
+    }
+}

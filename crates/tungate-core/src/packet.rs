@@ -153,6 +153,33 @@ pub fn tcp_checksum_ok(packet: &[u8], summary: &TcpSummary) -> bool {
     TcpPacket::new_unchecked(l4).verify_checksum(&summary.src.ip().into(), &summary.dst.ip().into())
 }
 
+/// What to do with a TCP segment that matches no flow (RFC 9293 §3.10.7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stranger {
+    /// A bare SYN between unicast endpoints: it may open a flow.
+    Open,
+    /// Answer with RST (count it as `tcp_unknown_flow`).
+    Reset,
+    /// A RST: drop it silently.
+    Ignore,
+    /// A bad checksum, or a SYN from or to a non-unicast address: count as malformed.
+    Malformed,
+}
+
+/// Classifies a segment for no known flow. `verify_checksum`: false for a packet whose
+/// checksum is still partial (TUN offload: the local kernel's own work).
+pub fn stranger(packet: &[u8], seg: &TcpSummary, verify_checksum: bool) -> Stranger {
+    if verify_checksum && !tcp_checksum_ok(packet, seg) {
+        Stranger::Malformed
+    } else if !seg.is_bare_syn() {
+        if seg.rst { Stranger::Ignore } else { Stranger::Reset }
+    } else if !seg.has_unicast_endpoints() {
+        Stranger::Malformed
+    } else {
+        Stranger::Open
+    }
+}
+
 const HOP_LIMIT: u8 = 64;
 
 /// Writes the IP header for a `payload_len`-byte transport payload at the start of `out`
