@@ -156,6 +156,8 @@ pub fn main<B: Backend>(make_backend: impl FnOnce(&StackSettings) -> B) -> ExitC
 
 fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -> anyhow::Result<()> {
     validate(&args, B::NAME, B::RX_OFFLOAD.is_some())?;
+    let settings = StackSettings { mtu: args.mtu, addresses: args.addresses.clone() };
+    let backend = make_backend(&settings);
     // Every relayed connection holds an upstream socket: a gateway with thousands of
     // flows needs more descriptors than the usual soft limit of 1024. Raise the soft
     // limit to the hard one; if that fails, run with what there is.
@@ -182,6 +184,8 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             }
             (None, None) => bail!("one of --tun or --tun-fd is required"),
         };
+        // After the device (whose errors come first), before "ready".
+        backend.validate()?;
         let shutdown = shutdown_signal();
         let stats = Arc::new(tungate_core::Stats::default());
         let direct = Direct::new(DirectConfig { mark: args.mark, ..Default::default() }, stats.clone());
@@ -197,8 +201,7 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             "ready"
         );
         tokio::spawn(release_memory_after_bursts(stats.clone()));
-        let settings = StackSettings { mtu: args.mtu, addresses: args.addresses.clone() };
-        make_backend(&settings).run(device, handlers, shutdown).await.context("backend stopped")?;
+        backend.run(device, handlers, shutdown).await.context("backend stopped")?;
         tracing::info!(stats = ?stats.snapshot(), "shut down");
         Ok(())
     })

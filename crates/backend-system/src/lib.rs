@@ -73,6 +73,8 @@ impl System {
     }
 }
 
+const NEEDS_ADDRESS: &str = "the system stack needs the TUN's own address (--address) to listen on";
+
 /// The listener address G and `count` fake client addresses after it in its prefix.
 pub fn plan_addresses(net: &IpNet, count: usize) -> Result<(IpAddr, Vec<IpAddr>), String> {
     let g = net.addr();
@@ -128,6 +130,20 @@ impl Backend for System {
     const NAME: &'static str = "system";
     const RX_OFFLOAD: Option<RxMode> = Some(RxMode::Whole);
 
+    fn validate(&self) -> Result<(), BackendError> {
+        let mut any = false;
+        for family_v4 in [true, false] {
+            if let Some(net) = self.config.addresses.iter().find(|a| a.addr().is_ipv4() == family_v4) {
+                plan_addresses(net, self.config.fake_clients).map_err(BackendError::Config)?;
+                any = true;
+            }
+        }
+        if !any {
+            return Err(BackendError::Config(NEEDS_ADDRESS.into()));
+        }
+        Ok(())
+    }
+
     fn run<D: PacketDevice>(
         self,
         device: D,
@@ -162,9 +178,7 @@ impl Backend for System {
                 listeners.push(listener);
             }
             if listeners.is_empty() {
-                return Err(BackendError::Config(
-                    "the system stack needs the TUN's own address (--address) to listen on".into(),
-                ));
+                return Err(BackendError::Config(NEEDS_ADDRESS.into()));
             }
             let stats = handlers.stats.clone();
             drive(Nat::new(nat, handlers), device, listeners, stats, shutdown).await?;

@@ -28,6 +28,12 @@ pub trait Backend: Send + 'static {
     /// offload (and `--offload on` is refused).
     const RX_OFFLOAD: Option<crate::device::offload::RxMode> = None;
 
+    /// Checks the backend's configuration before any device exists, so a variant fails
+    /// on bad settings before it announces readiness.
+    fn validate(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Serves `device` until `shutdown` completes (`Ok`) or the device fails.
     fn run<D: PacketDevice>(
         self,
