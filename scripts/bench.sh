@@ -112,7 +112,7 @@ add_variant() { # add_variant NAME[/FLAG-VALUE] PATH
 
 if (($# > 0)); then
   for a in "$@"; do
-    if [[ "$a" == /* || "$a" == ./* || "$a" == ../* ]]; then
+    if [[ -f "$a" || "$a" == /* || "$a" == ./* || "$a" == ../* ]]; then
       add_variant "$(basename "$a")" "$a"
     else
       b=${a#tungate-}

@@ -37,7 +37,8 @@ use tungate_core::device::offload::RxMode;
 use tungate_core::engine::RX_BATCH;
 use tungate_core::{Backend, BackendError, Handlers, PacketBuf, PacketDevice, Stats};
 
-pub use nat::{Nat, NatConfig, Verdict};
+pub use nat::{Nat, NatConfig};
+use tungate_core::admission::Verdict;
 
 /// Settings of the system backend.
 #[derive(Debug, Clone)]

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
-use tungate_core::admission::FlowKey;
+use tungate_core::admission::{FlowKey, Verdict};
 use tungate_core::device::PacketBuf;
 use tungate_core::device::offload::{self, GsoKind};
 use tungate_core::flow::{self, Decision, FlowId, FlowLink, FlowPort, TcpRequest, WakeQueue};
@@ -78,15 +78,6 @@ impl Default for NatConfig {
             mtu: Mtu::DEFAULT,
         }
     }
-}
-
-/// What the driver does with a packet after [`Nat::handle_packet`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Rewritten in place: write it back to the TUN (with its offload metadata).
-    Forward,
-    /// Handled here (UDP, held SYN, RST queued) or dropped.
-    Consumed,
 }
 
 enum State {
@@ -207,7 +198,8 @@ impl Nat {
             }
     }
 
-    /// Looks at one packet from the TUN; may rewrite it in place.
+    /// Looks at one packet from the TUN; may rewrite it in place. [`Verdict::Forward`]:
+    /// rewritten, write it back to the TUN (with its offload metadata).
     pub fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Verdict {
         Stats::inc(&self.stats().rx_packets);
         if transport_protocol(packet.packet()) == Some(UDP) {

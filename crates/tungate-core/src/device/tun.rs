@@ -74,8 +74,6 @@ pub struct TunDevice {
 /// State of an offload-enabled TUN.
 struct Vnet {
     rx: RxMode,
-    /// Whether the kernel took USO too (TSO is required for offload at all).
-    uso: bool,
     /// [`RxMode::Split`]: the last raw read (header + super-packet) and its segments, of
     /// which `next..count` are not delivered yet.
     raw: Box<[u8]>,
@@ -90,14 +88,13 @@ struct Vnet {
 }
 
 impl Vnet {
-    fn new(rx: RxMode, uso: bool) -> Box<Self> {
+    fn new(rx: RxMode) -> Box<Self> {
         let raw = match rx {
             RxMode::Split => vec![0; VNET_HDR_LEN + MAX_SUPER_PACKET].into_boxed_slice(),
             RxMode::Whole => Box::default(),
         };
         Box::new(Vnet {
             rx,
-            uso,
             raw,
             splitter: Splitter::default(),
             next: 0,
@@ -171,7 +168,7 @@ impl TunDevice {
                 classify_create_error(&name, e)
             }
         })?;
-        let vnet = offload.then(|| Vnet::new(config.rx_mode, dev.udp_gso()));
+        let vnet = offload.then(|| Vnet::new(config.rx_mode));
         for (a, prefix) in extra_v4 {
             dev.add_address_v4(a, prefix).map_err(|source| TunError::Setup {
                 name: name.clone(),
@@ -206,11 +203,6 @@ impl TunDevice {
     /// Whether the TUN runs with a virtio-net header and TSO (and how input is delivered).
     pub fn offload(&self) -> Option<RxMode> {
         self.vnet.as_ref().map(|v| v.rx)
-    }
-
-    /// Whether the kernel also took UDP segmentation offload (USO, Linux 6.2+).
-    pub fn udp_offload(&self) -> bool {
-        self.vnet.as_ref().is_some_and(|v| v.uso)
     }
 
     /// [`RxMode::Whole`]: one read, header decoded into the buffer's metadata.
@@ -308,22 +300,18 @@ impl TunDevice {
             return self.send_split(packet).await;
         }
         let hdr = VnetHeader::from_meta(&packet.meta).encode();
-        loop {
-            match self.dev.try_send_vectored(&[IoSlice::new(&hdr), IoSlice::new(packet.packet())]) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dev.writable().await?,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && packet.meta.gso.is_some() => {
-                    tracing::warn!(
-                        "TUN {}: the kernel refused a GSO write ({e}); splitting super-packets from now on",
-                        self.name
-                    );
-                    if let Some(v) = self.vnet.as_deref_mut() {
-                        v.split_writes = true;
-                    }
-                    return self.send_split(packet).await;
+        match write_parts(&self.dev, &[IoSlice::new(&hdr), IoSlice::new(packet.packet())]).await {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && packet.meta.gso.is_some() => {
+                tracing::warn!(
+                    "TUN {}: the kernel refused a GSO write ({e}); splitting super-packets from now on",
+                    self.name
+                );
+                if let Some(v) = self.vnet.as_deref_mut() {
+                    v.split_writes = true;
                 }
-                Err(e) => return Err(e),
+                self.send_split(packet).await
             }
+            other => other,
         }
     }
 
@@ -338,14 +326,7 @@ impl TunDevice {
         let n = splitter.split(copy, &packet.meta, mtu)?;
         let hdr = [0u8; VNET_HDR_LEN];
         for i in 0..n {
-            let seg = splitter.segment(i);
-            loop {
-                match self.dev.try_send_vectored(&[IoSlice::new(&hdr), IoSlice::new(seg)]) {
-                    Ok(_) => break,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.dev.writable().await?,
-                    Err(e) => return Err(e),
-                }
-            }
+            write_parts(&self.dev, &[IoSlice::new(&hdr), IoSlice::new(splitter.segment(i))]).await?;
         }
         Ok(())
     }
@@ -358,6 +339,17 @@ fn classify_create_error(name: &str, e: io::Error) -> TunError {
         Some(libc::EBUSY) | Some(libc::EEXIST) | Some(libc::EINVAL) => TunError::Busy { name, source: e },
         Some(libc::ENOENT) | Some(libc::ENODEV) => TunError::NoTunDriver(e),
         _ => TunError::Setup { name, what: "creating the interface", source: e },
+    }
+}
+
+/// Writes `parts` as one packet, waiting while the TUN cannot take it.
+async fn write_parts(dev: &tun_rs::AsyncDevice, parts: &[IoSlice<'_>]) -> io::Result<()> {
+    loop {
+        match dev.try_send_vectored(parts) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dev.writable().await?,
+            Err(e) => return Err(e),
+        }
     }
 }
 
