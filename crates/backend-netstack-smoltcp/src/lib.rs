@@ -191,10 +191,19 @@ impl StreamStack for NetstackStack {
     fn input(&mut self, packet: &PacketBuf) -> io::Result<()> {
         // The crate rejects what it cannot parse as IP with an error; admission already
         // dropped malformed packets, so an error here is not worth stopping for.
+        // `start_send` only stores the packet in the Sink's one-slot buffer: it reaches
+        // the runner on the next `poll_ready` or `poll_flush`.
         if let Err(e) = Pin::new(&mut self.instance.stack).start_send(packet.packet().to_vec()) {
             tracing::debug!("netstack-smoltcp refused a packet: {e}");
         }
         Ok(())
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A rebuilt stack starts empty: what the old one buffered is gone with it, and
+        // the client retransmits.
+        self.check_runner(cx)?;
+        Pin::new(&mut self.instance.stack).poll_flush(cx)
     }
 
     fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<Option<PacketBuf>> {

@@ -36,7 +36,18 @@ pub trait StreamStack: Send + 'static {
     fn poll_input_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 
     /// Gives the stack one packet; called only after `poll_input_ready` returned ready.
+    /// A stack may hold the packet back until [`poll_flush`](Self::poll_flush) (a
+    /// `futures::Sink` does): the driver flushes after every run of inputs.
     fn input(&mut self, packet: &PacketBuf) -> io::Result<()>;
+
+    /// Ready when every packet given to [`input`](Self::input) has reached the stack.
+    /// Until then the driver keeps polling it with a real waker: a packet held back here
+    /// would otherwise wait for the next packet to push it through (a held-back window
+    /// update or last ACK stalls a transfer for good).
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let _ = cx;
+        Poll::Ready(Ok(()))
+    }
 
     /// The next packet the stack wants on the TUN; `None` when the stack stopped.
     fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<Option<PacketBuf>>;
@@ -58,6 +69,7 @@ pub trait StreamStack: Send + 'static {
 
 enum StackEvent<T> {
     InputReady,
+    Flushed,
     Output(PacketBuf),
     Accepted(T, SocketAddr, SocketAddr),
 }
@@ -74,6 +86,8 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
     let mut batch: Vec<PacketBuf> = (0..RX_BATCH).map(|_| PacketBuf::with_capacity(capacity)).collect();
     let mut to_stack: VecDeque<PacketBuf> = VecDeque::new();
     let mut spare: Vec<PacketBuf> = Vec::new();
+    // Packets given to the stack that it may still hold back (see `StreamStack::poll_flush`).
+    let mut unflushed = false;
     // Bridges end with the driver: dropping the set aborts them, their streams are
     // disposed and their ports report a reset to the handlers.
     let mut bridges: tokio::task::JoinSet<FlowKey> = tokio::task::JoinSet::new();
@@ -92,6 +106,7 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
             sleep.as_mut().reset(deadline);
         }
         let want_input = !to_stack.is_empty();
+        let want_flush = unflushed && !want_input;
         // Stop reading the TUN while the stack is behind: the kernel queues, then drops.
         let read_device = to_stack.len() < RX_BATCH;
         let event = poll_fn(|cx| {
@@ -101,6 +116,11 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
             if want_input {
                 if let Poll::Ready(r) = stack.poll_input_ready(cx) {
                     return Poll::Ready(r.map(|()| StackEvent::InputReady));
+                }
+            }
+            if want_flush {
+                if let Poll::Ready(r) = stack.poll_flush(cx) {
+                    return Poll::Ready(r.map(|()| StackEvent::Flushed));
                 }
             }
             stack.poll_accept(cx).map_ok(|(s, src, dst)| StackEvent::Accepted(s, src, dst))
@@ -126,7 +146,17 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
                             break;
                         }
                     }
+                    // Push the run through now; if the stack is full, the loop polls
+                    // `poll_flush` with a real waker until it is done.
+                    unflushed = match poll_now(|cx| stack.poll_flush(cx)) {
+                        Poll::Ready(r) => {
+                            r?;
+                            false
+                        }
+                        Poll::Pending => true,
+                    };
                 }
+                StackEvent::Flushed => unflushed = false,
                 StackEvent::Accepted(stream, src, dst) => match admission.take_port(src, dst) {
                     Some(port) => {
                         bridges.spawn(async move {
@@ -221,4 +251,138 @@ fn poll_now<T>(f: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
 
 fn stopped() -> io::Error {
     io::Error::other("the stack stopped")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::sync::{Arc, Mutex};
+
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+
+    use super::*;
+    use crate::config::Mtu;
+    use crate::device::mem;
+    use crate::flow::TcpRequest;
+    use crate::handler::{Handlers, TcpHandler, UdpHandler, UdpSender};
+
+    /// A stack that, like a `futures::Sink`, keeps the last packet it was given in a
+    /// one-slot buffer until the next `poll_input_ready` or `poll_flush`.
+    #[derive(Default)]
+    struct SinkLike {
+        slot: Option<Vec<u8>>,
+        delivered: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl SinkLike {
+        fn deliver(&mut self) {
+            if let Some(p) = self.slot.take() {
+                self.delivered.lock().expect("lock").push(p);
+            }
+        }
+    }
+
+    impl StreamStack for SinkLike {
+        type Stream = tokio::io::DuplexStream;
+
+        fn poll_input_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.deliver();
+            Poll::Ready(Ok(()))
+        }
+
+        fn input(&mut self, packet: &PacketBuf) -> io::Result<()> {
+            assert!(self.slot.is_none(), "input without poll_input_ready in between");
+            self.slot = Some(packet.packet().to_vec());
+            Ok(())
+        }
+
+        fn poll_flush(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.deliver();
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_output(&mut self, _: &mut Context<'_>) -> Poll<Option<PacketBuf>> {
+            Poll::Pending
+        }
+
+        fn poll_accept(&mut self, _: &mut Context<'_>) -> Poll<io::Result<(Self::Stream, SocketAddr, SocketAddr)>> {
+            Poll::Pending
+        }
+    }
+
+    struct AcceptAll;
+
+    impl TcpHandler for AcceptAll {
+        fn handle_tcp(&self, request: TcpRequest) {
+            drop(request.accept());
+        }
+    }
+
+    impl UdpHandler for AcceptAll {
+        fn handle_udp(&self, _: SocketAddr, _: SocketAddr, _: &[u8], _: &UdpSender) {}
+    }
+
+    fn syn(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+        let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else { unreachable!("v4 only") };
+        let tcp = TcpRepr {
+            src_port: s.port(),
+            dst_port: d.port(),
+            control: TcpControl::Syn,
+            seq_number: TcpSeqNumber(1000),
+            ack_number: None,
+            window_len: 65535,
+            window_scale: None,
+            max_seg_size: Some(1460),
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let ip = Ipv4Repr {
+            src_addr: *s.ip(),
+            dst_addr: *d.ip(),
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+        let caps = ChecksumCapabilities::default();
+        let mut packet = Ipv4Packet::new_unchecked(&mut buf);
+        ip.emit(&mut packet, &caps);
+        let mut segment = TcpPacket::new_unchecked(packet.payload_mut());
+        tcp.emit(&mut segment, &(*s.ip()).into(), &(*d.ip()).into(), &caps);
+        buf
+    }
+
+    /// One accepted SYN and nothing after it: the stack must get it without a second
+    /// packet to push it through. (netstack-smoltcp's Sink held such a last packet — a
+    /// SYN, a request, a window update — until the client retransmitted or, for a
+    /// window update, for good.)
+    #[tokio::test]
+    async fn the_last_packet_of_a_run_reaches_a_buffering_stack() {
+        let (device, peer) = mem::pair(Mtu::DEFAULT, 16);
+        let handlers = Handlers::new(Arc::new(AcceptAll), Arc::new(AcceptAll));
+        let admission = Admission::new(handlers, Mtu::DEFAULT, 4096, Duration::from_secs(25));
+        let stack = SinkLike::default();
+        let delivered = stack.delivered.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let driver = tokio::spawn(run_stream_stack(stack, admission, device, async move {
+            let _ = stopped.await;
+        }));
+        let client = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 40000));
+        let dst = SocketAddr::from((Ipv4Addr::new(10, 77, 0, 2), 80));
+        let packet = syn(client, dst);
+        peer.tx.send(packet.clone()).await.expect("send");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while delivered.lock().expect("lock").is_empty() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .expect("the accepted SYN reached the stack without a second packet");
+        assert_eq!(*delivered.lock().expect("lock"), vec![packet], "the stack got exactly the client's SYN");
+        let _ = stop.send(());
+        driver.await.expect("driver task").expect("driver ends cleanly");
+    }
 }
