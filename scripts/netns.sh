@@ -271,6 +271,12 @@ NETNS_REDIRECT_PORT=12345
 
 # _nns_spawn_gateway ID BIN ARG... : start BIN in the cli ns in the background with its
 # output in gateway.log; sets NNS_GATEWAY_PID and records the pid.
+# The gateway's readiness: the one JSON line it prints on stdout when it serves traffic
+# (log lines go to stderr and never start with '{').
+_nns_ready() {
+  grep -q '^{"event":"ready"' "$1" 2>/dev/null
+}
+
 _nns_spawn_gateway() {
   local id=$1 bin=$2 dir log
   shift 2
@@ -301,10 +307,10 @@ _nns_start_redirect() {
   pid=$NNS_GATEWAY_PID
   for ((i = 0; i < NETNS_GATEWAY_TIMEOUT * 20; i++)); do
     _nns_alive "$pid" || { _nns_gateway_fail "$id" "gateway $(basename "$bin") exited during startup"; return 1; }
-    grep -q 'ready' "$log" 2>/dev/null && break
+    _nns_ready "$log" && break
     sleep 0.05
   done
-  grep -q 'ready' "$log" 2>/dev/null || { _nns_gateway_fail "$id" "gateway $(basename "$bin") not ready"; return 1; }
+  _nns_ready "$log" || { _nns_gateway_fail "$id" "gateway $(basename "$bin") printed no ready event within ${NETNS_GATEWAY_TIMEOUT}s"; return 1; }
   ip netns exec "$cli" nft -f - <<NFT || { _nns_gateway_fail "$id" "nftables REDIRECT rule failed"; return 1; }
 table inet tungate {
   chain output {
@@ -360,7 +366,7 @@ netns_start_gateway() {
     link=$(ip -n "$cli" -o link show "$NETNS_TUN" 2>/dev/null || true)
     up=0
     [[ "$link" =~ $up_re ]] && up=1
-    grep -q 'ready' "$log" 2>/dev/null && ready=1
+    _nns_ready "$log" && ready=1
     ((up && ready)) && break
     sleep 0.05
   done
@@ -368,7 +374,10 @@ netns_start_gateway() {
     _nns_gateway_fail "$id" "gateway $(basename "$bin") did not bring $NETNS_TUN up within ${NETNS_GATEWAY_TIMEOUT}s (link: ${link:-absent})"
     return 1
   fi
-  ((ready)) || _nns_log "warning: $NETNS_TUN is up but no 'ready' line on the gateway's stderr after ${NETNS_GATEWAY_TIMEOUT}s; continuing"
+  if ((!ready)); then
+    _nns_gateway_fail "$id" "gateway $(basename "$bin") brought $NETNS_TUN up but printed no ready event within ${NETNS_GATEWAY_TIMEOUT}s"
+    return 1
+  fi
 
   ip -n "$cli" link set "$NETNS_TUN" txqueuelen "$NETNS_TUN_TXQUEUELEN" ||
     _nns_log "warning: could not set $NETNS_TUN txqueuelen $NETNS_TUN_TXQUEUELEN"

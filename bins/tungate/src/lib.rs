@@ -68,11 +68,31 @@ pub struct Args {
     pub log_level: String,
 }
 
-const EXAMPLE: &str = "Example (a namespace or host where 10.77.0.0/24 should go through the gateway):
+const EXAMPLE: &str = r#"Example (a namespace or host where 10.77.0.0/24 should go through the gateway):
   tungate-smoltcp --tun tun0 --address 198.18.0.1/24 --mark 0x100 &
   ip route add 10.77.0.0/24 dev tun0
   ip rule add fwmark 0x100 lookup 100
-  ip route add 10.77.0.0/24 via <real gateway> table 100";
+  ip route add 10.77.0.0/24 via <real gateway> table 100
+
+Standard output carries exactly two JSON lines, for supervisors and scripts:
+  {"event":"ready","backend":..,"pid":..,..}    once the gateway serves traffic
+  {"event":"exit","stats":{"rx_packets":..,..}}  after a clean shutdown, with every counter
+Logs (--log-level) go to standard error."#;
+
+/// Prints one machine-readable event line on stdout (see the `--help` text): the only
+/// thing the binary writes there, so a supervisor or test reads it without parsing logs.
+fn emit_event(event: serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    // A closed stdout is the supervisor's choice; it must not stop the gateway.
+    let _ = writeln!(out, "{event}").and_then(|()| out.flush());
+}
+
+fn stats_json(stats: &tungate_core::Stats) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> =
+        stats.snapshot().fields().map(|(name, value)| (name.to_owned(), serde_json::Value::from(value))).collect();
+    map.into()
+}
 
 fn parse_mtu(s: &str) -> Result<Mtu, String> {
     Mtu::from_str(s).map_err(|e| e.to_string())
@@ -200,9 +220,18 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             mark = ?args.mark,
             "ready"
         );
+        emit_event(serde_json::json!({
+            "event": "ready",
+            "backend": B::NAME,
+            "pid": std::process::id(),
+            "tun": device.name(),
+            "offload": device.offload().is_some(),
+            "mtu": args.mtu.get(),
+        }));
         tokio::spawn(release_memory_after_bursts(stats.clone()));
         backend.run(device, handlers, shutdown).await.context("backend stopped")?;
         tracing::info!(stats = ?stats.snapshot(), "shut down");
+        emit_event(serde_json::json!({ "event": "exit", "stats": stats_json(&stats) }));
         Ok(())
     })
 }
@@ -377,8 +406,15 @@ pub mod redirect {
             let direct = Direct::new(DirectConfig { mark: args.mark, ..Default::default() }, stats.clone());
             let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
             tracing::info!(backend = "redirect", listen = %listen.join(","), mark = ?args.mark, "ready");
+            super::emit_event(serde_json::json!({
+                "event": "ready",
+                "backend": "redirect",
+                "pid": std::process::id(),
+                "listen": listen,
+            }));
             backend_redirect::serve(listeners, Arc::new(direct), stats.clone(), shutdown).await?;
             tracing::info!(stats = ?stats.snapshot(), "shut down");
+            super::emit_event(serde_json::json!({ "event": "exit", "stats": super::stats_json(&stats) }));
             Ok(())
         })
     }

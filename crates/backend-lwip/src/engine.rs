@@ -804,7 +804,9 @@ mod tests {
                 p.truncate((next() as usize) % (p.len() + 1));
             }
             let mut buf = PacketBuf::from_slice(&p);
+            let before = e.handlers.stats.snapshot();
             e.handle_packet(now, &mut buf);
+            tungate_testkit::mutation::assert_counted_once(&before, &e.handlers.stats.snapshot(), &p);
             if i % 64 == 0 {
                 e.flush(now);
                 e.handle_wakeups(now);
@@ -814,5 +816,6 @@ mod tests {
         }
         let stats = e.handlers.stats.snapshot();
         assert!(stats.malformed > 0 && stats.rx_packets == 50_001);
+        assert!(stats.tcp_unknown_flow > 0, "some mutations reached the stranger path too");
     }
 }

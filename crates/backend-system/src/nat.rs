@@ -957,10 +957,13 @@ mod tests {
             if rng.gen_bool(0.3) {
                 p.meta.csum = Some(PartialChecksum { start: rng.r#gen(), offset: rng.r#gen() });
             }
+            let before = nat.stats().snapshot();
             nat.handle_packet(t0, &mut p);
+            tungate_testkit::mutation::assert_counted_once(&before, &nat.stats().snapshot(), p.packet());
             while let Some(out) = nat.poll_transmit() {
                 nat.recycle(out);
             }
         }
+        assert_eq!(nat.stats().snapshot().rx_packets, 30_001, "every packet was counted");
     }
 }

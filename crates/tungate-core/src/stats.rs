@@ -17,6 +17,13 @@ macro_rules! counters {
                 StatsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
             }
         }
+
+        impl StatsSnapshot {
+            /// Every counter by name, in declaration order (for reports and machine-readable output).
+            pub fn fields(&self) -> impl Iterator<Item = (&'static str, u64)> {
+                [$((stringify!($name), self.$name)),*].into_iter()
+            }
+        }
     };
 }
 

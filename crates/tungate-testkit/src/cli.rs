@@ -80,13 +80,17 @@ pub fn cli_sigterm_exits_cleanly(bin: &str) {
         .arg(binary(bin))
         .args(["--tun", "tgterm", "--address", "198.18.0.1/24", "--address", "fd18::1/64"])
         .stdin(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    let stderr = child.stderr.take().expect("piped");
-    let mut lines = BufReader::new(stderr).lines();
-    let ready = lines.by_ref().take(20).map_while(Result::ok).any(|l| l.contains("ready"));
-    assert!(ready, "the gateway announces readiness");
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    let ready = crate::netns::gateway_events(&first);
+    assert_eq!(ready.len(), 1, "the first stdout line is one JSON event: {first:?}");
+    assert_eq!(ready[0]["event"], "ready", "the gateway announces readiness: {first}");
+    assert_eq!(ready[0]["pid"], child.id(), "the ready event names the gateway's pid: {first}");
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(status.success());
     let start = Instant::now();
@@ -98,4 +102,9 @@ pub fn cli_sigterm_exits_cleanly(bin: &str) {
         assert!(start.elapsed() < Duration::from_secs(10), "no exit within 10 s of SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let events = crate::netns::gateway_events(&rest.join("\n"));
+    assert_eq!(events.len(), 1, "exactly one more event after SIGTERM: {rest:?}");
+    assert_eq!(events[0]["event"], "exit", "{rest:?}");
+    assert!(events[0]["stats"]["rx_packets"].is_u64(), "the exit event carries the counters: {rest:?}");
 }

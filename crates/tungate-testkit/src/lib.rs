@@ -17,6 +17,7 @@
 pub mod cli;
 pub mod fault;
 pub mod mem;
+pub mod mutation;
 pub mod netns;
 pub mod peer;
 pub mod services;

@@ -247,22 +247,33 @@ pub async fn half_close_client_first<B: Backend>(backend: B) {
 
 /// The server closes its side first; the client keeps sending after seeing EOF.
 ///
-/// Exception (`Limits::half_close == false`): ipstack may send its FIN ahead of the last
-/// bytes the server wrote, so the client must see the connection end, and what arrived
-/// must be a prefix of what was sent (lost, never corrupted).
+/// Exception (`Limits::half_close == false`): ipstack may send its FIN ahead of the
+/// server's last bytes, and under load a connection was seen to end with none of the
+/// 44 greeting bytes (a full parallel suite run). So each connection must end (FIN or
+/// reset, not a hang) with an intact prefix of the greeting — lost at the tail, never
+/// corrupted — and at least one of five per family must carry the whole greeting, so a
+/// backend that delivers nothing at all fails.
 pub async fn half_close_server_first<B: Backend>(backend: B) {
     let h = Harness::start(backend);
     if !limits().half_close {
         for dst in [dst_v4(services::GREET_FIRST), dst_v6(services::GREET_FIRST)] {
-            let mut s = step("connect", h.peer.connect(dst)).await.expect("connect");
-            let mut greeting = Vec::new();
-            let _ = step("connection ends after the server's FIN", s.read_to_end(&mut greeting)).await;
-            assert!(services::GREETING.starts_with(&greeting), "the greeting was corrupted: {greeting:?}");
-            eprintln!(
-                "documented exception (no half-close): {} of {} greeting bytes arrived",
-                greeting.len(),
-                services::GREETING.len()
-            );
+            let mut whole = 0;
+            let mut sizes = Vec::new();
+            for _ in 0..5 {
+                let mut s = step("connect", h.peer.connect(dst)).await.expect("connect");
+                let mut greeting = Vec::new();
+                match step("connection ends after the server's FIN", s.read_to_end(&mut greeting)).await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "the connection ended: {e}")
+                    }
+                }
+                assert!(services::GREETING.starts_with(&greeting), "the greeting was corrupted: {greeting:?}");
+                whole += usize::from(greeting == services::GREETING);
+                sizes.push(greeting.len());
+            }
+            assert!(whole > 0, "no connection to {dst} carried the whole greeting (bytes per connection: {sizes:?})");
+            eprintln!("documented exception (no half-close): greeting bytes per connection to {dst}: {sizes:?}");
         }
         h.stop().await;
         return;
@@ -417,10 +428,10 @@ pub async fn malformed_burst<B: Backend>(backend: B) {
     h.stop().await;
 }
 
-/// A segment for a flow the gateway does not know is answered with RST.
+/// A segment for a flow the gateway does not know is answered with RST (RFC 9293
+/// §3.10.7.1: for a segment with ACK, `<SEQ=SEG.ACK><CTL=RST>`), for the right 4-tuple.
 pub async fn unknown_segment_gets_rst<B: Backend>(backend: B) {
     let h = Harness::start(backend);
-    let before = h.stats();
     // An ACK for a connection that never existed, from a port the peer stack does not use.
     let client = SocketAddr::new(IpAddr::V6(PEER_V6), 61000);
     let mut pkt = vec![0u8; 100];
@@ -444,12 +455,21 @@ pub async fn unknown_segment_gets_rst<B: Backend>(backend: B) {
     pkt[ip_len + 13] = 0x10;
     fix_tcp_checksum_v6(&mut pkt);
     h.peer.send_raw(pkt).await;
-    step("rst counted", async {
-        while h.stats().tcp_unknown_flow == before.tcp_unknown_flow {
+    // The stray ACK: client:61000 → [fd77::2]:80, SEQ 0, ACK 1000.
+    let rst = step("a RST crosses the link", async {
+        loop {
+            if let Some(rst) = h.peer.resets().into_iter().find(|r| r.dst == client) {
+                return rst;
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await;
+    assert_eq!((rst.src, rst.dst), (dst_v6(80), client), "the RST answers the stray segment's 4-tuple");
+    assert_eq!(rst.seq, 1000, "the RST's sequence number is the stray segment's ACK");
+    // (lwIP's RST also carries ACK, with SEG.SEQ + SEG.LEN: harmless, receivers check SEQ.)
+    assert!(!rst.syn && !rst.fin && rst.segment_len == 0, "a bare RST: {rst:?}");
+    assert_eq!(h.peer.resets().len(), 1, "one stray segment, one RST");
     assert_eq!(h.stats().tcp_requests, 0);
     h.stop().await;
 }
@@ -469,26 +489,30 @@ fn fix_tcp_checksum_v6(pkt: &mut [u8]) {
 /// under loss, smoltcp 0.14 as the *peer* was seen to stop retransmitting its FIN after a
 /// zero-window episode (FinWait1, nothing queued, no timer), which would test the peer.
 ///
-/// Exception (`Limits::loss_recovery == false`): a transfer may stall (bounded wait), but
-/// whatever completes must be intact, and the gateway must keep serving.
+/// Exception (`Limits::loss_recovery == false`): an upload (the direction that loses the
+/// client's data segments) may stall (bounded wait), but whatever completes must be
+/// intact; both downloads (only the client's ACKs are lost) must complete intact; and the
+/// gateway must keep serving.
 pub async fn survives_loss_and_duplication<B: Backend>(backend: B) {
     let faults = Faults { drop_per_mille: 10, duplicate_per_mille: 10, seed: 7, ..Faults::default() };
     let h = Harness::start_with_faults(backend, Mtu::DEFAULT, faults);
     if !limits().loss_recovery {
-        let mut completed = 0;
+        let mut uploads = 0;
         for dst in [dst_v4(services::SINK_COUNTED), dst_v6(services::SINK_COUNTED)] {
             let data = pattern(2 << 20, 3);
             let attempt = upload_counted(&h, dst, &data);
-            if tokio::time::timeout(Duration::from_secs(20), attempt).await.is_ok() {
-                completed += 1;
+            // 8 s each: a clean 2 MiB upload takes well under a second, and the whole test
+            // must stay within the suite's 20 s per test.
+            if tokio::time::timeout(Duration::from_secs(8), attempt).await.is_ok() {
+                uploads += 1;
             }
         }
-        for dst in [dst_v4(services::SOURCE), dst_v6(services::SOURCE)] {
-            if tokio::time::timeout(Duration::from_secs(20), download(&h, dst, 2 << 20)).await.is_ok() {
-                completed += 1;
-            }
-        }
-        eprintln!("documented exception (no loss recovery): {completed} of 4 lossy transfers completed, all intact");
+        // (`download` checks length and digest, and panics on a stall after STEP.)
+        download(&h, dst_v4(services::SOURCE), 2 << 20).await;
+        download(&h, dst_v6(services::SOURCE), 2 << 20).await;
+        eprintln!(
+            "documented exception (no loss recovery): {uploads} of 2 lossy uploads and 2 of 2 downloads completed, all intact"
+        );
         // The gateway still serves a short exchange (small enough to dodge the 1% loss
         // most of the time; retried on a stall).
         let mut served = false;

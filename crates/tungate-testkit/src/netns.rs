@@ -147,20 +147,18 @@ impl Topology {
         format!("{dir}/{}/{name}", self.id)
     }
 
-    /// Stops the gateway (SIGTERM) and returns the counters it logged on the way out.
+    /// Stops the gateway (SIGTERM) and returns the counters of its exit event (the JSON
+    /// line `{"event":"exit","stats":{…}}` it prints on stdout after a clean shutdown).
     pub fn stop_gateway(&self) -> std::collections::HashMap<String, u64> {
         netns_lib(&format!("netns_stop_gateway {}", self.id));
         let log = self.gateway_log();
-        let line = log.lines().rev().find(|l| l.contains("shut down")).unwrap_or_else(|| {
-            panic!("the gateway did not log its counters at shutdown:\n{log}");
+        let exit = gateway_events(&log).into_iter().rfind(|e| e["event"] == "exit").unwrap_or_else(|| {
+            panic!("the gateway printed no exit event at shutdown:\n{log}");
         });
-        // `stats=StatsSnapshot { rx_packets: 12, tx_packets: 3, … }`
-        let body = line.split('{').nth(1).and_then(|b| b.split('}').next()).unwrap_or("");
-        body.split(',')
-            .filter_map(|kv| {
-                let (k, v) = kv.split_once(':')?;
-                Some((k.trim().to_owned(), v.trim().parse().ok()?))
-            })
+        let stats = exit["stats"].as_object().unwrap_or_else(|| panic!("exit event without stats: {exit}"));
+        stats
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or_else(|| panic!("counter {k} is not a number: {v}"))))
             .collect()
     }
 
@@ -407,4 +405,14 @@ pub fn netns_slow_reader(bin: &str, bound_kib: u64) -> u64 {
         t.gateway_log()
     );
     growth
+}
+
+/// The JSON event lines (`{"event":…}`) in a gateway's output, in order. Log lines never
+/// start with `{`; a line that does but does not parse is a failure, not skipped.
+pub fn gateway_events(output: &str) -> Vec<serde_json::Value> {
+    output
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("malformed event line ({e}): {l}")))
+        .collect()
 }

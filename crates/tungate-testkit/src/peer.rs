@@ -51,6 +51,7 @@ pub struct PeerHost {
     poke: Arc<Notify>,
     raw_tx: mpsc::Sender<Vec<u8>>,
     udp_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Datagram>>>,
+    resets: Arc<Mutex<Vec<packet::TcpSummary>>>,
 }
 
 impl std::fmt::Debug for PeerHost {
@@ -151,17 +152,26 @@ impl PeerHost {
         }));
         let poke = Arc::new(Notify::new());
         let (udp_tx, udp_rx) = mpsc::unbounded_channel();
+        let resets: Arc<Mutex<Vec<packet::TcpSummary>>> = Arc::default();
 
         // Receiver: never blocks, so the gateway's writes always drain (no deadlock
         // between two hosts each waiting to send). UDP is tapped off before the stack.
         {
             let inner = inner.clone();
             let poke = poke.clone();
+            let resets = resets.clone();
             tokio::spawn(async move {
                 while let Some(p) = rx.recv().await {
-                    if let Ok(Classified::Udp { src, dst, payload }) = packet::classify(&p) {
-                        let _ = udp_tx.send(Datagram { src, dst, payload: payload.to_vec() });
-                        continue;
+                    match packet::classify(&p) {
+                        Ok(Classified::Udp { src, dst, payload }) => {
+                            let _ = udp_tx.send(Datagram { src, dst, payload: payload.to_vec() });
+                            continue;
+                        }
+                        // Recorded, then given to the stack like any segment.
+                        Ok(Classified::Tcp(seg)) if seg.rst => {
+                            resets.lock().unwrap_or_else(|p| p.into_inner()).push(seg);
+                        }
+                        _ => {}
                     }
                     lock(&inner).inbox.push_back(p);
                     poke.notify_one();
@@ -192,7 +202,7 @@ impl PeerHost {
                 }
             });
         }
-        PeerHost { inner, poke, raw_tx: tx, udp_rx: Arc::new(tokio::sync::Mutex::new(udp_rx)) }
+        PeerHost { inner, poke, raw_tx: tx, udp_rx: Arc::new(tokio::sync::Mutex::new(udp_rx)), resets }
     }
 
     /// The peer's source address of the family of `dst`.
@@ -249,6 +259,11 @@ impl PeerHost {
     /// Receives the next UDP datagram the gateway sent to the peer.
     pub async fn recv_udp(&self) -> Option<Datagram> {
         self.udp_rx.lock().await.recv().await
+    }
+
+    /// Every TCP RST the gateway has sent to the peer so far, as it crossed the link.
+    pub fn resets(&self) -> Vec<packet::TcpSummary> {
+        self.resets.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Injects a raw packet, well-formed or not.
