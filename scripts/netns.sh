@@ -274,7 +274,7 @@ NETNS_REDIRECT_PORT=12345
 # The gateway's readiness: the one JSON line it prints on stdout when it serves traffic
 # (log lines go to stderr and never start with '{').
 _nns_ready() {
-  grep -q '^{"event":"ready"' "$1" 2>/dev/null
+  grep -qE '^\{.*"event": ?"ready"' "$1" 2>/dev/null
 }
 
 _nns_spawn_gateway() {
