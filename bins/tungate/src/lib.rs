@@ -74,13 +74,14 @@ const EXAMPLE: &str = r#"Example (a namespace or host where 10.77.0.0/24 should 
   ip rule add fwmark 0x100 lookup 100
   ip route add 10.77.0.0/24 via <real gateway> table 100
 
-Standard output carries exactly two JSON lines, for supervisors and scripts:
+While it runs, standard output carries only two JSON lines, for supervisors and scripts:
   {"event":"ready","backend":..,"pid":..,..}    once the gateway serves traffic
   {"event":"exit","stats":{"rx_packets":..,..}}  after a clean shutdown, with every counter
 Logs (--log-level) go to standard error."#;
 
 /// Prints one machine-readable event line on stdout (see the `--help` text): the only
-/// thing the binary writes there, so a supervisor or test reads it without parsing logs.
+/// thing a running gateway writes there, so a supervisor or test reads it without parsing
+/// logs.
 fn emit_event(event: serde_json::Value) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();

@@ -185,7 +185,7 @@ impl StreamStack for NetstackStack {
 
     fn poll_input_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.check_runner(cx)?;
-        Pin::new(&mut self.instance.stack).poll_ready(cx)
+        Pin::new(&mut self.instance.stack).poll_ready(cx).map(runner_gone)
     }
 
     fn input(&mut self, packet: &PacketBuf) -> io::Result<()> {
@@ -203,7 +203,7 @@ impl StreamStack for NetstackStack {
         // A rebuilt stack starts empty: what the old one buffered is gone with it, and
         // the client retransmits.
         self.check_runner(cx)?;
-        Pin::new(&mut self.instance.stack).poll_flush(cx)
+        Pin::new(&mut self.instance.stack).poll_flush(cx).map(runner_gone)
     }
 
     fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<Option<PacketBuf>> {
@@ -232,6 +232,17 @@ impl StreamStack for NetstackStack {
             Poll::Pending => Poll::Pending,
         }
     }
+}
+
+/// The Sink fails only when its channel is closed, i.e. the runner's future was dropped:
+/// on a multi-thread runtime that can be seen before the runner's `JoinHandle` completes.
+/// Not a reason to stop the gateway: the packet is lost (its client retransmits), and
+/// `check_runner` rebuilds the stack as soon as the handle completes (it wakes the driver).
+fn runner_gone(r: io::Result<()>) -> io::Result<()> {
+    if let Err(e) = r {
+        tracing::debug!("netstack-smoltcp's input channel is closed ({e}); waiting for the rebuild");
+    }
+    Ok(())
 }
 
 #[doc(hidden)]

@@ -268,11 +268,14 @@ mod tests {
     use crate::handler::{Handlers, TcpHandler, UdpHandler, UdpSender};
 
     /// A stack that, like a `futures::Sink`, keeps the last packet it was given in a
-    /// one-slot buffer until the next `poll_input_ready` or `poll_flush`.
+    /// one-slot buffer until the next `poll_input_ready` or `poll_flush`. With `busy`,
+    /// its first flush finds the stack full: it returns `Pending` and wakes the driver
+    /// from another task a little later.
     #[derive(Default)]
     struct SinkLike {
         slot: Option<Vec<u8>>,
         delivered: Arc<Mutex<Vec<Vec<u8>>>>,
+        busy: bool,
     }
 
     impl SinkLike {
@@ -297,7 +300,15 @@ mod tests {
             Ok(())
         }
 
-        fn poll_flush(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if std::mem::take(&mut self.busy) {
+                let waker = cx.waker().clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    waker.wake();
+                });
+                return Poll::Pending;
+            }
             self.deliver();
             Poll::Ready(Ok(()))
         }
@@ -361,10 +372,20 @@ mod tests {
     /// window update, for good.)
     #[tokio::test]
     async fn the_last_packet_of_a_run_reaches_a_buffering_stack() {
+        last_packet_reaches(SinkLike::default()).await;
+    }
+
+    /// The same when the stack is full at the first flush: the driver must poll the
+    /// flush again when woken, not forget it.
+    #[tokio::test]
+    async fn a_pending_flush_is_polled_again_when_woken() {
+        last_packet_reaches(SinkLike { busy: true, ..SinkLike::default() }).await;
+    }
+
+    async fn last_packet_reaches(stack: SinkLike) {
         let (device, peer) = mem::pair(Mtu::DEFAULT, 16);
         let handlers = Handlers::new(Arc::new(AcceptAll), Arc::new(AcceptAll));
         let admission = Admission::new(handlers, Mtu::DEFAULT, 4096, Duration::from_secs(25));
-        let stack = SinkLike::default();
         let delivered = stack.delivered.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let driver = tokio::spawn(run_stream_stack(stack, admission, device, async move {

@@ -81,12 +81,27 @@ pub fn cli_sigterm_exits_cleanly(bin: &str) {
         .args(["--tun", "tgterm", "--address", "198.18.0.1/24", "--address", "fd18::1/64"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
+    // Both pipes are read on threads, so a gateway that hangs before "ready" fails the
+    // test after a deadline instead of hanging it, with its stderr in the message.
+    let stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let (line_tx, lines) = std::sync::mpsc::channel::<String>();
     let stdout = child.stdout.take().expect("piped");
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = lines.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no ready event on stdout within 20 s; stderr:\n{}", errors.join().unwrap_or_default())
+    });
     let ready = crate::netns::gateway_events(&first);
     assert_eq!(ready.len(), 1, "the first stdout line is one JSON event: {first:?}");
     assert_eq!(ready[0]["event"], "ready", "the gateway announces readiness: {first}");
@@ -102,7 +117,8 @@ pub fn cli_sigterm_exits_cleanly(bin: &str) {
         assert!(start.elapsed() < Duration::from_secs(10), "no exit within 10 s of SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    // The process has exited: the reader thread ends at EOF and closes the channel.
+    let rest: Vec<String> = lines.iter().collect();
     let events = crate::netns::gateway_events(&rest.join("\n"));
     assert_eq!(events.len(), 1, "exactly one more event after SIGTERM: {rest:?}");
     assert_eq!(events[0]["event"], "exit", "{rest:?}");
