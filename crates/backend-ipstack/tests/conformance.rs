@@ -1,7 +1,10 @@
 //! The shared conformance suite on backend-ipstack, with two documented exceptions (see
 //! `tungate_testkit::mem::Limits`), each checked by a substitute test, not skipped:
 //! * ipstack closes its sending side as soon as the client's FIN arrives (no half-close);
-//! * under 1% loss and duplication its reassembly can stall a transfer for good.
+//! * under 1% loss and duplication its reassembly can stall an upload for good. This is
+//!   ipstack's, not admission's unread cap: with the cap off, 3 of 3 lossy 2 MiB uploads
+//!   stalled; a trace showed a retransmission at ipstack's ACK point left unanswered (an
+//!   out-of-order entry keyed below the ACK point blocks its reassembly for good).
 
 tungate_testkit::conformance_suite!(
     limits = tungate_testkit::mem::Limits { half_close: false, loss_recovery: false },

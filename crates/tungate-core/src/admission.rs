@@ -16,12 +16,14 @@
 //!
 //! I/O-free: the backend's task feeds packets in and writes what comes out.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
+use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpPacket};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::Mtu;
@@ -54,15 +56,58 @@ enum Entry {
     Bridged { cap: Cap },
 }
 
+/// Work-arounds for a stack's known defects, each off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Workarounds {
+    /// Give the stack a client segment that carries data and FIN as two: the data (FIN
+    /// cleared), then a bare FIN. For a stack that drops the payload of a FIN segment
+    /// (ipstack: the client's last bytes were lost whenever its FIN rode on them).
+    pub split_fin: bool,
+    /// Give the stack a flow's last pure ACK again when the client has sent nothing for
+    /// [`REPLAY_FIRST`], then after twice as long each time, up to [`REPLAY_LAST`]. For a
+    /// stack that checks its retransmission timers only when a packet for the flow
+    /// arrives (ipstack): a segment the client never got (trimmed at its window edge)
+    /// would otherwise never be resent, and a download stalled for good.
+    pub replay_ack: bool,
+}
+
+/// First replay of a quiet flow's last ACK: past ipstack's fixed 1 s retransmission timeout.
+pub const REPLAY_FIRST: Duration = Duration::from_millis(1100);
+/// No replays once the gap between them would exceed this: a flow quiet that long is
+/// idle, not stalled, and costs nothing from then on.
+pub const REPLAY_LAST: Duration = Duration::from_secs(32);
+
 /// What a flow's client has had forwarded to the stack, against what reached the handler.
 #[derive(Debug, Clone)]
 struct Cap {
     /// The client's first data sequence number (ISN + 1).
     start: u32,
     progress: FlowProgress,
+    /// With [`Workarounds::replay_ack`]: the client's last pure ACK.
+    last_ack: Option<PacketBuf>,
+    /// When to replay it and the gap to the one after; `None` once replays stopped.
+    replay: Option<(Instant, Duration)>,
+    /// The flow has an entry in the replay heap.
+    replay_queued: bool,
 }
 
 impl Cap {
+    /// A client segment for this flow went to the stack at `now`: replays wait again, and
+    /// a pure ACK becomes the one to replay.
+    fn saw_client(&mut self, now: Instant, packet: &PacketBuf, seg: &TcpSummary) {
+        if seg.ack && !seg.syn && !seg.fin && seg.segment_len == 0 {
+            match &mut self.last_ack {
+                Some(buf) if buf.capacity() >= packet.len() => {
+                    buf.spare_mut()[..packet.len()].copy_from_slice(packet.packet());
+                    buf.set_len(packet.len());
+                }
+                slot => *slot = Some(PacketBuf::from_slice(packet.packet())),
+            }
+        }
+        self.replay = Some((now + REPLAY_FIRST, REPLAY_FIRST));
+    }
+
     /// Whether `seg` would leave more than `limit` bytes unread inside the stack.
     fn exceeds(&self, seg: &TcpSummary, limit: u64) -> bool {
         // Pure ACKs (and window updates) carry no data: never hold them back.
@@ -79,6 +124,12 @@ impl Cap {
 pub struct Admission {
     handlers: Handlers,
     unread_limit: Option<u64>,
+    workarounds: Workarounds,
+    /// Flows with a replay pending, by due time (at most one entry per flow).
+    replays: BinaryHeap<Reverse<(Instant, FlowKey)>>,
+    /// Packets produced here for the stack (split FIN segments), taken by
+    /// [`poll_forward`](Self::poll_forward).
+    to_stack: VecDeque<PacketBuf>,
     ring_capacity: usize,
     handshake_timeout: Duration,
     flows: HashMap<FlowKey, (FlowId, Entry)>,
@@ -120,6 +171,9 @@ impl Admission {
         Admission {
             handlers,
             unread_limit: limit,
+            workarounds: Workarounds::default(),
+            replays: BinaryHeap::new(),
+            to_stack: VecDeque::new(),
             ring_capacity,
             handshake_timeout,
             flows: HashMap::new(),
@@ -130,6 +184,19 @@ impl Admission {
             outbound,
             udp_sender,
         }
+    }
+
+    /// Turns on work-arounds for the stack's known defects.
+    pub fn with_workarounds(mut self, workarounds: Workarounds) -> Self {
+        self.workarounds = workarounds;
+        self
+    }
+
+    /// A packet this layer made for the stack (see [`Workarounds::split_fin`]): the driver
+    /// takes them after each [`handle_packet`](Self::handle_packet), in order, as if the
+    /// packet it looked at had been forwarded.
+    pub fn poll_forward(&mut self) -> Option<PacketBuf> {
+        self.to_stack.pop_front()
     }
 
     /// Notified when a handler decided, a UDP reply is queued, or a flow needs attention.
@@ -146,8 +213,8 @@ impl Admission {
         &self.handlers.stats
     }
 
-    /// Looks at one packet from the TUN.
-    pub fn handle_packet(&mut self, packet: &PacketBuf) -> Verdict {
+    /// Looks at one packet from the TUN, read at `now`.
+    pub fn handle_packet(&mut self, now: Instant, packet: &PacketBuf) -> Verdict {
         let stats = &self.handlers.stats;
         Stats::inc(&stats.rx_packets);
         let seg = match packet::classify(packet.packet()) {
@@ -166,14 +233,15 @@ impl Admission {
             }
             Ok(Classified::Tcp(seg)) => seg,
         };
-        if let Some((_, entry)) = self.flows.get(&(seg.src, seg.dst)) {
+        let key = (seg.src, seg.dst);
+        if let Some((_, entry)) = self.flows.get_mut(&key) {
             return match entry {
                 Entry::Pending { .. } => {
                     if seg.is_bare_syn() {
                         Stats::inc(&stats.tcp_syn_duplicate);
                     } else if seg.rst {
                         // The client gave up before the handler decided.
-                        self.remove((seg.src, seg.dst), true);
+                        self.remove(key, true);
                     }
                     Verdict::Consumed
                 }
@@ -183,10 +251,26 @@ impl Admission {
                         cap.progress.client_reset();
                         return Verdict::Forward;
                     }
-                    match self.unread_limit {
-                        Some(limit) if cap.exceeds(&seg, limit) => Verdict::Consumed,
-                        _ => Verdict::Forward,
+                    if matches!(self.unread_limit, Some(limit) if cap.exceeds(&seg, limit)) {
+                        return Verdict::Consumed;
                     }
+                    if self.workarounds.replay_ack {
+                        cap.saw_client(now, packet, &seg);
+                        if !cap.replay_queued {
+                            if let Some((at, _)) = cap.replay {
+                                cap.replay_queued = true;
+                                self.replays.push(Reverse((at, key)));
+                            }
+                        }
+                    }
+                    if self.workarounds.split_fin {
+                        if let Some((data, fin)) = split_fin(packet.packet(), &seg) {
+                            self.to_stack.push_back(data);
+                            self.to_stack.push_back(fin);
+                            return Verdict::Consumed;
+                        }
+                    }
+                    Verdict::Forward
                 }
             };
         }
@@ -203,7 +287,6 @@ impl Admission {
                 return Verdict::Consumed;
             }
         }
-        let key = (seg.src, seg.dst);
         let id = FlowId(self.ids.insert(key));
         let (link, request): (FlowLink, TcpRequest) =
             flow::new_flow(id, seg.src, seg.dst, self.ring_capacity, self.wake.clone());
@@ -234,7 +317,13 @@ impl Admission {
                     };
                     let deadline = now + self.handshake_timeout;
                     let port = link.into_port();
-                    let cap = Cap { start: summary.seq.wrapping_add(1), progress: port.progress() };
+                    let cap = Cap {
+                        start: summary.seq.wrapping_add(1),
+                        progress: port.progress(),
+                        last_ack: None,
+                        replay: None,
+                        replay_queued: false,
+                    };
                     self.flows.insert(key, (id, Entry::Released { port, deadline, cap }));
                     self.released.push_back((deadline, key));
                     forward(syn);
@@ -260,17 +349,45 @@ impl Admission {
                 self.remove(key, true);
             }
         }
+        while let Some(&Reverse((at, key))) = self.replays.peek() {
+            if at > now {
+                break;
+            }
+            self.replays.pop();
+            let Some((_, Entry::Released { cap, .. } | Entry::Bridged { cap })) = self.flows.get_mut(&key) else {
+                continue;
+            };
+            cap.replay_queued = false;
+            let Some((due, gap)) = cap.replay else { continue };
+            if due <= now {
+                if let Some(ack) = &cap.last_ack {
+                    tracing::trace!(src = %key.0, dst = %key.1, "client quiet: its last ACK given to the stack again");
+                    forward(PacketBuf::from_slice(ack.packet()));
+                }
+                let gap = gap * 2;
+                cap.replay = (gap <= REPLAY_LAST).then(|| (now + gap, gap));
+            }
+            // Re-queued for the next due time (later if the client was heard since).
+            if let Some((due, _)) = cap.replay {
+                cap.replay_queued = true;
+                self.replays.push(Reverse((due, key)));
+            }
+        }
     }
 
     /// The earliest time [`service`](Self::service) has a timeout to act on.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let mut handshake = None;
         while let Some(&(deadline, key)) = self.released.front() {
             if matches!(self.flows.get(&key), Some((_, Entry::Released { deadline: d, .. })) if *d == deadline) {
-                return Some(deadline);
+                handshake = Some(deadline);
+                break;
             }
             self.released.pop_front();
         }
-        None
+        // A replay entry may be early (the client was heard since): `service` re-queues it.
+        let replay = self.replays.peek().map(|Reverse((at, _))| *at);
+        handshake.into_iter().chain(replay).min()
     }
 
     /// The stack accepted a connection from `client` to `dst`: returns the flow's port if
@@ -325,6 +442,48 @@ impl Admission {
     }
 }
 
+/// Splits a client segment that carries data and FIN into the data (FIN cleared) and a
+/// bare FIN after it, both with valid checksums; `None` for any other segment.
+fn split_fin(packet: &[u8], seg: &TcpSummary) -> Option<(PacketBuf, PacketBuf)> {
+    if !seg.fin || seg.syn || seg.rst || seg.segment_len <= 1 {
+        return None;
+    }
+    let payload = seg.segment_len - 1;
+    let (src, dst): (IpAddress, IpAddress) = (seg.src.ip().into(), seg.dst.ip().into());
+    let (l4_start, l4_end) = match seg.src.ip() {
+        IpAddr::V4(_) => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            (usize::from(ip.header_len()), usize::from(ip.total_len()))
+        }
+        IpAddr::V6(_) => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            (ip.header_len(), ip.header_len() + usize::from(ip.payload_len()))
+        }
+    };
+    let tcp_header = usize::from(TcpPacket::new_checked(&packet[l4_start..l4_end]).ok()?.header_len());
+    let mut data = PacketBuf::from_slice(&packet[..l4_end]);
+    let mut tcp = TcpPacket::new_unchecked(&mut data.packet_mut()[l4_start..l4_end]);
+    tcp.set_fin(false);
+    tcp.fill_checksum(&src, &dst);
+
+    let mut fin = PacketBuf::from_slice(&packet[..l4_start + tcp_header]);
+    match seg.src.ip() {
+        IpAddr::V4(_) => {
+            let mut ip = Ipv4Packet::new_unchecked(fin.packet_mut());
+            ip.set_total_len(u16::try_from(l4_start + tcp_header).ok()?);
+            ip.fill_checksum();
+        }
+        IpAddr::V6(_) => {
+            Ipv6Packet::new_unchecked(fin.packet_mut()).set_payload_len(u16::try_from(tcp_header).ok()?);
+        }
+    }
+    let mut tcp = TcpPacket::new_unchecked(&mut fin.packet_mut()[l4_start..]);
+    tcp.set_seq_number(tcp.seq_number() + payload);
+    tcp.set_psh(false);
+    tcp.fill_checksum(&src, &dst);
+    Some((data, fin))
+}
+
 /// How a [`bridge`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BridgeEnd {
@@ -352,4 +511,92 @@ pub async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, mut port: 
     };
     port.finish(end == BridgeEnd::Reset);
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpProtocol, Ipv4Repr, Ipv6Repr, TcpControl, TcpRepr, TcpSeqNumber};
+
+    use super::*;
+    use crate::packet::Classified;
+
+    fn fin_with_data(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+        let tcp = TcpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+            control: TcpControl::Fin,
+            seq_number: TcpSeqNumber(u32::MAX as i32 - 2),
+            ack_number: Some(TcpSeqNumber(77)),
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload,
+        };
+        let caps = ChecksumCapabilities::default();
+        let (s, d): (IpAddress, IpAddress) = (src.ip().into(), dst.ip().into());
+        let (mut buf, header) = match (src.ip(), dst.ip()) {
+            (IpAddr::V4(src_addr), IpAddr::V4(dst_addr)) => {
+                let ip = Ipv4Repr {
+                    src_addr,
+                    dst_addr,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: tcp.buffer_len(),
+                    hop_limit: 64,
+                };
+                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+                ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf), &caps);
+                (buf, ip.buffer_len())
+            }
+            (IpAddr::V6(src_addr), IpAddr::V6(dst_addr)) => {
+                let ip = Ipv6Repr {
+                    src_addr,
+                    dst_addr,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: tcp.buffer_len(),
+                    hop_limit: 64,
+                };
+                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+                ip.emit(&mut Ipv6Packet::new_unchecked(&mut buf));
+                (buf, ip.buffer_len())
+            }
+            _ => unreachable!("one family"),
+        };
+        tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[header..]), &s, &d, &caps);
+        buf
+    }
+
+    fn tcp(packet: &[u8]) -> TcpSummary {
+        match packet::classify(packet) {
+            Ok(Classified::Tcp(seg)) => {
+                assert!(packet::tcp_checksum_ok(packet, &seg), "checksum of {seg:?}");
+                seg
+            }
+            other => panic!("not TCP: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_fin_carrying_data_splits_into_data_then_a_bare_fin() {
+        for (src, dst) in [("198.18.0.2:4000", "10.77.0.2:80"), ("[fd18::2]:4000", "[fd77::2]:80")] {
+            let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+            let original = fin_with_data(src, dst, b"last bytes");
+            let seg = tcp(&original);
+            let (data, fin) = split_fin(&original, &seg).expect("split");
+            let (d, f) = (tcp(data.packet()), tcp(fin.packet()));
+            assert_eq!((d.src, d.dst, f.src, f.dst), (src, dst, src, dst));
+            assert!(!d.fin && d.ack && d.segment_len == 10 && d.seq == seg.seq, "data part: {d:?}");
+            assert!(f.fin && f.ack && f.segment_len == 1, "FIN part: {f:?}");
+            assert_eq!(f.seq, seg.seq.wrapping_add(10), "the FIN follows the data (across the wrap)");
+            assert_eq!((d.ack_number, f.ack_number), (77, 77));
+            // The data part carries the same bytes.
+            assert_eq!(&data.packet()[data.len() - 10..], b"last bytes");
+            // Anything else is left alone.
+            let bare = fin_with_data(src, dst, b"");
+            assert!(split_fin(&bare, &tcp(&bare)).is_none(), "a bare FIN is not split");
+        }
+    }
 }

@@ -172,8 +172,9 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
             ready = device.readable(), if read_device => {
                 ready?;
                 let n = device.try_recv_batch(&mut batch)?;
+                let now = std::time::Instant::now();
                 for packet in &mut batch[..n] {
-                    if admission.handle_packet(packet) == Verdict::Forward {
+                    if admission.handle_packet(now, packet) == Verdict::Forward {
                         // (Held SYNs come back to `spare` sized to the SYN: skip those.)
                         let mut copy = match spare.pop() {
                             Some(buf) if buf.capacity() >= packet.len() => buf,
@@ -182,6 +183,9 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
                         copy.spare_mut()[..packet.len()].copy_from_slice(packet.packet());
                         copy.set_len(packet.len());
                         to_stack.push_back(copy);
+                    }
+                    while let Some(made) = admission.poll_forward() {
+                        to_stack.push_back(made);
                     }
                 }
             }

@@ -247,17 +247,17 @@ pub async fn half_close_client_first<B: Backend>(backend: B) {
 
 /// The server closes its side first; the client keeps sending after seeing EOF.
 ///
-/// Exception (`Limits::half_close == false`): ipstack may send its FIN ahead of the
-/// server's last bytes, and under load a connection was seen to end with none of the
-/// 44 greeting bytes (a full parallel suite run). So each connection must end (FIN or
-/// reset, not a hang) with an intact prefix of the greeting — lost at the tail, never
-/// corrupted — and at least one of five per family must carry the whole greeting, so a
-/// backend that delivers nothing at all fails.
+/// Exception (`Limits::half_close == false`): ipstack stops taking the client's bytes
+/// once it has sent its FIN, so the client's writes after the server's FIN are not
+/// checked. The server's side still is, on five connections per family: each must carry
+/// the whole greeting, then end (FIN or reset, not a hang). (Under load ipstack used to
+/// lose the whole greeting: it hands out a stream before sending its SYN-ACK, and bytes
+/// written in between went out ahead of it. backend-ipstack now holds writes until the
+/// SYN-ACK has passed.)
 pub async fn half_close_server_first<B: Backend>(backend: B) {
     let h = Harness::start(backend);
     if !limits().half_close {
         for dst in [dst_v4(services::GREET_FIRST), dst_v6(services::GREET_FIRST)] {
-            let mut whole = 0;
             let mut sizes = Vec::new();
             for _ in 0..5 {
                 let mut s = step("connect", h.peer.connect(dst)).await.expect("connect");
@@ -268,12 +268,16 @@ pub async fn half_close_server_first<B: Backend>(backend: B) {
                         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "the connection ended: {e}")
                     }
                 }
-                assert!(services::GREETING.starts_with(&greeting), "the greeting was corrupted: {greeting:?}");
-                whole += usize::from(greeting == services::GREETING);
                 sizes.push(greeting.len());
+                assert!(
+                    greeting == services::GREETING,
+                    "connection to {dst} ended without the whole greeting ({greeting:?}; bytes per connection so far: {sizes:?})"
+                );
             }
-            assert!(whole > 0, "no connection to {dst} carried the whole greeting (bytes per connection: {sizes:?})");
-            eprintln!("documented exception (no half-close): greeting bytes per connection to {dst}: {sizes:?}");
+            eprintln!(
+                "documented exception (no half-close): the greeting arrived whole on {} connections to {dst}",
+                sizes.len()
+            );
         }
         h.stop().await;
         return;
