@@ -515,58 +515,13 @@ pub async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, mut port: 
 
 #[cfg(test)]
 mod tests {
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{IpProtocol, Ipv4Repr, Ipv6Repr, TcpControl, TcpRepr, TcpSeqNumber};
+    use smoltcp::wire::TcpControl;
 
     use super::*;
     use crate::packet::Classified;
 
     fn fin_with_data(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-        let tcp = TcpRepr {
-            src_port: src.port(),
-            dst_port: dst.port(),
-            control: TcpControl::Fin,
-            seq_number: TcpSeqNumber(u32::MAX as i32 - 2),
-            ack_number: Some(TcpSeqNumber(77)),
-            window_len: 1000,
-            window_scale: None,
-            max_seg_size: None,
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: None,
-            payload,
-        };
-        let caps = ChecksumCapabilities::default();
-        let (s, d): (IpAddress, IpAddress) = (src.ip().into(), dst.ip().into());
-        let (mut buf, header) = match (src.ip(), dst.ip()) {
-            (IpAddr::V4(src_addr), IpAddr::V4(dst_addr)) => {
-                let ip = Ipv4Repr {
-                    src_addr,
-                    dst_addr,
-                    next_header: IpProtocol::Tcp,
-                    payload_len: tcp.buffer_len(),
-                    hop_limit: 64,
-                };
-                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-                ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf), &caps);
-                (buf, ip.buffer_len())
-            }
-            (IpAddr::V6(src_addr), IpAddr::V6(dst_addr)) => {
-                let ip = Ipv6Repr {
-                    src_addr,
-                    dst_addr,
-                    next_header: IpProtocol::Tcp,
-                    payload_len: tcp.buffer_len(),
-                    hop_limit: 64,
-                };
-                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-                ip.emit(&mut Ipv6Packet::new_unchecked(&mut buf));
-                (buf, ip.buffer_len())
-            }
-            _ => unreachable!("one family"),
-        };
-        tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[header..]), &s, &d, &caps);
-        buf
+        packet::tcp_segment_for_tests(src, dst, TcpControl::Fin, u32::MAX - 2, Some(77), payload)
     }
 
     fn tcp(packet: &[u8]) -> TcpSummary {

@@ -268,6 +268,43 @@ pub fn build_tcp_rst(segment: &TcpSummary, out: &mut [u8]) -> Option<usize> {
     Some(header + repr.buffer_len())
 }
 
+/// A TCP segment in an IP packet of `src`'s family, for unit tests of this crate.
+#[cfg(test)]
+pub(crate) fn tcp_segment_for_tests(
+    src: SocketAddr,
+    dst: SocketAddr,
+    control: TcpControl,
+    seq: u32,
+    ack: Option<u32>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let repr = TcpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+        control,
+        seq_number: TcpSeqNumber(seq as i32),
+        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+        window_len: 65535,
+        window_scale: None,
+        max_seg_size: (control == TcpControl::Syn).then_some(1460),
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload,
+    };
+    let mut out = vec![0u8; 60 + repr.buffer_len()];
+    let header = emit_ip(src.ip(), dst.ip(), IpProtocol::Tcp, repr.buffer_len(), &mut out).expect("one family, fits");
+    let (s, d): (IpAddress, IpAddress) = (src.ip().into(), dst.ip().into());
+    repr.emit(
+        &mut TcpPacket::new_unchecked(&mut out[header..header + repr.buffer_len()]),
+        &s,
+        &d,
+        &ChecksumCapabilities::default(),
+    );
+    out.truncate(header + repr.buffer_len());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

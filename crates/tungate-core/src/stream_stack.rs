@@ -262,8 +262,7 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddr};
     use std::sync::{Arc, Mutex};
 
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+    use smoltcp::wire::TcpControl;
 
     use super::*;
     use crate::config::Mtu;
@@ -339,35 +338,7 @@ mod tests {
     }
 
     fn syn(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-        let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else { unreachable!("v4 only") };
-        let tcp = TcpRepr {
-            src_port: s.port(),
-            dst_port: d.port(),
-            control: TcpControl::Syn,
-            seq_number: TcpSeqNumber(1000),
-            ack_number: None,
-            window_len: 65535,
-            window_scale: None,
-            max_seg_size: Some(1460),
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: None,
-            payload: &[],
-        };
-        let ip = Ipv4Repr {
-            src_addr: *s.ip(),
-            dst_addr: *d.ip(),
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-        let caps = ChecksumCapabilities::default();
-        let mut packet = Ipv4Packet::new_unchecked(&mut buf);
-        ip.emit(&mut packet, &caps);
-        let mut segment = TcpPacket::new_unchecked(packet.payload_mut());
-        tcp.emit(&mut segment, &(*s.ip()).into(), &(*d.ip()).into(), &caps);
-        buf
+        crate::packet::tcp_segment_for_tests(src, dst, TcpControl::Syn, 1000, None, &[])
     }
 
     /// One accepted SYN and nothing after it: the stack must get it without a second
