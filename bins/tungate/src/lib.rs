@@ -238,20 +238,25 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
 }
 
 /// Gives freed heap back to the OS once most of a burst of connections has ended (see
-/// [`tungate_core::os::release_free_heap`]). Checked every 2 s; trims only after at least
-/// 256 new connections, when at most a quarter as many are still open.
+/// [`tungate_core::os::release_free_heap`]). Checked every 2 s; trims after at least 256
+/// new connections, when at most a quarter as many are still open, and then again each
+/// time the connections open at the last trim shrink to a quarter, down to none.
 async fn release_memory_after_bursts(stats: Arc<tungate_core::Stats>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut interval = tokio::time::interval(std::time::Duration::from_secs(2));
-    let mut requests_at_trim = 0;
+    let (mut requests_at_trim, mut active_at_trim) = (0, 0);
     loop {
         interval.tick().await;
         let requests = stats.tcp_requests.load(Relaxed);
         let active = stats.tcp_active.load(Relaxed);
         let new = requests - requests_at_trim;
-        if new >= 256 && active * 4 <= new {
+        // Trimmed again each time the flows left from the last trim shrink to a quarter
+        // (down to none): a burst's tail ends after its first trim, and its memory came
+        // back only with the next burst (11 MiB of 177 stayed after 2 000 connections).
+        let tail_ended = active_at_trim > 0 && active * 4 <= active_at_trim;
+        if (new >= 256 && active * 4 <= new) || tail_ended {
             tungate_core::os::release_free_heap();
-            requests_at_trim = requests;
+            (requests_at_trim, active_at_trim) = (requests, active);
             tracing::debug!(new, active, "returned free heap to the OS");
         }
     }
