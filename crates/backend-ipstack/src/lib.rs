@@ -44,9 +44,9 @@
 //!   never got (trimmed at its window's edge) stalled for good, in 2 of 17 suite runs.
 //!   Admission gives ipstack a quiet flow's last ACK again after 1.1 s, then backing off
 //!   ([`Workarounds::replay_ack`]).
-//! * **Half-close**: ipstack closes its sending side as soon as the client's FIN arrives
-//!   and drops payload carried on a FIN segment; the conformance suite records these as
-//!   this backend's explicit exceptions.
+//! * **Half-close, client first**: ipstack closes its sending side as soon as the
+//!   client's FIN arrives; the conformance suite records this as this backend's explicit
+//!   exception. (Server first works: the server's FIN, then the client's bytes.)
 //!
 //! Tuning: MSS = MTU − 60, at most 8192 (one value for IPv4 and IPv6: ipstack takes a
 //! single MSS option; larger segments stall its reassembly, see `ipstack_mss`), the largest window ipstack can advertise (65535: it has no window scaling),

@@ -1,6 +1,7 @@
 //! The shared conformance suite on backend-ipstack, with two documented exceptions (see
 //! `tungate_testkit::mem::Limits`), each checked by a substitute test, not skipped:
-//! * ipstack closes its sending side as soon as the client's FIN arrives (no half-close);
+//! * ipstack closes its sending side as soon as the client's FIN arrives (no client-first
+//!   half-close; server-first half-close is tested in full);
 //! * under 1% loss and duplication its reassembly can stall an upload for good. This is
 //!   ipstack's, not admission's unread cap: with the cap off, 3 of 3 lossy 2 MiB uploads
 //!   stalled; a trace showed a retransmission at ipstack's ACK point left unanswered (an
