@@ -398,7 +398,9 @@ impl Gates {
     }
 
     fn entry(table: &mut HashMap<FlowKey, GateEntry>, key: FlowKey) -> &mut GateEntry {
-        if table.len() >= 256 && !table.contains_key(&key) {
+        // Swept at every 256th entry, not on every insert: a burst of thousands of new
+        // flows must not scan the table per flow.
+        if table.len() >= 256 && table.len() % 256 == 0 && !table.contains_key(&key) {
             table.retain(|_, e| e.taken || e.since.elapsed() < GATE_TTL);
         }
         table.entry(key).or_insert_with(|| GateEntry { gate: Arc::default(), taken: false, since: Instant::now() })
