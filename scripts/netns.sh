@@ -31,7 +31,8 @@
 #   netns_gateway_log ID / netns_gateway_pid ID / netns_gateway_error ID (why start failed)
 #
 # Tunables (set before sourcing or before calling): NETNS_RUNDIR, NETNS_IPV6 (1),
-# NETNS_MARK (0x100), NETNS_TABLE (100), NETNS_GATEWAY_TIMEOUT (5), NETNS_GATEWAY_LOG_LEVEL
+# NETNS_MARK (0x100), NETNS_TABLE (100), NETNS_GATEWAY_TIMEOUT (5), NETNS_GATEWAY_OWN (0: pass
+# --proxy/--log-level too; 1: only --tun/--mtu/--address/--mark), NETNS_GATEWAY_LOG_LEVEL
 # (info), NETNS_TUN_TXQUEUELEN (10000), NETNS_KEEP_STATE (0: state dir removed by netns_down).
 
 if [[ -n "${_TUNGATE_NETNS_SH_LOADED:-}" ]]; then
@@ -347,7 +348,10 @@ netns_start_gateway() {
   fi
   local args=(--tun "$NETNS_TUN" --mtu "$mtu" --address "$NETNS_TUN_ADDR4")
   [[ "$NETNS_IPV6" == 1 ]] && args+=(--address "$NETNS_TUN_ADDR6")
-  args+=(--proxy direct --mark "$NETNS_MARK" --log-level "$NETNS_GATEWAY_LOG_LEVEL")
+  args+=(--mark "$NETNS_MARK")
+  # tungate's own binaries take these too; a program of the user's own (the examples)
+  # is started with NETNS_GATEWAY_OWN=1 and gets only the flags above.
+  [[ "${NETNS_GATEWAY_OWN:-0}" == 1 ]] || args+=(--proxy direct --log-level "$NETNS_GATEWAY_LOG_LEVEL")
   args+=("${extra[@]}")
 
   log="$dir/gateway.log"

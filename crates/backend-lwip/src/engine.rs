@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 use tungate_core::engine::Engine;
-use tungate_core::flow::{self, Decision, FlowLink, WakeQueue};
+use tungate_core::flow::{self, Decision, FlowLink, UdpSessions, WakeQueue};
 use tungate_core::handler::UdpOutbox;
 use tungate_core::packet::{self, Classified, TcpSummary};
-use tungate_core::{FlowId, Handlers, PacketBuf, Stats, UdpSender};
+use tungate_core::{FlowId, Handlers, PacketBuf, Stats};
 
 use crate::LwipConfig;
 use crate::ffi::{Event, PcbId, Stack, StackError};
@@ -40,7 +40,7 @@ pub struct LwipEngine {
     /// Flows with news from lwIP or the handler, serviced at the end of the current step.
     dirty: Vec<FlowId>,
     udp_out: Arc<UdpOutbox>,
-    udp_sender: UdpSender,
+    udp: UdpSessions,
     /// RSTs the engine builds itself (refusals, before lwIP knows the flow).
     local: VecDeque<PacketBuf>,
     local_free: Vec<PacketBuf>,
@@ -94,7 +94,7 @@ impl LwipEngine {
         let stack = Stack::new(config.mtu.get().min(usize::from(u16::MAX)) as u16)?;
         let wake = WakeQueue::new();
         let udp_out = UdpOutbox::new(config.mtu, wake.clone(), handlers.stats.clone());
-        let udp_sender = udp_out.sender();
+        let udp = UdpSessions::new(handlers.udp.clone(), udp_out.sender(), handlers.stats.clone());
         Ok(LwipEngine {
             config,
             handlers,
@@ -109,7 +109,7 @@ impl LwipEngine {
             events: Vec::new(),
             dirty: Vec::new(),
             udp_out,
-            udp_sender,
+            udp,
             local: VecDeque::new(),
             local_free: Vec::new(),
             last_from: Source::Stack,
@@ -394,8 +394,7 @@ impl Engine for LwipEngine {
             Err(_) => Stats::inc(&stats.malformed),
             Ok(Classified::Unsupported) => Stats::inc(&stats.unsupported),
             Ok(Classified::Udp { src, dst, payload }) => {
-                Stats::inc(&stats.udp_rx);
-                self.handlers.udp.handle_udp(src, dst, payload, &self.udp_sender);
+                self.udp.datagram(src, dst, payload);
             }
             Ok(Classified::Tcp(seg)) => self.handle_tcp(packet, seg),
         }
@@ -513,7 +512,7 @@ mod tests {
     }
 
     impl UdpHandler for Hold {
-        fn handle_udp(&self, _: SocketAddr, _: SocketAddr, _: &[u8], _: &UdpSender) {}
+        fn handle_udp(&self, _: tungate_core::UdpSession) {}
     }
 
     const CLIENT: &str = "198.18.0.2:40000";
@@ -656,7 +655,7 @@ mod tests {
             assert_eq!((stats.tcp_requests, stats.tcp_syn_duplicate), (1, 1));
             let request = hold.0.lock().unwrap().pop().unwrap();
             assert_eq!((request.src(), request.dst()), (c, s));
-            let _flow = request.accept();
+            let _flow = tungate_testkit::engine::accept_now(request);
             e.handle_wakeups(now);
             let out = drain_raw(&mut e);
             assert_eq!(out.len(), 1);
@@ -689,7 +688,7 @@ mod tests {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1000, None));
-        let mut flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        let mut flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
         e.handle_wakeups(now);
         let syn_ack = drain(&mut e)[0];
         assert!(syn_ack.syn);
@@ -708,7 +707,7 @@ mod tests {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
-        let mut flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        let mut flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
         e.handle_wakeups(now);
         let mut t = now;
         let mut syn_acks = 0;
@@ -734,7 +733,7 @@ mod tests {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 0, None));
-        let mut flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        let mut flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
         e.handle_wakeups(now);
         let syn_ack = drain(&mut e)[0];
         let mut next_ack = syn_ack.seq.wrapping_add(1);
@@ -776,7 +775,7 @@ mod tests {
         let (mut e, hold, now) = engine();
         // An open flow, so mutations also reach lwIP, not just the demultiplexer.
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
-        let _flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        let _flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
         e.handle_wakeups(now);
         let syn_ack = drain(&mut e)[0];
         let good = segment_between(

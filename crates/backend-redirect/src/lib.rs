@@ -1,7 +1,7 @@
 //! The no-TUN baseline: the kernel captures connections with an nftables `REDIRECT`
 //! rule and delivers them to a local listener; the original destination comes from
 //! `SO_ORIGINAL_DST`. Each connection goes to the same [`TcpHandler`] as in every
-//! backend, as a kernel socket ([`tungate_core::TcpRequest::accept_stream`]), so with the direct
+//! backend, as a [`tungate_core::TcpConn`] over the kernel socket itself, so with the direct
 //! upstream the bytes never enter user memory (splice). This is the ceiling for
 //! capture approaches — the kernel's TCP on both legs and no packet work at all.
 //!
@@ -92,7 +92,7 @@ pub async fn serve(
 }
 
 /// One captured connection: the handler decides, then takes the socket itself (or the
-/// bytes cross a flow's rings for handlers that want a [`tungate_core::TcpFlow`]).
+/// bytes cross a flow's rings when the handler gave up waiting).
 async fn serve_one(
     stream: TcpStream,
     client: SocketAddr,
@@ -103,7 +103,7 @@ async fn serve_one(
     Stats::inc(&stats.tcp_requests);
     let wake = WakeQueue::new();
     let (link, request) = flow::new_flow(FlowId(0), client, dst, flow::DEFAULT_RING_CAPACITY, wake.clone());
-    link.offer_streams();
+    link.offer_socket();
     tracing::debug!(%client, %dst, "tcp request");
     handler.handle_tcp(request);
     loop {

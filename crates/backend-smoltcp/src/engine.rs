@@ -12,10 +12,10 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
 use tungate_core::engine::Engine;
-use tungate_core::flow::{self, Decision, FlowIo, FlowLink, WakeQueue};
+use tungate_core::flow::{self, Decision, FlowIo, FlowLink, UdpSessions, WakeQueue};
 use tungate_core::handler::UdpOutbox;
 use tungate_core::packet::{self, Classified, Stranger, TcpSummary};
-use tungate_core::{FlowId, Handlers, PacketBuf, Stats, UdpSender};
+use tungate_core::{FlowId, Handlers, PacketBuf, Stats};
 
 use crate::SmoltcpConfig;
 use crate::device::{FlowDevice, Output};
@@ -37,7 +37,7 @@ pub struct SmoltcpEngine {
     /// Flows that received packets in the current batch.
     pending_egress: Vec<FlowId>,
     udp_out: Arc<UdpOutbox>,
-    udp_sender: UdpSender,
+    udp: UdpSessions,
     out: Output,
     /// The buffer last returned by `poll_transmit` came from the UDP outbox.
     last_from_udp: bool,
@@ -83,7 +83,7 @@ impl SmoltcpEngine {
     pub fn new(config: SmoltcpConfig, handlers: Handlers, now: Instant) -> Self {
         let wake = WakeQueue::new();
         let udp_out = UdpOutbox::new(config.mtu, wake.clone(), handlers.stats.clone());
-        let udp_sender = udp_out.sender();
+        let udp = UdpSessions::new(handlers.udp.clone(), udp_out.sender(), handlers.stats.clone());
         let out = Output {
             mtu: config.mtu.get(),
             verify_tcp_checksum: config.verify_tcp_checksum,
@@ -101,7 +101,7 @@ impl SmoltcpEngine {
             woken: Vec::new(),
             pending_egress: Vec::new(),
             udp_out,
-            udp_sender,
+            udp,
             out,
             last_from_udp: false,
             seed: rand::random(),
@@ -385,8 +385,7 @@ impl Engine for SmoltcpEngine {
             Err(_) => Stats::inc(&stats.malformed),
             Ok(Classified::Unsupported) => Stats::inc(&stats.unsupported),
             Ok(Classified::Udp { src, dst, payload }) => {
-                Stats::inc(&stats.udp_rx);
-                self.handlers.udp.handle_udp(src, dst, payload, &self.udp_sender);
+                self.udp.datagram(src, dst, payload);
             }
             Ok(Classified::Tcp(seg)) => self.handle_tcp(now, packet, seg),
         }
@@ -488,7 +487,7 @@ mod tests {
     }
 
     impl UdpHandler for Hold {
-        fn handle_udp(&self, _: SocketAddr, _: SocketAddr, _: &[u8], _: &UdpSender) {}
+        fn handle_udp(&self, _: tungate_core::UdpSession) {}
     }
 
     const CLIENT: &str = "198.18.0.2:40000";
@@ -556,7 +555,7 @@ mod tests {
         let request = hold.0.lock().unwrap().pop().unwrap();
         assert_eq!(request.src(), CLIENT.parse().unwrap());
         assert_eq!(request.dst(), SERVER.parse().unwrap());
-        let _flow = request.accept();
+        let _flow = tungate_testkit::engine::accept_now(request);
         e.handle_wakeups(now);
         let out = drain(&mut e);
         assert_eq!(out.len(), 1);
@@ -577,7 +576,7 @@ mod tests {
     fn a_client_reset_during_the_handshake_ends_the_flow() {
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1000, None));
-        let mut flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        let mut flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
         e.handle_wakeups(now);
         assert!(drain(&mut e)[0].syn);
         // The client gave up meanwhile and answers the SYN-ACK with RST.
@@ -593,7 +592,7 @@ mod tests {
     fn the_timer_heap_stays_proportional_to_the_flows() {
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
-        let _flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        let _flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
         e.handle_wakeups(now);
         let id = FlowId(e.flows.iter().next().unwrap().0);
         // Ever-earlier deadlines each push an entry and supersede the one before.
@@ -632,7 +631,7 @@ mod tests {
     fn an_unanswered_syn_ack_times_out_and_resets_the_handler() {
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
-        let flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        let flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
         e.handle_wakeups(now);
         drain(&mut e);
         // Advance a simulated clock through smoltcp's retransmissions until it gives up.
@@ -656,7 +655,7 @@ mod tests {
         let (mut e, hold, now) = engine();
         // An open flow, so mutations also reach smoltcp, not just the demultiplexer.
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
-        let _flow = hold.0.lock().unwrap().pop().unwrap().accept();
+        let _flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
         e.handle_wakeups(now);
         let syn_ack = drain(&mut e)[0];
         let good = segment(TcpControl::None, 2, Some(syn_ack.seq.wrapping_add(1)));

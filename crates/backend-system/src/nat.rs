@@ -24,11 +24,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
+use tungate_core::Handlers;
+use tungate_core::TcpRequest;
 use tungate_core::admission::{FlowKey, Verdict};
 use tungate_core::device::PacketBuf;
 use tungate_core::device::offload::{self, GsoKind};
-use tungate_core::flow::{self, Decision, FlowId, FlowLink, FlowPort, TcpRequest, WakeQueue};
-use tungate_core::handler::{Handlers, Outbound, UdpSender};
+use tungate_core::flow::{self, Decision, FlowId, FlowLink, FlowPort, UdpSessions, WakeQueue};
+use tungate_core::handler::Outbound;
 use tungate_core::packet::{self, Classified, Stranger, TcpSummary};
 use tungate_core::{Mtu, Stats};
 
@@ -133,7 +135,7 @@ pub struct Nat {
     wake: Arc<WakeQueue>,
     woken: Vec<FlowId>,
     outbound: Outbound,
-    udp_sender: UdpSender,
+    udp: UdpSessions,
     splitter: offload::Splitter,
 }
 
@@ -147,7 +149,7 @@ impl Nat {
     pub fn new(config: NatConfig, handlers: Handlers) -> Self {
         let wake = WakeQueue::new();
         let outbound = Outbound::new(config.mtu, wake.clone(), handlers.stats.clone());
-        let udp_sender = outbound.udp_sender();
+        let udp = UdpSessions::new(handlers.udp.clone(), outbound.udp_sender(), handlers.stats.clone());
         Nat {
             config,
             handlers,
@@ -160,7 +162,7 @@ impl Nat {
             wake,
             woken: Vec::new(),
             outbound,
-            udp_sender,
+            udp,
             splitter: offload::Splitter::default(),
         }
     }
@@ -322,7 +324,7 @@ impl Nat {
         let i = self.entries.vacant_key();
         let (link, request): (FlowLink, TcpRequest) =
             flow::new_flow(FlowId(i), seg.src, seg.dst, self.config.ring_capacity, self.wake.clone());
-        link.offer_streams();
+        link.offer_socket();
         let mut syn = PacketBuf::from_slice(packet.packet());
         syn.meta = packet.meta;
         self.entries.insert(Entry {
@@ -494,11 +496,10 @@ impl Nat {
         self.deliver_udp(packet.packet());
     }
 
-    fn deliver_udp(&self, datagram: &[u8]) {
+    fn deliver_udp(&mut self, datagram: &[u8]) {
         match packet::classify(datagram) {
             Ok(Classified::Udp { src, dst, payload }) => {
-                Stats::inc(&self.stats().udp_rx);
-                self.handlers.udp.handle_udp(src, dst, payload, &self.udp_sender);
+                self.udp.datagram(src, dst, payload);
             }
             Ok(_) => Stats::inc(&self.stats().unsupported),
             Err(_) => Stats::inc(&self.stats().malformed),
@@ -744,7 +745,7 @@ mod tests {
     }
     struct NoUdp;
     impl UdpHandler for NoUdp {
-        fn handle_udp(&self, _: SocketAddr, _: SocketAddr, _: &[u8], _: &UdpSender) {}
+        fn handle_udp(&self, _: tungate_core::UdpSession) {}
     }
 
     const LISTEN: &str = "198.18.0.1:33000";
@@ -774,7 +775,7 @@ mod tests {
             return None;
         };
         assert_eq!((request.src(), request.dst()), (client, dst));
-        std::mem::forget(request.accept());
+        tungate_testkit::engine::accept_waiting_for_socket(request);
         nat.service(now);
         let released = nat.poll_transmit().expect("the SYN goes to the kernel after the accept");
         let (from, to) = check(&released);

@@ -11,8 +11,8 @@
 //!   [`bridge`] carries the bytes.
 //! * Other segments go to the stack only for 4-tuples it was given; anything else gets
 //!   RST from here (counted as `tcp_unknown_flow`).
-//! * UDP never reaches the stack: it goes to the [`UdpHandler`] with a
-//!   [`UdpSender`] that can answer from any address, as in every backend.
+//! * UDP never reaches the stack: it goes to the [`UdpHandler`] as sessions whose
+//!   replies can come from any address, as in every backend.
 //!
 //! I/O-free: the backend's task feeds packets in and writes what comes out.
 
@@ -26,14 +26,15 @@ use slab::Slab;
 use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpPacket};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+#[cfg(doc)]
+use crate::UdpHandler;
 use crate::config::Mtu;
 use crate::device::PacketBuf;
-use crate::flow::{self, Decision, FlowId, FlowLink, FlowPort, FlowProgress, TcpRequest, WakeQueue};
-#[cfg(doc)]
-use crate::handler::UdpHandler;
-use crate::handler::{Handlers, Outbound, UdpSender};
+use crate::flow::{self, Decision, FlowId, FlowLink, FlowPort, FlowProgress, UdpSessions, WakeQueue};
+use crate::handler::Outbound;
 use crate::packet::{self, Classified, Stranger, TcpSummary};
 use crate::stats::Stats;
+use crate::{Handlers, TcpRequest};
 
 /// A flow's 4-tuple as the client sees it: (client, original destination).
 pub type FlowKey = (SocketAddr, SocketAddr);
@@ -90,6 +91,9 @@ struct Cap {
     replay: Option<(Instant, Duration)>,
     /// The flow has an entry in the replay heap.
     replay_queued: bool,
+    /// The client's latest segment that carried an ACK: its ACK number is where a RST
+    /// from here must start (see [`Admission::pass_output`]).
+    last: Option<TcpSummary>,
 }
 
 impl Cap {
@@ -138,7 +142,33 @@ pub struct Admission {
     woken: Vec<FlowId>,
     released: VecDeque<(Instant, FlowKey)>,
     outbound: Outbound,
-    udp_sender: UdpSender,
+    udp: UdpSessions,
+    /// Bridges whose handler aborted, reported before the stack's stream is dropped.
+    aborts: Arc<Aborts>,
+    /// Flows aborted by their handler, until when the stack's output for them is replaced
+    /// by RST.
+    aborted: HashMap<FlowKey, Instant>,
+}
+
+/// How long after a handler's abort the stack's own segments for the flow (a FIN sent
+/// when its stream was dropped, retransmissions) are replaced by RST.
+const ABORT_LINGER: Duration = Duration::from_secs(10);
+
+/// Flows whose handler aborted, as the bridges report them. Shared between the bridge
+/// tasks and the admission layer; see [`Admission::pass_output`].
+#[derive(Debug, Default)]
+pub struct Aborts {
+    keys: std::sync::Mutex<Vec<FlowKey>>,
+    any: std::sync::atomic::AtomicBool,
+}
+
+impl Aborts {
+    /// Reports that `key`'s handler aborted. Call before the stack's stream is dropped, so
+    /// that nothing the stack sends on drop reaches the client.
+    pub fn push(&self, key: FlowKey) {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).push(key);
+        self.any.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for Admission {
@@ -167,7 +197,7 @@ impl Admission {
     ) -> Self {
         let wake = WakeQueue::new();
         let outbound = Outbound::new(mtu, wake.clone(), handlers.stats.clone());
-        let udp_sender = outbound.udp_sender();
+        let udp = UdpSessions::new(handlers.udp.clone(), outbound.udp_sender(), handlers.stats.clone());
         Admission {
             handlers,
             unread_limit: limit,
@@ -182,7 +212,9 @@ impl Admission {
             woken: Vec::new(),
             released: VecDeque::new(),
             outbound,
-            udp_sender,
+            udp,
+            aborts: Arc::default(),
+            aborted: HashMap::new(),
         }
     }
 
@@ -227,8 +259,7 @@ impl Admission {
                 return Verdict::Consumed;
             }
             Ok(Classified::Udp { src, dst, payload }) => {
-                Stats::inc(&stats.udp_rx);
-                self.handlers.udp.handle_udp(src, dst, payload, &self.udp_sender);
+                self.udp.datagram(src, dst, payload);
                 return Verdict::Consumed;
             }
             Ok(Classified::Tcp(seg)) => seg,
@@ -246,6 +277,9 @@ impl Admission {
                     Verdict::Consumed
                 }
                 Entry::Released { cap, .. } | Entry::Bridged { cap } => {
+                    if seg.ack {
+                        cap.last = Some(seg);
+                    }
                     if seg.rst {
                         // Some stacks never wake a stream on RST; end the bridge from here.
                         cap.progress.client_reset();
@@ -323,6 +357,7 @@ impl Admission {
                         last_ack: None,
                         replay: None,
                         replay_queued: false,
+                        last: None,
                     };
                     self.flows.insert(key, (id, Entry::Released { port, deadline, cap }));
                     self.released.push_back((deadline, key));
@@ -408,8 +443,65 @@ impl Admission {
         }
     }
 
+    /// Where bridges report a handler's abort.
+    pub fn aborts(&self) -> Arc<Aborts> {
+        self.aborts.clone()
+    }
+
+    /// Takes the aborts the bridges reported: each client gets a RST now (at its own last
+    /// ACK, the stack's send point unless data was in flight; a client that had more
+    /// answers with a challenge ACK, which gets a RST from here at its ACK), and the
+    /// stack's later segments for the flow are replaced (see [`pass_output`](Self::pass_output)).
+    fn take_aborts(&mut self, now: Instant) {
+        if !self.aborts.any.swap(false, std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let keys = std::mem::take(&mut *self.aborts.keys.lock().unwrap_or_else(|p| p.into_inner()));
+        for key in keys {
+            if let Some((_, Entry::Bridged { cap })) = self.flows.get(&key) {
+                if let Some(last) = cap.last {
+                    self.outbound.send_rst(&last);
+                }
+            }
+            self.remove(key, true);
+            self.aborted.insert(key, now + ABORT_LINGER);
+        }
+    }
+
+    /// Looks at a packet the stack wrote for the TUN: `false` if it must not go out. A
+    /// stream stack has no way to reset a connection (dropping its stream sends FIN, or
+    /// nothing): for a flow whose handler aborted, each segment the stack sends is
+    /// replaced by a RST at the segment's own sequence number, so the client sees the
+    /// reset every other backend gives. Costs nothing while no aborted flow lingers.
+    pub fn pass_output(&mut self, now: Instant, packet: &PacketBuf) -> bool {
+        self.take_aborts(now);
+        if self.aborted.is_empty() {
+            return true;
+        }
+        self.aborted.retain(|_, until| *until > now);
+        let Ok(Classified::Tcp(seg)) = packet::classify(packet.packet()) else { return true };
+        if seg.rst || !self.aborted.contains_key(&(seg.dst, seg.src)) {
+            return true;
+        }
+        // The RST that answers a client segment acknowledging everything up to `seg.seq`.
+        let answered = TcpSummary {
+            src: seg.dst,
+            dst: seg.src,
+            syn: false,
+            ack: true,
+            rst: false,
+            fin: false,
+            seq: seg.ack_number,
+            ack_number: seg.seq,
+            segment_len: 0,
+        };
+        self.outbound.send_rst(&answered);
+        false
+    }
+
     /// A bridge ended: forget the flow (later segments for it get RST from here).
-    pub fn finished(&mut self, key: FlowKey) {
+    pub fn finished(&mut self, now: Instant, key: FlowKey) {
+        self.take_aborts(now);
         if matches!(self.flows.get(&key), Some((_, Entry::Bridged { .. }))) {
             self.remove(key, false);
         }
@@ -489,7 +581,9 @@ fn split_fin(packet: &[u8], seg: &TcpSummary) -> Option<(PacketBuf, PacketBuf)> 
 pub enum BridgeEnd {
     /// Both directions ended with FIN.
     Clean,
-    /// Either side reset or failed.
+    /// The handler aborted: the client must get a RST ([`Aborts::push`]).
+    Aborted,
+    /// The client reset, or either side failed.
     Reset,
 }
 
@@ -498,18 +592,18 @@ pub const BRIDGE_BUFFER: usize = 32 * 1024;
 
 /// Carries bytes both ways between a stack's accepted `stream` and the handler's `port`,
 /// half-close included, until both directions have ended; then tells the handler how it
-/// ended. A reset on either side ends both (the stream is dropped: what the client then
-/// sees depends on what the stack does on drop).
+/// ended. A reset on either side ends both (the stream is dropped; for a handler's abort
+/// the caller reports [`BridgeEnd::Aborted`] first, so that the client gets a RST).
 pub async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, mut port: FlowPort) -> BridgeEnd {
     let result = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut port, BRIDGE_BUFFER, BRIDGE_BUFFER).await;
     let end = match result {
         Ok(_) => BridgeEnd::Clean,
         Err(e) => {
             tracing::debug!("bridge ended: {e}");
-            BridgeEnd::Reset
+            if port.handler_aborted() { BridgeEnd::Aborted } else { BridgeEnd::Reset }
         }
     };
-    port.finish(end == BridgeEnd::Reset);
+    port.finish(end != BridgeEnd::Clean);
     end
 }
 

@@ -3,8 +3,8 @@
 use std::future::Future;
 use std::io;
 
+use crate::Handlers;
 use crate::device::PacketDevice;
-use crate::handler::Handlers;
 
 /// Why a backend stopped.
 #[derive(Debug, thiserror::Error)]

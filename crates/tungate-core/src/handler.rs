@@ -1,92 +1,31 @@
-//! What a gateway does with the flows a stack terminates.
+//! The stack side of UDP replies and of packets a layer writes itself.
 //!
-//! Both handler traits are called synchronously from the stack's loop and must not block:
-//! a TCP handler typically spawns a task per request; a UDP handler forwards a datagram
-//! with a non-blocking send. Handlers are `Arc<dyn …>`: the cost is one indirect call per
-//! flow (TCP) or per datagram (UDP), paid at the edge, not in the packet engine.
+//! The handler-facing traits and types ([`TcpHandler`](tungate_api::TcpHandler),
+//! [`UdpSession`](tungate_api::UdpSession), …) live in `tungate-api`; this module builds
+//! what handlers send into IP packets for a backend's device.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tungate_api::udp::{UdpReturn, UdpSendError};
+use tungate_api::{Stats, UdpSender, WakeQueue};
+
 use crate::config::Mtu;
 use crate::device::PacketBuf;
-use crate::flow::{TcpRequest, WakeQueue};
 use crate::packet::{self, BuildError};
-use crate::stats::Stats;
 
-/// Receives every new TCP connection the stack terminates.
-pub trait TcpHandler: Send + Sync + 'static {
-    /// Decide about `request` (accept or reject, possibly later from a spawned task).
-    fn handle_tcp(&self, request: TcpRequest);
-}
-
-/// Receives every UDP datagram that arrives on the TUN.
-pub trait UdpHandler: Send + Sync + 'static {
-    /// `src` is the client, `dst` the original destination. Replies go through `reply`.
-    fn handle_udp(&self, src: SocketAddr, dst: SocketAddr, payload: &[u8], reply: &UdpSender);
-}
-
-/// The handlers a backend serves, and the counters it keeps.
-#[derive(Clone)]
-pub struct Handlers {
-    pub tcp: Arc<dyn TcpHandler>,
-    pub udp: Arc<dyn UdpHandler>,
-    pub stats: Arc<Stats>,
-}
-
-impl fmt::Debug for Handlers {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Handlers").finish_non_exhaustive()
-    }
-}
-
-impl Handlers {
-    pub fn new(tcp: Arc<dyn TcpHandler>, udp: Arc<dyn UdpHandler>) -> Self {
-        Handlers { tcp, udp, stats: Arc::default() }
-    }
-}
-
-/// Why a UDP reply was not queued.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum UdpSendError {
-    #[error("reply queue is full")]
-    QueueFull,
-    #[error(transparent)]
-    Build(#[from] BuildError),
-}
-
-/// Sends UDP datagrams back through the TUN with any source address — normally the
-/// original destination, so the reply looks like it came from there.
-///
-/// Cheap to clone; usable from any thread. Datagrams are built into recycled buffers and
-/// queued for the stack's driver; a full queue drops (UDP semantics) and counts.
-#[derive(Clone)]
-pub struct UdpSender {
-    outbox: Arc<UdpOutbox>,
-}
-
-impl fmt::Debug for UdpSender {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UdpSender").finish_non_exhaustive()
-    }
-}
-
-impl UdpSender {
-    pub fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Result<(), UdpSendError> {
-        let result = self.outbox.queue(from, to, payload);
-        let stats = &self.outbox.stats;
-        match &result {
-            Ok(()) => Stats::inc(&stats.udp_tx),
-            Err(_) => Stats::inc(&stats.udp_dropped),
+impl From<BuildError> for UdpSendError {
+    fn from(e: BuildError) -> Self {
+        match e {
+            BuildError::FamilyMismatch => UdpSendError::FamilyMismatch,
+            BuildError::TooLarge(n) => UdpSendError::TooLarge(n),
         }
-        result
     }
 }
 
-/// The queue behind [`UdpSender`], drained by a backend's driver.
+/// The queue behind a backend's [`UdpSender`], drained by its driver: datagrams are built
+/// into recycled buffers; a full queue drops.
 #[derive(Debug)]
 pub struct UdpOutbox {
     queue: Mutex<VecDeque<PacketBuf>>,
@@ -118,7 +57,7 @@ impl UdpOutbox {
     }
 
     pub fn sender(self: &Arc<Self>) -> UdpSender {
-        UdpSender { outbox: self.clone() }
+        UdpSender::new(self.clone(), self.stats.clone())
     }
 
     fn queue(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Result<(), UdpSendError> {
@@ -144,6 +83,12 @@ impl UdpOutbox {
         if pool.len() < self.limit {
             pool.push(buf);
         }
+    }
+}
+
+impl UdpReturn for UdpOutbox {
+    fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Result<(), UdpSendError> {
+        self.queue(from, to, payload)
     }
 }
 

@@ -2,12 +2,14 @@
 //!
 //! ```text
 //!  TUN device ──packets──▶ Engine (a TCP/IP stack, I/O-free) ──TcpRequest / datagram──▶ handlers
-//!  (PacketDevice)  ◀─packets── driver::run_engine ◀──── TcpFlow bytes / UdpSender ───── (direct, SOCKS5…)
+//!  (PacketDevice)  ◀─packets── driver::run_engine ◀──── TcpConn bytes / UdpSession ───── (direct, SOCKS5…)
 //! ```
 //!
 //! * [`device`]: the packet-device trait, a Linux TUN on tun-rs and an in-memory pair for tests.
-//! * [`flow`]: the byte pipes between a stack and a handler: [`flow::TcpRequest`] → [`flow::TcpFlow`].
-//! * [`handler`]: the TCP and UDP handler traits and the [`handler::UdpSender`] for replies.
+//! * [`api`] (the `tungate-api` crate, re-exported): what handlers see — [`TcpRequest`] →
+//!   [`TcpConn`], [`UdpSession`], [`Target`] — and [`flow`], the stack's side of a flow.
+//! * [`handler`]: building handlers' UDP replies into packets, and what a layer in front
+//!   of a stack writes itself.
 //! * [`engine`]: the I/O-free engine contract every packet-level backend implements, and the
 //!   async driver that connects an engine to a device.
 //! * [`backend`]: the trait the binaries drive; backends live in their own crates.
@@ -15,23 +17,32 @@
 //!   (held SYNs, RST for strangers, UDP on tungate's own path) and the stream↔flow bridge.
 //!
 //! `unsafe` is allowed only in `device/sys.rs` (adopting an inherited file descriptor) and
-//! [`os`] (returning free heap memory to the OS, splice pipes).
+//! [`os`] (returning free heap memory to the OS).
 
 pub mod admission;
 pub mod backend;
 pub mod config;
 pub mod device;
 pub mod engine;
-pub mod flow;
 pub mod handler;
 pub mod os;
 pub mod packet;
-pub mod stats;
 pub mod stream_stack;
 
 pub use backend::{Backend, BackendError};
 pub use config::{Mtu, MtuError};
 pub use device::{PacketBuf, PacketDevice};
-pub use flow::{Accepted, FlowId, FlowPort, TcpFlow, TcpRequest};
-pub use handler::{Handlers, TcpHandler, UdpHandler, UdpSender};
-pub use stats::Stats;
+pub use tungate_api as api;
+pub use tungate_api::{
+    FlowId, Handlers, Stats, Target, TcpConn, TcpHandler, TcpRequest, UdpHandler, UdpSender, UdpSession, stats,
+};
+
+/// The stack's side of TCP flows, from `tungate-api` (where it shares its state with the
+/// handler's side).
+pub mod flow {
+    pub use tungate_api::tcp::{
+        DEFAULT_RING_CAPACITY, Decision, FlowIo, FlowLink, FlowPort, FlowProgress, FlowSignals, new_flow,
+    };
+    pub use tungate_api::udp::UdpSessions;
+    pub use tungate_api::{FlowId, WakeQueue};
+}

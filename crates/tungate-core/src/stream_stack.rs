@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::admission::{Admission, FlowKey, Verdict, bridge};
+use crate::admission::{Admission, BridgeEnd, FlowKey, Verdict, bridge};
 use crate::device::{PacketBuf, PacketDevice};
 use crate::engine::RX_BATCH;
 
@@ -130,11 +130,16 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
             () = &mut shutdown => return Ok(()),
             event = event => match event? {
                 StackEvent::Output(packet) => {
-                    device.send(&packet).await?;
+                    let now = std::time::Instant::now();
+                    if admission.pass_output(now, &packet) {
+                        device.send(&packet).await?;
+                    }
                     stack.recycle(packet);
                     // Write out whatever else is ready before looking at anything else.
                     while let Poll::Ready(Some(packet)) = poll_now(|cx| stack.poll_output(cx)) {
-                        device.send(&packet).await?;
+                        if admission.pass_output(now, &packet) {
+                            device.send(&packet).await?;
+                        }
                         stack.recycle(packet);
                     }
                 }
@@ -159,10 +164,15 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
                 StackEvent::Flushed => unflushed = false,
                 StackEvent::Accepted(stream, src, dst) => match admission.take_port(src, dst) {
                     Some(port) => {
+                        let aborts = admission.aborts();
                         bridges.spawn(async move {
                             // Disposed however the task ends (finished or aborted).
                             let mut stream = Disposing::<S>(Some(stream));
-                            bridge(&mut stream, port).await;
+                            if bridge(&mut stream, port).await == BridgeEnd::Aborted {
+                                // Before the stream is dropped: what the stack sends on
+                                // drop must not reach the client.
+                                aborts.push((src, dst));
+                            }
                             (src, dst)
                         });
                     }
@@ -191,7 +201,7 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
             }
             Some(ended) = bridges.join_next(), if !bridges.is_empty() => {
                 if let Ok(key) = ended {
-                    admission.finished(key);
+                    admission.finished(std::time::Instant::now(), key);
                 }
             }
             () = wake.notified() => {}
@@ -267,8 +277,7 @@ mod tests {
     use super::*;
     use crate::config::Mtu;
     use crate::device::mem;
-    use crate::flow::TcpRequest;
-    use crate::handler::{Handlers, TcpHandler, UdpHandler, UdpSender};
+    use crate::{Handlers, TcpHandler, TcpRequest, UdpHandler, UdpSession};
 
     /// A stack that, like a `futures::Sink`, keeps the last packet it was given in a
     /// one-slot buffer until the next `poll_input_ready` or `poll_flush`. With `busy`,
@@ -329,12 +338,12 @@ mod tests {
 
     impl TcpHandler for AcceptAll {
         fn handle_tcp(&self, request: TcpRequest) {
-            drop(request.accept());
+            drop(crate::api::tcp::now_or_never(request.accept()));
         }
     }
 
     impl UdpHandler for AcceptAll {
-        fn handle_udp(&self, _: SocketAddr, _: SocketAddr, _: &[u8], _: &UdpSender) {}
+        fn handle_udp(&self, _: UdpSession) {}
     }
 
     fn syn(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {

@@ -15,7 +15,9 @@
 //! addresses and counters.
 
 pub mod cli;
+pub mod engine;
 pub mod fault;
+pub mod gate;
 pub mod mem;
 pub mod mutation;
 pub mod netns;
@@ -62,7 +64,8 @@ macro_rules! conformance_suite {
             bulk_16mib_upload_v6, bulk_16mib_download_v6, half_close_client_first,
             half_close_server_first, refused_gets_rst_v4, refused_gets_rst_v6,
             concurrent_200_flows, udp_echo_v4, udp_echo_v6, malformed_burst,
-            unknown_segment_gets_rst, survives_loss_and_duplication, corruption_is_detected);
+            unknown_segment_gets_rst, survives_loss_and_duplication, corruption_is_detected,
+            gate_peeks_then_relays_or_aborts, gate_udp_sessions_relay_or_drop);
         $crate::conformance_suite!(@netns conformance_netns [$limits] $bin;
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,

@@ -11,6 +11,7 @@ use tungate_core::stats::StatsSnapshot;
 use tungate_core::{Backend, Handlers, Mtu, Stats};
 
 use crate::fault::{FaultDevice, Faults};
+use crate::gate::Gate;
 use crate::peer::{PEER_V4, PEER_V6, PeerHost};
 use crate::services::{self, Services, pattern};
 
@@ -83,10 +84,21 @@ impl Harness {
 
     /// Starts the backend behind a [`FaultDevice`] that applies `faults` to the peer's packets.
     pub fn start_with_faults<B: Backend>(backend: B, mtu: Mtu, faults: Faults) -> Self {
-        let (device, link) = tungate_core::device::mem::pair(mtu, 4096);
-        let device = FaultDevice::new(device, faults);
         let services = Services::default();
         let handlers = Handlers::new(Arc::new(services.clone()), Arc::new(services.clone()));
+        Self::start_with_handlers(backend, mtu, faults, handlers, services)
+    }
+
+    /// Starts the backend with handlers of the test's own (`services` is then unused).
+    pub fn start_with_handlers<B: Backend>(
+        backend: B,
+        mtu: Mtu,
+        faults: Faults,
+        handlers: Handlers,
+        services: Services,
+    ) -> Self {
+        let (device, link) = tungate_core::device::mem::pair(mtu, 4096);
+        let device = FaultDevice::new(device, faults);
         let stats = handlers.stats.clone();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
@@ -539,5 +551,88 @@ pub async fn corruption_is_detected<B: Backend>(backend: B) {
     }
     assert_eq!(digest.len(), 32);
     assert_ne!(digest, Sha256::digest(&data).to_vec(), "a corrupted byte went unnoticed by the upload check");
+    h.stop().await;
+}
+
+/// Bytes the gate test sends through a relayed connection: "PASS", then a pattern.
+const GATE_LEN: usize = 1024 * 1024;
+
+/// A handler on the public API alone ([`Gate`]) peeks each connection's first bytes:
+/// "DENY" is reset, anything else is relayed to a loopback server of the test's choosing,
+/// which must receive every byte untouched, peeked ones included.
+pub async fn gate_peeks_then_relays_or_aborts<B: Backend>(backend: B) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let gate = Gate { tcp_to: listener.local_addr().expect("addr"), udp_to: dst_v4(9), peeked: Arc::default() };
+    // The chosen destination answers the SHA-256 of the GATE_LEN bytes it received.
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut got = vec![0u8; GATE_LEN];
+                if s.read_exact(&mut got).await.is_ok() {
+                    let _ = s.write_all(&Sha256::digest(&got)).await;
+                }
+            });
+        }
+    });
+    let handlers = Handlers::new(Arc::new(gate.clone()), Arc::new(gate.clone()));
+    let h = Harness::start_with_handlers(backend, Mtu::DEFAULT, Faults::default(), handlers, Services::default());
+    let mut expected = Vec::new();
+    for (i, dst) in [dst_v4(80), dst_v6(443)].into_iter().enumerate() {
+        let mut data = b"PASS".to_vec();
+        data.extend(pattern(GATE_LEN - 4, i as u64));
+        let mut s = step("connect", h.peer.connect(dst)).await.expect("connect");
+        step("relayed upload", s.write_all(&data)).await.expect("write");
+        let mut digest = [0u8; 32];
+        step("digest", s.read_exact(&mut digest)).await.expect("the chosen destination's answer");
+        assert_eq!(digest.to_vec(), Sha256::digest(&data).to_vec(), "relayed bytes differ from the client's");
+        expected.push((s.local_addr(), dst, b"PASS".to_vec()));
+    }
+    let mut s = step("connect", h.peer.connect(dst_v4(80))).await.expect("a peek completes the handshake");
+    s.write_all(b"DENY me").await.expect("write");
+    let mut buf = [0u8; 8];
+    let err = step("reset", s.read(&mut buf)).await.expect_err("a denied connection is reset, not closed");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    expected.push((s.local_addr(), dst_v4(80), b"DENY".to_vec()));
+    let mut peeked = gate.peeked.lock().expect("lock").clone();
+    peeked.sort();
+    expected.sort();
+    assert_eq!(peeked, expected, "the handler saw other clients, destinations or first bytes");
+    server.abort();
+    h.stop().await;
+}
+
+/// The same [`Gate`] on UDP sessions: a session that opens with "DENY" is never
+/// answered; others are relayed to a loopback echo server and its replies come back from
+/// the original destination.
+pub async fn gate_udp_sessions_relay_or_drop<B: Backend>(backend: B) {
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let gate = Gate { tcp_to: dst_v4(9), udp_to: echo.local_addr().expect("addr"), peeked: Arc::default() };
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = received.clone();
+    let server = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            log.lock().expect("lock").push(buf[..n].to_vec());
+            let _ = echo.send_to(&[b"echo:", &buf[..n]].concat(), from).await;
+        }
+    });
+    let handlers = Handlers::new(Arc::new(gate.clone()), Arc::new(gate));
+    let h = Harness::start_with_handlers(backend, Mtu::DEFAULT, Faults::default(), handlers, Services::default());
+    let (denied, client) = (SocketAddr::new(IpAddr::V4(PEER_V4), 4000), SocketAddr::new(IpAddr::V4(PEER_V4), 4001));
+    let dst = dst_v4(53);
+    h.peer.send_udp(denied, dst, b"DENY this").await;
+    let mut sent = Vec::new();
+    for i in 0..5u64 {
+        let payload = pattern(200 + 100 * i as usize, i);
+        h.peer.send_udp(client, dst, &payload).await;
+        let reply = step("udp reply", h.peer.recv_udp()).await.expect("reply");
+        assert_eq!((reply.src, reply.dst), (dst, client), "a reply comes from the original destination");
+        assert_eq!(reply.payload, [b"echo:".as_slice(), &payload].concat());
+        sent.push(payload);
+    }
+    // The denied session's datagram reached nobody: the server saw exactly the others.
+    assert_eq!(*received.lock().expect("lock"), sent);
+    server.abort();
     h.stop().await;
 }

@@ -80,8 +80,10 @@ impl Topology {
             servers: Vec::new(),
             _serial: serial,
         };
+        // The example programs take only the TUN's flags (and --mark).
+        let own = if bin.parent().is_some_and(|d| d.ends_with("examples")) { 1 } else { 0 };
         let status = netns_lib(&format!(
-            "netns_up {id} {mtu} && netns_start_gateway {id} '{bin}' {mtu} {extra}",
+            "netns_up {id} {mtu} && NETNS_GATEWAY_OWN={own} netns_start_gateway {id} '{bin}' {mtu} {extra}",
             id = topo.id,
             bin = bin.display(),
             extra = extra.join(" ")
@@ -219,6 +221,29 @@ pub fn netns_http_get(bin: &str) {
         assert_eq!(out.stdout.len(), body.len(), "{url}: length");
         assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(&body), "{url}: body corrupted");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The example program `own-gateway` (a handler of its own, on the public crates only)
+/// with `backend`: curl GETs through its TUN, v4 and v6, and its handler saw each
+/// request's first line by peeking, while the server still got the whole request.
+pub fn netns_example_http_get(backend: &str) {
+    let mut t = Topology::start(&format!("examples/own-gateway --backend {backend}"), 1500);
+    let dir = std::env::temp_dir().join(format!("tungate-example-{}", t.id));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let body = crate::services::pattern(1024 * 1024 + 5, 7);
+    std::fs::write(dir.join("page.bin"), &body).expect("write file");
+    let d = dir.to_str().expect("utf-8");
+    t.peer_server(&["serve-http", d, "10.77.0.2", "8080"]);
+    t.peer_server(&["serve-http", d, "fd77::2", "8080"]);
+    for url in ["http://10.77.0.2:8080/page.bin", "http://[fd77::2]:8080/page.bin"] {
+        let out = t.client(&["curl", "-sS", "--fail", "--max-time", "30", url]);
+        assert!(out.status.success(), "curl {url}: {}\n{}", String::from_utf8_lossy(&out.stderr), t.gateway_log());
+        assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(&body), "{url}: body corrupted");
+    }
+    let log = t.gateway_log();
+    let peeked = log.lines().filter(|l| l.ends_with("\"GET /page.bin HTTP/1.1\"")).count();
+    assert_eq!(peeked, 2, "the handler logs each request line it peeked:\n{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tungate_core::{TcpFlow, TcpHandler, TcpRequest, UdpHandler, UdpSender};
+use tungate_core::{TcpConn, TcpHandler, TcpRequest, UdpHandler, UdpSession};
 
 /// Echo every byte back; shut down after the client's FIN.
 pub const ECHO: u16 = 7;
@@ -71,7 +71,7 @@ impl TcpHandler for Services {
         }
         let seen = self.seen.clone();
         tokio::spawn(async move {
-            let flow = request.accept();
+            let flow = request.accept().await;
             let (src, dst) = (flow.src(), flow.dst());
             if let Ok(mut m) = seen.lock() {
                 m.insert(src, Seen { dst, received: Vec::new() });
@@ -84,7 +84,7 @@ impl TcpHandler for Services {
     }
 }
 
-async fn serve(mut flow: TcpFlow, port: u16) -> std::io::Result<Vec<u8>> {
+async fn serve(mut flow: TcpConn, port: u16) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 64 * 1024];
     match port {
         ECHO => {
@@ -142,10 +142,16 @@ async fn serve(mut flow: TcpFlow, port: u16) -> std::io::Result<Vec<u8>> {
 }
 
 impl UdpHandler for Services {
-    fn handle_udp(&self, src: SocketAddr, dst: SocketAddr, payload: &[u8], reply: &UdpSender) {
-        if let Ok(mut v) = self.udp_seen.lock() {
-            v.push((src, dst, payload.to_vec()));
-        }
-        let _ = reply.send(dst, src, payload);
+    /// Echoes every datagram of the session back from its destination, recording it.
+    fn handle_udp(&self, mut session: UdpSession) {
+        let seen = self.udp_seen.clone();
+        tokio::spawn(async move {
+            while let Some(payload) = session.recv().await {
+                if let Ok(mut v) = seen.lock() {
+                    v.push((session.src(), session.dst(), payload.clone()));
+                }
+                let _ = session.send(&payload);
+            }
+        });
     }
 }

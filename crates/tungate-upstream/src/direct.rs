@@ -1,15 +1,13 @@
 //! The direct upstream: dial the original destination.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
-use tungate_core::{Accepted, Stats, TcpHandler, TcpRequest, UdpHandler, UdpSender};
+use tungate_api::{Stats, Target, TcpHandler, TcpRequest, UdpHandler, UdpSession};
 
 /// Settings of the direct upstream.
 #[derive(Debug, Clone)]
@@ -21,7 +19,7 @@ pub struct DirectConfig {
     pub connect_timeout: Duration,
     /// Close a TCP relay after this long without a byte either way.
     pub tcp_idle_timeout: Duration,
-    /// Forget a UDP NAT entry after this long without a datagram either way.
+    /// End a UDP session after this long without a datagram either way.
     pub udp_idle_timeout: Duration,
 }
 
@@ -32,12 +30,13 @@ impl Default for DirectConfig {
             connect_timeout: Duration::from_secs(10),
             // As common NATs do: long for TCP, short for UDP.
             tcp_idle_timeout: Duration::from_secs(600),
-            udp_idle_timeout: Duration::from_secs(60),
+            udp_idle_timeout: tungate_api::udp::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
 
-/// Dials every flow's original destination; see the crate docs.
+/// Dials every flow's original destination; see the crate docs. A flow named by a
+/// naming layer (a domain target) is refused: the direct upstream does not resolve names.
 #[derive(Debug, Clone)]
 pub struct Direct {
     inner: Arc<Inner>,
@@ -46,35 +45,12 @@ pub struct Direct {
 #[derive(Debug)]
 struct Inner {
     config: DirectConfig,
-    /// UDP NAT: (client, original destination) → the connected upstream socket (the
-    /// sending half; a task owns a duplicate of it for the return path).
-    udp: Mutex<HashMap<(SocketAddr, SocketAddr), Arc<UdpEntry>>>,
     stats: Arc<Stats>,
-}
-
-/// One UDP NAT entry.
-#[derive(Debug)]
-struct UdpEntry {
-    send: std::net::UdpSocket,
-    /// When the client last sent, in ms since `created`; the return path reads it to tell
-    /// an idle entry from one that only carries client → destination traffic.
-    last_send_ms: AtomicU64,
-    created: Instant,
-}
-
-impl UdpEntry {
-    fn touch(&self) {
-        self.last_send_ms.store(self.created.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        self.created.elapsed().saturating_sub(Duration::from_millis(self.last_send_ms.load(Ordering::Relaxed)))
-    }
 }
 
 impl Direct {
     pub fn new(config: DirectConfig, stats: Arc<Stats>) -> Self {
-        Direct { inner: Arc::new(Inner { config, udp: Mutex::default(), stats }) }
+        Direct { inner: Arc::new(Inner { config, stats }) }
     }
 }
 
@@ -91,19 +67,25 @@ impl Inner {
         Ok(stream)
     }
 
-    /// A connected, non-blocking UDP socket to `dst`: the std half sends (tokio's
-    /// `try_send` refuses until the reactor has reported the new socket writable, which
-    /// would drop a flow's first datagram), the tokio half receives.
-    fn bind_udp(&self, dst: SocketAddr) -> io::Result<(std::net::UdpSocket, UdpSocket)> {
+    /// A connected, non-blocking UDP socket to `dst`, marked like the TCP ones.
+    fn bind_udp(&self, dst: SocketAddr) -> io::Result<UdpSocket> {
         let socket = Socket::new(Domain::for_address(dst), Type::DGRAM, Some(Protocol::UDP))?;
         if let Some(mark) = self.config.mark {
             socket.set_mark(mark)?;
         }
         socket.set_nonblocking(true)?;
         socket.connect(&dst.into())?;
-        let send: std::net::UdpSocket = socket.into();
-        let recv = UdpSocket::from_std(send.try_clone()?)?;
-        Ok((send, recv))
+        UdpSocket::from_std(socket.into())
+    }
+}
+
+/// The address a direct upstream dials, or why it cannot.
+fn address(target: &Target) -> io::Result<SocketAddr> {
+    match target {
+        Target::Addr(a) => Ok(*a),
+        Target::Domain { name, .. } => {
+            Err(io::Error::new(io::ErrorKind::Unsupported, format!("direct upstream does not resolve names ({name})")))
+        }
     }
 }
 
@@ -111,135 +93,63 @@ impl TcpHandler for Direct {
     fn handle_tcp(&self, request: TcpRequest) {
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let (src, dst) = (request.src(), request.dst());
-            let upstream = match inner.dial_tcp(dst).await {
+            let (src, target) = (request.src(), request.target().clone());
+            let upstream = match address(&target) {
+                Ok(to) => inner.dial_tcp(to).await,
+                Err(e) => Err(e),
+            };
+            let upstream = match upstream {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::debug!(%src, %dst, error = %e, "dial failed; resetting client");
+                    tracing::debug!(%src, %target, error = %e, "dial failed; resetting client");
                     request.reject();
                     return;
                 }
             };
-            let flow = match request.accept_stream().await {
-                Accepted::Flow(flow) => flow,
-                Accepted::Stream(client) => {
-                    // The system stack: two kernel sockets, spliced (no user-space copy).
-                    match crate::splice_sockets(&client, &upstream, inner.config.tcp_idle_timeout).await {
-                        Ok(s) => tracing::debug!(%src, %dst, up = s.a_to_b, down = s.b_to_a, "tcp relay done"),
-                        Err(e) => {
-                            tracing::debug!(%src, %dst, error = %e, "tcp relay failed; resetting both sides");
-                            for s in [&client, &upstream] {
-                                let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
-                            }
-                        }
-                    }
-                    return;
-                }
-            };
-            match crate::splice(&flow, &upstream, inner.config.tcp_idle_timeout).await {
-                Ok(s) => tracing::debug!(%src, %dst, up = s.a_to_b, down = s.b_to_a, "tcp relay done"),
-                Err(e) => {
-                    // A reset or timeout on either side resets the client too, rather than
-                    // ending with a FIN that would pass for a complete response.
-                    tracing::debug!(%src, %dst, error = %e, "tcp relay failed; resetting both sides");
-                    flow.abort();
-                    // Linger 0: dropping the socket sends RST, so the destination does not
-                    // take a truncated stream for a complete one either.
-                    let _ = SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
-                }
+            let client = request.accept().await;
+            match client.relay(upstream, inner.config.tcp_idle_timeout).await {
+                Ok(s) => tracing::debug!(%src, %target, up = s.a_to_b, down = s.b_to_a, "tcp relay done"),
+                Err(e) => tracing::debug!(%src, %target, error = %e, "tcp relay failed; both sides reset"),
             }
         });
     }
 }
 
 impl UdpHandler for Direct {
-    fn handle_udp(&self, src: SocketAddr, dst: SocketAddr, payload: &[u8], reply: &UdpSender) {
-        let inner = &self.inner;
-        // Touched under the map lock, so the return path cannot expire an entry between
-        // this lookup and the send below (it decides under the same lock).
-        let existing = inner.udp.lock().ok().and_then(|m| {
-            m.get(&(src, dst)).map(|e| {
-                e.touch();
-                e.clone()
-            })
-        });
-        let socket = match existing {
-            Some(s) => s,
-            None => match inner.bind_udp(dst) {
-                Ok((send, recv)) => {
-                    let entry = Arc::new(UdpEntry { send, last_send_ms: AtomicU64::new(0), created: Instant::now() });
-                    if let Ok(mut m) = inner.udp.lock() {
-                        m.insert((src, dst), entry.clone());
-                    }
-                    tokio::spawn(udp_return_path(self.inner.clone(), entry.clone(), recv, src, dst, reply.clone()));
-                    entry
-                }
+    fn handle_udp(&self, mut session: UdpSession) {
+        let inner = self.inner.clone();
+        session.set_idle_timeout(inner.config.udp_idle_timeout);
+        tokio::spawn(async move {
+            let (src, target) = (session.src(), session.target().clone());
+            let socket = match address(&target).and_then(|to| inner.bind_udp(to)) {
+                Ok(s) => s,
                 Err(e) => {
-                    tracing::debug!(%src, %dst, error = %e, "udp upstream socket failed");
+                    tracing::debug!(%src, %target, error = %e, "udp upstream socket failed");
                     Stats::inc(&inner.stats.udp_dropped);
                     return;
                 }
-            },
-        };
-        // Non-blocking: a full socket buffer drops the datagram, as a router would.
-        if let Err(e) = socket.send.send(payload) {
-            tracing::debug!(%src, %dst, error = %e, "udp send upstream failed");
-            Stats::inc(&inner.stats.udp_dropped);
-        }
-    }
-}
-
-/// Carries replies for one UDP NAT entry back to the client, from the original
-/// destination's address, until the entry is idle for `udp_idle_timeout`.
-async fn udp_return_path(
-    inner: Arc<Inner>,
-    entry: Arc<UdpEntry>,
-    socket: UdpSocket,
-    src: SocketAddr,
-    dst: SocketAddr,
-    reply: UdpSender,
-) {
-    let idle = inner.config.udp_idle_timeout;
-    let mut buf = vec![0u8; 65536];
-    let mut wait = idle;
-    loop {
-        match tokio::time::timeout(wait, socket.recv(&mut buf)).await {
-            Ok(Ok(n)) => {
-                let _ = reply.send(dst, src, &buf[..n]);
-                wait = idle;
-            }
-            // ICMP errors (port unreachable) surface as recv errors on a connected socket;
-            // they do not end the NAT entry.
-            Ok(Err(_)) => {}
-            // No reply for `wait`: the entry lives on if the client sent meanwhile.
-            Err(_) => {
-                let Ok(mut m) = inner.udp.lock() else { return };
-                match idle.checked_sub(entry.idle_for()) {
-                    Some(left) if !left.is_zero() => wait = left,
-                    _ => {
-                        m.remove(&(src, dst));
-                        return;
-                    }
+            };
+            let mut buf = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    datagram = session.recv() => match datagram {
+                        // Waits for room in the socket buffer (tokio's `try_send` refuses
+                        // until the reactor has seen a new socket writable, which would drop
+                        // a session's first datagram); meanwhile the session queue fills and
+                        // then drops, as a router would.
+                        Some(d) => if let Err(e) = socket.send(&d).await {
+                            tracing::debug!(%src, %target, error = %e, "udp send upstream failed");
+                            Stats::inc(&inner.stats.udp_dropped);
+                        },
+                        None => return,
+                    },
+                    // ICMP errors (port unreachable) surface as recv errors on a connected
+                    // socket; they do not end the session.
+                    reply = socket.recv(&mut buf) => if let Ok(n) = reply {
+                        let _ = session.send(&buf[..n]);
+                    },
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn udp_entry_idle_tracks_client_sends() {
-        let (send, _recv) = Direct::new(DirectConfig::default(), Arc::default())
-            .inner
-            .bind_udp("127.0.0.1:9".parse().unwrap())
-            .unwrap();
-        let entry = UdpEntry { send, last_send_ms: AtomicU64::new(0), created: Instant::now() };
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        assert!(entry.idle_for() >= Duration::from_millis(30));
-        entry.touch();
-        assert!(entry.idle_for() < Duration::from_millis(30));
+        });
     }
 }

@@ -1,8 +1,11 @@
 //! Copying bytes both ways with half-close and an idle timeout.
 //!
-//! [`splice`] is the fast path between a [`TcpFlow`] and a kernel `TcpStream`: each
-//! direction is one non-blocking system call straight into or out of the flow's ring, with
-//! no bounce buffer. [`relay`] is the general form for any two streams.
+//! Handlers normally call [`TcpConn::relay`](crate::TcpConn::relay), which picks one of the
+//! two fast paths here: `ring_to_socket` between a flow's rings and a kernel `TcpStream`
+//! (each direction is one non-blocking system call straight into or out of the ring, no
+//! bounce buffer), or `splice_sockets` between two kernel sockets (`splice(2)`, no copy
+//! through user memory). [`relay`] is the general form for any two streams (a TLS stream,
+//! a proxy's framed stream).
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -11,11 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::tcp::RingConn;
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tungate_core::TcpFlow;
 
 /// Buffer per direction for [`relay`]: large enough that one read drains a full ring or
 /// socket buffer at MTU 9000 rates, small enough that 20 000 relays fit in memory.
@@ -107,9 +110,9 @@ where
     }
 }
 
-/// [`relay`] between a flow (a) and an upstream kernel socket (b), without a bounce
-/// buffer: one copy fewer per byte each way.
-pub async fn splice(flow: &TcpFlow, upstream: &TcpStream, idle: Duration) -> io::Result<RelayStats> {
+/// [`relay`] between a flow's rings (a) and an upstream kernel socket (b), without a
+/// bounce buffer: one copy fewer per byte each way.
+pub(crate) async fn ring_to_socket(flow: &RingConn, upstream: &TcpStream, idle: Duration) -> io::Result<RelayStats> {
     let activity = Activity::new();
     let up = async {
         let mut total = 0u64;
@@ -157,7 +160,7 @@ const SPLICE_CHUNK: usize = 256 * 1024;
 /// [`relay`] between two kernel sockets (a flow the system stack handed over as its
 /// socket, and the upstream) with `splice(2)`: the bytes move as page references through
 /// a pipe per direction and never enter user memory.
-pub async fn splice_sockets(a: &TcpStream, b: &TcpStream, idle: Duration) -> io::Result<RelayStats> {
+pub(crate) async fn splice_sockets(a: &TcpStream, b: &TcpStream, idle: Duration) -> io::Result<RelayStats> {
     let activity = Activity::new();
     let one = splice_one_way(a, b, &activity);
     let two = splice_one_way(b, a, &activity);
@@ -167,7 +170,7 @@ pub async fn splice_sockets(a: &TcpStream, b: &TcpStream, idle: Duration) -> io:
 async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Result<u64> {
     use std::os::fd::AsFd;
     use tokio::io::Interest;
-    let pipe = tungate_core::os::Pipe::new(SPLICE_CHUNK)?;
+    let pipe = crate::os::Pipe::new(SPLICE_CHUNK)?;
     let mut total = 0u64;
     loop {
         let n = loop {

@@ -1,0 +1,4 @@
+//! Example programs built on tungate's crates, each run by the namespace suite:
+//!
+//! * `own-gateway` (`cargo run -p tungate-examples --example own-gateway -- --help`): a
+//!   gateway with a handler of its own on any TUN backend, in under 100 lines.
