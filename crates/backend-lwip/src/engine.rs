@@ -1,17 +1,15 @@
 //! The lwIP packet engine: admission, flow life cycle, timers. Safe code only; lwIP is
 //! reached through [`crate::ffi::Stack`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use slab::Slab;
+use tungate_core::admission::{Decided, FlowKey, FlowTable, Inbound, Seen};
 use tungate_core::engine::Engine;
-use tungate_core::flow::{self, Decision, FlowLink, UdpSessions, WakeQueue};
-use tungate_core::handler::UdpOutbox;
-use tungate_core::packet::{self, Classified, TcpSummary};
-use tungate_core::{FlowId, Handlers, PacketBuf, Stats};
+use tungate_core::flow::{FlowLink, WakeQueue};
+use tungate_core::{FlowId, Handlers, PacketBuf};
 
 use crate::LwipConfig;
 use crate::ffi::{Event, PcbId, Stack, StackError};
@@ -19,39 +17,21 @@ use crate::ffi::{Event, PcbId, Stack, StackError};
 /// lwIP's TCP timer period (TCP_TMR_INTERVAL).
 const TICK: Duration = Duration::from_millis(250);
 
-/// A flow's 4-tuple as the client sees it: (client, original destination).
-type FlowKey = (SocketAddr, SocketAddr);
-
 /// The lwIP backend's I/O-free engine. See the crate docs for the packet path.
 pub struct LwipEngine {
     config: LwipConfig,
-    handlers: Handlers,
     stack: Stack,
-    flows: Slab<Flow>,
-    by_key: HashMap<FlowKey, FlowId>,
+    /// Every flow: held until its handler decides (admission), then a [`Flow`].
+    flows: FlowTable<Flow>,
     /// Handshakes fed to lwIP, oldest first, with the time they give up (a client that
     /// resets or vanishes during the handshake is freed by lwIP without a callback).
     handshakes: VecDeque<(Instant, FlowId, FlowKey)>,
     next_tick: Option<Instant>,
     now: Instant,
-    wake: Arc<WakeQueue>,
     woken: Vec<FlowId>,
     events: Vec<Event>,
     /// Flows with news from lwIP or the handler, serviced at the end of the current step.
     dirty: Vec<FlowId>,
-    udp_out: Arc<UdpOutbox>,
-    udp: UdpSessions,
-    /// RSTs the engine builds itself (refusals, before lwIP knows the flow).
-    local: VecDeque<PacketBuf>,
-    local_free: Vec<PacketBuf>,
-    last_from: Source,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
-    Local,
-    Udp,
-    Stack,
 }
 
 impl std::fmt::Debug for LwipEngine {
@@ -60,6 +40,7 @@ impl std::fmt::Debug for LwipEngine {
     }
 }
 
+/// An admitted flow.
 struct Flow {
     key: FlowKey,
     link: FlowLink,
@@ -70,11 +51,6 @@ struct Flow {
 }
 
 enum Stage {
-    /// Waiting for the handler; the client's SYN is held and fed to lwIP on accept.
-    Pending {
-        syn: PacketBuf,
-        summary: TcpSummary,
-    },
     /// SYN fed to lwIP; waiting for the handshake to complete.
     Handshaking,
     Open(Open),
@@ -92,27 +68,17 @@ impl LwipEngine {
     /// Starts lwIP. Fails if this process already runs an lwIP engine.
     pub fn new(config: LwipConfig, handlers: Handlers, now: Instant) -> Result<Self, StackError> {
         let stack = Stack::new(config.mtu.get().min(usize::from(u16::MAX)) as u16)?;
-        let wake = WakeQueue::new();
-        let udp_out = UdpOutbox::new(config.mtu, wake.clone(), handlers.stats.clone());
-        let udp = UdpSessions::new(handlers.udp.clone(), udp_out.sender(), handlers.stats.clone());
+        let flows = FlowTable::new(&handlers, config.mtu, config.ring_capacity);
         Ok(LwipEngine {
             config,
-            handlers,
             stack,
-            flows: Slab::new(),
-            by_key: HashMap::new(),
+            flows,
             handshakes: VecDeque::new(),
             next_tick: None,
             now,
-            wake,
             woken: Vec::new(),
             events: Vec::new(),
             dirty: Vec::new(),
-            udp_out,
-            udp,
-            local: VecDeque::new(),
-            local_free: Vec::new(),
-            last_from: Source::Stack,
         })
     }
 
@@ -121,73 +87,21 @@ impl LwipEngine {
         self.flows.len()
     }
 
-    fn stats(&self) -> &Stats {
-        &self.handlers.stats
-    }
-
-    fn handle_tcp(&mut self, packet: &PacketBuf, seg: TcpSummary) {
-        if let Some(&id) = self.by_key.get(&(seg.src, seg.dst)) {
-            match self.flows[id.0].stage {
-                Stage::Pending { .. } => {
-                    if seg.is_bare_syn() {
-                        Stats::inc(&self.stats().tcp_syn_duplicate);
-                    }
-                }
-                Stage::Handshaking => {
-                    self.input(packet.packet());
-                    // lwIP frees a half-open PCB on RST without telling anyone.
-                    if seg.rst {
-                        self.finish(id, true);
-                    }
-                }
-                Stage::Open(_) => {
-                    self.input(packet.packet());
-                    let flow = &mut self.flows[id.0];
-                    if !flow.touched {
-                        flow.touched = true;
-                        mark_dirty(&mut self.dirty, flow, id);
-                    }
-                }
-            }
-            return;
-        }
-        if !packet::tcp_checksum_ok(packet.packet(), &seg) {
-            Stats::inc(&self.stats().malformed);
-            return;
-        }
-        if seg.is_bare_syn() {
-            if !seg.has_unicast_endpoints() {
-                Stats::inc(&self.stats().malformed);
-                return;
-            }
-            self.open_request(packet, seg);
-            return;
-        }
-        // Not ours — but lwIP may still hold the connection after the engine handed it
-        // over (LAST-ACK, TIME-WAIT), so lwIP decides; for a connection it does not know
-        // either, its listener answers with RST.
-        if !seg.rst {
-            Stats::inc(&self.stats().tcp_unknown_flow);
-        }
+    /// A segment of an admitted flow.
+    fn admitted_segment(&mut self, id: FlowId, packet: &PacketBuf, rst: bool) {
         self.input(packet.packet());
-    }
-
-    fn open_request(&mut self, packet: &PacketBuf, seg: TcpSummary) {
-        let entry = self.flows.vacant_entry();
-        let id = FlowId(entry.key());
-        let (link, request) = flow::new_flow(id, seg.src, seg.dst, self.config.ring_capacity, self.wake.clone());
-        entry.insert(Flow {
-            key: (seg.src, seg.dst),
-            link,
-            stage: Stage::Pending { syn: PacketBuf::from_slice(packet.packet()), summary: seg },
-            dirty: false,
-            touched: false,
-        });
-        self.by_key.insert((seg.src, seg.dst), id);
-        Stats::inc(&self.stats().tcp_requests);
-        Stats::inc(&self.stats().tcp_active);
-        tracing::debug!(src = %seg.src, dst = %seg.dst, "tcp request");
-        self.handlers.tcp.handle_tcp(request);
+        let Some(flow) = self.flows.get_mut(id) else { return };
+        match flow.stage {
+            // lwIP frees a half-open PCB on RST without telling anyone.
+            Stage::Handshaking if rst => self.finish(id, true),
+            Stage::Handshaking => {}
+            Stage::Open(_) => {
+                if !flow.touched {
+                    flow.touched = true;
+                    mark_dirty(&mut self.dirty, flow, id);
+                }
+            }
+        }
     }
 
     /// Feeds a packet to lwIP and collects what it reported.
@@ -206,7 +120,7 @@ impl LwipEngine {
                 Event::Accepted { pcb, client, dst } => self.on_accepted(pcb, client, dst),
                 Event::Readable(pcb) | Event::Writable(pcb) | Event::Closed(pcb) => {
                     let Some(owner) = self.stack.owner(pcb) else { continue };
-                    if let Some(flow) = self.flows.get_mut(owner) {
+                    if let Some(flow) = self.flows.get_mut(FlowId(owner)) {
                         if matches!(&flow.stage, Stage::Open(open) if open.pcb == pcb) {
                             mark_dirty(&mut self.dirty, flow, FlowId(owner));
                         }
@@ -218,12 +132,15 @@ impl LwipEngine {
     }
 
     fn on_accepted(&mut self, pcb: PcbId, client: SocketAddr, dst: SocketAddr) {
-        let Some(&id) = self.by_key.get(&(client, dst)) else {
+        let Some(id) = self.flows.id(&(client, dst)) else {
             // A handshake the engine gave up on; lwIP's PCB is reset.
             self.stack.release(pcb);
             return;
         };
-        let flow = &mut self.flows[id.0];
+        let Some(flow) = self.flows.get_mut(id) else {
+            self.stack.release(pcb);
+            return;
+        };
         if !matches!(flow.stage, Stage::Handshaking) {
             self.stack.release(pcb);
             return;
@@ -239,7 +156,7 @@ impl LwipEngine {
         while !self.dirty.is_empty() {
             let dirty = std::mem::take(&mut self.dirty);
             for id in dirty {
-                if let Some(flow) = self.flows.get_mut(id.0) {
+                if let Some(flow) = self.flows.get_mut(id) {
                     flow.dirty = false;
                     self.service(id);
                 }
@@ -247,34 +164,24 @@ impl LwipEngine {
         }
     }
 
-    /// Acts on a flow: the handler's decision, bytes both ways, FIN, reset, end.
+    /// A held flow's decision: an accepted SYN goes to lwIP (a rejected one was answered
+    /// with RST by the table).
+    fn decide(&mut self, id: FlowId) {
+        if let Decided::Accepted(held) = self.flows.decide(id) {
+            let key = (held.summary.src, held.summary.dst);
+            let flow = Flow { key, link: held.link, stage: Stage::Handshaking, dirty: false, touched: false };
+            self.flows.admit(id, flow);
+            self.handshakes.push_back((self.now + self.config.handshake_timeout, id, key));
+            self.input(held.syn.packet());
+        }
+    }
+
+    /// Acts on an admitted flow: bytes both ways, FIN, reset, end.
     fn service(&mut self, id: FlowId) {
-        let Some(flow) = self.flows.get_mut(id.0) else { return };
+        let Some(flow) = self.flows.get_mut(id) else { return };
         let open = match &mut flow.stage {
             Stage::Handshaking => {
                 flow.link.clear_queued();
-                return;
-            }
-            Stage::Pending { .. } => {
-                flow.link.clear_queued();
-                match flow.link.decision() {
-                    Decision::Pending => {}
-                    Decision::Accepted => {
-                        let Stage::Pending { syn, .. } = std::mem::replace(&mut flow.stage, Stage::Handshaking) else {
-                            return;
-                        };
-                        let key = flow.key;
-                        self.handshakes.push_back((self.now + self.config.handshake_timeout, id, key));
-                        self.input(syn.packet());
-                    }
-                    Decision::Rejected => {
-                        if let Stage::Pending { summary, .. } = flow.stage {
-                            Stats::inc(&self.stats().tcp_rejected);
-                            self.send_rst(&summary);
-                        }
-                        self.finish(id, true);
-                    }
-                }
                 return;
             }
             Stage::Open(open) => open,
@@ -332,27 +239,11 @@ impl LwipEngine {
 
     /// Ends a flow: tells the handler (`reset` or clean) and forgets it.
     fn finish(&mut self, id: FlowId, reset: bool) {
-        if !self.flows.contains(id.0) {
-            return;
-        }
-        let flow = self.flows.remove(id.0);
-        self.by_key.remove(&flow.key);
+        let Some(flow) = self.flows.remove(id, reset) else { return };
         flow.link.set_closed(reset);
         if let Stage::Open(open) = flow.stage {
             self.stack.release(open.pcb);
             self.collect_events();
-        }
-        Stats::dec(&self.handlers.stats.tcp_active);
-    }
-
-    fn send_rst(&mut self, seg: &TcpSummary) {
-        let mut buf = self.local_free.pop().unwrap_or_else(|| PacketBuf::with_capacity(self.config.mtu.get()));
-        match packet::build_tcp_rst(seg, buf.spare_mut()) {
-            Some(len) => {
-                buf.set_len(len);
-                self.local.push_back(buf);
-            }
-            None => self.local_free.push(buf),
         }
     }
 
@@ -362,7 +253,7 @@ impl LwipEngine {
                 break;
             }
             self.handshakes.pop_front();
-            let stalled = self.flows.get(id.0).is_some_and(|f| f.key == key && matches!(f.stage, Stage::Handshaking));
+            let stalled = self.flows.get(id).is_some_and(|f| f.key == key && matches!(f.stage, Stage::Handshaking));
             if stalled {
                 self.finish(id, true);
             }
@@ -372,7 +263,7 @@ impl LwipEngine {
         if self.handshakes.len() > 2 * self.flows.len() + 64 {
             let flows = &self.flows;
             self.handshakes.retain(|&(_, id, key)| {
-                flows.get(id.0).is_some_and(|f| f.key == key && matches!(f.stage, Stage::Handshaking))
+                flows.get(id).is_some_and(|f| f.key == key && matches!(f.stage, Stage::Handshaking))
             });
         }
     }
@@ -388,15 +279,13 @@ fn mark_dirty(dirty: &mut Vec<FlowId>, flow: &mut Flow, id: FlowId) {
 impl Engine for LwipEngine {
     fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) {
         self.now = now;
-        let stats = &self.handlers.stats;
-        Stats::inc(&stats.rx_packets);
-        match packet::classify(packet.packet()) {
-            Err(_) => Stats::inc(&stats.malformed),
-            Ok(Classified::Unsupported) => Stats::inc(&stats.unsupported),
-            Ok(Classified::Udp { src, dst, payload }) => {
-                self.udp.datagram(src, dst, payload);
-            }
-            Ok(Classified::Tcp(seg)) => self.handle_tcp(packet, seg),
+        match self.flows.inbound(packet) {
+            Inbound::Tcp(seg, Seen::Admitted(id)) => self.admitted_segment(id, packet, seg.rst),
+            // Not ours — but lwIP may still hold the connection after the engine handed it
+            // over (LAST-ACK, TIME-WAIT), so lwIP decides; for a connection it does not
+            // know either, its listener answers with RST.
+            Inbound::Tcp(_, Seen::Stranger { .. }) => self.input(packet.packet()),
+            Inbound::Tcp(_, Seen::Consumed) | Inbound::Done => {}
         }
     }
 
@@ -409,9 +298,11 @@ impl Engine for LwipEngine {
     fn handle_wakeups(&mut self, now: Instant) {
         self.now = now;
         let mut woken = std::mem::take(&mut self.woken);
-        self.wake.drain_into(&mut woken);
+        self.flows.wake_queue().drain_into(&mut woken);
         for &id in &woken {
-            if let Some(flow) = self.flows.get_mut(id.0) {
+            if self.flows.is_held(id) {
+                self.decide(id);
+            } else if let Some(flow) = self.flows.get_mut(id) {
                 mark_dirty(&mut self.dirty, flow, id);
             }
         }
@@ -443,7 +334,7 @@ impl Engine for LwipEngine {
         // Handshakes that completed or failed leave their entry behind; drop those at the
         // front so they do not wake the engine for nothing.
         while let Some(&(_, id, key)) = self.handshakes.front() {
-            if self.flows.get(id.0).is_some_and(|f| f.key == key && matches!(f.stage, Stage::Handshaking)) {
+            if self.flows.get(id).is_some_and(|f| f.key == key && matches!(f.stage, Stage::Handshaking)) {
                 break;
             }
             self.handshakes.pop_front();
@@ -456,29 +347,15 @@ impl Engine for LwipEngine {
     }
 
     fn poll_transmit(&mut self) -> Option<PacketBuf> {
-        if let Some(buf) = self.local.pop_front() {
-            self.last_from = Source::Local;
-            return Some(buf);
-        }
-        if let Some(buf) = self.udp_out.pop() {
-            self.last_from = Source::Udp;
-            return Some(buf);
-        }
-        let buf = self.stack.pop_output()?;
-        self.last_from = Source::Stack;
-        Some(buf)
+        self.flows.poll_transmit_or(|| self.stack.pop_output())
     }
 
     fn recycle(&mut self, buf: PacketBuf) {
-        match self.last_from {
-            Source::Local => self.local_free.push(buf),
-            Source::Udp => self.udp_out.recycle(buf),
-            Source::Stack => self.stack.recycle(buf),
-        }
+        self.flows.recycle_or(buf, |buf| self.stack.recycle(buf));
     }
 
     fn wake_queue(&self) -> Arc<WakeQueue> {
-        self.wake.clone()
+        self.flows.wake_queue()
     }
 }
 
@@ -487,39 +364,25 @@ mod tests {
     //! The engine driven by hand: packets in, packets out, a simulated clock. lwIP admits
     //! one instance per process, so these tests take turns.
 
-    use std::net::IpAddr;
     use std::sync::Mutex;
 
     use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{
-        IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-    };
+    use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket, TcpRepr};
     use tokio::io::AsyncWriteExt;
-    use tungate_core::{Mtu, TcpHandler, TcpRequest, UdpHandler};
+    use tungate_core::Mtu;
+    use tungate_core::packet::{self, Classified, TcpSummary};
+    use tungate_testkit::engine::Hold;
 
     use super::*;
 
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-    /// Holds every request undecided, so the test decides when.
-    #[derive(Clone, Default)]
-    struct Hold(Arc<Mutex<Vec<TcpRequest>>>);
-
-    impl TcpHandler for Hold {
-        fn handle_tcp(&self, request: TcpRequest) {
-            self.0.lock().unwrap().push(request);
-        }
-    }
-
-    impl UdpHandler for Hold {
-        fn handle_udp(&self, _: tungate_core::UdpSession) {}
-    }
 
     const CLIENT: &str = "198.18.0.2:40000";
     const SERVER: &str = "10.77.0.2:80";
     const CLIENT6: &str = "[fd18::2]:40000";
     const SERVER6: &str = "[fd77::2]:80";
 
+    /// A client segment offering lwIP a large window (scale 7, MSS 65 000 on the SYN).
     fn segment_between(
         src: SocketAddr,
         dst: SocketAddr,
@@ -528,50 +391,13 @@ mod tests {
         ack: Option<u32>,
         payload: &[u8],
     ) -> PacketBuf {
-        let tcp = TcpRepr {
-            src_port: src.port(),
-            dst_port: dst.port(),
-            control,
-            seq_number: TcpSeqNumber(seq as i32),
-            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
-            window_len: 65535,
-            window_scale: (control == TcpControl::Syn).then_some(7),
-            max_seg_size: (control == TcpControl::Syn).then_some(65000),
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: None,
-            payload,
+        let syn = control == TcpControl::Syn;
+        let fields = packet::SegmentFields {
+            window_scale: syn.then_some(7),
+            mss: syn.then_some(65000),
+            ..packet::SegmentFields::new(src, dst, control, seq, ack).payload(payload)
         };
-        let caps = ChecksumCapabilities::default();
-        match (src.ip(), dst.ip()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let ip = Ipv4Repr {
-                    src_addr: s,
-                    dst_addr: d,
-                    next_header: IpProtocol::Tcp,
-                    payload_len: tcp.buffer_len(),
-                    hop_limit: 64,
-                };
-                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-                ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
-                tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[20..]), &s.into(), &d.into(), &caps);
-                PacketBuf::from_slice(&buf)
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let ip = Ipv6Repr {
-                    src_addr: s,
-                    dst_addr: d,
-                    next_header: IpProtocol::Tcp,
-                    payload_len: tcp.buffer_len(),
-                    hop_limit: 64,
-                };
-                let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-                ip.emit(&mut Ipv6Packet::new_unchecked(&mut buf[..]));
-                tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[40..]), &s.into(), &d.into(), &caps);
-                PacketBuf::from_slice(&buf)
-            }
-            _ => unreachable!("one family per segment"),
-        }
+        PacketBuf::from_vec(fields.build())
     }
 
     fn segment(control: TcpControl, seq: u32, ack: Option<u32>) -> PacketBuf {
@@ -651,9 +477,9 @@ mod tests {
             e.handle_packet(now, &mut segment_between(c, s, TcpControl::Syn, 1000, None, &[]));
             e.flush(now);
             assert!(drain(&mut e).is_empty(), "nothing is sent before the handler decides");
-            let stats = e.handlers.stats.snapshot();
+            let stats = e.flows.stats().snapshot();
             assert_eq!((stats.tcp_requests, stats.tcp_syn_duplicate), (1, 1));
-            let request = hold.0.lock().unwrap().pop().unwrap();
+            let request = hold.take();
             assert_eq!((request.src(), request.dst()), (c, s));
             let _flow = tungate_testkit::engine::accept_now(request);
             e.handle_wakeups(now);
@@ -673,13 +499,13 @@ mod tests {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 7, None));
-        hold.0.lock().unwrap().pop().unwrap().reject();
+        hold.take().reject();
         e.handle_wakeups(now);
         let out = drain(&mut e);
         assert_eq!(out.len(), 1);
         assert!(out[0].rst && out[0].ack && out[0].ack_number == 8, "{:?}", out[0]);
         assert_eq!(e.flow_count(), 0);
-        assert_eq!(e.handlers.stats.snapshot().tcp_active, 0);
+        assert_eq!(e.flows.stats().snapshot().tcp_active, 0);
         assert_eq!(e.poll_timeout(), None, "lwIP never saw the flow: no timer");
     }
 
@@ -688,7 +514,7 @@ mod tests {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1000, None));
-        let mut flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
+        let mut flow = tungate_testkit::engine::accept_now(hold.take());
         e.handle_wakeups(now);
         let syn_ack = drain(&mut e)[0];
         assert!(syn_ack.syn);
@@ -707,7 +533,7 @@ mod tests {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
-        let mut flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
+        let mut flow = tungate_testkit::engine::accept_now(hold.take());
         e.handle_wakeups(now);
         let mut t = now;
         let mut syn_acks = 0;
@@ -733,7 +559,7 @@ mod tests {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 0, None));
-        let mut flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
+        let mut flow = tungate_testkit::engine::accept_now(hold.take());
         e.handle_wakeups(now);
         let syn_ack = drain(&mut e)[0];
         let mut next_ack = syn_ack.seq.wrapping_add(1);
@@ -775,7 +601,7 @@ mod tests {
         let (mut e, hold, now) = engine();
         // An open flow, so mutations also reach lwIP, not just the demultiplexer.
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
-        let _flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
+        let _flow = tungate_testkit::engine::accept_now(hold.take());
         e.handle_wakeups(now);
         let syn_ack = drain(&mut e)[0];
         let good = segment_between(
@@ -786,34 +612,11 @@ mod tests {
             Some(syn_ack.seq.wrapping_add(1)),
             b"some payload bytes",
         );
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        for i in 0..50_000 {
-            let mut p = good.packet().to_vec();
-            for _ in 0..1 + next() % 4 {
-                let at = (next() as usize) % p.len();
-                p[at] = next() as u8;
-            }
-            if i % 7 == 0 {
-                p.truncate((next() as usize) % (p.len() + 1));
-            }
-            let mut buf = PacketBuf::from_slice(&p);
-            let before = e.handlers.stats.snapshot();
-            e.handle_packet(now, &mut buf);
-            tungate_testkit::mutation::assert_counted_once(&before, &e.handlers.stats.snapshot(), &p);
-            if i % 64 == 0 {
-                e.flush(now);
-                e.handle_wakeups(now);
-                hold.0.lock().unwrap().clear();
-                drain(&mut e);
-            }
-        }
-        let stats = e.handlers.stats.snapshot();
+        let stats = e.flows.stats().clone();
+        tungate_testkit::engine::survive_mutations(&mut e, &stats, good.packet(), 50_000, |_| {
+            hold.clear();
+        });
+        let stats = e.flows.stats().snapshot();
         assert!(stats.malformed > 0 && stats.rx_packets == 50_001);
         assert!(stats.tcp_unknown_flow > 0, "some mutations reached the stranger path too");
     }

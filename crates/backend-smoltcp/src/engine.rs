@@ -1,46 +1,36 @@
 //! The smoltcp packet engine: demultiplexing, flow set-up and teardown, timers.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::BinaryHeap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use slab::Slab;
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
+use tungate_core::admission::{Decided, FlowTable, Held, Inbound, Seen};
 use tungate_core::engine::Engine;
-use tungate_core::flow::{self, Decision, FlowIo, FlowLink, UdpSessions, WakeQueue};
-use tungate_core::handler::UdpOutbox;
-use tungate_core::packet::{self, Classified, Stranger, TcpSummary};
+use tungate_core::flow::{FlowIo, FlowLink, WakeQueue};
 use tungate_core::{FlowId, Handlers, PacketBuf, Stats};
 
 use crate::SmoltcpConfig;
 use crate::device::{FlowDevice, Output};
-
-/// A flow's 4-tuple as the client sees it: (client, original destination).
-type FlowKey = (SocketAddr, SocketAddr);
 
 /// The smoltcp backend's I/O-free engine. See the crate docs for the packet path.
 pub struct SmoltcpEngine {
     config: SmoltcpConfig,
     handlers: Handlers,
     epoch: Instant,
-    flows: Slab<Flow>,
-    by_key: HashMap<FlowKey, FlowId>,
+    /// Every flow: held until its handler decides (admission), then a [`Flow`].
+    flows: FlowTable<Flow>,
     /// (deadline, flow) min-heap; an entry is live only if it equals the flow's `armed`.
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
-    wake: Arc<WakeQueue>,
     woken: Vec<FlowId>,
     /// Flows that received packets in the current batch.
     pending_egress: Vec<FlowId>,
-    udp_out: Arc<UdpOutbox>,
-    udp: UdpSessions,
     out: Output,
-    /// The buffer last returned by `poll_transmit` came from the UDP outbox.
-    last_from_udp: bool,
     seed: u64,
 }
 
@@ -50,23 +40,14 @@ impl std::fmt::Debug for SmoltcpEngine {
     }
 }
 
+/// An admitted flow: its own interface and socket.
 struct Flow {
-    key: FlowKey,
     link: FlowLink,
-    stage: Stage,
+    open: Box<OpenFlow>,
     /// The deadline this flow has a live entry for in the timer heap.
     armed: Option<Instant>,
     /// Packets arrived in this batch; `flush` polls the flow.
     egress_pending: bool,
-}
-
-enum Stage {
-    /// Waiting for the handler; the client's SYN is held and fed to the socket on accept.
-    Pending {
-        syn: PacketBuf,
-        summary: TcpSummary,
-    },
-    Open(Box<OpenFlow>),
 }
 
 struct OpenFlow {
@@ -81,9 +62,7 @@ struct OpenFlow {
 
 impl SmoltcpEngine {
     pub fn new(config: SmoltcpConfig, handlers: Handlers, now: Instant) -> Self {
-        let wake = WakeQueue::new();
-        let udp_out = UdpOutbox::new(config.mtu, wake.clone(), handlers.stats.clone());
-        let udp = UdpSessions::new(handlers.udp.clone(), udp_out.sender(), handlers.stats.clone());
+        let flows = FlowTable::new(&handlers, config.mtu, config.ring_capacity);
         let out = Output {
             mtu: config.mtu.get(),
             verify_tcp_checksum: config.verify_tcp_checksum,
@@ -94,16 +73,11 @@ impl SmoltcpEngine {
             config,
             handlers,
             epoch: now,
-            flows: Slab::new(),
-            by_key: HashMap::new(),
+            flows,
             timers: BinaryHeap::new(),
-            wake,
             woken: Vec::new(),
             pending_egress: Vec::new(),
-            udp_out,
-            udp,
             out,
-            last_from_udp: false,
             seed: rand::random(),
         }
     }
@@ -111,10 +85,6 @@ impl SmoltcpEngine {
     /// Flows currently tracked (pending or open).
     pub fn flow_count(&self) -> usize {
         self.flows.len()
-    }
-
-    fn stats(&self) -> &Stats {
-        &self.handlers.stats
     }
 
     fn smol_now(&self, now: Instant) -> SmolInstant {
@@ -125,83 +95,19 @@ impl SmoltcpEngine {
         self.epoch + Duration::from_micros(t.total_micros().max(0) as u64)
     }
 
-    fn handle_tcp(&mut self, now: Instant, packet: &PacketBuf, seg: TcpSummary) {
-        if let Some(&id) = self.by_key.get(&(seg.src, seg.dst)) {
-            match &self.flows[id.0].stage {
-                Stage::Pending { .. } => {
-                    if seg.is_bare_syn() {
-                        Stats::inc(&self.stats().tcp_syn_duplicate);
-                    }
-                }
-                Stage::Open(_) => self.ingress(id, now, packet.packet()),
-            }
-            return;
-        }
-        match packet::stranger(packet.packet(), &seg, true) {
-            Stranger::Open => self.open_request(packet, seg),
-            Stranger::Reset => {
-                Stats::inc(&self.stats().tcp_unknown_flow);
-                self.send_rst(&seg);
-            }
-            Stranger::Ignore => {}
-            Stranger::Malformed => Stats::inc(&self.stats().malformed),
-        }
-    }
-
-    fn open_request(&mut self, packet: &PacketBuf, seg: TcpSummary) {
-        let entry = self.flows.vacant_entry();
-        let id = FlowId(entry.key());
-        let (link, request) = flow::new_flow(id, seg.src, seg.dst, self.config.ring_capacity, self.wake.clone());
-        entry.insert(Flow {
-            key: (seg.src, seg.dst),
-            link,
-            stage: Stage::Pending { syn: PacketBuf::from_slice(packet.packet()), summary: seg },
-            armed: None,
-            egress_pending: false,
-        });
-        self.by_key.insert((seg.src, seg.dst), id);
-        let stats = &self.handlers.stats;
-        Stats::inc(&stats.tcp_requests);
-        Stats::inc(&stats.tcp_active);
-        tracing::debug!(src = %seg.src, dst = %seg.dst, "tcp request");
-        self.handlers.tcp.handle_tcp(request);
-    }
-
-    fn send_rst(&mut self, seg: &TcpSummary) {
-        let mut buf = self.out.buffer();
-        match packet::build_tcp_rst(seg, buf.spare_mut()) {
-            Some(len) => {
-                buf.set_len(len);
-                self.out.queue.push_back(buf);
-            }
-            None => self.out.recycle(buf),
-        }
-    }
-
-    /// Acts on a flow the handler touched.
+    /// Acts on a flow the handler touched: its decision, or bytes and signals.
     fn service(&mut self, id: FlowId, now: Instant) {
-        let Some(flow) = self.flows.get_mut(id.0) else { return };
-        match &flow.stage {
-            Stage::Open(_) => self.poll_flow(id, now, None),
-            Stage::Pending { .. } => {
-                flow.link.clear_queued();
-                match flow.link.decision() {
-                    Decision::Pending => {}
-                    Decision::Accepted => self.accept(id, now),
-                    Decision::Rejected => {
-                        let Stage::Pending { summary, .. } = self.remove(id, true).stage else { return };
-                        Stats::inc(&self.stats().tcp_rejected);
-                        self.send_rst(&summary);
-                    }
-                }
-            }
+        match self.flows.decide(id) {
+            Decided::Admitted => self.poll_flow(id, now, None),
+            Decided::Accepted(held) => self.accept(id, held, now),
+            Decided::Waiting | Decided::Rejected | Decided::Gone => {}
         }
     }
 
-    fn accept(&mut self, id: FlowId, now: Instant) {
+    fn accept(&mut self, id: FlowId, held: Held, now: Instant) {
         let t = self.smol_now(now);
-        let flow = &mut self.flows[id.0];
-        let (client, dst) = flow.key;
+        let Held { link, syn, summary } = held;
+        let (client, dst) = (summary.src, summary.dst);
         let mut config = Config::new(HardwareAddress::Ip);
         self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         config.random_seed = self.seed;
@@ -225,22 +131,16 @@ impl SmoltcpEngine {
         socket.set_timeout(Some(timeout));
         socket.set_keep_alive(Some(timeout / 4));
         let listening = socket.listen(IpListenEndpoint { addr: Some(IpAddress::from(dst.ip())), port: dst.port() });
-        let mut sockets = SocketSet::new(Vec::with_capacity(1));
-        let handle = sockets.add(socket);
-        let stage = Stage::Open(Box::new(OpenFlow {
-            iface,
-            sockets,
-            handle,
-            established: false,
-            rx_eof: false,
-            fin_queued: false,
-        }));
-        let Stage::Pending { syn, summary } = std::mem::replace(&mut flow.stage, stage) else { return };
         if !routed || listening.is_err() {
-            self.remove(id, true);
-            self.send_rst(&summary);
+            link.set_closed(true);
+            self.flows.remove(id, true);
+            self.flows.reset(&summary);
             return;
         }
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
+        let handle = sockets.add(socket);
+        let open = Box::new(OpenFlow { iface, sockets, handle, established: false, rx_eof: false, fin_queued: false });
+        self.flows.admit(id, Flow { link, open, armed: None, egress_pending: false });
         // A SYN smoltcp would not take leaves the socket listening, which `poll_flow`
         // treats as the end of the flow; the client then hears nothing and retries.
         self.poll_flow(id, now, Some(syn.packet()));
@@ -252,8 +152,8 @@ impl SmoltcpEngine {
     /// ACK writes are half of the gateway's system calls.
     fn ingress(&mut self, id: FlowId, now: Instant, packet: &[u8]) {
         let t = self.smol_now(now);
-        let flow = &mut self.flows[id.0];
-        let Stage::Open(open) = &mut flow.stage else { return };
+        let Some(flow) = self.flows.get_mut(id) else { return };
+        let open = &mut flow.open;
         let mut device = FlowDevice { rx: Some(packet), out: &mut self.out };
         open.iface.poll_ingress_single(t, &mut device, &mut open.sockets);
         let socket = open.sockets.get_mut::<tcp::Socket>(open.handle);
@@ -268,9 +168,8 @@ impl SmoltcpEngine {
     /// between its socket and the handler, and re-arms its timer.
     fn poll_flow(&mut self, id: FlowId, now: Instant, rx: Option<&[u8]>) {
         let t = self.smol_now(now);
-        let Some(flow) = self.flows.get_mut(id.0) else { return };
-        let Stage::Open(open) = &mut flow.stage else { return };
-        let open = &mut **open;
+        let Some(flow) = self.flows.get_mut(id) else { return };
+        let open = &mut *flow.open;
         let mut device = FlowDevice { rx, out: &mut self.out };
         open.iface.poll(t, &mut device, &mut open.sockets);
 
@@ -313,7 +212,7 @@ impl SmoltcpEngine {
             // A clean end is FIN both ways; anything else closing the socket was a reset.
             let clean = open.rx_eof && open.fin_queued;
             flow.link.set_closed(!clean);
-            self.remove(id, false);
+            self.flows.remove(id, false);
             return;
         }
         if let Some(d) = open.iface.poll_at(t, &open.sockets).map(|d| self.std_instant(d)) {
@@ -327,25 +226,15 @@ impl SmoltcpEngine {
     /// so the heap is rebuilt from the live deadlines once it holds far more entries than
     /// there are flows: memory stays O(flows) at O(1) amortised cost per push.
     fn arm(&mut self, id: FlowId, deadline: Instant) {
-        let flow = &mut self.flows[id.0];
+        let Some(flow) = self.flows.get_mut(id) else { return };
         if flow.armed.is_some_and(|armed| armed <= deadline) {
             return;
         }
         flow.armed = Some(deadline);
         self.timers.push(Reverse((deadline, id)));
         if self.timers.len() > 4 * self.flows.len() + 64 {
-            self.timers = self.flows.iter().filter_map(|(key, f)| f.armed.map(|d| Reverse((d, FlowId(key))))).collect();
+            self.timers = self.flows.iter().filter_map(|(id, f)| f.armed.map(|d| Reverse((d, id)))).collect();
         }
-    }
-
-    fn remove(&mut self, id: FlowId, closed_by_us: bool) -> Flow {
-        let flow = self.flows.remove(id.0);
-        self.by_key.remove(&flow.key);
-        if closed_by_us {
-            flow.link.set_closed(true);
-        }
-        Stats::dec(&self.handlers.stats.tcp_active);
-        flow
     }
 }
 
@@ -379,22 +268,17 @@ fn queue_for_sending(socket: &mut tcp::Socket<'_>, io: &mut FlowIo<'_>) {
 
 impl Engine for SmoltcpEngine {
     fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) {
-        let stats = &self.handlers.stats;
-        Stats::inc(&stats.rx_packets);
-        match packet::classify(packet.packet()) {
-            Err(_) => Stats::inc(&stats.malformed),
-            Ok(Classified::Unsupported) => Stats::inc(&stats.unsupported),
-            Ok(Classified::Udp { src, dst, payload }) => {
-                self.udp.datagram(src, dst, payload);
-            }
-            Ok(Classified::Tcp(seg)) => self.handle_tcp(now, packet, seg),
+        match self.flows.inbound(packet) {
+            Inbound::Tcp(_, Seen::Admitted(id)) => self.ingress(id, now, packet.packet()),
+            Inbound::Tcp(seg, Seen::Stranger { rst: false }) => self.flows.reset(&seg),
+            Inbound::Tcp(_, Seen::Consumed | Seen::Stranger { rst: true }) | Inbound::Done => {}
         }
     }
 
     fn flush(&mut self, now: Instant) {
         let mut pending = std::mem::take(&mut self.pending_egress);
         for &id in &pending {
-            if let Some(flow) = self.flows.get_mut(id.0) {
+            if let Some(flow) = self.flows.get_mut(id) {
                 flow.egress_pending = false;
                 self.poll_flow(id, now, None);
             }
@@ -405,7 +289,7 @@ impl Engine for SmoltcpEngine {
 
     fn handle_wakeups(&mut self, now: Instant) {
         let mut woken = std::mem::take(&mut self.woken);
-        self.wake.drain_into(&mut woken);
+        self.flows.wake_queue().drain_into(&mut woken);
         for &id in &woken {
             self.service(id, now);
         }
@@ -419,7 +303,7 @@ impl Engine for SmoltcpEngine {
                 break;
             }
             self.timers.pop();
-            let Some(flow) = self.flows.get_mut(id.0) else { continue };
+            let Some(flow) = self.flows.get_mut(id) else { continue };
             if flow.armed != Some(deadline) {
                 continue;
             }
@@ -431,7 +315,7 @@ impl Engine for SmoltcpEngine {
     fn poll_timeout(&mut self) -> Option<Instant> {
         // Drop stale heads so the driver does not wake for nothing.
         while let Some(&Reverse((deadline, id))) = self.timers.peek() {
-            match self.flows.get(id.0) {
+            match self.flows.get(id) {
                 Some(flow) if flow.armed == Some(deadline) => return Some(deadline),
                 _ => {
                     self.timers.pop();
@@ -442,25 +326,17 @@ impl Engine for SmoltcpEngine {
     }
 
     fn poll_transmit(&mut self) -> Option<PacketBuf> {
-        let (buf, from_udp) = match self.out.queue.pop_front() {
-            Some(buf) => (buf, false),
-            None => (self.udp_out.pop()?, true),
-        };
-        self.last_from_udp = from_udp;
+        let buf = self.flows.poll_transmit_or(|| self.out.queue.pop_front())?;
         Stats::inc(&self.handlers.stats.tx_packets);
         Some(buf)
     }
 
     fn recycle(&mut self, buf: PacketBuf) {
-        if self.last_from_udp {
-            self.udp_out.recycle(buf);
-        } else {
-            self.out.recycle(buf);
-        }
+        self.flows.recycle_or(buf, |buf| self.out.recycle(buf));
     }
 
     fn wake_queue(&self) -> Arc<WakeQueue> {
-        self.wake.clone()
+        self.flows.wake_queue()
     }
 }
 
@@ -468,60 +344,18 @@ impl Engine for SmoltcpEngine {
 mod tests {
     //! The engine driven by hand: packets in, packets out, a simulated clock.
 
-    use std::sync::Mutex;
-
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
-    use tungate_core::{TcpHandler, TcpRequest, UdpHandler};
+    use smoltcp::wire::TcpControl;
+    use tungate_core::packet::{self, TcpSummary};
+    use tungate_testkit::engine::Hold;
 
     use super::*;
-
-    /// Holds every request undecided, so the test decides when.
-    #[derive(Clone, Default)]
-    struct Hold(Arc<Mutex<Vec<TcpRequest>>>);
-
-    impl TcpHandler for Hold {
-        fn handle_tcp(&self, request: TcpRequest) {
-            self.0.lock().unwrap().push(request);
-        }
-    }
-
-    impl UdpHandler for Hold {
-        fn handle_udp(&self, _: tungate_core::UdpSession) {}
-    }
 
     const CLIENT: &str = "198.18.0.2:40000";
     const SERVER: &str = "10.77.0.2:80";
 
     fn segment(control: TcpControl, seq: u32, ack: Option<u32>) -> PacketBuf {
-        let (src, dst): (SocketAddr, SocketAddr) = (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
-        let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else { unreachable!() };
-        let tcp = TcpRepr {
-            src_port: src.port(),
-            dst_port: dst.port(),
-            control,
-            seq_number: TcpSeqNumber(seq as i32),
-            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
-            window_len: 65535,
-            window_scale: None,
-            max_seg_size: Some(1460),
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: None,
-            payload: &[],
-        };
-        let ip = Ipv4Repr {
-            src_addr: s,
-            dst_addr: d,
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-        let caps = ChecksumCapabilities::default();
-        ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
-        tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[20..]), &s.into(), &d.into(), &caps);
-        PacketBuf::from_slice(&buf)
+        let (src, dst) = (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
+        PacketBuf::from_vec(packet::SegmentFields::new(src, dst, control, seq, ack).build())
     }
 
     fn engine() -> (SmoltcpEngine, Hold, Instant) {
@@ -532,14 +366,7 @@ mod tests {
     }
 
     fn drain(e: &mut SmoltcpEngine) -> Vec<TcpSummary> {
-        let mut out = Vec::new();
-        while let Some(p) = e.poll_transmit() {
-            if let Ok(Classified::Tcp(seg)) = packet::classify(p.packet()) {
-                out.push(seg);
-            }
-            e.recycle(p);
-        }
-        out
+        tungate_testkit::engine::drain_tcp(e)
     }
 
     #[test]
@@ -549,10 +376,10 @@ mod tests {
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1000, None));
         e.flush(now);
         assert!(drain(&mut e).is_empty(), "nothing is sent before the handler decides");
-        let stats = e.handlers.stats.snapshot();
+        let stats = e.flows.stats().snapshot();
         assert_eq!((stats.tcp_requests, stats.tcp_syn_duplicate), (1, 1));
 
-        let request = hold.0.lock().unwrap().pop().unwrap();
+        let request = hold.take();
         assert_eq!(request.src(), CLIENT.parse().unwrap());
         assert_eq!(request.dst(), SERVER.parse().unwrap());
         let _flow = tungate_testkit::engine::accept_now(request);
@@ -576,7 +403,7 @@ mod tests {
     fn a_client_reset_during_the_handshake_ends_the_flow() {
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1000, None));
-        let mut flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
+        let mut flow = tungate_testkit::engine::accept_now(hold.take());
         e.handle_wakeups(now);
         assert!(drain(&mut e)[0].syn);
         // The client gave up meanwhile and answers the SYN-ACK with RST.
@@ -592,11 +419,11 @@ mod tests {
     fn the_timer_heap_stays_proportional_to_the_flows() {
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
-        let _flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
+        let _flow = tungate_testkit::engine::accept_now(hold.take());
         e.handle_wakeups(now);
-        let id = FlowId(e.flows.iter().next().unwrap().0);
+        let id = e.flows.iter().next().unwrap().0;
         // Ever-earlier deadlines each push an entry and supersede the one before.
-        let base = e.flows[id.0].armed.expect("the SYN-ACK's retransmission timer is armed");
+        let base = e.flows.get(id).unwrap().armed.expect("the SYN-ACK's retransmission timer is armed");
         for i in 1..=10_000u64 {
             e.arm(id, base - Duration::from_micros(i));
         }
@@ -608,20 +435,20 @@ mod tests {
     fn rejected_syn_gets_rst_ack_and_leaves_nothing() {
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 7, None));
-        hold.0.lock().unwrap().pop().unwrap().reject();
+        hold.take().reject();
         e.handle_wakeups(now);
         let out = drain(&mut e);
         assert_eq!(out.len(), 1);
         assert!(out[0].rst && out[0].ack && out[0].ack_number == 8, "{:?}", out[0]);
         assert_eq!(e.flow_count(), 0);
-        assert_eq!(e.handlers.stats.snapshot().tcp_active, 0);
+        assert_eq!(e.flows.stats().snapshot().tcp_active, 0);
     }
 
     #[test]
     fn a_dropped_request_is_a_rejection() {
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 7, None));
-        hold.0.lock().unwrap().clear();
+        hold.clear();
         e.handle_wakeups(now);
         assert!(drain(&mut e)[0].rst);
         assert_eq!(e.flow_count(), 0);
@@ -631,7 +458,7 @@ mod tests {
     fn an_unanswered_syn_ack_times_out_and_resets_the_handler() {
         let (mut e, hold, now) = engine();
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
-        let flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
+        let flow = tungate_testkit::engine::accept_now(hold.take());
         e.handle_wakeups(now);
         drain(&mut e);
         // Advance a simulated clock through smoltcp's retransmissions until it gives up.
@@ -655,38 +482,15 @@ mod tests {
         let (mut e, hold, now) = engine();
         // An open flow, so mutations also reach smoltcp, not just the demultiplexer.
         e.handle_packet(now, &mut segment(TcpControl::Syn, 1, None));
-        let _flow = tungate_testkit::engine::accept_now(hold.0.lock().unwrap().pop().unwrap());
+        let _flow = tungate_testkit::engine::accept_now(hold.take());
         e.handle_wakeups(now);
         let syn_ack = drain(&mut e)[0];
         let good = segment(TcpControl::None, 2, Some(syn_ack.seq.wrapping_add(1)));
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        for i in 0..50_000 {
-            let mut p = good.packet().to_vec();
-            for _ in 0..1 + next() % 4 {
-                let at = (next() as usize) % p.len();
-                p[at] = next() as u8;
-            }
-            if i % 7 == 0 {
-                p.truncate((next() as usize) % (p.len() + 1));
-            }
-            let mut buf = PacketBuf::from_slice(&p);
-            let before = e.handlers.stats.snapshot();
-            e.handle_packet(now, &mut buf);
-            tungate_testkit::mutation::assert_counted_once(&before, &e.handlers.stats.snapshot(), &p);
-            if i % 64 == 0 {
-                e.flush(now);
-                e.handle_wakeups(now);
-                hold.0.lock().unwrap().clear();
-                drain(&mut e);
-            }
-        }
-        let stats = e.handlers.stats.snapshot();
+        let stats = e.flows.stats().clone();
+        tungate_testkit::engine::survive_mutations(&mut e, &stats, good.packet(), 50_000, |_| {
+            hold.clear();
+        });
+        let stats = e.flows.stats().snapshot();
         assert!(stats.malformed > 0 && stats.rx_packets == 50_001);
         assert!(stats.tcp_unknown_flow > 0, "some mutations reached the stranger path too");
     }

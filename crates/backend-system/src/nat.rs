@@ -9,8 +9,8 @@
 //! `(S:sp, D:dp)` and the flow's [`FlowPort`] for the bridge.
 //!
 //! Entries are created only by a bare SYN, and only after the handler accepted (the SYN
-//! is held meanwhile, as in every backend); any other segment for an unknown flow gets a
-//! RST. An entry ends `linger` after both FINs or a RST went through (late ACKs and
+//! is held meanwhile by the [`FlowTable`] every backend shares; the NAT address is taken
+//! then); any other segment for an unknown flow gets a RST. An entry ends `linger` after both FINs or a RST went through (late ACKs and
 //! retransmissions still pass), or after `idle_timeout` without a packet. Its NAT
 //! address then rests before reuse, counted from its last segment: only `linger` after a
 //! clean passive close of the kernel's socket (its FIN acknowledged the client's), and
@@ -23,15 +23,12 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use slab::Slab;
 use tungate_core::Handlers;
-use tungate_core::TcpRequest;
-use tungate_core::admission::{FlowKey, Verdict};
+use tungate_core::admission::{Decided, FlowTable, Held, Seen, Verdict};
 use tungate_core::device::PacketBuf;
 use tungate_core::device::offload::{self, GsoKind};
-use tungate_core::flow::{self, Decision, FlowId, FlowLink, FlowPort, UdpSessions, WakeQueue};
-use tungate_core::handler::Outbound;
-use tungate_core::packet::{self, Classified, Stranger, TcpSummary};
+use tungate_core::flow::{FlowId, FlowPort, WakeQueue};
+use tungate_core::packet::{self, Classified, TcpSummary};
 use tungate_core::{Mtu, Stats};
 
 use crate::checksum::Delta;
@@ -82,18 +79,15 @@ impl Default for NatConfig {
     }
 }
 
-enum State {
-    /// Waiting for the handler; the SYN is held.
-    Pending { link: FlowLink, syn: PacketBuf, summary: TcpSummary },
-    /// The SYN went to the kernel; `port` waits for its accepted connection.
-    Open { port: Option<FlowPort>, since: Instant },
-}
-
+/// An admitted flow: its SYN went to the kernel.
 struct Entry {
     client: SocketAddr,
     dst: SocketAddr,
     nat: SocketAddr,
-    state: State,
+    /// Waits for the kernel's accepted connection (taken by [`Nat::take_port`]).
+    port: Option<FlowPort>,
+    /// When the SYN went to the kernel.
+    since: Instant,
     last_seen: Instant,
     /// The sequence number just past the client's FIN, once it went through.
     client_fin_end: Option<u32>,
@@ -124,18 +118,14 @@ impl Entry {
 /// The NAT table. See the module docs.
 pub struct Nat {
     config: NatConfig,
-    handlers: Handlers,
-    entries: Slab<Entry>,
-    by_client: HashMap<FlowKey, usize>,
-    by_nat: HashMap<SocketAddr, usize>,
+    /// Every flow: held until its handler decides (admission), then an [`Entry`].
+    entries: FlowTable<Entry>,
+    by_nat: HashMap<SocketAddr, FlowId>,
     /// NAT addresses resting until the given time.
     cooling: HashMap<SocketAddr, Instant>,
     cursor_v4: usize,
     cursor_v6: usize,
-    wake: Arc<WakeQueue>,
     woken: Vec<FlowId>,
-    outbound: Outbound,
-    udp: UdpSessions,
     splitter: offload::Splitter,
 }
 
@@ -147,29 +137,22 @@ impl std::fmt::Debug for Nat {
 
 impl Nat {
     pub fn new(config: NatConfig, handlers: Handlers) -> Self {
-        let wake = WakeQueue::new();
-        let outbound = Outbound::new(config.mtu, wake.clone(), handlers.stats.clone());
-        let udp = UdpSessions::new(handlers.udp.clone(), outbound.udp_sender(), handlers.stats.clone());
+        let entries = FlowTable::new(&handlers, config.mtu, config.ring_capacity).offering_sockets();
         Nat {
             config,
-            handlers,
-            entries: Slab::new(),
-            by_client: HashMap::new(),
+            entries,
             by_nat: HashMap::new(),
             cooling: HashMap::new(),
             cursor_v4: 0,
             cursor_v6: 0,
-            wake,
             woken: Vec::new(),
-            outbound,
-            udp,
             splitter: offload::Splitter::default(),
         }
     }
 
     /// Notified when a handler decided or a UDP reply is queued.
     pub fn wake_queue(&self) -> Arc<WakeQueue> {
-        self.wake.clone()
+        self.entries.wake_queue()
     }
 
     /// NAT entries (pending, open or lingering).
@@ -182,7 +165,7 @@ impl Nat {
     }
 
     fn stats(&self) -> &Stats {
-        &self.handlers.stats
+        self.entries.stats()
     }
 
     fn is_listener(&self, addr: SocketAddr) -> bool {
@@ -222,42 +205,43 @@ impl Nat {
         if self.is_listener(seg.src) {
             return self.kernel_segment(now, packet, &seg);
         }
-        if let Some(&i) = self.by_client.get(&(seg.src, seg.dst)) {
-            let e = &mut self.entries[i];
-            if let State::Pending { .. } = e.state {
-                if seg.is_bare_syn() {
-                    Stats::inc(&self.handlers.stats.tcp_syn_duplicate);
-                } else if seg.rst {
-                    // The client gave up before the handler decided.
-                    self.remove(now, i, true);
+        let key = (seg.src, seg.dst);
+        if seg.is_bare_syn() {
+            if let Some(id) = self.entries.id(&key) {
+                if self.entries.get(id).is_some_and(|e| e.closing_since.is_some()) {
+                    // The client reuses its port for a new connection: start afresh.
+                    self.remove(now, id, false);
                 }
-                return Verdict::Consumed;
-            }
-            if seg.is_bare_syn() && e.closing_since.is_some() {
-                // The client reuses its port for a new connection: start afresh.
-                self.remove(now, i, false);
-            } else {
-                e.last_seen = now;
-                if seg.fin && e.client_fin_end.is_none() {
-                    e.client_fin_end = Some(seg.seq.wrapping_add(seg.segment_len as u32));
-                }
-                e.reset |= seg.rst;
-                if e.closing() && e.closing_since.is_none() {
-                    e.closing_since = Some(now);
-                }
-                let nat = e.nat;
-                let listen = self.listener_for(nat);
-                return match listen {
-                    Some(listen) if rewrite(packet, nat, listen) => Verdict::Forward,
-                    _ => {
-                        Stats::inc(&self.handlers.stats.malformed);
-                        Verdict::Consumed
-                    }
-                };
             }
         }
-        self.new_flow(now, packet, seg);
-        Verdict::Consumed
+        // A partial checksum (offload) is the local kernel's own work: nothing to verify.
+        // A flow to the listener or a fake address would loop through the TUN.
+        let (verify, may_open) = (packet.meta.csum.is_none(), !self.is_ours(seg.dst.ip()));
+        let id = match self.entries.segment(packet, &seg, verify, may_open) {
+            Seen::Admitted(id) => id,
+            Seen::Stranger { rst: false } => {
+                self.entries.reset(&seg);
+                return Verdict::Consumed;
+            }
+            Seen::Consumed | Seen::Stranger { rst: true } => return Verdict::Consumed,
+        };
+        let Some(e) = self.entries.get_mut(id) else { return Verdict::Consumed };
+        e.last_seen = now;
+        if seg.fin && e.client_fin_end.is_none() {
+            e.client_fin_end = Some(seg.seq.wrapping_add(seg.segment_len as u32));
+        }
+        e.reset |= seg.rst;
+        if e.closing() && e.closing_since.is_none() {
+            e.closing_since = Some(now);
+        }
+        let nat = e.nat;
+        match self.listener_for(nat) {
+            Some(listen) if rewrite(packet, nat, listen) => Verdict::Forward,
+            _ => {
+                Stats::inc(&self.stats().malformed);
+                Verdict::Consumed
+            }
+        }
     }
 
     fn listener_for(&self, nat: SocketAddr) -> Option<SocketAddr> {
@@ -266,19 +250,12 @@ impl Nat {
 
     /// A segment from the kernel listener to a NAT address.
     fn kernel_segment(&mut self, now: Instant, packet: &mut PacketBuf, seg: &TcpSummary) -> Verdict {
-        let Some(&i) = self.by_nat.get(&seg.dst) else {
+        let Some(e) = self.by_nat.get(&seg.dst).and_then(|&id| self.entries.get_mut(id)) else {
             // A late segment of an entry already gone (the kernel's socket retransmitting
             // into a connection the client has reset): nobody to deliver it to.
-            Stats::inc(&self.handlers.stats.tcp_unknown_flow);
+            Stats::inc(&self.stats().tcp_unknown_flow);
             return Verdict::Consumed;
         };
-        let e = &mut self.entries[i];
-        if matches!(e.state, State::Pending { .. }) {
-            // The SYN is still held: this is a segment of an older connection that used
-            // the same NAT address (it rests long enough that this should not happen).
-            Stats::inc(&self.handlers.stats.tcp_unknown_flow);
-            return Verdict::Consumed;
-        }
         e.last_seen = now;
         if seg.fin && !e.fin_kernel {
             e.fin_kernel = true;
@@ -293,58 +270,9 @@ impl Nat {
         if rewrite(packet, e.dst, e.client) {
             Verdict::Forward
         } else {
-            Stats::inc(&self.handlers.stats.malformed);
+            Stats::inc(&self.stats().malformed);
             Verdict::Consumed
         }
-    }
-
-    /// A TCP segment for no entry: a bare SYN becomes a request, anything else a RST.
-    fn new_flow(&mut self, now: Instant, packet: &PacketBuf, seg: TcpSummary) {
-        // A partial checksum (offload) is the local kernel's own work: nothing to verify.
-        match packet::stranger(packet.packet(), &seg, packet.meta.csum.is_none()) {
-            Stranger::Open if !self.is_ours(seg.dst.ip()) => {}
-            Stranger::Reset => {
-                Stats::inc(&self.stats().tcp_unknown_flow);
-                self.send_rst(&seg);
-                return;
-            }
-            Stranger::Ignore => return,
-            Stranger::Open | Stranger::Malformed => {
-                Stats::inc(&self.stats().malformed);
-                return;
-            }
-        }
-        let now_listener = self.listener_for(seg.dst);
-        let Some(nat) = now_listener.and_then(|_| self.allocate(now, seg.dst.is_ipv6())) else {
-            tracing::debug!(src = %seg.src, dst = %seg.dst, "no NAT address free (or no listener for this family)");
-            Stats::inc(&self.stats().tcp_rejected);
-            self.send_rst(&seg);
-            return;
-        };
-        let i = self.entries.vacant_key();
-        let (link, request): (FlowLink, TcpRequest) =
-            flow::new_flow(FlowId(i), seg.src, seg.dst, self.config.ring_capacity, self.wake.clone());
-        link.offer_socket();
-        let mut syn = PacketBuf::from_slice(packet.packet());
-        syn.meta = packet.meta;
-        self.entries.insert(Entry {
-            client: seg.src,
-            dst: seg.dst,
-            nat,
-            state: State::Pending { link, syn, summary: seg },
-            last_seen: now,
-            client_fin_end: None,
-            fin_kernel: false,
-            kernel_closed_passively: false,
-            reset: false,
-            closing_since: None,
-        });
-        self.by_client.insert((seg.src, seg.dst), i);
-        self.by_nat.insert(nat, i);
-        Stats::inc(&self.stats().tcp_requests);
-        Stats::inc(&self.stats().tcp_active);
-        tracing::debug!(src = %seg.src, dst = %seg.dst, %nat, "tcp request");
-        self.handlers.tcp.handle_tcp(request);
     }
 
     /// A free NAT address: not in use, not cooling down. Walks the whole space in order
@@ -380,66 +308,73 @@ impl Nat {
         None
     }
 
-    /// Acts on handler decisions: an accepted flow's SYN is rewritten and queued for the
-    /// TUN, a rejected one is answered with RST.
+    /// Acts on handler decisions: an accepted flow gets a NAT address and its SYN is
+    /// rewritten and queued for the TUN (a rejected one was answered with RST by the
+    /// table). With no NAT address free, the accepted flow is refused after all.
     pub fn service(&mut self, now: Instant) {
         let mut woken = std::mem::take(&mut self.woken);
-        self.wake.drain_into(&mut woken);
-        for &FlowId(i) in &woken {
-            let Some(Entry { state: State::Pending { link, .. }, .. }) = self.entries.get(i) else { continue };
-            link.clear_queued();
-            match link.decision() {
-                Decision::Pending => {}
-                Decision::Accepted => {
-                    let e = &mut self.entries[i];
-                    let State::Pending { link, mut syn, .. } =
-                        std::mem::replace(&mut e.state, State::Open { port: None, since: now })
-                    else {
-                        unreachable!("matched Pending above")
-                    };
-                    e.state = State::Open { port: Some(link.into_port()), since: now };
-                    e.last_seen = now;
-                    let listen = if e.nat.is_ipv4() { self.config.listen_v4 } else { self.config.listen_v6 };
-                    if listen.is_some_and(|l| rewrite(&mut syn, e.nat, l)) {
-                        self.outbound.push(syn);
-                    }
-                }
-                Decision::Rejected => {
-                    let Entry { state: State::Pending { summary, .. }, .. } = &self.entries[i] else { continue };
-                    let summary = *summary;
-                    Stats::inc(&self.stats().tcp_rejected);
-                    self.send_rst(&summary);
-                    self.remove(now, i, true);
-                }
+        self.entries.wake_queue().drain_into(&mut woken);
+        for &id in &woken {
+            if let Decided::Accepted(held) = self.entries.decide(id) {
+                self.admit(now, id, held);
             }
         }
         woken.clear();
         self.woken = woken;
     }
 
+    fn admit(&mut self, now: Instant, id: FlowId, held: Held) {
+        let Held { link, mut syn, summary } = held;
+        let (client, dst) = (summary.src, summary.dst);
+        let listen = self.listener_for(dst);
+        let Some(nat) = listen.and_then(|_| self.allocate(now, dst.is_ipv6())) else {
+            tracing::debug!(src = %client, %dst, "no NAT address free (or no listener for this family)");
+            Stats::inc(&self.stats().tcp_rejected);
+            self.entries.reset(&summary);
+            self.entries.remove(id, true);
+            link.set_closed(true);
+            return;
+        };
+        if listen.is_some_and(|l| rewrite(&mut syn, nat, l)) {
+            self.entries.push(syn);
+        }
+        let entry = Entry {
+            client,
+            dst,
+            nat,
+            port: Some(link.into_port()),
+            since: now,
+            last_seen: now,
+            client_fin_end: None,
+            fin_kernel: false,
+            kernel_closed_passively: false,
+            reset: false,
+            closing_since: None,
+        };
+        self.entries.admit(id, entry);
+        self.by_nat.insert(nat, id);
+        tracing::debug!(src = %client, %dst, %nat, "tcp flow admitted");
+    }
+
     /// The kernel accepted a connection from `peer` (a NAT address): the flow's real
     /// client, original destination and port, if it is a flow that waits for one.
     pub fn take_port(&mut self, peer: SocketAddr) -> Option<(SocketAddr, SocketAddr, FlowPort)> {
-        let &i = self.by_nat.get(&normalize(peer))?;
-        let e = &mut self.entries[i];
-        match &mut e.state {
-            State::Open { port, .. } => port.take().map(|p| (e.client, e.dst, p)),
-            State::Pending { .. } => None,
-        }
+        let &id = self.by_nat.get(&normalize(peer))?;
+        let e = self.entries.get_mut(id)?;
+        e.port.take().map(|p| (e.client, e.dst, p))
     }
 
     /// Expires entries and cooled-down NAT addresses. Cheap enough to call every second
     /// (one pass over the table).
     pub fn sweep(&mut self, now: Instant) {
         let c = &self.config;
-        let expired: Vec<(usize, bool)> = self
+        let expired: Vec<(FlowId, bool)> = self
             .entries
             .iter()
             .filter_map(|(i, e)| {
-                let stale_handshake =
-                    matches!(e.state, State::Open { port: Some(_), since } if now >= since + c.handshake_timeout);
+                let stale_handshake = e.port.is_some() && now >= e.since + c.handshake_timeout;
                 let done = e.closing_since.is_some_and(|t| now >= t + c.linger);
-                let idle = !matches!(e.state, State::Pending { .. }) && now >= e.last_seen + c.idle_timeout;
+                let idle = now >= e.last_seen + c.idle_timeout;
                 // Only both FINs and no RST make a clean end for the handler.
                 (stale_handshake || done || idle).then_some((i, e.reset || !done))
             })
@@ -455,24 +390,17 @@ impl Nat {
         !self.entries.is_empty() || !self.cooling.is_empty()
     }
 
-    fn remove(&mut self, now: Instant, i: usize, reset: bool) {
-        let e = self.entries.remove(i);
-        self.by_client.remove(&(e.client, e.dst));
+    fn remove(&mut self, now: Instant, id: FlowId, reset: bool) {
+        let Some(e) = self.entries.remove(id, reset) else { return };
         self.by_nat.remove(&e.nat);
-        // A pending flow's SYN never reached the kernel: its address is free at once.
-        if !matches!(e.state, State::Pending { .. }) {
-            // Counted from the last segment: that is when the kernel's timers restarted.
-            let until = e.last_seen + e.rest(&self.config);
-            if until > now {
-                self.cooling.insert(e.nat, until);
-            }
+        // Counted from the last segment: that is when the kernel's timers restarted.
+        let until = e.last_seen + e.rest(&self.config);
+        if until > now {
+            self.cooling.insert(e.nat, until);
         }
-        match e.state {
-            State::Pending { link, .. } => link.set_closed(reset),
-            State::Open { port: Some(port), .. } => port.finish(reset),
-            State::Open { port: None, .. } => {}
+        if let Some(port) = e.port {
+            port.finish(reset);
         }
-        Stats::dec(&self.handlers.stats.tcp_active);
     }
 
     fn handle_udp(&mut self, packet: &mut PacketBuf) {
@@ -499,25 +427,21 @@ impl Nat {
     fn deliver_udp(&mut self, datagram: &[u8]) {
         match packet::classify(datagram) {
             Ok(Classified::Udp { src, dst, payload }) => {
-                self.udp.datagram(src, dst, payload);
+                self.entries.udp().datagram(src, dst, payload);
             }
             Ok(_) => Stats::inc(&self.stats().unsupported),
             Err(_) => Stats::inc(&self.stats().malformed),
         }
     }
 
-    fn send_rst(&mut self, seg: &TcpSummary) {
-        self.outbound.send_rst(seg);
-    }
-
     /// The next packet this table wants written to the TUN (released SYNs, RSTs, UDP).
     pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
-        self.outbound.poll_transmit()
+        self.entries.poll_transmit()
     }
 
     /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
     pub fn recycle(&mut self, buf: PacketBuf) {
-        self.outbound.recycle(buf);
+        self.entries.recycle(buf);
     }
 }
 
@@ -598,15 +522,9 @@ pub fn rewrite(packet: &mut PacketBuf, src: SocketAddr, dst: SocketAddr) -> bool
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{
-        IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr,
-        TcpSeqNumber, checksum,
-    };
+    use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpControl, checksum};
     use tungate_core::device::offload::PartialChecksum;
-    use tungate_core::{TcpHandler, UdpHandler};
+    use tungate_testkit::engine::Hold;
 
     use super::*;
 
@@ -628,54 +546,12 @@ mod tests {
         ack: Option<i32>,
         payload: &[u8],
     ) -> PacketBuf {
-        let tcp = TcpRepr {
-            src_port: src.port(),
-            dst_port: dst.port(),
-            control,
-            seq_number: TcpSeqNumber(seq),
-            ack_number: ack.map(TcpSeqNumber),
-            window_len: 1024,
-            window_scale: None,
-            max_seg_size: None,
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: None,
-            payload,
+        let fields = packet::SegmentFields {
+            window: 1024,
+            mss: None,
+            ..packet::SegmentFields::new(src, dst, control, seq as u32, ack.map(|a| a as u32)).payload(payload)
         };
-        let caps = ChecksumCapabilities::default();
-        let mut buf = vec![0u8; 60 + tcp.buffer_len()];
-        let len = match (src.ip(), dst.ip()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let ip = Ipv4Repr {
-                    src_addr: s,
-                    dst_addr: d,
-                    next_header: IpProtocol::Tcp,
-                    payload_len: tcp.buffer_len(),
-                    hop_limit: 64,
-                };
-                let mut p = Ipv4Packet::new_unchecked(&mut buf[..20 + tcp.buffer_len()]);
-                ip.emit(&mut p, &caps);
-                let mut t = TcpPacket::new_unchecked(&mut buf[20..20 + tcp.buffer_len()]);
-                tcp.emit(&mut t, &IpAddress::Ipv4(s), &IpAddress::Ipv4(d), &caps);
-                20 + tcp.buffer_len()
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let ip = Ipv6Repr {
-                    src_addr: s,
-                    dst_addr: d,
-                    next_header: IpProtocol::Tcp,
-                    payload_len: tcp.buffer_len(),
-                    hop_limit: 64,
-                };
-                ip.emit(&mut Ipv6Packet::new_unchecked(&mut buf[..40 + tcp.buffer_len()]));
-                let mut t = TcpPacket::new_unchecked(&mut buf[40..40 + tcp.buffer_len()]);
-                tcp.emit(&mut t, &IpAddress::Ipv6(s), &IpAddress::Ipv6(d), &caps);
-                40 + tcp.buffer_len()
-            }
-            _ => unreachable!(),
-        };
-        buf.truncate(len);
-        PacketBuf::from_vec(buf)
+        PacketBuf::from_vec(fields.build())
     }
 
     /// Addresses, ports and both checksums of a TCP packet, verified by full recompute.
@@ -736,48 +612,36 @@ mod tests {
         assert!(!rewrite(&mut short, cases[0].2, cases[0].3), "truncated TCP header");
     }
 
-    #[derive(Default)]
-    struct Hold(Mutex<Vec<TcpRequest>>);
-    impl TcpHandler for Hold {
-        fn handle_tcp(&self, request: TcpRequest) {
-            self.0.lock().unwrap().push(request);
-        }
-    }
-    struct NoUdp;
-    impl UdpHandler for NoUdp {
-        fn handle_udp(&self, _: tungate_core::UdpSession) {}
-    }
-
     const LISTEN: &str = "198.18.0.1:33000";
 
-    fn table(ports: RangeInclusive<u16>, fakes: &[&str]) -> (Nat, Arc<Hold>) {
-        let hold = Arc::new(Hold::default());
+    fn table(ports: RangeInclusive<u16>, fakes: &[&str]) -> (Nat, Hold) {
+        let hold = Hold::default();
         let config = NatConfig {
             listen_v4: Some(sa(LISTEN)),
             fake_v4: fakes.iter().map(|f| f.parse().unwrap()).collect(),
             ports,
             ..NatConfig::default()
         };
-        (Nat::new(config, Handlers::new(hold.clone(), Arc::new(NoUdp))), hold)
+        (Nat::new(config, Handlers::new(Arc::new(hold.clone()), Arc::new(hold.clone()))), hold)
     }
 
-    /// Opens a flow from `client` and accepts it; returns its NAT address.
+    /// Opens a flow from `client` and accepts it; returns its NAT address, or `None` if
+    /// no NAT address was free (the client then got a RST).
     fn open(nat: &mut Nat, hold: &Hold, now: Instant, client: SocketAddr) -> Option<SocketAddr> {
         let dst = sa("10.77.0.2:80");
         let mut syn = segment(client, dst, TcpControl::Syn, false, &[]);
         assert_eq!(nat.handle_packet(now, &mut syn), Verdict::Consumed, "the SYN is held");
-        let request = hold.0.lock().unwrap().pop();
-        let Some(request) = request else {
-            // Refused here: the client got a RST.
-            let rst = nat.poll_transmit().expect("a RST");
-            let Ok(Classified::Tcp(seg)) = packet::classify(rst.packet()) else { panic!() };
-            assert!(seg.rst && seg.dst == client);
-            return None;
-        };
+        let request = hold.take();
         assert_eq!((request.src(), request.dst()), (client, dst));
         tungate_testkit::engine::accept_waiting_for_socket(request);
         nat.service(now);
-        let released = nat.poll_transmit().expect("the SYN goes to the kernel after the accept");
+        let released = nat.poll_transmit().expect("the SYN goes to the kernel after the accept, or a RST");
+        let Ok(Classified::Tcp(seg)) = packet::classify(released.packet()) else { panic!("not TCP") };
+        if seg.rst {
+            // No NAT address free: refused after all.
+            assert_eq!(seg.dst, client);
+            return None;
+        }
         let (from, to) = check(&released);
         assert_eq!(to, sa(LISTEN));
         Some(from)
@@ -841,7 +705,7 @@ mod tests {
         // A retransmitted SYN while the handler decides is dropped.
         nat.handle_packet(t0, &mut syn.clone());
         assert_eq!(nat.stats().snapshot().tcp_syn_duplicate, 1);
-        hold.0.lock().unwrap().pop().unwrap().reject();
+        hold.take().reject();
         nat.service(t0);
         let rst = nat.poll_transmit().expect("RST");
         let Ok(Classified::Tcp(seg)) = packet::classify(rst.packet()) else { panic!() };
@@ -850,7 +714,7 @@ mod tests {
         // A flow to the listener's own address or a fake one would loop: refused.
         let mut to_fake = segment(client, sa("198.18.0.2:80"), TcpControl::Syn, false, &[]);
         nat.handle_packet(t0, &mut to_fake);
-        assert!(hold.0.lock().unwrap().is_empty() && nat.is_empty());
+        assert!(hold.is_empty() && nat.is_empty());
     }
 
     #[test]
@@ -928,7 +792,7 @@ mod tests {
         let (mut nat, hold) = table(4000..=4000, &["198.18.0.2"]);
         let mut syn = segment(sa("198.18.0.1:50000"), sa("10.77.0.2:80"), TcpControl::Syn, false, &[]);
         nat.handle_packet(t0, &mut syn);
-        assert_eq!(hold.0.lock().unwrap().len(), 1, "pending");
+        assert_eq!(hold.len(), 1, "pending");
         let mut stale = segment(sa(LISTEN), sa("198.18.0.2:4000"), TcpControl::Fin, true, &[]);
         assert_eq!(nat.handle_packet(t0, &mut stale), Verdict::Consumed);
         assert_eq!(nat.stats().snapshot().tcp_unknown_flow, 1);

@@ -268,41 +268,74 @@ pub fn build_tcp_rst(segment: &TcpSummary, out: &mut [u8]) -> Option<usize> {
     Some(header + repr.buffer_len())
 }
 
-/// A TCP segment in an IP packet of `src`'s family, for unit tests of this crate.
-#[cfg(test)]
-pub(crate) fn tcp_segment_for_tests(
-    src: SocketAddr,
-    dst: SocketAddr,
-    control: TcpControl,
-    seq: u32,
-    ack: Option<u32>,
-    payload: &[u8],
-) -> Vec<u8> {
-    let repr = TcpRepr {
-        src_port: src.port(),
-        dst_port: dst.port(),
-        control,
-        seq_number: TcpSeqNumber(seq as i32),
-        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
-        window_len: 65535,
-        window_scale: None,
-        max_seg_size: (control == TcpControl::Syn).then_some(1460),
-        sack_permitted: false,
-        sack_ranges: [None; 3],
-        timestamp: None,
-        payload,
-    };
-    let mut out = vec![0u8; 60 + repr.buffer_len()];
-    let header = emit_ip(src.ip(), dst.ip(), IpProtocol::Tcp, repr.buffer_len(), &mut out).expect("one family, fits");
-    let (s, d): (IpAddress, IpAddress) = (src.ip().into(), dst.ip().into());
-    repr.emit(
-        &mut TcpPacket::new_unchecked(&mut out[header..header + repr.buffer_len()]),
-        &s,
-        &d,
-        &ChecksumCapabilities::default(),
-    );
-    out.truncate(header + repr.buffer_len());
-    out
+/// A TCP segment to build, field by field: for tests, tools and fuzzers (the stacks
+/// build their own segments). [`new`](Self::new) fills the rest as a client's segment
+/// would (65 535 window, MSS 1460 on a SYN, no options otherwise, no payload).
+#[derive(Debug, Clone)]
+pub struct SegmentFields<'a> {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub control: TcpControl,
+    pub seq: u32,
+    pub ack: Option<u32>,
+    pub window: u16,
+    pub window_scale: Option<u8>,
+    pub mss: Option<u16>,
+    pub payload: &'a [u8],
+}
+
+impl<'a> SegmentFields<'a> {
+    pub fn new(src: SocketAddr, dst: SocketAddr, control: TcpControl, seq: u32, ack: Option<u32>) -> Self {
+        SegmentFields {
+            src,
+            dst,
+            control,
+            seq,
+            ack,
+            window: 65535,
+            window_scale: None,
+            mss: (control == TcpControl::Syn).then_some(1460),
+            payload: &[],
+        }
+    }
+
+    pub fn payload(mut self, payload: &'a [u8]) -> Self {
+        self.payload = payload;
+        self
+    }
+
+    /// The segment in an IP packet of `src`'s family, with valid checksums.
+    ///
+    /// # Panics
+    /// If `src` and `dst` are of different families or the segment exceeds 64 KiB.
+    pub fn build(&self) -> Vec<u8> {
+        let repr = TcpRepr {
+            src_port: self.src.port(),
+            dst_port: self.dst.port(),
+            control: self.control,
+            seq_number: TcpSeqNumber(self.seq as i32),
+            ack_number: self.ack.map(|a| TcpSeqNumber(a as i32)),
+            window_len: self.window,
+            window_scale: self.window_scale,
+            max_seg_size: self.mss,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: self.payload,
+        };
+        let mut out = vec![0u8; 60 + repr.buffer_len()];
+        let header = emit_ip(self.src.ip(), self.dst.ip(), IpProtocol::Tcp, repr.buffer_len(), &mut out)
+            .expect("one address family, at most 64 KiB");
+        let (s, d): (IpAddress, IpAddress) = (self.src.ip().into(), self.dst.ip().into());
+        repr.emit(
+            &mut TcpPacket::new_unchecked(&mut out[header..header + repr.buffer_len()]),
+            &s,
+            &d,
+            &ChecksumCapabilities::default(),
+        );
+        out.truncate(header + repr.buffer_len());
+        out
+    }
 }
 
 #[cfg(test)]

@@ -347,7 +347,7 @@ mod tests {
     }
 
     fn syn(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-        crate::packet::tcp_segment_for_tests(src, dst, TcpControl::Syn, 1000, None, &[])
+        crate::packet::SegmentFields::new(src, dst, TcpControl::Syn, 1000, None).build()
     }
 
     /// One accepted SYN and nothing after it: the stack must get it without a second

@@ -1,7 +1,10 @@
 //! Helpers for tests that drive an engine by hand (packets in, packets out, a simulated
 //! clock), shared by every packet-level backend's unit tests.
 
-use tungate_core::{TcpConn, TcpRequest};
+use std::time::Instant;
+
+use tungate_core::engine::Engine;
+use tungate_core::{PacketBuf, Stats, TcpConn, TcpRequest};
 
 /// Accepts a request on a stack whose connections are rings: the connection is there at
 /// once, no runtime needed.
@@ -18,4 +21,83 @@ pub fn accept_waiting_for_socket(request: TcpRequest) {
     let pending = accept.as_mut().poll(&mut std::task::Context::from_waker(waker)).is_pending();
     assert!(pending, "a socket-capable flow waits for its socket");
     std::mem::forget(accept);
+}
+
+/// Feeds `n` mutants of `good` to an engine, checking after each that it counted the
+/// packet once under the heading a look at it predicts ([`assert_counted_once`]). Every
+/// 64 packets the engine's batch ends (flush, wake-ups, `between`, output drained), so
+/// mutations also meet flows in every stage.
+///
+/// [`assert_counted_once`]: crate::mutation::assert_counted_once
+pub fn survive_mutations<E: Engine>(
+    engine: &mut E,
+    stats: &Stats,
+    good: &[u8],
+    n: usize,
+    mut between: impl FnMut(&mut E),
+) {
+    let now = Instant::now();
+    for (i, p) in crate::mutation::mutants(good, n, 1).enumerate() {
+        let mut buf = PacketBuf::from_slice(&p);
+        let before = stats.snapshot();
+        engine.handle_packet(now, &mut buf);
+        crate::mutation::assert_counted_once(&before, &stats.snapshot(), &p);
+        if i % 64 == 0 {
+            engine.flush(now);
+            engine.handle_wakeups(now);
+            between(engine);
+            while let Some(out) = engine.poll_transmit() {
+                engine.recycle(out);
+            }
+        }
+    }
+}
+
+/// A handler that holds every TCP request undecided (the test decides when) and ignores
+/// UDP sessions.
+#[derive(Debug, Clone, Default)]
+pub struct Hold(pub std::sync::Arc<std::sync::Mutex<Vec<TcpRequest>>>);
+
+impl Hold {
+    /// The oldest request not yet taken.
+    pub fn take(&self) -> TcpRequest {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(!held.is_empty(), "no request is held");
+        held.remove(0)
+    }
+
+    /// Drops every held request (each is then rejected).
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl tungate_core::TcpHandler for Hold {
+    fn handle_tcp(&self, request: TcpRequest) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(request);
+    }
+}
+
+impl tungate_core::UdpHandler for Hold {
+    fn handle_udp(&self, _: tungate_core::UdpSession) {}
+}
+
+/// Takes every packet the engine has to write; returns the TCP segments among them.
+pub fn drain_tcp<E: Engine>(engine: &mut E) -> Vec<tungate_core::packet::TcpSummary> {
+    let mut out = Vec::new();
+    while let Some(p) = engine.poll_transmit() {
+        if let Ok(tungate_core::packet::Classified::Tcp(seg)) = tungate_core::packet::classify(p.packet()) {
+            out.push(seg);
+        }
+        engine.recycle(p);
+    }
+    out
 }

@@ -66,3 +66,26 @@ pub fn assert_counted_once(before: &StatsSnapshot, after: &StatsSnapshot, packet
         ),
     }
 }
+
+/// `n` mutated copies of `good`: one to four bytes overwritten, and every seventh copy
+/// also cut short. Deterministic for a `seed`.
+pub fn mutants(good: &[u8], n: usize, seed: u64) -> impl Iterator<Item = Vec<u8>> + '_ {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n).map(move |i| {
+        let mut p = good.to_vec();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() as usize) % p.len();
+            p[at] = next() as u8;
+        }
+        if i % 7 == 0 {
+            p.truncate((next() as usize) % (p.len() + 1));
+        }
+        p
+    })
+}

@@ -14,6 +14,8 @@
 //! * UDP never reaches the stack: it goes to the [`UdpHandler`] as sessions whose
 //!   replies can come from any address, as in every backend.
 //!
+//! The held-SYN part is the [`FlowTable`] every backend shares; this layer adds what
+//! streams need (matching a stream to its flow, caps, work-arounds, resets on abort).
 //! I/O-free: the backend's task feeds packets in and writes what comes out.
 
 use std::cmp::Reverse;
@@ -22,22 +24,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use slab::Slab;
 use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpPacket};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::table::{Decided, FlowKey, FlowTable, Inbound, Seen};
+use crate::Handlers;
 #[cfg(doc)]
 use crate::UdpHandler;
 use crate::config::Mtu;
 use crate::device::PacketBuf;
-use crate::flow::{self, Decision, FlowId, FlowLink, FlowPort, FlowProgress, UdpSessions, WakeQueue};
-use crate::handler::Outbound;
-use crate::packet::{self, Classified, Stranger, TcpSummary};
-use crate::stats::Stats;
-use crate::{Handlers, TcpRequest};
-
-/// A flow's 4-tuple as the client sees it: (client, original destination).
-pub type FlowKey = (SocketAddr, SocketAddr);
+use crate::flow::{FlowPort, FlowProgress, WakeQueue};
+use crate::packet::{self, Classified, TcpSummary};
 
 /// What to do with a packet [`Admission::handle_packet`] looked at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,9 +45,8 @@ pub enum Verdict {
     Consumed,
 }
 
+/// An admitted flow.
 enum Entry {
-    /// Waiting for the handler; the SYN is held.
-    Pending { link: FlowLink, syn: PacketBuf, summary: TcpSummary },
     /// The SYN went to the stack; its stream has not arrived yet.
     Released { port: FlowPort, deadline: Instant, cap: Cap },
     /// The stream was handed to a bridge.
@@ -126,7 +122,7 @@ impl Cap {
 
 /// The admission layer. See the module docs.
 pub struct Admission {
-    handlers: Handlers,
+    table: FlowTable<Entry>,
     unread_limit: Option<u64>,
     workarounds: Workarounds,
     /// Flows with a replay pending, by due time (at most one entry per flow).
@@ -134,15 +130,9 @@ pub struct Admission {
     /// Packets produced here for the stack (split FIN segments), taken by
     /// [`poll_forward`](Self::poll_forward).
     to_stack: VecDeque<PacketBuf>,
-    ring_capacity: usize,
     handshake_timeout: Duration,
-    flows: HashMap<FlowKey, (FlowId, Entry)>,
-    ids: Slab<FlowKey>,
-    wake: Arc<WakeQueue>,
-    woken: Vec<FlowId>,
+    woken: Vec<crate::FlowId>,
     released: VecDeque<(Instant, FlowKey)>,
-    outbound: Outbound,
-    udp: UdpSessions,
     /// Bridges whose handler aborted, reported before the stack's stream is dropped.
     aborts: Arc<Aborts>,
     /// Flows aborted by their handler, until when the stack's output for them is replaced
@@ -173,7 +163,7 @@ impl Aborts {
 
 impl std::fmt::Debug for Admission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Admission").field("flows", &self.flows.len()).finish_non_exhaustive()
+        f.debug_struct("Admission").field("flows", &self.table.len()).finish_non_exhaustive()
     }
 }
 
@@ -195,24 +185,15 @@ impl Admission {
         handshake_timeout: Duration,
         limit: Option<u64>,
     ) -> Self {
-        let wake = WakeQueue::new();
-        let outbound = Outbound::new(mtu, wake.clone(), handlers.stats.clone());
-        let udp = UdpSessions::new(handlers.udp.clone(), outbound.udp_sender(), handlers.stats.clone());
         Admission {
-            handlers,
+            table: FlowTable::new(&handlers, mtu, ring_capacity),
             unread_limit: limit,
             workarounds: Workarounds::default(),
             replays: BinaryHeap::new(),
             to_stack: VecDeque::new(),
-            ring_capacity,
             handshake_timeout,
-            flows: HashMap::new(),
-            ids: Slab::new(),
-            wake,
             woken: Vec::new(),
             released: VecDeque::new(),
-            outbound,
-            udp,
             aborts: Arc::default(),
             aborted: HashMap::new(),
         }
@@ -233,104 +214,56 @@ impl Admission {
 
     /// Notified when a handler decided, a UDP reply is queued, or a flow needs attention.
     pub fn wake_queue(&self) -> Arc<WakeQueue> {
-        self.wake.clone()
+        self.table.wake_queue()
     }
 
     /// Flows known here (pending, released or bridged).
     pub fn flow_count(&self) -> usize {
-        self.flows.len()
-    }
-
-    fn stats(&self) -> &Stats {
-        &self.handlers.stats
+        self.table.len()
     }
 
     /// Looks at one packet from the TUN, read at `now`.
     pub fn handle_packet(&mut self, now: Instant, packet: &PacketBuf) -> Verdict {
-        let stats = &self.handlers.stats;
-        Stats::inc(&stats.rx_packets);
-        let seg = match packet::classify(packet.packet()) {
-            Err(_) => {
-                Stats::inc(&stats.malformed);
+        let (seg, id) = match self.table.inbound(packet) {
+            Inbound::Tcp(seg, Seen::Admitted(id)) => (seg, id),
+            Inbound::Tcp(seg, Seen::Stranger { rst: false }) => {
+                self.table.reset(&seg);
                 return Verdict::Consumed;
             }
-            Ok(Classified::Unsupported) => {
-                Stats::inc(&stats.unsupported);
-                return Verdict::Consumed;
-            }
-            Ok(Classified::Udp { src, dst, payload }) => {
-                self.udp.datagram(src, dst, payload);
-                return Verdict::Consumed;
-            }
-            Ok(Classified::Tcp(seg)) => seg,
+            Inbound::Tcp(_, Seen::Consumed | Seen::Stranger { rst: true }) | Inbound::Done => return Verdict::Consumed,
         };
         let key = (seg.src, seg.dst);
-        if let Some((_, entry)) = self.flows.get_mut(&key) {
-            return match entry {
-                Entry::Pending { .. } => {
-                    if seg.is_bare_syn() {
-                        Stats::inc(&stats.tcp_syn_duplicate);
-                    } else if seg.rst {
-                        // The client gave up before the handler decided.
-                        self.remove(key, true);
-                    }
-                    Verdict::Consumed
-                }
-                Entry::Released { cap, .. } | Entry::Bridged { cap } => {
-                    if seg.ack {
-                        cap.last = Some(seg);
-                    }
-                    if seg.rst {
-                        // Some stacks never wake a stream on RST; end the bridge from here.
-                        cap.progress.client_reset();
-                        return Verdict::Forward;
-                    }
-                    if matches!(self.unread_limit, Some(limit) if cap.exceeds(&seg, limit)) {
-                        return Verdict::Consumed;
-                    }
-                    if self.workarounds.replay_ack {
-                        cap.saw_client(now, packet, &seg);
-                        if !cap.replay_queued {
-                            if let Some((at, _)) = cap.replay {
-                                cap.replay_queued = true;
-                                self.replays.push(Reverse((at, key)));
-                            }
-                        }
-                    }
-                    if self.workarounds.split_fin {
-                        if let Some((data, fin)) = split_fin(packet.packet(), &seg) {
-                            self.to_stack.push_back(data);
-                            self.to_stack.push_back(fin);
-                            return Verdict::Consumed;
-                        }
-                    }
-                    Verdict::Forward
-                }
-            };
+        let Some(Entry::Released { cap, .. } | Entry::Bridged { cap }) = self.table.get_mut(id) else {
+            return Verdict::Consumed;
+        };
+        if seg.ack {
+            cap.last = Some(seg);
         }
-        match packet::stranger(packet.packet(), &seg, true) {
-            Stranger::Open => {}
-            Stranger::Reset => {
-                Stats::inc(&stats.tcp_unknown_flow);
-                self.send_rst(&seg);
-                return Verdict::Consumed;
+        if seg.rst {
+            // Some stacks never wake a stream on RST; end the bridge from here.
+            cap.progress.client_reset();
+            return Verdict::Forward;
+        }
+        if matches!(self.unread_limit, Some(limit) if cap.exceeds(&seg, limit)) {
+            return Verdict::Consumed;
+        }
+        if self.workarounds.replay_ack {
+            cap.saw_client(now, packet, &seg);
+            if !cap.replay_queued {
+                if let Some((at, _)) = cap.replay {
+                    cap.replay_queued = true;
+                    self.replays.push(Reverse((at, key)));
+                }
             }
-            Stranger::Ignore => return Verdict::Consumed,
-            Stranger::Malformed => {
-                Stats::inc(&stats.malformed);
+        }
+        if self.workarounds.split_fin {
+            if let Some((data, fin)) = split_fin(packet.packet(), &seg) {
+                self.to_stack.push_back(data);
+                self.to_stack.push_back(fin);
                 return Verdict::Consumed;
             }
         }
-        let id = FlowId(self.ids.insert(key));
-        let (link, request): (FlowLink, TcpRequest) =
-            flow::new_flow(id, seg.src, seg.dst, self.ring_capacity, self.wake.clone());
-        self.flows
-            .insert(key, (id, Entry::Pending { link, syn: PacketBuf::from_slice(packet.packet()), summary: seg }));
-        Stats::inc(&stats.tcp_requests);
-        Stats::inc(&stats.tcp_active);
-        tracing::debug!(src = %seg.src, dst = %seg.dst, "tcp request");
-        self.handlers.tcp.handle_tcp(request);
-        Verdict::Consumed
+        Verdict::Forward
     }
 
     /// Acts on handler decisions: an accepted flow's SYN is passed to `forward` (for the
@@ -338,39 +271,23 @@ impl Admission {
     /// stream never came (the handler sees a reset).
     pub fn service(&mut self, now: Instant, mut forward: impl FnMut(PacketBuf)) {
         let mut woken = std::mem::take(&mut self.woken);
-        self.wake.drain_into(&mut woken);
+        self.table.wake_queue().drain_into(&mut woken);
         for &id in &woken {
-            let Some(&key) = self.ids.get(id.0) else { continue };
-            let Some((_, Entry::Pending { link, .. })) = self.flows.get(&key) else { continue };
-            link.clear_queued();
-            match link.decision() {
-                Decision::Pending => {}
-                Decision::Accepted => {
-                    let Some((id, Entry::Pending { link, syn, summary })) = self.flows.remove(&key) else {
-                        continue;
-                    };
-                    let deadline = now + self.handshake_timeout;
-                    let port = link.into_port();
-                    let cap = Cap {
-                        start: summary.seq.wrapping_add(1),
-                        progress: port.progress(),
-                        last_ack: None,
-                        replay: None,
-                        replay_queued: false,
-                        last: None,
-                    };
-                    self.flows.insert(key, (id, Entry::Released { port, deadline, cap }));
-                    self.released.push_back((deadline, key));
-                    forward(syn);
-                }
-                Decision::Rejected => {
-                    let Some((_, Entry::Pending { summary, .. })) = self.flows.get(&key) else { continue };
-                    let summary = *summary;
-                    Stats::inc(&self.stats().tcp_rejected);
-                    self.send_rst(&summary);
-                    self.remove(key, true);
-                }
-            }
+            let Decided::Accepted(held) = self.table.decide(id) else { continue };
+            let Some(key) = self.table.key(id) else { continue };
+            let deadline = now + self.handshake_timeout;
+            let port = held.link.into_port();
+            let cap = Cap {
+                start: held.summary.seq.wrapping_add(1),
+                progress: port.progress(),
+                last_ack: None,
+                replay: None,
+                replay_queued: false,
+                last: None,
+            };
+            self.table.admit(id, Entry::Released { port, deadline, cap });
+            self.released.push_back((deadline, key));
+            forward(held.syn);
         }
         woken.clear();
         self.woken = woken;
@@ -379,9 +296,10 @@ impl Admission {
                 break;
             }
             self.released.pop_front();
-            if matches!(self.flows.get(&key), Some((_, Entry::Released { deadline: d, .. })) if *d == deadline) {
+            let Some(id) = self.table.id(&key) else { continue };
+            if matches!(self.table.get(id), Some(Entry::Released { deadline: d, .. }) if *d == deadline) {
                 tracing::debug!(src = %key.0, dst = %key.1, "the stack never delivered the connection");
-                self.remove(key, true);
+                self.remove(id, true);
             }
         }
         while let Some(&Reverse((at, key))) = self.replays.peek() {
@@ -389,7 +307,9 @@ impl Admission {
                 break;
             }
             self.replays.pop();
-            let Some((_, Entry::Released { cap, .. } | Entry::Bridged { cap })) = self.flows.get_mut(&key) else {
+            let Some(Entry::Released { cap, .. } | Entry::Bridged { cap }) =
+                self.table.id(&key).and_then(|id| self.table.get_mut(id))
+            else {
                 continue;
             };
             cap.replay_queued = false;
@@ -414,7 +334,8 @@ impl Admission {
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         let mut handshake = None;
         while let Some(&(deadline, key)) = self.released.front() {
-            if matches!(self.flows.get(&key), Some((_, Entry::Released { deadline: d, .. })) if *d == deadline) {
+            let entry = self.table.id(&key).and_then(|id| self.table.get(id));
+            if matches!(entry, Some(Entry::Released { deadline: d, .. }) if *d == deadline) {
                 handshake = Some(deadline);
                 break;
             }
@@ -429,17 +350,13 @@ impl Admission {
     /// it was admitted and not yet bridged. A stream without a port (a stack that made a
     /// second stream for a retransmitted SYN) should be dropped.
     pub fn take_port(&mut self, client: SocketAddr, dst: SocketAddr) -> Option<FlowPort> {
-        let key = (client, dst);
-        let (id, entry) = self.flows.remove(&key)?;
-        match entry {
-            Entry::Released { port, cap, .. } => {
-                self.flows.insert(key, (id, Entry::Bridged { cap }));
-                Some(port)
-            }
-            other => {
-                self.flows.insert(key, (id, other));
-                None
-            }
+        let id = self.table.id(&(client, dst))?;
+        let entry = self.table.get_mut(id)?;
+        let Entry::Released { cap, .. } = entry else { return None };
+        let bridged = Entry::Bridged { cap: cap.clone() };
+        match std::mem::replace(entry, bridged) {
+            Entry::Released { port, .. } => Some(port),
+            Entry::Bridged { .. } => None,
         }
     }
 
@@ -458,12 +375,13 @@ impl Admission {
         }
         let keys = std::mem::take(&mut *self.aborts.keys.lock().unwrap_or_else(|p| p.into_inner()));
         for key in keys {
-            if let Some((_, Entry::Bridged { cap })) = self.flows.get(&key) {
-                if let Some(last) = cap.last {
-                    self.outbound.send_rst(&last);
+            if let Some(id) = self.table.id(&key) {
+                if let Some(Entry::Bridged { cap: Cap { last: Some(last), .. } }) = self.table.get(id) {
+                    let last = *last;
+                    self.table.reset(&last);
                 }
+                self.remove(id, true);
             }
-            self.remove(key, true);
             self.aborted.insert(key, now + ABORT_LINGER);
         }
     }
@@ -495,42 +413,33 @@ impl Admission {
             ack_number: seg.seq,
             segment_len: 0,
         };
-        self.outbound.send_rst(&answered);
+        self.table.reset(&answered);
         false
     }
 
     /// A bridge ended: forget the flow (later segments for it get RST from here).
     pub fn finished(&mut self, now: Instant, key: FlowKey) {
         self.take_aborts(now);
-        if matches!(self.flows.get(&key), Some((_, Entry::Bridged { .. }))) {
-            self.remove(key, false);
+        let Some(id) = self.table.id(&key) else { return };
+        if matches!(self.table.get(id), Some(Entry::Bridged { .. })) {
+            self.remove(id, false);
         }
     }
 
-    fn remove(&mut self, key: FlowKey, reset: bool) {
-        if let Some((id, entry)) = self.flows.remove(&key) {
-            self.ids.remove(id.0);
-            match entry {
-                Entry::Pending { link, .. } => link.set_closed(reset),
-                Entry::Released { port, .. } => port.finish(reset),
-                Entry::Bridged { .. } => {}
-            }
-            Stats::dec(&self.handlers.stats.tcp_active);
+    fn remove(&mut self, id: crate::FlowId, reset: bool) {
+        if let Some(Entry::Released { port, .. }) = self.table.remove(id, reset) {
+            port.finish(reset);
         }
-    }
-
-    fn send_rst(&mut self, seg: &TcpSummary) {
-        self.outbound.send_rst(seg);
     }
 
     /// The next packet this layer wants written to the TUN (RSTs, UDP replies).
     pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
-        self.outbound.poll_transmit()
+        self.table.poll_transmit()
     }
 
     /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
     pub fn recycle(&mut self, buf: PacketBuf) {
-        self.outbound.recycle(buf);
+        self.table.recycle(buf);
     }
 }
 
@@ -615,7 +524,7 @@ mod tests {
     use crate::packet::Classified;
 
     fn fin_with_data(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-        packet::tcp_segment_for_tests(src, dst, TcpControl::Fin, u32::MAX - 2, Some(77), payload)
+        packet::SegmentFields::new(src, dst, TcpControl::Fin, u32::MAX - 2, Some(77)).payload(payload).build()
     }
 
     fn tcp(packet: &[u8]) -> TcpSummary {

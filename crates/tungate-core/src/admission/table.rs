@@ -1,0 +1,348 @@
+//! The held-SYN flow table: see the [module docs](super).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use slab::Slab;
+
+use crate::UdpSender;
+use crate::config::Mtu;
+use crate::device::PacketBuf;
+use crate::flow::{self, Decision, FlowId, FlowLink, UdpSessions, WakeQueue};
+use crate::handler::Outbound;
+use crate::packet::{self, Classified, Stranger, TcpSummary};
+use crate::stats::Stats;
+use crate::{Handlers, TcpHandler};
+
+/// A flow's 4-tuple as the client sees it: (client, original destination).
+pub type FlowKey = (SocketAddr, SocketAddr);
+
+/// A flow waiting for its handler, as [`FlowTable::decide`] hands it over once accepted:
+/// the link the stack keeps for the flow, and the client's SYN to give the stack.
+#[derive(Debug)]
+pub struct Held {
+    pub link: FlowLink,
+    pub syn: PacketBuf,
+    pub summary: TcpSummary,
+}
+
+#[derive(Debug)]
+enum Stage<T> {
+    Held(Held),
+    /// Accepted; the backend is giving the SYN to its stack ([`FlowTable::admit`] next).
+    Admitting,
+    Admitted(T),
+}
+
+#[derive(Debug)]
+struct Slot<T> {
+    key: FlowKey,
+    stage: Stage<T>,
+}
+
+/// How the table saw a client TCP segment ([`FlowTable::segment`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// It belongs to an admitted flow: the backend's stack takes it.
+    Admitted(FlowId),
+    /// Handled here: a SYN now held (the handler has the request), a retransmitted SYN
+    /// (dropped, counted), a client RST withdrawing a held request, a malformed stranger.
+    Consumed,
+    /// For no flow and not a SYN (counted as `tcp_unknown_flow` unless it is a RST
+    /// itself, `rst`): answer it with [`FlowTable::reset`], or give it to a stack that may
+    /// still hold the connection.
+    Stranger { rst: bool },
+}
+
+/// What [`FlowTable::decide`] found for a woken flow.
+#[derive(Debug)]
+pub enum Decided {
+    /// Held, the handler has not decided yet.
+    Waiting,
+    /// Accepted just now: give `syn` to the stack, then [`FlowTable::admit`] the flow (or
+    /// [`FlowTable::remove`] it, with a RST, if the stack cannot take it).
+    Accepted(Held),
+    /// Rejected just now: answered with RST, counted, removed.
+    Rejected,
+    /// Admitted earlier: the backend services it.
+    Admitted,
+    /// No such flow (anymore).
+    Gone,
+}
+
+/// What [`FlowTable::inbound`] made of a packet from the TUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbound {
+    /// A TCP segment, as [`FlowTable::segment`] saw it.
+    Tcp(TcpSummary, Seen),
+    /// Handled here: UDP (to its session), malformed or unsupported (counted).
+    Done,
+}
+
+/// Flows by 4-tuple, each held until its handler decides and then admitted to the
+/// backend's stack with the backend's own state `T`. Owns what the layer writes to the
+/// TUN itself (RSTs, released SYNs a backend queues, UDP replies) and the UDP sessions.
+pub struct FlowTable<T> {
+    slots: Slab<Slot<T>>,
+    by_key: HashMap<FlowKey, FlowId>,
+    handler: Arc<dyn TcpHandler>,
+    stats: Arc<Stats>,
+    ring_capacity: usize,
+    wake: Arc<WakeQueue>,
+    offer_socket: bool,
+    outbound: Outbound,
+    udp: UdpSessions,
+    /// The buffer last returned by [`poll_transmit_or`](Self::poll_transmit_or) was ours.
+    lent_ours: bool,
+}
+
+impl<T> std::fmt::Debug for FlowTable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowTable").field("flows", &self.slots.len()).finish_non_exhaustive()
+    }
+}
+
+impl<T> FlowTable<T> {
+    /// `ring_capacity`: each direction's ring between the stack and the handler.
+    pub fn new(handlers: &Handlers, mtu: Mtu, ring_capacity: usize) -> Self {
+        let wake = WakeQueue::new();
+        let outbound = Outbound::new(mtu, wake.clone(), handlers.stats.clone());
+        let udp = UdpSessions::new(handlers.udp.clone(), outbound.udp_sender(), handlers.stats.clone());
+        FlowTable {
+            slots: Slab::new(),
+            by_key: HashMap::new(),
+            handler: handlers.tcp.clone(),
+            stats: handlers.stats.clone(),
+            ring_capacity,
+            wake,
+            offer_socket: false,
+            outbound,
+            udp,
+            lent_ours: false,
+        }
+    }
+
+    /// For a stack that terminates each flow in a kernel socket it can hand over whole
+    /// (the system stack): handlers then get that socket.
+    pub fn offering_sockets(mut self) -> Self {
+        self.offer_socket = true;
+        self
+    }
+
+    /// Notified when a handler decided or touched a flow, or a UDP reply is queued.
+    pub fn wake_queue(&self) -> Arc<WakeQueue> {
+        self.wake.clone()
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Flows known (held or admitted).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The UDP sessions, for a backend that classifies its UDP itself.
+    pub fn udp(&mut self) -> &mut UdpSessions {
+        &mut self.udp
+    }
+
+    pub fn udp_sender(&self) -> UdpSender {
+        self.outbound.udp_sender()
+    }
+
+    /// Looks at one packet from the TUN: counts it, drops what is malformed or
+    /// unsupported, hands UDP to its session and TCP to [`segment`](Self::segment) (with
+    /// its checksum verified).
+    pub fn inbound(&mut self, packet: &PacketBuf) -> Inbound {
+        Stats::inc(&self.stats.rx_packets);
+        match packet::classify(packet.packet()) {
+            Err(_) => Stats::inc(&self.stats.malformed),
+            Ok(Classified::Unsupported) => Stats::inc(&self.stats.unsupported),
+            Ok(Classified::Udp { src, dst, payload }) => self.udp.datagram(src, dst, payload),
+            Ok(Classified::Tcp(seg)) => return Inbound::Tcp(seg, self.segment(packet, &seg, true, true)),
+        }
+        Inbound::Done
+    }
+
+    /// Looks at a TCP segment from a client. A SYN for no flow opens a held flow and
+    /// hands its request to the handler, unless `may_open` is false (a destination the
+    /// backend must not serve: counted as malformed). `verify_checksum`: false for a
+    /// packet whose checksum is still partial (TUN offload: the local kernel's own work).
+    pub fn segment(&mut self, packet: &PacketBuf, seg: &TcpSummary, verify_checksum: bool, may_open: bool) -> Seen {
+        let key = (seg.src, seg.dst);
+        if let Some(&id) = self.by_key.get(&key) {
+            return match self.slots[id.0].stage {
+                Stage::Held(_) => {
+                    if seg.is_bare_syn() {
+                        Stats::inc(&self.stats.tcp_syn_duplicate);
+                    } else if seg.rst {
+                        // The client gave up before the handler decided.
+                        self.remove(id, true);
+                    }
+                    Seen::Consumed
+                }
+                Stage::Admitting | Stage::Admitted(_) => Seen::Admitted(id),
+            };
+        }
+        match packet::stranger(packet.packet(), seg, verify_checksum) {
+            Stranger::Open if may_open => {
+                self.open(packet, seg);
+                Seen::Consumed
+            }
+            Stranger::Reset => {
+                Stats::inc(&self.stats.tcp_unknown_flow);
+                Seen::Stranger { rst: false }
+            }
+            Stranger::Ignore => Seen::Stranger { rst: true },
+            Stranger::Open | Stranger::Malformed => {
+                Stats::inc(&self.stats.malformed);
+                Seen::Consumed
+            }
+        }
+    }
+
+    fn open(&mut self, packet: &PacketBuf, seg: &TcpSummary) {
+        let entry = self.slots.vacant_entry();
+        let id = FlowId(entry.key());
+        let (link, request) = flow::new_flow(id, seg.src, seg.dst, self.ring_capacity, self.wake.clone());
+        if self.offer_socket {
+            link.offer_socket();
+        }
+        let mut syn = PacketBuf::from_slice(packet.packet());
+        syn.meta = packet.meta;
+        let key = (seg.src, seg.dst);
+        entry.insert(Slot { key, stage: Stage::Held(Held { link, syn, summary: *seg }) });
+        self.by_key.insert(key, id);
+        Stats::inc(&self.stats.tcp_requests);
+        Stats::inc(&self.stats.tcp_active);
+        tracing::debug!(src = %seg.src, dst = %seg.dst, "tcp request");
+        self.handler.handle_tcp(request);
+    }
+
+    /// Acts on a woken flow's decision (see [`Decided`]).
+    pub fn decide(&mut self, id: FlowId) -> Decided {
+        let Some(slot) = self.slots.get_mut(id.0) else { return Decided::Gone };
+        let Stage::Held(held) = &slot.stage else { return Decided::Admitted };
+        held.link.clear_queued();
+        match held.link.decision() {
+            Decision::Pending => Decided::Waiting,
+            Decision::Accepted => match std::mem::replace(&mut slot.stage, Stage::Admitting) {
+                Stage::Held(held) => Decided::Accepted(held),
+                _ => unreachable!("matched Held above"),
+            },
+            Decision::Rejected => {
+                let summary = held.summary;
+                Stats::inc(&self.stats.tcp_rejected);
+                self.outbound.send_rst(&summary);
+                self.remove(id, true);
+                Decided::Rejected
+            }
+        }
+    }
+
+    /// Records an accepted flow's state once its SYN went to the stack.
+    pub fn admit(&mut self, id: FlowId, state: T) {
+        if let Some(slot) = self.slots.get_mut(id.0) {
+            slot.stage = Stage::Admitted(state);
+        }
+    }
+
+    /// An admitted flow's state.
+    pub fn get(&self, id: FlowId) -> Option<&T> {
+        match &self.slots.get(id.0)?.stage {
+            Stage::Admitted(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub fn get_mut(&mut self, id: FlowId) -> Option<&mut T> {
+        match &mut self.slots.get_mut(id.0)?.stage {
+            Stage::Admitted(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Whether `id` is a flow still waiting for its handler.
+    pub fn is_held(&self, id: FlowId) -> bool {
+        self.slots.get(id.0).is_some_and(|s| matches!(s.stage, Stage::Held(_)))
+    }
+
+    pub fn key(&self, id: FlowId) -> Option<FlowKey> {
+        Some(self.slots.get(id.0)?.key)
+    }
+
+    pub fn id(&self, key: &FlowKey) -> Option<FlowId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Every admitted flow.
+    pub fn iter(&self) -> impl Iterator<Item = (FlowId, &T)> {
+        self.slots.iter().filter_map(|(i, s)| match &s.stage {
+            Stage::Admitted(t) => Some((FlowId(i), t)),
+            _ => None,
+        })
+    }
+
+    /// Forgets a flow and returns its state if it was admitted. A held flow's handler
+    /// sees the end (a reset if `reset`).
+    pub fn remove(&mut self, id: FlowId, reset: bool) -> Option<T> {
+        if !self.slots.contains(id.0) {
+            return None;
+        }
+        let slot = self.slots.remove(id.0);
+        self.by_key.remove(&slot.key);
+        Stats::dec(&self.stats.tcp_active);
+        match slot.stage {
+            Stage::Held(held) => {
+                held.link.set_closed(reset);
+                None
+            }
+            Stage::Admitting => None,
+            Stage::Admitted(t) => Some(t),
+        }
+    }
+
+    /// Answers a client segment with RST (RFC 9293 §3.10.7.1).
+    pub fn reset(&mut self, seg: &TcpSummary) {
+        self.outbound.send_rst(seg);
+    }
+
+    /// Queues a packet the backend made for the TUN (e.g. a released SYN, rewritten).
+    pub fn push(&mut self, packet: PacketBuf) {
+        self.outbound.push(packet);
+    }
+
+    /// The next packet this layer wants written to the TUN: queued ones, then UDP replies.
+    pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
+        self.outbound.poll_transmit()
+    }
+
+    /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
+    pub fn recycle(&mut self, buf: PacketBuf) {
+        self.outbound.recycle(buf);
+    }
+
+    /// For an engine's own `poll_transmit`: this layer's next packet, else the stack's
+    /// (`stack`). Remembers whose it was for [`recycle_or`](Self::recycle_or).
+    pub fn poll_transmit_or(&mut self, stack: impl FnOnce() -> Option<PacketBuf>) -> Option<PacketBuf> {
+        if let Some(buf) = self.outbound.poll_transmit() {
+            self.lent_ours = true;
+            return Some(buf);
+        }
+        self.lent_ours = false;
+        stack()
+    }
+
+    /// Gives back the buffer last returned by [`poll_transmit_or`](Self::poll_transmit_or):
+    /// to this layer's pool, or to the stack's (`stack`).
+    pub fn recycle_or(&mut self, buf: PacketBuf, stack: impl FnOnce(PacketBuf)) {
+        if self.lent_ours { self.outbound.recycle(buf) } else { stack(buf) }
+    }
+}
