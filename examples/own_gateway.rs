@@ -16,7 +16,7 @@ use clap::Parser;
 use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::{TcpSocket, UdpSocket};
 use tungate_core::device::tun::{TunConfig, TunDevice};
-use tungate_core::{Backend, Handlers, Mtu, Target, TcpHandler, TcpRequest, UdpHandler, UdpSession};
+use tungate_core::{Backend, Dispatch, Mtu, Target, TcpHandler, TcpRequest, UdpHandler, UdpSession};
 
 #[derive(Parser)]
 #[command(about = "A TUN gateway with a handler of its own, on any tungate backend")]
@@ -101,7 +101,7 @@ async fn serve<B: Backend>(backend: B, device: TunDevice, mark: Option<u32>) -> 
     // Tells a supervisor (the test harness) the TUN is up.
     println!("{{\"event\": \"ready\", \"backend\": \"{}\"}}", B::NAME);
     let stop = async { tokio::signal::ctrl_c().await.unwrap_or_default() };
-    backend.run(device, Handlers::new(relay.clone(), relay), stop).await.map_err(|e| e.to_string())
+    backend.run(device, Dispatch::new(relay.clone(), relay), stop).await.map_err(|e| e.to_string())
 }
 
 #[tokio::main]

@@ -11,7 +11,7 @@ use clap::Parser;
 use ipnet::IpNet;
 use tungate_core::device::offload::Offload;
 use tungate_core::device::tun::{TunConfig, TunDevice};
-use tungate_core::{Backend, Handlers, Mtu};
+use tungate_core::{Backend, Dispatch, Mtu};
 use tungate_upstream::{Direct, DirectConfig};
 
 /// A TUN gateway: terminates every TCP connection and UDP flow that enters the TUN and
@@ -210,7 +210,7 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
         let shutdown = shutdown_signal();
         let stats = Arc::new(tungate_core::Stats::default());
         let direct = Direct::new(DirectConfig { mark: args.mark, ..Default::default() }, stats.clone());
-        let handlers = Handlers { tcp: Arc::new(direct.clone()), udp: Arc::new(direct), stats: stats.clone() };
+        let handlers = Dispatch { tcp: Arc::new(direct.clone()), udp: Arc::new(direct), stats: stats.clone() };
         let addresses: Vec<String> = args.addresses.iter().map(|a| a.to_string()).collect();
         tracing::info!(
             backend = B::NAME,

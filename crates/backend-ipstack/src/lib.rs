@@ -4,7 +4,7 @@
 //! # How a packet travels
 //!
 //! ```text
-//! TUN ─▶ Admission (tungate-core): UDP → UdpHandler; new SYN held until the handler
+//! TUN ─▶ Admission (tungate-core): UDP → UdpSession; new SYN held until the handler
 //!          │ decides; RST for strangers; client data past the unread cap dropped
 //!          ▼ Forward
 //!        Pipe (bounded channel, pooled buffers) ─▶ ipstack's own tasks ─▶ Pipe ─▶ TUN
@@ -12,6 +12,14 @@
 //!                                                  ▼
 //!                         Admission::take_port → bridge(ipstack stream, FlowPort) → handler
 //! ```
+//!
+//! # What it supports
+//!
+//! IPv4 and IPv6; refusal as RST to the SYN, server-first half-close, `peek`, `abort` as
+//! RST, UDP sessions (tungate's own path) — with the work-arounds below. Not: client-first
+//! half-close (ipstack closes its side on the client's FIN) and recovery from loss with
+//! re-segmented retransmissions (its reassembly can stall for good): the conformance
+//! suite's documented limits (`mem::Limits`). No TUN offload.
 //!
 //! # What ipstack cannot do, and what we do about it
 //!
@@ -21,8 +29,9 @@
 //!   it once the handler caught up. Memory per flow: that limit + the flow's 256 KiB ring.
 //! * **No refusal**: ipstack answers every SYN. Admission holds SYNs until the handler
 //!   decides and answers refusals with RST itself.
-//! * **No RST on abort**: ipstack has no abort; when the handler resets a flow the stream
-//!   is dropped, and the client gets RST only for its next segment.
+//! * **No RST on abort**: ipstack has no abort. When the handler aborts, admission sends
+//!   the client a RST at its last ACK and replaces whatever ipstack still sends for the
+//!   flow with RST (`Admission::pass_output`).
 //! * **`Drop` panics on a current-thread runtime** (it calls `block_in_place`, then
 //!   blocks until the stream's task ends): streams are dropped on a reaper thread of
 //!   their own instead ([`StreamStack::dispose`]).
@@ -70,7 +79,7 @@ use tokio_util::sync::PollSender;
 use tungate_core::admission::{Admission, FlowKey, Workarounds};
 use tungate_core::packet::{self, Classified};
 use tungate_core::stream_stack::{StreamStack, run_stream_stack};
-use tungate_core::{Backend, BackendError, Handlers, Mtu, PacketBuf, PacketDevice};
+use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketBuf, PacketDevice};
 
 /// Tuning of the ipstack backend. Every default is documented with its reason.
 #[derive(Debug, Clone)]
@@ -121,7 +130,7 @@ impl Backend for Ipstack {
     fn run<D: PacketDevice>(
         self,
         device: D,
-        handlers: Handlers,
+        handlers: Dispatch,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         let mut config = self.config;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tungate_core::admission::{Decided, FlowKey, FlowTable, Inbound, Seen};
 use tungate_core::engine::Engine;
 use tungate_core::flow::{FlowLink, WakeQueue};
-use tungate_core::{FlowId, Handlers, PacketBuf};
+use tungate_core::{Dispatch, FlowId, PacketBuf};
 
 use crate::LwipConfig;
 use crate::ffi::{Event, PcbId, Stack, StackError};
@@ -66,7 +66,7 @@ struct Open {
 
 impl LwipEngine {
     /// Starts lwIP. Fails if this process already runs an lwIP engine.
-    pub fn new(config: LwipConfig, handlers: Handlers, now: Instant) -> Result<Self, StackError> {
+    pub fn new(config: LwipConfig, handlers: Dispatch, now: Instant) -> Result<Self, StackError> {
         let stack = Stack::new(config.mtu.get().min(usize::from(u16::MAX)) as u16)?;
         let flows = FlowTable::new(&handlers, config.mtu, config.ring_capacity);
         Ok(LwipEngine {
@@ -406,7 +406,7 @@ mod tests {
 
     fn engine_with_mtu(mtu: usize) -> (LwipEngine, Hold, Instant) {
         let hold = Hold::default();
-        let handlers = Handlers::new(Arc::new(hold.clone()), Arc::new(hold.clone()));
+        let handlers = Dispatch::new(Arc::new(hold.clone()), Arc::new(hold.clone()));
         let now = Instant::now();
         let config = LwipConfig { mtu: Mtu::new(mtu as u64).unwrap(), ..LwipConfig::default() };
         (LwipEngine::new(config, handlers, now).unwrap(), hold, now)
@@ -457,7 +457,7 @@ mod tests {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let (first, _, _) = engine();
         let hold = Hold::default();
-        let handlers = Handlers::new(Arc::new(hold.clone()), Arc::new(hold));
+        let handlers = Dispatch::new(Arc::new(hold.clone()), Arc::new(hold));
         let err = LwipEngine::new(LwipConfig::default(), handlers.clone(), Instant::now()).unwrap_err();
         assert!(err.to_string().contains("already running"), "{err}");
         drop(first);

@@ -4,19 +4,26 @@
 //! # How a packet travels
 //!
 //! ```text
-//! TUN ─▶ LwipEngine::handle_packet
+//! TUN ─▶ LwipEngine::handle_packet ─▶ FlowTable::inbound (admission, in core)
 //!          │ packet::classify (IP header checks, 4-tuple)
-//!          ├─ UDP ───────────────▶ UdpHandler::handle_udp(src, dst, payload, sender)
-//!          ├─ TCP bare SYN, new ──▶ pending flow + TcpRequest to the TcpHandler
+//!          ├─ UDP ───────────────▶ its UdpSession (a new one goes to the UdpHandler)
+//!          ├─ TCP bare SYN, new ──▶ held flow + TcpRequest to the TcpHandler
 //!          │                        accept → the held SYN is fed to lwIP → SYN-ACK
-//!          │                        reject → RST (built by the engine)
-//!          ├─ TCP, known flow ────▶ ffi::Stack::input → lwIP tcp_input
+//!          │                        reject → RST from the table
+//!          ├─ TCP, admitted flow ─▶ ffi::Stack::input → lwIP tcp_input
 //!          │                        callbacks record events; pbufs queue in the flow's slot
 //!          └─ TCP, other ─────────▶ lwIP (TIME-WAIT) or its listener's RST
-//! after the batch: Engine::flush ─▶ per dirty flow: slot pbufs → FlowLink ring → TcpFlow,
-//!                                   TcpFlow → ring → tcp_write, FIN, tcp_output, one ACK
+//! after the batch: Engine::flush ─▶ per dirty flow: slot pbufs → FlowLink ring → TcpConn,
+//!                                   TcpConn → ring → tcp_write, FIN, tcp_output, one ACK
 //! lwIP output callback ──────────▶ pooled PacketBuf queue ─▶ poll_transmit ─▶ TUN
 //! ```
+//!
+//! # What it supports
+//!
+//! IPv4 and IPv6; every contract of `tungate-api` (refusal as RST to the SYN, half-close
+//! both ways, `peek`, `abort` as RST, UDP sessions answering from any address). Not: TUN
+//! offload (lwIP takes MTU-sized packets); more than one instance per process; IP
+//! fragments, ICMP, IPv6 extension headers (counted as unsupported).
 //!
 //! # Threading and safety
 //!
@@ -39,7 +46,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use tungate_core::engine::run_engine;
-use tungate_core::{Backend, BackendError, Handlers, Mtu, PacketDevice};
+use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketDevice};
 
 pub use engine::LwipEngine;
 pub use ffi::{AlreadyRunning, SetupError, StackError};
@@ -87,14 +94,14 @@ impl Backend for Lwip {
     fn run<D: PacketDevice>(
         self,
         device: D,
-        handlers: Handlers,
+        handlers: Dispatch,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         let mut config = self.config;
         config.mtu = device.mtu();
         async move {
             let engine = LwipEngine::new(config, handlers, std::time::Instant::now())
-                .map_err(|e| BackendError::Config(e.to_string()))?;
+                .map_err(|e| BackendError::Start(Box::new(e)))?;
             run_engine(engine, device, shutdown).await?;
             Ok(())
         }

@@ -4,13 +4,20 @@
 //! # How a packet travels
 //!
 //! ```text
-//! TUN ─▶ Admission (tungate-core): UDP → UdpHandler; new SYN held until the handler
+//! TUN ─▶ Admission (tungate-core): UDP → UdpSession; new SYN held until the handler
 //!          │ decides; RST for strangers
 //!          ▼ Forward (one Vec per packet: the crate's Sink takes ownership)
 //!        netstack Stack (Sink) ─▶ Runner task (smoltcp 0.12 Interface, every socket)
 //!        netstack Stack (Stream) ─▶ TUN          TcpListener ─▶ Admission::take_port
 //!                                                → bridge(netstack stream, FlowPort)
 //! ```
+//!
+//! # What it supports
+//!
+//! IPv4 and IPv6; every contract of `tungate-api` (refusal as RST to the SYN, half-close
+//! both ways, `peek`, `abort` as RST, UDP sessions on tungate's own path) — with the
+//! measures below. Not: TUN offload; connections survive a runner panic (they are reset
+//! when the stack is rebuilt).
 //!
 //! # Risks, and what we do about them
 //!
@@ -24,8 +31,9 @@
 //! * **No refusal and duplicate streams**: the crate answers every SYN and makes a second
 //!   stream for a retransmitted SYN. Admission holds SYNs until the handler decides
 //!   (refusals get RST from tungate), and a stream nobody asked for is dropped.
-//! * **No RST**: the crate cannot reset a connection; when the handler aborts, the
-//!   stream is dropped and the client gets a FIN.
+//! * **No RST**: the crate cannot reset a connection (dropping its stream sends FIN).
+//!   When the handler aborts, admission sends the client a RST at its last ACK and
+//!   replaces the crate's FIN with RST (`Admission::pass_output`).
 //! * **UDP** never reaches the crate (it would end its UDP stream on one malformed
 //!   packet): tungate's own UDP path serves it, as in every backend.
 //! * **Memory**: each connection holds two smoltcp buffers and two rings of
@@ -46,7 +54,7 @@ use futures::{Sink, Stream};
 use netstack_smoltcp::{StackBuilder, TcpListener, TcpStream};
 use tungate_core::admission::Admission;
 use tungate_core::stream_stack::{StreamStack, run_stream_stack};
-use tungate_core::{Backend, BackendError, Handlers, Mtu, PacketBuf, PacketDevice};
+use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketBuf, PacketDevice};
 
 /// Tuning of the netstack-smoltcp backend.
 #[derive(Debug, Clone)]
@@ -94,7 +102,7 @@ impl Backend for NetstackSmoltcp {
     fn run<D: PacketDevice>(
         self,
         device: D,
-        handlers: Handlers,
+        handlers: Dispatch,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         let mut config = self.config;
@@ -270,7 +278,7 @@ impl Backend for HookedNetstack {
     fn run<D: PacketDevice>(
         self,
         device: D,
-        handlers: Handlers,
+        handlers: Dispatch,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         let mut config = self.backend.config;

@@ -13,7 +13,7 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
 use tungate_core::admission::{Decided, FlowTable, Held, Inbound, Seen};
 use tungate_core::engine::Engine;
 use tungate_core::flow::{FlowIo, FlowLink, WakeQueue};
-use tungate_core::{FlowId, Handlers, PacketBuf, Stats};
+use tungate_core::{Dispatch, FlowId, PacketBuf, Stats};
 
 use crate::SmoltcpConfig;
 use crate::device::{FlowDevice, Output};
@@ -21,7 +21,7 @@ use crate::device::{FlowDevice, Output};
 /// The smoltcp backend's I/O-free engine. See the crate docs for the packet path.
 pub struct SmoltcpEngine {
     config: SmoltcpConfig,
-    handlers: Handlers,
+    handlers: Dispatch,
     epoch: Instant,
     /// Every flow: held until its handler decides (admission), then a [`Flow`].
     flows: FlowTable<Flow>,
@@ -61,7 +61,7 @@ struct OpenFlow {
 }
 
 impl SmoltcpEngine {
-    pub fn new(config: SmoltcpConfig, handlers: Handlers, now: Instant) -> Self {
+    pub fn new(config: SmoltcpConfig, handlers: Dispatch, now: Instant) -> Self {
         let flows = FlowTable::new(&handlers, config.mtu, config.ring_capacity);
         let out = Output {
             mtu: config.mtu.get(),
@@ -360,7 +360,7 @@ mod tests {
 
     fn engine() -> (SmoltcpEngine, Hold, Instant) {
         let hold = Hold::default();
-        let handlers = Handlers::new(Arc::new(hold.clone()), Arc::new(hold.clone()));
+        let handlers = Dispatch::new(Arc::new(hold.clone()), Arc::new(hold.clone()));
         let now = Instant::now();
         (SmoltcpEngine::new(SmoltcpConfig::default(), handlers, now), hold, now)
     }

@@ -3,16 +3,24 @@
 //! # How a packet travels
 //!
 //! ```text
-//! TUN ─▶ SmoltcpEngine::handle_packet
+//! TUN ─▶ SmoltcpEngine::handle_packet ─▶ FlowTable::inbound (admission, in core)
 //!          │ packet::classify (IP header checks, 4-tuple)
-//!          ├─ UDP ──────────▶ UdpHandler::handle_udp(src, dst, payload, sender)
-//!          ├─ TCP, known flow ─▶ that flow's own smoltcp Interface + one socket
-//!          │                       └─ socket buffers ⇄ FlowLink rings ⇄ TcpFlow (handler)
-//!          ├─ TCP bare SYN, new ─▶ pending flow + TcpRequest to the TcpHandler
+//!          ├─ UDP ──────────────▶ its UdpSession (a new one goes to the UdpHandler)
+//!          ├─ TCP bare SYN, new ─▶ held flow + TcpRequest to the TcpHandler
 //!          │                       accept → listen socket, the held SYN is fed → SYN-ACK
-//!          │                       reject → RST
-//!          └─ anything else ───▶ RST (TCP) or counted and dropped
+//!          │                       reject → RST from the table
+//!          ├─ TCP, admitted flow ─▶ that flow's own smoltcp Interface + one socket
+//!          │                       └─ socket buffers ⇄ FlowLink rings ⇄ TcpConn (handler)
+//!          └─ anything else ──────▶ RST (TCP) or counted and dropped
 //! ```
+//!
+//! # What it supports
+//!
+//! IPv4 and IPv6; every contract of `tungate-api` (refusal as RST to the SYN, half-close
+//! both ways, `peek`, `abort` as RST, UDP sessions answering from any address); TUN
+//! offload (`--offload`: super-packets split by the device on input, TSO on output for
+//! IPv4). Not: IP fragments, ICMP and IPv6 extension headers (counted as unsupported and
+//! dropped, as in every backend).
 //!
 //! smoltcp's `Interface::poll` walks every socket in its set for every packet. Instead of
 //! one interface for all flows, each flow gets its own small interface and a one-socket
@@ -26,7 +34,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use tungate_core::engine::run_engine;
-use tungate_core::{Backend, BackendError, Handlers, Mtu, PacketDevice};
+use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketDevice};
 
 pub use engine::SmoltcpEngine;
 
@@ -92,7 +100,7 @@ impl Backend for Smoltcp {
     fn run<D: PacketDevice>(
         self,
         device: D,
-        handlers: Handlers,
+        handlers: Dispatch,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         let mut config = self.config;

@@ -9,7 +9,8 @@
 //! app ◀─ TUN ◀─ rewrite to D:dp → S:sp ◀─ Nat::handle_packet ◀─ TUN ◀─ G:L → F:np ◀┘
 //!
 //! listener.accept() → peer F:np → Nat::take_port → (S:sp, D:dp, FlowPort)
-//!                   → bridge(kernel TcpStream, FlowPort) ⇄ TcpFlow ⇄ TcpHandler
+//!                   → FlowPort::hand_over: the handler's TcpConn is the kernel socket
+//!                     (relayed with splice(2)); a handler that gave up waiting gets a reset
 //! ```
 //!
 //! G is the TUN's own address (from `--address`), F one of a few fake client addresses
@@ -20,6 +21,15 @@
 //!
 //! This backend needs a real kernel TUN in the same network namespace as its listener:
 //! it has no in-memory form, so the conformance suite runs it through a TUN only.
+//!
+//! # What it supports
+//!
+//! IPv4 and IPv6 (each needs a TUN address of its family with room for the fake clients
+//! in its prefix); every contract of `tungate-api`, with the handler's `TcpConn` being
+//! the kernel socket itself (`peek` is `MSG_PEEK`, `abort` a zero-linger close, `relay`
+//! `splice(2)`); TUN offload (`--offload`, super-packets rewritten whole). Not: IP
+//! fragments or ICMP (counted as unsupported); more than 64 512 × fake-client
+//! concurrent connections per family.
 
 pub mod checksum;
 pub mod nat;
@@ -35,7 +45,7 @@ use tokio::net::TcpListener;
 use tungate_core::admission::bridge;
 use tungate_core::device::offload::RxMode;
 use tungate_core::engine::RX_BATCH;
-use tungate_core::{Backend, BackendError, Handlers, PacketBuf, PacketDevice, Stats};
+use tungate_core::{Backend, BackendError, Dispatch, PacketBuf, PacketDevice, Stats};
 
 pub use nat::{Nat, NatConfig};
 use tungate_core::admission::Verdict;
@@ -148,7 +158,7 @@ impl Backend for System {
     fn run<D: PacketDevice>(
         self,
         device: D,
-        handlers: Handlers,
+        handlers: Dispatch,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         let mut nat = self.config.nat.clone();
@@ -160,8 +170,10 @@ impl Backend for System {
                     continue;
                 };
                 let (g, fakes) = plan_addresses(net, self.config.fake_clients).map_err(BackendError::Config)?;
-                let listener = listen(g, self.config.backlog).map_err(|e| {
-                    BackendError::Config(format!("cannot listen on the TUN address {g} (--address {net}): {e}"))
+                let listener = listen(g, self.config.backlog).map_err(|source| BackendError::Listen {
+                    addr: g,
+                    what: format!("the TUN address, --address {net}"),
+                    source,
                 })?;
                 let local = listener.local_addr()?;
                 tracing::info!(listen = %local, fake_clients = ?fakes, "system stack listening");
@@ -189,8 +201,8 @@ impl Backend for System {
 }
 
 /// Writes one packet; a packet the kernel refuses (`EINVAL`: a header it will not take)
-/// or the fallback splitter cannot split is dropped and counted instead of stopping the
-/// gateway.
+/// or the fallback splitter cannot split is dropped and counted (`tx_refused`: our own
+/// output, not malformed input) instead of stopping the gateway.
 async fn send<D: PacketDevice>(device: &mut D, packet: &PacketBuf, stats: &Stats) -> io::Result<()> {
     match device.send(packet).await {
         Ok(()) => {
@@ -199,7 +211,7 @@ async fn send<D: PacketDevice>(device: &mut D, packet: &PacketBuf, stats: &Stats
         }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.kind() == io::ErrorKind::InvalidInput => {
             tracing::debug!("the TUN refused a packet: {e}");
-            Stats::inc(&stats.malformed);
+            Stats::inc(&stats.tx_refused);
             Ok(())
         }
         Err(e) => Err(e),

@@ -23,7 +23,7 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tungate_core::Handlers;
+use tungate_core::Dispatch;
 use tungate_core::admission::{Decided, FlowTable, Held, Seen, Verdict};
 use tungate_core::device::PacketBuf;
 use tungate_core::device::offload::{self, GsoKind};
@@ -136,7 +136,7 @@ impl std::fmt::Debug for Nat {
 }
 
 impl Nat {
-    pub fn new(config: NatConfig, handlers: Handlers) -> Self {
+    pub fn new(config: NatConfig, handlers: Dispatch) -> Self {
         let entries = FlowTable::new(&handlers, config.mtu, config.ring_capacity).offering_sockets();
         Nat {
             config,
@@ -622,7 +622,7 @@ mod tests {
             ports,
             ..NatConfig::default()
         };
-        (Nat::new(config, Handlers::new(Arc::new(hold.clone()), Arc::new(hold.clone()))), hold)
+        (Nat::new(config, Dispatch::new(Arc::new(hold.clone()), Arc::new(hold.clone()))), hold)
     }
 
     /// Opens a flow from `client` and accepts it; returns its NAT address, or `None` if

@@ -35,22 +35,23 @@ impl<T: UdpHandler + ?Sized> UdpHandler for Arc<T> {
     }
 }
 
-/// The handlers a backend serves, and the counters it keeps.
+/// Where a backend hands what it terminates — TCP requests to `tcp`, UDP sessions to
+/// `udp` — and where it counts what it does (`stats`, shared with the binary and tests).
 #[derive(Clone)]
-pub struct Handlers {
+pub struct Dispatch {
     pub tcp: Arc<dyn TcpHandler>,
     pub udp: Arc<dyn UdpHandler>,
     pub stats: Arc<Stats>,
 }
 
-impl fmt::Debug for Handlers {
+impl fmt::Debug for Dispatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Handlers").finish_non_exhaustive()
+        f.debug_struct("Dispatch").finish_non_exhaustive()
     }
 }
 
-impl Handlers {
+impl Dispatch {
     pub fn new(tcp: Arc<dyn TcpHandler>, udp: Arc<dyn UdpHandler>) -> Self {
-        Handlers { tcp, udp, stats: Arc::default() }
+        Dispatch { tcp, udp, stats: Arc::default() }
     }
 }

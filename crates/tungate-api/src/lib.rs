@@ -54,7 +54,7 @@ pub mod tcp;
 pub mod udp;
 mod wake;
 
-pub use handler::{Handlers, TcpHandler, UdpHandler};
+pub use handler::{Dispatch, TcpHandler, UdpHandler};
 pub use relay::RelayStats;
 pub use stats::{Stats, StatsSnapshot};
 pub use target::{Endpoints, NameSource, Naming, Target};

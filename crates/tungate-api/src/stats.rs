@@ -32,6 +32,9 @@ counters! {
     rx_packets,
     /// Packets written to the device.
     tx_packets,
+    /// Packets of our own the device refused to take (dropped; e.g. a super-packet the
+    /// kernel will not accept).
+    tx_refused,
     /// Packets that failed to parse or verify (bad header, length or checksum).
     malformed,
     /// Well-formed packets the gateway does not handle (ICMP, fragments, extension headers…).

@@ -2,8 +2,9 @@
 
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 
-use crate::Handlers;
+use crate::Dispatch;
 use crate::device::PacketDevice;
 
 /// Why a backend stopped.
@@ -12,11 +13,23 @@ use crate::device::PacketDevice;
 pub enum BackendError {
     #[error("packet device failed: {0}")]
     Device(#[from] io::Error),
+    /// Settings that cannot work (checked before or while starting).
     #[error("invalid backend configuration: {0}")]
     Config(String),
+    /// A socket the backend needs could not listen (the system stack's listener).
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        addr: IpAddr,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The stack itself could not start (lwIP: one stack per process).
+    #[error("the stack could not start: {0}")]
+    Start(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// A TCP/IP stack that terminates the TUN's traffic and hands flows to [`Handlers`].
+/// A TCP/IP stack that terminates the TUN's traffic and hands flows to the handlers of a [`Dispatch`].
 ///
 /// Generic over the device so each variant binary is monomorphised for its device and
 /// links only its own backend.
@@ -38,7 +51,7 @@ pub trait Backend: Send + 'static {
     fn run<D: PacketDevice>(
         self,
         device: D,
-        handlers: Handlers,
+        handlers: Dispatch,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 }

@@ -1,20 +1,46 @@
-//! Core traits and shared types of the tungate TUN gateway.
+//! The stack side of the tungate TUN gateway: packet devices, admission, the drivers
+//! and the [`Backend`] trait every stack crate implements. Handlers are written against
+//! [`api`] (the `tungate-api` crate, re-exported here) and never see this side.
 //!
 //! ```text
-//!  TUN device ──packets──▶ Engine (a TCP/IP stack, I/O-free) ──TcpRequest / datagram──▶ handlers
-//!  (PacketDevice)  ◀─packets── driver::run_engine ◀──── TcpConn bytes / UdpSession ───── (direct, SOCKS5…)
+//!  TUN device ──packets──▶ admission (held SYNs, UDP sessions) ──TcpRequest / UdpSession──▶ handlers
+//!  (PacketDevice)            │ admitted flows                                             (direct, SOCKS5…)
+//!                            ▼
+//!                  a backend's stack (Engine or StreamStack) ◀── TcpConn bytes ──┘
+//! ```
+//!
+//! Another project uses it in three steps — pick a backend crate, give it a TUN, bring a
+//! handler (a complete program: `examples/own_gateway.rs`):
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use tungate_core::device::tun::{TunConfig, TunDevice};
+//! use tungate_core::{Backend, Dispatch, Mtu, TcpHandler, UdpHandler};
+//!
+//! /// Serves `tun0` with `backend` (e.g. `backend_smoltcp::Smoltcp::default()`) until Ctrl-C.
+//! async fn serve<B, H>(backend: B, handler: Arc<H>) -> Result<(), Box<dyn std::error::Error>>
+//! where
+//!     B: Backend,
+//!     H: TcpHandler + UdpHandler,
+//! {
+//!     let mut config = TunConfig::new("tun0", Mtu::DEFAULT);
+//!     config.addresses = vec!["198.18.0.1/30".parse()?];
+//!     let tun = TunDevice::create(&config)?;
+//!     let stop = async { tokio::signal::ctrl_c().await.unwrap_or_default() };
+//!     backend.run(tun, Dispatch::new(handler.clone(), handler), stop).await?;
+//!     Ok(())
+//! }
 //! ```
 //!
 //! * [`device`]: the packet-device trait, a Linux TUN on tun-rs and an in-memory pair for tests.
-//! * [`api`] (the `tungate-api` crate, re-exported): what handlers see — [`TcpRequest`] →
-//!   [`TcpConn`], [`UdpSession`], [`Target`] — and [`flow`], the stack's side of a flow.
-//! * [`handler`]: building handlers' UDP replies into packets, and what a layer in front
-//!   of a stack writes itself.
-//! * [`engine`]: the I/O-free engine contract every packet-level backend implements, and the
-//!   async driver that connects an engine to a device.
+//! * [`admission`]: the contract every backend gives its handlers, written once
+//!   ([`admission::FlowTable`]: held SYNs, RST for strangers, UDP sessions), and the
+//!   layer in front of stacks that hand out streams.
+//! * [`flow`]: the stack's side of a flow (rings and ports shared with the handler's side).
+//! * [`handler`]: building handlers' UDP replies and a layer's own packets.
+//! * [`engine`]: the I/O-free engine contract of packet-level backends, and its driver;
+//!   [`stream_stack`]: the driver for stacks that hand out streams.
 //! * [`backend`]: the trait the binaries drive; backends live in their own crates.
-//! * [`admission`]: the layer in front of stacks that hand out connections as streams
-//!   (held SYNs, RST for strangers, UDP on tungate's own path) and the stream↔flow bridge.
 //!
 //! `unsafe` is allowed only in `device/sys.rs` (adopting an inherited file descriptor) and
 //! [`os`] (returning free heap memory to the OS).
@@ -34,7 +60,7 @@ pub use config::{Mtu, MtuError};
 pub use device::{PacketBuf, PacketDevice};
 pub use tungate_api as api;
 pub use tungate_api::{
-    FlowId, Handlers, Stats, Target, TcpConn, TcpHandler, TcpRequest, UdpHandler, UdpSender, UdpSession, stats,
+    Dispatch, FlowId, Stats, Target, TcpConn, TcpHandler, TcpRequest, UdpHandler, UdpSender, UdpSession, stats,
 };
 
 /// The stack's side of TCP flows, from `tungate-api` (where it shares its state with the

@@ -277,7 +277,7 @@ mod tests {
     use super::*;
     use crate::config::Mtu;
     use crate::device::mem;
-    use crate::{Handlers, TcpHandler, TcpRequest, UdpHandler, UdpSession};
+    use crate::{Dispatch, TcpHandler, TcpRequest, UdpHandler, UdpSession};
 
     /// A stack that, like a `futures::Sink`, keeps the last packet it was given in a
     /// one-slot buffer until the next `poll_input_ready` or `poll_flush`. With `busy`,
@@ -368,7 +368,7 @@ mod tests {
 
     async fn last_packet_reaches(stack: SinkLike) {
         let (device, peer) = mem::pair(Mtu::DEFAULT, 16);
-        let handlers = Handlers::new(Arc::new(AcceptAll), Arc::new(AcceptAll));
+        let handlers = Dispatch::new(Arc::new(AcceptAll), Arc::new(AcceptAll));
         let admission = Admission::new(handlers, Mtu::DEFAULT, 4096, Duration::from_secs(25));
         let delivered = stack.delivered.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tungate_core::stats::StatsSnapshot;
-use tungate_core::{Backend, Handlers, Mtu, Stats};
+use tungate_core::{Backend, Dispatch, Mtu, Stats};
 
 use crate::fault::{FaultDevice, Faults};
 use crate::gate::Gate;
@@ -85,7 +85,7 @@ impl Harness {
     /// Starts the backend behind a [`FaultDevice`] that applies `faults` to the peer's packets.
     pub fn start_with_faults<B: Backend>(backend: B, mtu: Mtu, faults: Faults) -> Self {
         let services = Services::default();
-        let handlers = Handlers::new(Arc::new(services.clone()), Arc::new(services.clone()));
+        let handlers = Dispatch::new(Arc::new(services.clone()), Arc::new(services.clone()));
         Self::start_with_handlers(backend, mtu, faults, handlers, services)
     }
 
@@ -94,7 +94,7 @@ impl Harness {
         backend: B,
         mtu: Mtu,
         faults: Faults,
-        handlers: Handlers,
+        handlers: Dispatch,
         services: Services,
     ) -> Self {
         let (device, link) = tungate_core::device::mem::pair(mtu, 4096);
@@ -575,7 +575,7 @@ pub async fn gate_peeks_then_relays_or_aborts<B: Backend>(backend: B) {
             });
         }
     });
-    let handlers = Handlers::new(Arc::new(gate.clone()), Arc::new(gate.clone()));
+    let handlers = Dispatch::new(Arc::new(gate.clone()), Arc::new(gate.clone()));
     let h = Harness::start_with_handlers(backend, Mtu::DEFAULT, Faults::default(), handlers, Services::default());
     let mut expected = Vec::new();
     for (i, dst) in [dst_v4(80), dst_v6(443)].into_iter().enumerate() {
@@ -617,7 +617,7 @@ pub async fn gate_udp_sessions_relay_or_drop<B: Backend>(backend: B) {
             let _ = echo.send_to(&[b"echo:", &buf[..n]].concat(), from).await;
         }
     });
-    let handlers = Handlers::new(Arc::new(gate.clone()), Arc::new(gate));
+    let handlers = Dispatch::new(Arc::new(gate.clone()), Arc::new(gate));
     let h = Harness::start_with_handlers(backend, Mtu::DEFAULT, Faults::default(), handlers, Services::default());
     let (denied, client) = (SocketAddr::new(IpAddr::V4(PEER_V4), 4000), SocketAddr::new(IpAddr::V4(PEER_V4), 4001));
     let dst = dst_v4(53);

@@ -19,7 +19,7 @@ use tungate_core::stats::StatsSnapshot;
 ///   NAT refuses at once: no address free). None of them means the segment went to its
 ///   flow's stack or was a RST for no flow (dropped silently): a segment the stack itself
 ///   then discards is not visible in these counters;
-/// * nothing that only writes can cause moves: `tx_packets`, `udp_tx` (`tcp_active` may:
+/// * nothing that only writes can cause moves: `tx_packets`, `tx_refused`, `udp_tx` (`tcp_active` may:
 ///   a SYN opens a flow, a RST ends a pending one; `udp_dropped` may, if the UDP handler
 ///   answers at once into a full queue).
 ///
@@ -30,7 +30,12 @@ use tungate_core::stats::StatsSnapshot;
 pub fn assert_counted_once(before: &StatsSnapshot, after: &StatsSnapshot, packet: &[u8]) {
     let delta = |f: fn(&StatsSnapshot) -> u64| f(after).wrapping_sub(f(before));
     assert_eq!(delta(|s| s.rx_packets), 1, "rx_packets counts the packet once: {packet:02x?}");
-    for (name, moved) in [("tx_packets", delta(|s| s.tx_packets)), ("udp_tx", delta(|s| s.udp_tx))] {
+    let writes = [
+        ("tx_packets", delta(|s| s.tx_packets)),
+        ("tx_refused", delta(|s| s.tx_refused)),
+        ("udp_tx", delta(|s| s.udp_tx)),
+    ];
+    for (name, moved) in writes {
         assert_eq!(moved, 0, "{name} moved while handling one inbound packet: {packet:02x?}");
     }
     let malformed = delta(|s| s.malformed);

@@ -28,7 +28,7 @@ use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpPacket};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::table::{Decided, FlowKey, FlowTable, Inbound, Seen};
-use crate::Handlers;
+use crate::Dispatch;
 #[cfg(doc)]
 use crate::UdpHandler;
 use crate::config::Mtu;
@@ -169,7 +169,7 @@ impl std::fmt::Debug for Admission {
 
 impl Admission {
     /// `handshake_timeout`: how long a released SYN may wait for the stack's stream.
-    pub fn new(handlers: Handlers, mtu: Mtu, ring_capacity: usize, handshake_timeout: Duration) -> Self {
+    pub fn new(handlers: Dispatch, mtu: Mtu, ring_capacity: usize, handshake_timeout: Duration) -> Self {
         Self::with_unread_limit(handlers, mtu, ring_capacity, handshake_timeout, None)
     }
 
@@ -179,7 +179,7 @@ impl Admission {
     /// client retransmits it once the handler has caught up — TCP's own recovery, used as
     /// back-pressure, so the stack's memory per flow stays below `limit` plus a segment.
     pub fn with_unread_limit(
-        handlers: Handlers,
+        handlers: Dispatch,
         mtu: Mtu,
         ring_capacity: usize,
         handshake_timeout: Duration,

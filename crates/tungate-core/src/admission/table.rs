@@ -13,7 +13,7 @@ use crate::flow::{self, Decision, FlowId, FlowLink, UdpSessions, WakeQueue};
 use crate::handler::Outbound;
 use crate::packet::{self, Classified, Stranger, TcpSummary};
 use crate::stats::Stats;
-use crate::{Handlers, TcpHandler};
+use crate::{Dispatch, TcpHandler};
 
 /// A flow's 4-tuple as the client sees it: (client, original destination).
 pub type FlowKey = (SocketAddr, SocketAddr);
@@ -105,7 +105,7 @@ impl<T> std::fmt::Debug for FlowTable<T> {
 
 impl<T> FlowTable<T> {
     /// `ring_capacity`: each direction's ring between the stack and the handler.
-    pub fn new(handlers: &Handlers, mtu: Mtu, ring_capacity: usize) -> Self {
+    pub fn new(handlers: &Dispatch, mtu: Mtu, ring_capacity: usize) -> Self {
         let wake = WakeQueue::new();
         let outbound = Outbound::new(mtu, wake.clone(), handlers.stats.clone());
         let udp = UdpSessions::new(handlers.udp.clone(), outbound.udp_sender(), handlers.stats.clone());
