@@ -254,6 +254,40 @@ def reset(host, port):
     fail(f"the connection was not reset (read {data!r})")
 
 
+def denied(host, port):
+    """Connects, sends b"DENY" first: the gateway's handler must reset the connection."""
+    s = connect(host, port)
+    s.settimeout(5.0)
+    s.sendall(b"DENY and more")
+    try:
+        data = s.recv(64)
+    except ConnectionResetError:
+        print("ok denied: reset", flush=True)
+        return
+    except socket.timeout:
+        fail("a connection opening with DENY was not reset within 5 s")
+    fail(f"a connection opening with DENY was not reset (read {data!r})")
+
+
+def udp_denied(host, port):
+    """A UDP session opening with b"DENY" gets no answer; the next datagram from the same
+    socket opens a new session and is echoed from host:port."""
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.settimeout(1.0)
+    s.sendto(b"DENY this", (host, int(port)))
+    try:
+        data, peer = s.recvfrom(65535)
+        fail(f"a UDP session opening with DENY was answered from {peer}: {data!r}")
+    except socket.timeout:
+        pass
+    s.settimeout(5.0)
+    s.sendto(b"after the denied one", (host, int(port)))
+    data, peer = s.recvfrom(65535)
+    if data != b"after the denied one" or (peer[0], peer[1]) != (host, int(port)):
+        fail(f"the next session: {data!r} from {peer}")
+    print("ok udp denied, then a new session echoed", flush=True)
+
+
 def serve_slow_sink(host, port, rate):
     rate = int(rate)
 
@@ -392,6 +426,8 @@ COMMANDS = {
     "udp": udp,
     "refused": refused,
     "reset": reset,
+    "denied": denied,
+    "udp-denied": udp_denied,
 }
 
 if __name__ == "__main__":

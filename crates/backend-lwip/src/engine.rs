@@ -406,7 +406,7 @@ mod tests {
 
     fn engine_with_mtu(mtu: usize) -> (LwipEngine, Hold, Instant) {
         let hold = Hold::default();
-        let handlers = Dispatch::new(Arc::new(hold.clone()), Arc::new(hold.clone()));
+        let handlers = hold.dispatch();
         let now = Instant::now();
         let config = LwipConfig { mtu: Mtu::new(mtu as u64).unwrap(), ..LwipConfig::default() };
         (LwipEngine::new(config, handlers, now).unwrap(), hold, now)
@@ -456,8 +456,7 @@ mod tests {
     fn a_second_engine_in_the_process_is_a_clear_error() {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let (first, _, _) = engine();
-        let hold = Hold::default();
-        let handlers = Dispatch::new(Arc::new(hold.clone()), Arc::new(hold));
+        let handlers = Hold::default().dispatch();
         let err = LwipEngine::new(LwipConfig::default(), handlers.clone(), Instant::now()).unwrap_err();
         assert!(err.to_string().contains("already running"), "{err}");
         drop(first);

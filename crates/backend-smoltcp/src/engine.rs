@@ -360,7 +360,7 @@ mod tests {
 
     fn engine() -> (SmoltcpEngine, Hold, Instant) {
         let hold = Hold::default();
-        let handlers = Dispatch::new(Arc::new(hold.clone()), Arc::new(hold.clone()));
+        let handlers = hold.dispatch();
         let now = Instant::now();
         (SmoltcpEngine::new(SmoltcpConfig::default(), handlers, now), hold, now)
     }

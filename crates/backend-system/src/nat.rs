@@ -622,7 +622,7 @@ mod tests {
             ports,
             ..NatConfig::default()
         };
-        (Nat::new(config, Dispatch::new(Arc::new(hold.clone()), Arc::new(hold.clone()))), hold)
+        (Nat::new(config, hold.dispatch()), hold)
     }
 
     /// Opens a flow from `client` and accepts it; returns its NAT address, or `None` if

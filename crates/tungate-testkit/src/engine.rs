@@ -78,6 +78,11 @@ impl Hold {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// A dispatch whose TCP and UDP handler is this one, with fresh counters.
+    pub fn dispatch(&self) -> tungate_core::Dispatch {
+        tungate_core::Dispatch::new(std::sync::Arc::new(self.clone()), std::sync::Arc::new(self.clone()))
+    }
 }
 
 impl tungate_core::TcpHandler for Hold {

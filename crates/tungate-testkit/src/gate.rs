@@ -48,7 +48,8 @@ impl UdpHandler for Gate {
             if first.starts_with(DENY) {
                 return; // the session closes unanswered
             }
-            let Ok(socket) = UdpSocket::bind((to.ip(), 0)).await else { return };
+            let any: SocketAddr = if to.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+            let Ok(socket) = UdpSocket::bind(any).await else { return };
             if socket.connect(to).await.is_err() || socket.send(&first).await.is_err() {
                 return;
             }
