@@ -346,3 +346,140 @@ impl<T> FlowTable<T> {
         if self.lent_ours { self.outbound.recycle(buf) } else { stack(buf) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The held-SYN contract, once for every backend (the engines' tests check only that
+    //! they wire it up).
+
+    use std::sync::Mutex;
+
+    use smoltcp::wire::TcpControl;
+
+    use super::*;
+    use crate::packet::SegmentFields;
+    use crate::{TcpRequest, UdpHandler, UdpSession};
+
+    /// Keeps every request undecided.
+    #[derive(Default)]
+    struct Undecided(Mutex<Vec<TcpRequest>>);
+
+    impl TcpHandler for Undecided {
+        fn handle_tcp(&self, request: TcpRequest) {
+            self.0.lock().expect("lock").push(request);
+        }
+    }
+
+    impl UdpHandler for Undecided {
+        fn handle_udp(&self, _: UdpSession) {}
+    }
+
+    const CLIENT: &str = "198.18.0.2:40000";
+
+    fn table() -> (FlowTable<&'static str>, Arc<Undecided>) {
+        let requests = Arc::new(Undecided::default());
+        let dispatch = crate::Dispatch::new(requests.clone(), requests.clone());
+        (FlowTable::new(&dispatch, Mtu::DEFAULT, 1024), requests)
+    }
+
+    fn segment(control: TcpControl, seq: u32, ack: Option<u32>) -> (PacketBuf, TcpSummary) {
+        let (src, dst) = (CLIENT.parse().expect("addr"), "10.77.0.2:80".parse().expect("addr"));
+        let packet = PacketBuf::from_vec(SegmentFields::new(src, dst, control, seq, ack).build());
+        let Ok(Classified::Tcp(seg)) = packet::classify(packet.packet()) else { panic!("a TCP segment") };
+        (packet, seg)
+    }
+
+    fn sent(t: &mut FlowTable<&'static str>) -> Vec<TcpSummary> {
+        std::iter::from_fn(|| t.poll_transmit())
+            .filter_map(|p| match packet::classify(p.packet()) {
+                Ok(Classified::Tcp(seg)) => Some(seg),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_syn_is_held_until_accepted_and_retransmissions_are_dropped() {
+        let (mut t, requests) = table();
+        let (syn, seg) = segment(TcpControl::Syn, 1000, None);
+        assert_eq!(t.inbound(&syn), Inbound::Tcp(seg, Seen::Consumed));
+        assert_eq!(t.inbound(&syn), Inbound::Tcp(seg, Seen::Consumed), "a retransmission");
+        let request = requests.0.lock().expect("lock").pop().expect("one request");
+        assert_eq!(requests.0.lock().expect("lock").len(), 0, "one request for two SYNs");
+        let id = t.id(&(seg.src, seg.dst)).expect("held");
+        assert!(matches!(t.decide(id), Decided::Waiting));
+        drop(crate::api::tcp::now_or_never(request.accept()));
+        let Decided::Accepted(held) = t.decide(id) else { panic!("accepted") };
+        assert_eq!(held.syn.packet(), syn.packet(), "the SYN as the client sent it");
+        t.admit(id, "state");
+        assert_eq!(t.get(id), Some(&"state"));
+        let (ack, ack_seg) = segment(TcpControl::None, 1001, Some(5000));
+        assert_eq!(t.inbound(&ack), Inbound::Tcp(ack_seg, Seen::Admitted(id)));
+        assert!(sent(&mut t).is_empty(), "nothing answered from here");
+        let stats = t.stats().snapshot();
+        assert_eq!((stats.tcp_requests, stats.tcp_syn_duplicate, stats.tcp_active), (1, 1, 1));
+        assert_eq!(t.remove(id, false), Some("state"));
+        assert_eq!(t.stats().snapshot().tcp_active, 0);
+    }
+
+    #[test]
+    fn a_rejected_or_dropped_request_is_answered_with_rst_and_forgotten() {
+        for drop_it in [false, true] {
+            let (mut t, requests) = table();
+            let (syn, seg) = segment(TcpControl::Syn, 7, None);
+            t.inbound(&syn);
+            let request = requests.0.lock().expect("lock").pop().expect("a request");
+            if drop_it {
+                drop(request)
+            } else {
+                request.reject()
+            }
+            let id = t.id(&(seg.src, seg.dst)).expect("held");
+            assert!(matches!(t.decide(id), Decided::Rejected));
+            let rst = sent(&mut t);
+            assert_eq!(rst.len(), 1);
+            assert!(rst[0].rst && rst[0].ack && rst[0].ack_number == 8 && rst[0].dst == seg.src, "{rst:?}");
+            assert!(t.is_empty() && t.id(&(seg.src, seg.dst)).is_none());
+            let stats = t.stats().snapshot();
+            assert_eq!((stats.tcp_rejected, stats.tcp_active), (1, 0));
+        }
+    }
+
+    #[test]
+    fn a_client_rst_withdraws_a_held_request() {
+        let (mut t, requests) = table();
+        let (syn, seg) = segment(TcpControl::Syn, 7, None);
+        t.inbound(&syn);
+        let (rst, _) = segment(TcpControl::Rst, 8, None);
+        t.inbound(&rst);
+        assert!(t.is_empty() && t.id(&(seg.src, seg.dst)).is_none());
+        assert_eq!(t.stats().snapshot().tcp_active, 0);
+        // The handler's request now reads as reset.
+        let request = requests.0.lock().expect("lock").pop().expect("a request");
+        let mut conn = crate::api::tcp::now_or_never(request.accept()).expect("a ring");
+        let read = crate::api::tcp::now_or_never(tokio::io::AsyncReadExt::read(&mut conn, &mut [0u8; 4]));
+        assert_eq!(read.expect("ready").expect_err("reset").kind(), std::io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn strangers_are_counted_and_left_to_the_backend_and_bad_checksums_are_malformed() {
+        let (mut t, _requests) = table();
+        let (data, seg) = segment(TcpControl::Psh, 7, Some(9));
+        assert_eq!(t.inbound(&data), Inbound::Tcp(seg, Seen::Stranger { rst: false }));
+        let (rst, rst_seg) = segment(TcpControl::Rst, 7, None);
+        assert_eq!(t.inbound(&rst), Inbound::Tcp(rst_seg, Seen::Stranger { rst: true }));
+        t.reset(&seg);
+        let out = sent(&mut t);
+        assert!(out.len() == 1 && out[0].rst && out[0].seq == 9, "RST at the segment's ACK: {out:?}");
+        let (mut syn, syn_seg) = segment(TcpControl::Syn, 1, None);
+        let last = syn.len() - 1;
+        syn.packet_mut()[last] ^= 0xff;
+        assert_eq!(t.segment(&syn, &syn_seg, true, true), Seen::Consumed, "a SYN with a bad checksum");
+        let stats = t.stats().snapshot();
+        assert_eq!((stats.tcp_unknown_flow, stats.malformed, stats.tcp_requests), (1, 1, 0));
+        // A flow the backend may not open (a destination of its own) is malformed too.
+        let (syn, syn_seg) = segment(TcpControl::Syn, 1, None);
+        assert_eq!(t.segment(&syn, &syn_seg, true, false), Seen::Consumed);
+        assert_eq!((t.stats().snapshot().malformed, t.len()), (2, 0));
+    }
+}
