@@ -3,7 +3,9 @@
 # baseline, through namespaces created and deleted here (scripts/netns.sh).
 #
 # VARIANT: `smoltcp`, `tungate-smoltcp`, or a path to a binary, optionally with flags
-# after a slash: `system/offload-off` runs tungate-system --offload off. Default: every
+# after a slash: `system/offload-off` runs tungate-system --offload off. `LABEL=PATH`
+# runs the binary at PATH (named tungate-<variant>) as subject LABEL, so builds of two
+# revisions can be compared in one run (`before=/tmp/old/tungate-smoltcp`). Default: every
 # target/release/tungate-* that exists, plus system/offload-off and smoltcp/offload-off
 # beside the offload (auto) runs. Env:
 #   BENCH_MTUS="1500 9000"  BENCH_SECONDS=5  BENCH_ROUNDS=3  BENCH_OMIT=1
@@ -84,8 +86,9 @@ SUBJECTS=(kernel)
 declare -A BIN=()
 declare -A ARGS=()
 
-add_variant() { # add_variant NAME[/FLAG-VALUE] PATH
+add_variant() { # add_variant NAME[/FLAG-VALUE] PATH [LABEL]
   local name=$1 path=$2 short=${1#tungate-} flags=""
+  local label=${3:-}
   if [[ "$short" == */* ]]; then
     flags=${short#*/}
     short=${short%%/*}
@@ -96,6 +99,7 @@ add_variant() { # add_variant NAME[/FLAG-VALUE] PATH
     note "skipped $name: unknown variant (don't know how to run it)"
     return 0
   fi
+  [[ -n "$label" ]] && name=$label
   if [[ -n "${BIN[$name]:-}" ]]; then
     return 0
   fi
@@ -112,7 +116,9 @@ add_variant() { # add_variant NAME[/FLAG-VALUE] PATH
 
 if (($# > 0)); then
   for a in "$@"; do
-    if [[ -f "$a" || "$a" == /* || "$a" == ./* || "$a" == ../* ]]; then
+    if [[ "$a" == *=* ]]; then
+      add_variant "$(basename "${a#*=}")" "${a#*=}" "${a%%=*}"
+    elif [[ -f "$a" || "$a" == /* || "$a" == ./* || "$a" == ../* ]]; then
       add_variant "$(basename "$a")" "$a"
     else
       b=${a#tungate-}

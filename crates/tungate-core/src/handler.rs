@@ -29,6 +29,8 @@ impl From<BuildError> for UdpSendError {
 #[derive(Debug)]
 pub struct UdpOutbox {
     queue: Mutex<VecDeque<PacketBuf>>,
+    /// How many are queued, so the driver's look for replies takes no lock while none are.
+    queued: std::sync::atomic::AtomicUsize,
     pool: Mutex<Vec<PacketBuf>>,
     limit: usize,
     mtu: Mtu,
@@ -48,6 +50,7 @@ impl UdpOutbox {
     pub fn new(mtu: Mtu, wake: Arc<WakeQueue>, stats: Arc<Stats>) -> Arc<Self> {
         Arc::new(UdpOutbox {
             queue: Mutex::default(),
+            queued: Default::default(),
             pool: Mutex::default(),
             limit: Self::DEFAULT_LIMIT,
             mtu,
@@ -68,13 +71,19 @@ impl UdpOutbox {
         let len = packet::build_udp(from, to, payload, buf.spare_mut())?;
         buf.set_len(len);
         lock(&self.queue).push_back(buf);
+        self.queued.fetch_add(1, std::sync::atomic::Ordering::Release);
         self.wake.wake();
         Ok(())
     }
 
     /// Takes the oldest queued reply.
     pub fn pop(&self) -> Option<PacketBuf> {
-        lock(&self.queue).pop_front()
+        if self.queued.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return None;
+        }
+        let buf = lock(&self.queue).pop_front()?;
+        self.queued.fetch_sub(1, std::sync::atomic::Ordering::Release);
+        Some(buf)
     }
 
     /// Returns a sent buffer for reuse.

@@ -329,15 +329,17 @@ impl<T> FlowTable<T> {
         self.outbound.recycle(buf);
     }
 
-    /// For an engine's own `poll_transmit`: this layer's next packet, else the stack's
-    /// (`stack`). Remembers whose it was for [`recycle_or`](Self::recycle_or).
+    /// For an engine's own `poll_transmit`: the stack's next packet (`stack`), else this
+    /// layer's. Remembers whose it was for [`recycle_or`](Self::recycle_or). The stack
+    /// comes first: it is the bulk of the output, and this layer's queues are usually
+    /// empty (looking costs one atomic load then).
     pub fn poll_transmit_or(&mut self, stack: impl FnOnce() -> Option<PacketBuf>) -> Option<PacketBuf> {
-        if let Some(buf) = self.outbound.poll_transmit() {
-            self.lent_ours = true;
+        if let Some(buf) = stack() {
+            self.lent_ours = false;
             return Some(buf);
         }
-        self.lent_ours = false;
-        stack()
+        self.lent_ours = true;
+        self.outbound.poll_transmit()
     }
 
     /// Gives back the buffer last returned by [`poll_transmit_or`](Self::poll_transmit_or):
