@@ -116,6 +116,17 @@ impl SessionShared {
     fn is_closed(&self) -> bool {
         lock(&self.inbox).closed
     }
+
+    /// Closes for idleness unless a datagram arrived meanwhile (it would be lost, counted
+    /// as received, with no new session opened for it).
+    fn close_if_empty(&self) -> bool {
+        let mut inbox = lock(&self.inbox);
+        if !inbox.datagrams.is_empty() {
+            return false;
+        }
+        inbox.closed = true;
+        true
+    }
 }
 
 /// One client's UDP conversation with one destination, seen from the handler.
@@ -162,13 +173,17 @@ impl UdpSession {
     /// one).
     pub async fn recv(&mut self) -> Option<Vec<u8>> {
         loop {
-            let deadline = self.shared.last_activity() + self.idle;
+            // No deadline for an idle timeout too long to add (never expire).
+            let Some(deadline) = self.shared.last_activity().checked_add(self.idle) else {
+                return std::future::poll_fn(|cx| self.poll_recv(cx)).await;
+            };
             tokio::select! {
                 datagram = std::future::poll_fn(|cx| self.poll_recv(cx)) => return datagram,
                 () = tokio::time::sleep_until(deadline) => {
-                    // Replies sent meanwhile kept the session alive.
-                    if Instant::now() >= self.shared.last_activity() + self.idle {
-                        self.shared.close();
+                    // Replies sent meanwhile kept the session alive; a datagram that just
+                    // arrived is delivered first.
+                    let idle_since = self.shared.last_activity().checked_add(self.idle);
+                    if idle_since.is_some_and(|d| Instant::now() >= d) && self.shared.close_if_empty() {
                         return None;
                     }
                 }
@@ -364,6 +379,19 @@ mod tests {
         table.datagram(a, dst, b"q2");
         let mut again = lock(&keep.0).pop().expect("a new session for the next datagram");
         assert_eq!(again.recv().await.unwrap(), b"q2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_too_long_to_add_never_expires() {
+        let (mut table, keep, _, _) = sessions();
+        let (a, dst) = (addr("10.0.0.1:7"), addr("10.9.0.1:7"));
+        table.datagram(a, dst, b"first");
+        let mut s = lock(&keep.0).pop().unwrap();
+        s.set_idle_timeout(Duration::MAX);
+        assert_eq!(s.recv().await.unwrap(), b"first");
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+        table.datagram(a, dst, b"a day later");
+        assert_eq!(s.recv().await.unwrap(), b"a day later", "the same session");
     }
 
     #[tokio::test]

@@ -64,8 +64,10 @@ impl TcpConn {
         if !socket_capable {
             return TcpConn { src, dst, io: Io::Ring(RingConn { shared }) };
         }
-        // If this future is dropped while waiting, the stack must not hand the socket to
-        // nobody: it then bridges it to the ring, whose handler is gone (reset).
+        // If this future is dropped while waiting (a cancelled accept or peek), nobody
+        // takes the connection: it is reset. A socket already handed over is closed with
+        // RST; one not yet handed over is bridged to the ring, whose reads then fail, so the
+        // bridge ends at once rather than at the idle timeout.
         struct Waiting<'a>(&'a Shared, bool);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
@@ -73,9 +75,12 @@ impl TcpConn {
                     let mut st = self.0.state();
                     st.wants_socket = false;
                     st.handler_gone = true;
+                    st.tx_closed = true;
+                    st.abort_requested = true;
                     if let Some(stream) = st.socket.take() {
                         let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                     }
+                    self.0.wake_stack(&mut st);
                 }
             }
         }

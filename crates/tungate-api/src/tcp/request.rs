@@ -79,7 +79,13 @@ impl TcpRequest {
         }
         if let Some(shared) = self.shared.take() {
             let mut st = shared.state();
-            st.decision = Decision::Rejected;
+            if st.decision == Decision::Pending {
+                st.decision = Decision::Rejected;
+            } else {
+                // Accepted by a peek whose wait was cancelled: the connection exists.
+                st.abort_requested = true;
+                st.handler_gone = true;
+            }
             shared.wake_stack(&mut st);
         }
     }

@@ -170,3 +170,38 @@ async fn a_handed_over_socket_peeks_and_then_reads_everything() {
     assert_eq!(&all, b"GET / HTTP/1.1\r\n");
     drop(writer.await.unwrap());
 }
+
+/// A cancelled accept on a stack that hands over sockets: nobody takes the connection, so
+/// it is reset — the stack's port fails at once instead of bridging to nobody until the
+/// idle timeout.
+#[tokio::test]
+async fn a_cancelled_accept_resets_the_connection() {
+    let wake = WakeQueue::new();
+    let (link, req) = new_flow(FlowId(8), addr("10.0.0.1:1"), addr("10.0.0.2:22"), 64, wake.clone());
+    link.offer_socket();
+    let waited = tokio::time::timeout(Duration::from_millis(10), req.accept()).await;
+    assert!(waited.is_err(), "the accept waits for the stack's socket");
+    let mut q = Vec::new();
+    wake.drain_into(&mut q);
+    assert_eq!(q, vec![FlowId(8)], "the stack is told");
+    assert_eq!(link.decision(), Decision::Accepted);
+    let mut port = link.into_port();
+    let mut buf = [0u8; 4];
+    let read = tokio::time::timeout(Duration::from_secs(5), port.read(&mut buf)).await.expect("no hang");
+    assert_eq!(read.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+}
+
+/// A peek whose wait was cancelled has accepted already: dropping the request then
+/// resets the connection; it does not turn the decision into a rejection.
+#[tokio::test]
+async fn dropping_a_request_after_a_cancelled_peek_resets() {
+    let (link, mut req) = new_flow(FlowId(9), addr("10.0.0.1:1"), addr("10.0.0.2:25"), 64, WakeQueue::new());
+    link.offer_socket();
+    let mut buf = [0u8; 4];
+    let peeked = tokio::time::timeout(Duration::from_millis(10), req.peek(&mut buf, Duration::from_secs(5))).await;
+    assert!(peeked.is_err(), "cancelled while waiting for the socket");
+    drop(req);
+    let signals = link.pump(|_| {});
+    assert_eq!(signals.decision, Decision::Accepted, "decided once");
+    assert!(signals.abort_requested && signals.handler_gone);
+}

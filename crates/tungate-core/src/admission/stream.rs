@@ -286,6 +286,8 @@ impl Admission {
                 last: None,
             };
             self.table.admit(id, Entry::Released { port, deadline, cap });
+            // A new connection on a 4-tuple whose last one was aborted: its segments pass.
+            self.aborted.remove(&key);
             self.released.push_back((deadline, key));
             forward(held.syn);
         }
@@ -521,6 +523,7 @@ mod tests {
     use smoltcp::wire::TcpControl;
 
     use super::*;
+    use crate::Dispatch;
     use crate::packet::Classified;
 
     fn fin_with_data(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
@@ -556,5 +559,53 @@ mod tests {
             let bare = fin_with_data(src, dst, b"");
             assert!(split_fin(&bare, &tcp(&bare)).is_none(), "a bare FIN is not split");
         }
+    }
+
+    /// Accepts every request at once and keeps the connections.
+    #[derive(Default)]
+    struct AcceptAll(std::sync::Mutex<Vec<crate::TcpConn>>);
+
+    impl crate::TcpHandler for AcceptAll {
+        fn handle_tcp(&self, request: crate::TcpRequest) {
+            let conn = crate::api::tcp::now_or_never(request.accept()).expect("a ring flow");
+            self.0.lock().expect("lock").push(conn);
+        }
+    }
+
+    impl crate::UdpHandler for AcceptAll {
+        fn handle_udp(&self, _: crate::UdpSession) {}
+    }
+
+    #[test]
+    fn after_an_abort_the_stacks_segments_become_rsts_but_a_new_connection_passes() {
+        let handler = Arc::new(AcceptAll::default());
+        let mut adm =
+            Admission::new(Dispatch::new(handler.clone(), handler), Mtu::DEFAULT, 4096, Duration::from_secs(25));
+        let (client, server): (SocketAddr, SocketAddr) =
+            ("198.18.0.2:4000".parse().unwrap(), "10.77.0.2:80".parse().unwrap());
+        let now = Instant::now();
+        let open = |adm: &mut Admission| {
+            let syn =
+                PacketBuf::from_vec(packet::SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
+            assert_eq!(adm.handle_packet(now, &syn), Verdict::Consumed, "held");
+            let mut released = Vec::new();
+            adm.service(now, |p| released.push(p));
+            assert_eq!(released.len(), 1, "the SYN goes to the stack once accepted");
+        };
+        let from_stack = |control, seq| {
+            PacketBuf::from_vec(packet::SegmentFields::new(server, client, control, seq, Some(101)).build())
+        };
+        open(&mut adm);
+        let _port = adm.take_port(client, server).expect("the stack's stream finds its port");
+        adm.aborts().push((client, server));
+        adm.finished(now, (client, server));
+        assert_eq!(adm.flow_count(), 0);
+        // The FIN the stack sends when its stream is dropped becomes a RST at its sequence.
+        assert!(!adm.pass_output(now, &from_stack(TcpControl::Fin, 5000)), "the FIN is held back");
+        let rst = tcp(adm.poll_transmit().expect("a RST instead").packet());
+        assert!(rst.rst && rst.seq == 5000 && rst.dst == client, "{rst:?}");
+        // The client reconnects from the same port: the new flow's SYN-ACK passes.
+        open(&mut adm);
+        assert!(adm.pass_output(now, &from_stack(TcpControl::Syn, 9000)), "a new connection is not reset");
     }
 }
