@@ -55,3 +55,49 @@ impl Dispatch {
         Dispatch { tcp, udp, stats: Arc::default() }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::target::{NameSource, Target};
+    use crate::tcp::new_flow;
+    use crate::wake::{FlowId, WakeQueue};
+
+    /// A naming layer: renames every request, then hands it to the handler it wraps.
+    struct Rename<H>(H);
+
+    impl<H: TcpHandler> TcpHandler for Rename<H> {
+        fn handle_tcp(&self, mut request: TcpRequest) {
+            let port = request.dst().port();
+            request.set_target(Target::Domain { name: "example.test".into(), port }, NameSource::Other("test"));
+            self.0.handle_tcp(request);
+        }
+    }
+
+    /// The wrapped handler: records what it was asked to connect to, and refuses.
+    #[derive(Default)]
+    struct Record(Mutex<Vec<(Target, NameSource)>>);
+
+    impl TcpHandler for Record {
+        fn handle_tcp(&self, request: TcpRequest) {
+            let naming = request.naming().clone();
+            self.0.lock().expect("lock").push((naming.target, naming.source));
+            request.reject();
+        }
+    }
+
+    #[test]
+    fn a_layer_renames_a_request_for_the_handler_it_wraps() {
+        let inner = Arc::new(Record::default());
+        let layered: Arc<dyn TcpHandler> = Arc::new(Rename(inner.clone()));
+        let (link, request) =
+            new_flow(FlowId(1), "10.0.0.1:5".parse().unwrap(), "198.18.0.9:443".parse().unwrap(), 16, WakeQueue::new());
+        assert_eq!(request.target(), &Target::Addr("198.18.0.9:443".parse().unwrap()), "the destination until renamed");
+        layered.handle_tcp(request);
+        let seen = inner.0.lock().expect("lock").clone();
+        assert_eq!(seen, vec![(Target::Domain { name: "example.test".into(), port: 443 }, NameSource::Other("test"))]);
+        assert_eq!(link.decision(), crate::tcp::Decision::Rejected, "the inner handler's decision reached the stack");
+    }
+}
