@@ -5,5 +5,6 @@
 //! it (`ip rule add fwmark 0x100 lookup 100`).
 
 mod direct;
+pub mod socks5;
 
 pub use direct::{Direct, DirectConfig};
