@@ -1,6 +1,6 @@
 //! SOCKS5 (RFC 1928) with username/password authentication (RFC 1929): the wire format,
-//! I/O-free. The connector that drives it over a socket comes with the `--proxy socks5://`
-//! upstream.
+//! I/O-free ([`codec`]), and the handshake that drives it over a stream ([`client`]). The
+//! connector that opens the stream comes with the `--proxy socks5://` upstream.
 //!
 //! Written here rather than taken from a crate: `fast-socks5` (the one crate with a UDP
 //! ASSOCIATE client) creates the relay's UDP socket itself, so the gateway could not put
@@ -8,4 +8,5 @@
 //! (FRAG ≠ 0) that the gateway must drop and count; `tokio-socks` has no UDP at all. The
 //! format is small, and an I/O-free codec is what the tests and the fuzzer need.
 
+pub mod client;
 pub mod codec;
