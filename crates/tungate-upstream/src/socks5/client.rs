@@ -1,4 +1,4 @@
-//! Drives the [`codec`](super::codec) over a stream to the proxy: the handshake and one
+//! Drives the [`codec`] over a stream to the proxy: the handshake and one
 //! request. What the gateway then does with the stream (relay it, or hold it open for a
 //! UDP association) is the caller's.
 
