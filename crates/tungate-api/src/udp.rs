@@ -253,11 +253,6 @@ impl UdpSessions {
         UdpSessions { handler, sender, stats, table: HashMap::new(), sweep_at: 64 }
     }
 
-    /// The sender replies go through (also for layers that answer without a session).
-    pub fn sender(&self) -> &UdpSender {
-        &self.sender
-    }
-
     /// Sessions in the table, closed ones not yet swept included.
     pub fn len(&self) -> usize {
         self.table.len()

@@ -372,7 +372,11 @@ impl Admission {
     /// answers with a challenge ACK, which gets a RST from here at its ACK), and the
     /// stack's later segments for the flow are replaced (see [`pass_output`](Self::pass_output)).
     fn take_aborts(&mut self, now: Instant) {
-        if !self.aborts.any.swap(false, std::sync::atomic::Ordering::Acquire) {
+        // A load first: this runs for every packet the stack writes, and a swap would
+        // write the shared flag each time.
+        if !self.aborts.any.load(std::sync::atomic::Ordering::Relaxed)
+            || !self.aborts.any.swap(false, std::sync::atomic::Ordering::Acquire)
+        {
             return;
         }
         let keys = std::mem::take(&mut *self.aborts.keys.lock().unwrap_or_else(|p| p.into_inner()));

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use slab::Slab;
 
-use crate::UdpSender;
 use crate::config::Mtu;
 use crate::device::PacketBuf;
 use crate::flow::{self, Decision, FlowId, FlowLink, UdpSessions, WakeQueue};
@@ -151,10 +150,6 @@ impl<T> FlowTable<T> {
     /// The UDP sessions, for a backend that classifies its UDP itself.
     pub fn udp(&mut self) -> &mut UdpSessions {
         &mut self.udp
-    }
-
-    pub fn udp_sender(&self) -> UdpSender {
-        self.outbound.udp_sender()
     }
 
     /// Looks at one packet from the TUN: counts it, drops what is malformed or
