@@ -351,7 +351,10 @@ netns_start_gateway() {
   args+=(--mark "$NETNS_MARK")
   # tungate's own binaries take these too; a program of the user's own (the examples)
   # is started with NETNS_GATEWAY_OWN=1 and gets only the flags above.
-  [[ "${NETNS_GATEWAY_OWN:-0}" == 1 ]] || args+=(--proxy direct --log-level "$NETNS_GATEWAY_LOG_LEVEL")
+  if [[ "${NETNS_GATEWAY_OWN:-0}" != 1 ]]; then
+    [[ " ${extra[*]} " == *" --proxy "* ]] || args+=(--proxy direct)
+    args+=(--log-level "$NETNS_GATEWAY_LOG_LEVEL")
+  fi
   args+=("${extra[@]}")
 
   log="$dir/gateway.log"
@@ -493,6 +496,9 @@ netns_down() {
       ip netns del "$ns" 2>/dev/null || _nns_log "warning: could not delete namespace $ns"
     fi
   done
+  # Files a test put in place of the server namespace's /etc entries (`ip netns exec`
+  # bind-mounts /etc/netns/NS/*): hosts, a passwd/shadow with a proxy test user.
+  rm -rf "/etc/netns/$(netns_srv "$id")" 2>/dev/null || true
   [[ "$NETNS_KEEP_STATE" == 1 ]] || rm -rf "$dir" 2>/dev/null || true
   return 0
 }

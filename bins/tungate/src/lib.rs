@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use tungate_core::device::offload::Offload;
 use tungate_core::device::tun::{TunConfig, TunDevice};
 use tungate_core::{Backend, Dispatch, Mtu};
-use tungate_upstream::{Direct, DirectConfig};
+use tungate_upstream::{Dialer, ProxySpec, Router, RouterConfig, UdpPolicy};
 
 /// A TUN gateway: terminates every TCP connection and UDP flow that enters the TUN and
 /// hands it, with its real source and original destination, to an upstream.
@@ -40,10 +40,19 @@ pub struct Args {
     #[arg(long = "address", value_name = "CIDR", value_parser = parse_cidr)]
     pub addresses: Vec<IpNet>,
 
-    /// Where flows go: `direct` dials the original destination. (socks5:// and http://
-    /// upstreams are not supported yet.)
-    #[arg(long, value_name = "URL", default_value = "direct")]
-    pub proxy: String,
+    /// Where flows go: `direct` dials the destination itself;
+    /// `socks5://[USER:PASS@]HOST[:PORT]` (port 1080) sends TCP by CONNECT and UDP by UDP
+    /// ASSOCIATE; `http://[USER:PASS@]HOST[:PORT]` (port 80) sends TCP by HTTP CONNECT.
+    /// A proxy named by host is resolved once, at start. A flow the upstream refuses is
+    /// refused to the client (RST to its SYN), as a direct refusal would be.
+    #[arg(long, value_name = "URL", default_value = "direct", value_parser = parse_proxy)]
+    pub proxy: ProxySpec,
+
+    /// What UDP does when the upstream cannot carry it (HTTP CONNECT; a SOCKS5 server
+    /// that refuses UDP ASSOCIATE): `proxy` drops it (and counts it), `direct` sends it
+    /// from the gateway itself, around the proxy (with --mark), `drop` drops all UDP.
+    #[arg(long, value_name = "POLICY", default_value = "proxy", value_parser = parse_udp_policy)]
+    pub udp: UdpPolicy,
 
     /// SO_MARK put on every upstream socket (decimal or 0x-hex), for policy routing.
     #[arg(long, value_name = "N", value_parser = parse_mark)]
@@ -95,6 +104,28 @@ fn stats_json(stats: &tungate_core::Stats) -> serde_json::Value {
     map.into()
 }
 
+fn parse_proxy(s: &str) -> Result<ProxySpec, String> {
+    s.parse()
+}
+
+fn parse_udp_policy(s: &str) -> Result<UdpPolicy, String> {
+    s.parse()
+}
+
+/// The router over the `--proxy` upstream, every socket marked with `--mark`.
+async fn router(
+    proxy: &ProxySpec,
+    udp: UdpPolicy,
+    mark: Option<u32>,
+    stats: &Arc<tungate_core::Stats>,
+) -> anyhow::Result<Router> {
+    let dialer = Dialer { mark, ..Dialer::default() };
+    let upstream = proxy.connector(dialer.clone(), stats.clone()).await?;
+    let direct = ProxySpec::Direct.connector(dialer, stats.clone()).await?;
+    let config = RouterConfig { udp, ..RouterConfig::default() };
+    Ok(Router::new(upstream, direct, config, stats.clone()))
+}
+
 fn parse_mtu(s: &str) -> Result<Mtu, String> {
     Mtu::from_str(s).map_err(|e| e.to_string())
 }
@@ -133,13 +164,6 @@ fn validate(args: &Args, backend: &str, offload_capable: bool) -> anyhow::Result
                  run tungate-{wanted} instead"
             );
         }
-    }
-    match args.proxy.as_str() {
-        "direct" => {}
-        p if p.starts_with("socks5://") || p.starts_with("socks5h://") || p.starts_with("http://") => {
-            bail!("--proxy {p:?}: SOCKS5 and HTTP CONNECT upstreams are not supported yet; use --proxy direct")
-        }
-        p => bail!("--proxy {p:?}: unknown upstream (expected `direct`)"),
     }
     if !args.mtu.supports_ipv6() {
         if let Some(v6) = args.addresses.iter().find(|a| matches!(a.addr(), IpAddr::V6(_))) {
@@ -209,8 +233,8 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
         backend.validate()?;
         let shutdown = shutdown_signal();
         let stats = Arc::new(tungate_core::Stats::default());
-        let direct = Direct::new(DirectConfig { mark: args.mark, ..Default::default() }, stats.clone());
-        let handlers = Dispatch { tcp: Arc::new(direct.clone()), udp: Arc::new(direct), stats: stats.clone() };
+        let router = router(&args.proxy, args.udp, args.mark, &stats).await?;
+        let handlers = Dispatch { tcp: Arc::new(router.clone()), udp: Arc::new(router), stats: stats.clone() };
         let addresses: Vec<String> = args.addresses.iter().map(|a| a.to_string()).collect();
         tracing::info!(
             backend = B::NAME,
@@ -219,6 +243,8 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             mtu = %args.mtu,
             addresses = %addresses.join(","),
             mark = ?args.mark,
+            proxy = ?args.proxy,
+            udp = ?args.udp,
             "ready"
         );
         emit_event(serde_json::json!({
@@ -313,8 +339,13 @@ mod tests {
         assert!(args(&["--mtu", "1500"]).is_err(), "a device is required");
         assert!(args(&["--tun", "t", "--tun-fd", "3"]).is_err(), "one device only");
 
-        let socks = args(&["--tun", "t", "--proxy", "socks5://127.0.0.1:1080"]).unwrap();
-        assert!(validate(&socks, "smoltcp", true).unwrap_err().to_string().contains("not supported yet"));
+        let socks = args(&["--tun", "t", "--proxy", "socks5://al:pw@127.0.0.1:1080", "--udp", "direct"]).unwrap();
+        assert!(matches!(socks.proxy, ProxySpec::Socks5 { port: 1080, .. }));
+        assert_eq!(socks.udp, UdpPolicy::Direct);
+        assert!(
+            args(&["--tun", "t", "--proxy", "socks4://h:1"]).unwrap_err().to_string().contains("unknown proxy scheme")
+        );
+        assert!(args(&["--tun", "t", "--udp", "maybe"]).is_err());
         let other = args(&["--tun", "t", "--backend", "lwip"]).unwrap();
         assert!(validate(&other, "smoltcp", true).unwrap_err().to_string().contains("not compiled into this variant"));
         let small = args(&["--tun", "t", "--mtu", "1000", "--address", "fd18::1/64"]).unwrap();
@@ -335,9 +366,9 @@ pub mod redirect {
     use std::process::ExitCode;
     use std::sync::Arc;
 
-    use anyhow::{Context, bail};
+    use anyhow::Context;
     use clap::Parser;
-    use tungate_upstream::{Direct, DirectConfig};
+    use tungate_upstream::{ProxySpec, UdpPolicy};
 
     /// The no-TUN baseline: serves TCP connections that an nftables REDIRECT rule sends to
     /// its listeners, with their original destination (SO_ORIGINAL_DST), through the same
@@ -356,9 +387,10 @@ pub mod redirect {
         #[arg(long = "listen", value_name = "ADDR:PORT", default_values = ["127.0.0.1:12345", "[::1]:12345"])]
         pub listen: Vec<SocketAddr>,
 
-        /// Where flows go: `direct` dials the original destination.
-        #[arg(long, value_name = "URL", default_value = "direct")]
-        pub proxy: String,
+        /// Where flows go: `direct`, `socks5://[USER:PASS@]HOST[:PORT]` or
+        /// `http://[USER:PASS@]HOST[:PORT]`, as for the TUN variants.
+        #[arg(long, value_name = "URL", default_value = "direct", value_parser = super::parse_proxy)]
+        pub proxy: ProxySpec,
 
         /// SO_MARK put on every upstream socket (decimal or 0x-hex), so the capture rule
         /// can exclude the gateway's own connections.
@@ -390,9 +422,6 @@ pub mod redirect {
     }
 
     fn run(args: Args) -> anyhow::Result<()> {
-        if args.proxy != "direct" {
-            bail!("--proxy {:?}: only `direct` is supported", args.proxy);
-        }
         if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
             tracing::warn!("cannot raise the open-file limit: {e}");
         }
@@ -409,7 +438,8 @@ pub mod redirect {
             }
             let shutdown = super::shutdown_signal();
             let stats = Arc::new(tungate_core::Stats::default());
-            let direct = Direct::new(DirectConfig { mark: args.mark, ..Default::default() }, stats.clone());
+            // TCP only: the REDIRECT rule captures no UDP.
+            let router = super::router(&args.proxy, UdpPolicy::Drop, args.mark, &stats).await?;
             let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
             tracing::info!(backend = "redirect", listen = %listen.join(","), mark = ?args.mark, "ready");
             super::emit_event(serde_json::json!({
@@ -418,7 +448,7 @@ pub mod redirect {
                 "pid": std::process::id(),
                 "listen": listen,
             }));
-            backend_redirect::serve(listeners, Arc::new(direct), stats.clone(), shutdown).await?;
+            backend_redirect::serve(listeners, Arc::new(router), stats.clone(), shutdown).await?;
             tracing::info!(stats = ?stats.snapshot(), "shut down");
             super::emit_event(serde_json::json!({ "event": "exit", "stats": super::stats_json(&stats) }));
             Ok(())

@@ -55,6 +55,11 @@ counters! {
     udp_tx,
     /// UDP datagrams dropped (queue full, too large for the MTU, socket error).
     udp_dropped,
+    /// Fragmented datagrams (FRAG ≠ 0) from a SOCKS5 UDP relay (dropped: not reassembled).
+    udp_fragments,
+    /// Flows the upstream could not carry (a proxy's refusal, a failed dial, UDP the
+    /// upstream does not carry under `--udp proxy`).
+    upstream_failed,
 }
 
 impl Stats {

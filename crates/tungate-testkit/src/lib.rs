@@ -22,10 +22,12 @@ pub mod mem;
 pub mod mutation;
 pub mod netns;
 pub mod peer;
+pub mod proxies;
 pub mod services;
 
 pub use cli::{cli_bad_flags, cli_sigterm_exits_cleanly, cli_tun_busy_and_permission};
 pub use netns::{netns_256mib_each_way, netns_closed_port_refused, netns_http_get, netns_iperf3_short, netns_udp_echo};
+pub use proxies::{netns_http_connect_tinyproxy, netns_socks5_dante, netns_socks5_dante_auth, netns_socks5_microsocks};
 
 /// Instantiates the whole suite for one backend: `$backend` is an expression building
 /// the backend, `$bin` the variant binary's name (found in `$TUNGATE_BIN_DIR`).
@@ -47,7 +49,8 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@netns $module [$crate::mem::Limits::NONE] $bin;
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
-            cli_sigterm_exits_cleanly);
+            cli_sigterm_exits_cleanly, netns_socks5_dante, netns_socks5_dante_auth,
+            netns_socks5_microsocks, netns_http_connect_tinyproxy);
     };
     (one_per_process, $backend:expr, $bin:expr) => {
         $crate::conformance_suite!(@suite [true] [$crate::mem::Limits::NONE] $backend, $bin);
@@ -69,7 +72,8 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@netns conformance_netns [$limits] $bin;
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
-            cli_sigterm_exits_cleanly);
+            cli_sigterm_exits_cleanly, netns_socks5_dante, netns_socks5_dante_auth,
+            netns_socks5_microsocks, netns_http_connect_tinyproxy);
     };
     (@mem [$serial:literal] [$limits:expr] $backend:expr; $($name:ident),*) => {
         mod conformance_mem {

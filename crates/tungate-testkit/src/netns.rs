@@ -45,7 +45,14 @@ pub struct Topology {
     pub id: String,
     pub srv: String,
     pub cli: String,
+    /// The gateway binary, its flags from [`Topology::start`] and the MTU, for
+    /// [`Topology::restart_gateway`].
+    bin: PathBuf,
+    flags: Vec<String>,
+    mtu: u32,
     servers: Vec<Child>,
+    /// Started by [`Topology::daemon`]; stopped by [`Topology::stop_daemons`].
+    daemons: Vec<Child>,
     _serial: std::sync::MutexGuard<'static, ()>,
 }
 
@@ -77,7 +84,11 @@ impl Topology {
             srv: format!("tg-srv-{id}"),
             cli: format!("tg-cli-{id}"),
             id,
+            bin: bin.clone(),
+            flags: extra.iter().map(|s| s.to_string()).collect(),
+            mtu,
             servers: Vec::new(),
+            daemons: Vec::new(),
             _serial: serial,
         };
         // The example programs take only the TUN's flags (and --mark).
@@ -107,6 +118,62 @@ impl Topology {
         BufReader::new(stdout).read_line(&mut line).expect("read server output");
         assert_eq!(line.trim(), "listening", "server {args:?} did not start");
         self.servers.push(child);
+    }
+
+    /// Starts a daemon (a proxy) in the server namespace and waits up to 5 s until a TCP
+    /// socket listens on `port` there.
+    pub fn daemon(&mut self, args: &[&str], port: u16) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.srv])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
+        self.daemons.push(child);
+        let filter = format!("sport = :{port}");
+        for _ in 0..100 {
+            let out = Command::new("ip").args(["netns", "exec", &self.srv, "ss", "-Hltn", &filter]).output();
+            if out.is_ok_and(|o| !o.stdout.is_empty()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{args:?} is not listening on port {port} after 5 s");
+    }
+
+    /// Kills what [`Topology::daemon`] started (`ip netns exec` runs the daemon itself,
+    /// so its pid is the daemon's; forked helpers see their parent go).
+    pub fn stop_daemons(&mut self) {
+        for child in &mut self.daemons {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.daemons.clear();
+    }
+
+    /// Puts `contents` in place of `/etc/NAME` for everything started in the server
+    /// namespace (`ip netns exec` bind-mounts `/etc/netns/NS/NAME`); removed with the
+    /// namespaces.
+    pub fn server_etc(&self, name: &str, contents: &str) {
+        let dir = Path::new("/etc/netns").join(&self.srv);
+        std::fs::create_dir_all(&dir).expect("mkdir /etc/netns/NS");
+        std::fs::write(dir.join(name), contents).expect("write /etc/netns/NS file");
+    }
+
+    /// Stops the gateway and starts it again with `extra` flags (e.g. another --proxy);
+    /// servers and namespaces stay.
+    pub fn restart_gateway(&self, extra: &[&str]) {
+        let all = self.flags.iter().map(String::as_str).chain(extra.iter().copied());
+        let quoted: Vec<String> = all.map(|a| format!("'{a}'")).collect();
+        let status = netns_lib(&format!(
+            "netns_stop_gateway {id} && netns_start_gateway {id} '{bin}' {mtu} {extra}",
+            id = self.id,
+            bin = self.bin.display(),
+            mtu = self.mtu,
+            extra = quoted.join(" ")
+        ));
+        assert!(status.success(), "restarting the gateway with {extra:?} failed:\n{}", self.gateway_log());
     }
 
     /// Starts an `e2e_peer.py` server.
@@ -198,7 +265,7 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        for child in &mut self.servers {
+        for child in self.servers.iter_mut().chain(&mut self.daemons) {
             let _ = child.kill();
             let _ = child.wait();
         }

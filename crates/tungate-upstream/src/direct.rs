@@ -1,155 +1,99 @@
-//! The direct upstream: dial the original destination.
+//! The direct upstream: dial the destination itself.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::{TcpSocket, TcpStream, UdpSocket};
-use tungate_api::{Stats, Target, TcpHandler, TcpRequest, UdpHandler, UdpSession};
+use tokio::net::{TcpStream, UdpSocket};
+use tungate_api::Target;
 
-/// Settings of the direct upstream.
-#[derive(Debug, Clone)]
-pub struct DirectConfig {
-    /// `SO_MARK` for every upstream socket (needs CAP_NET_ADMIN), so policy routing can
-    /// keep the gateway's own traffic out of the TUN.
-    pub mark: Option<u32>,
-    /// Give up dialing after this long; the client then gets RST.
-    pub connect_timeout: Duration,
-    /// Close a TCP relay after this long without a byte either way.
-    pub tcp_idle_timeout: Duration,
-    /// End a UDP session after this long without a datagram either way.
-    pub udp_idle_timeout: Duration,
-}
+use crate::connector::{BoxFuture, ConnectError, Connector, Dialer, UdpPath};
 
-impl Default for DirectConfig {
-    fn default() -> Self {
-        DirectConfig {
-            mark: None,
-            connect_timeout: Duration::from_secs(10),
-            // As common NATs do: long for TCP, short for UDP.
-            tcp_idle_timeout: Duration::from_secs(600),
-            udp_idle_timeout: tungate_api::udp::DEFAULT_IDLE_TIMEOUT,
-        }
-    }
-}
-
-/// Dials every flow's original destination; see the crate docs. A flow named by a
-/// naming layer (a domain target) is refused: the direct upstream does not resolve names.
+/// Dials every flow's destination from the gateway's own (marked) sockets. A name (from
+/// fake-IP DNS or sniffing) is resolved with the system resolver; that resolver's own
+/// traffic must not route into the TUN.
 #[derive(Debug, Clone)]
 pub struct Direct {
-    inner: Arc<Inner>,
+    dialer: Dialer,
 }
 
-#[derive(Debug)]
-struct Inner {
-    config: DirectConfig,
-    stats: Arc<Stats>,
-}
+const NAME: &str = "direct upstream";
 
 impl Direct {
-    pub fn new(config: DirectConfig, stats: Arc<Stats>) -> Self {
-        Direct { inner: Arc::new(Inner { config, stats }) }
+    pub fn new(dialer: Dialer) -> Self {
+        Direct { dialer }
     }
 }
 
-impl Inner {
-    async fn dial_tcp(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        if let Some(mark) = self.config.mark {
-            SockRef::from(&socket).set_mark(mark)?;
-        }
-        socket.set_nodelay(true)?;
-        let stream = tokio::time::timeout(self.config.connect_timeout, socket.connect(dst))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-        Ok(stream)
+/// The address to dial for `target`.
+async fn resolve(target: &Target) -> Result<SocketAddr, ConnectError> {
+    let (name, port) = match target {
+        Target::Addr(a) => return Ok(*a),
+        Target::Domain { name, port } => (name.as_str(), *port),
+    };
+    let failed = |reason: String| ConnectError::Target { upstream: NAME.into(), target: target.clone(), reason };
+    let mut addrs = tokio::net::lookup_host((name, port)).await.map_err(|e| failed(e.to_string()))?;
+    addrs.next().ok_or_else(|| failed("the name has no address".into()))
+}
+
+impl Connector for Direct {
+    fn connect<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<TcpStream, ConnectError>> {
+        Box::pin(async move {
+            let to = resolve(target).await?;
+            self.dialer.tcp(to).await.map_err(|e| match e.kind() {
+                // What the destination said: refused, unreachable, no answer.
+                io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::HostUnreachable
+                | io::ErrorKind::NetworkUnreachable
+                | io::ErrorKind::TimedOut => {
+                    ConnectError::Refused { upstream: NAME.into(), target: target.clone(), reason: e.to_string() }
+                }
+                _ => ConnectError::Io { upstream: NAME.into(), what: "dialing", source: e },
+            })
+        })
     }
 
-    /// A connected, non-blocking UDP socket to `dst`, marked like the TCP ones.
-    fn bind_udp(&self, dst: SocketAddr) -> io::Result<UdpSocket> {
-        let socket = Socket::new(Domain::for_address(dst), Type::DGRAM, Some(Protocol::UDP))?;
-        if let Some(mark) = self.config.mark {
-            socket.set_mark(mark)?;
-        }
-        socket.set_nonblocking(true)?;
-        socket.connect(&dst.into())?;
-        UdpSocket::from_std(socket.into())
+    fn open_udp<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<Box<dyn UdpPath>, ConnectError>> {
+        Box::pin(async move {
+            let to = resolve(target).await?;
+            let socket = self.dialer.udp(to, false).map_err(|e| ConnectError::Io {
+                upstream: NAME.into(),
+                what: "opening a UDP socket",
+                source: e,
+            })?;
+            Ok(Box::new(DirectUdp { socket, first: (target.clone(), to) }) as Box<dyn UdpPath>)
+        })
     }
 }
 
-/// The address a direct upstream dials, or why it cannot.
-fn address(target: &Target) -> io::Result<SocketAddr> {
-    match target {
-        Target::Addr(a) => Ok(*a),
-        Target::Domain { name, .. } => {
-            Err(io::Error::new(io::ErrorKind::Unsupported, format!("direct upstream does not resolve names ({name})")))
-        }
-    }
+/// An unconnected socket: datagrams go to any destination, and come back from anyone the
+/// session has sent to or who learned its port (full cone).
+struct DirectUdp {
+    socket: UdpSocket,
+    /// The session's target and the address it resolved to.
+    first: (Target, SocketAddr),
 }
 
-impl TcpHandler for Direct {
-    fn handle_tcp(&self, request: TcpRequest) {
-        let inner = self.inner.clone();
-        tokio::spawn(async move {
-            let (src, target) = (request.src(), request.target().clone());
-            let upstream = match address(&target) {
-                Ok(to) => inner.dial_tcp(to).await,
-                Err(e) => Err(e),
-            };
-            let upstream = match upstream {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%src, %target, error = %e, "dial failed; resetting client");
-                    request.reject();
-                    return;
+impl UdpPath for DirectUdp {
+    fn send_to<'a>(&'a self, to: &'a Target, payload: &'a [u8]) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move {
+            let addr = match to {
+                Target::Addr(a) => *a,
+                _ if *to == self.first.0 => self.first.1,
+                Target::Domain { name, .. } => {
+                    return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{name} was not resolved")));
                 }
             };
-            let client = request.accept().await;
-            match client.relay(upstream, inner.config.tcp_idle_timeout).await {
-                Ok(s) => tracing::debug!(%src, %target, up = s.a_to_b, down = s.b_to_a, "tcp relay done"),
-                Err(e) => tracing::debug!(%src, %target, error = %e, "tcp relay failed; both sides reset"),
-            }
-        });
+            // Waits for room in the socket buffer (tokio's `try_send` refuses until the
+            // reactor has seen a new socket writable, which would drop a session's first
+            // datagram); meanwhile the session queue fills and then drops, as a router would.
+            self.socket.send_to(payload, addr).await.map(drop)
+        })
     }
-}
 
-impl UdpHandler for Direct {
-    fn handle_udp(&self, mut session: UdpSession) {
-        let inner = self.inner.clone();
-        session.set_idle_timeout(inner.config.udp_idle_timeout);
-        tokio::spawn(async move {
-            let (src, target) = (session.src(), session.target().clone());
-            let socket = match address(&target).and_then(|to| inner.bind_udp(to)) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%src, %target, error = %e, "udp upstream socket failed");
-                    Stats::inc(&inner.stats.udp_dropped);
-                    return;
-                }
-            };
-            let mut buf = vec![0u8; 65536];
-            loop {
-                tokio::select! {
-                    datagram = session.recv() => match datagram {
-                        // Waits for room in the socket buffer (tokio's `try_send` refuses
-                        // until the reactor has seen a new socket writable, which would drop
-                        // a session's first datagram); meanwhile the session queue fills and
-                        // then drops, as a router would.
-                        Some(d) => if let Err(e) = socket.send(&d).await {
-                            tracing::debug!(%src, %target, error = %e, "udp send upstream failed");
-                            Stats::inc(&inner.stats.udp_dropped);
-                        },
-                        None => return,
-                    },
-                    // ICMP errors (port unreachable) surface as recv errors on a connected
-                    // socket; they do not end the session.
-                    reply = socket.recv(&mut buf) => if let Ok(n) = reply {
-                        let _ = session.send(&buf[..n]);
-                    },
-                }
-            }
-        });
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<Option<(SocketAddr, usize)>>> {
+        Box::pin(async move {
+            let (n, from) = self.socket.recv_from(buf).await?;
+            Ok(Some((from, n)))
+        })
     }
 }

@@ -1,6 +1,6 @@
 //! SOCKS5 (RFC 1928) with username/password authentication (RFC 1929): the wire format,
-//! I/O-free ([`codec`]), and the handshake that drives it over a stream ([`client`]). The
-//! connector that opens the stream comes with the `--proxy socks5://` upstream.
+//! I/O-free ([`codec`]), the handshake that drives it over a stream ([`client`]), and the
+//! [`Socks5`] connector behind `--proxy socks5://`.
 //!
 //! Written here rather than taken from a crate: `fast-socks5` (the one crate with a UDP
 //! ASSOCIATE client) creates the relay's UDP socket itself, so the gateway could not put
@@ -10,3 +10,6 @@
 
 pub mod client;
 pub mod codec;
+mod connector;
+
+pub use connector::Socks5;

@@ -1,0 +1,230 @@
+//! The gateway in front of real proxies from Debian's packages, through a real TUN:
+//! dante (SOCKS5, TCP and UDP ASSOCIATE, no-auth and username/password), microsocks
+//! (SOCKS5, TCP only) and tinyproxy (HTTP CONNECT). Every proxy runs in the server
+//! namespace on the veth address 10.78.0.2, which the gateway reaches around its TUN;
+//! the proxies reach the test servers on 10.77.0.2 and fd77::2 inside that namespace.
+
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::netns::Topology;
+
+/// The veth address of the server namespace, where the proxies listen.
+const PROXY_HOST: &str = "10.78.0.2";
+/// The proxy test account (dante authenticates against the server namespace's own
+/// passwd/shadow, which the test puts in place; the host's are not touched).
+const USER: &str = "tgproxy";
+const PASS: &str = "tg-s3cret";
+
+/// Writes `contents` to a file in the topology's state directory and returns its path.
+fn state_file(t: &Topology, name: &str, contents: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("tungate-proxy-{}", t.id));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("write config");
+    path.to_str().expect("utf-8").to_owned()
+}
+
+/// Starts dante on `port`; `method` is `none` or `username`.
+fn dante(t: &mut Topology, port: u16, method: &str) {
+    let conf = format!(
+        "logoutput: stderr\n\
+         internal: {PROXY_HOST} port = {port}\n\
+         external: 10.77.0.2\n\
+         external: fd77::2\n\
+         socksmethod: {method}\n\
+         clientmethod: none\n\
+         user.privileged: root\n\
+         user.unprivileged: nobody\n\
+         client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}\n\
+         socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}\n\
+         socks pass {{ from: 0.0.0.0/0 to: ::/0 }}\n\
+         socks pass {{ from: ::/0 to: 0.0.0.0/0 }}\n"
+    );
+    let path = state_file(t, &format!("danted-{port}.conf"), &conf);
+    t.daemon(&["danted", "-f", &path], port);
+}
+
+/// Gives the server namespace a passwd/shadow with the test account (for dante's
+/// username method).
+fn proxy_account(t: &Topology) {
+    let hash = Command::new("openssl").args(["passwd", "-6", "-salt", "tungatetest", PASS]).output().expect("openssl");
+    assert!(hash.status.success(), "openssl passwd failed");
+    let hash = String::from_utf8(hash.stdout).expect("utf-8").trim().to_owned();
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    let shadow = std::fs::read_to_string("/etc/shadow").expect("read /etc/shadow");
+    t.server_etc("passwd", &format!("{passwd}{USER}:x:64999:65534::/nonexistent:/usr/sbin/nologin\n"));
+    t.server_etc("shadow", &format!("{shadow}{USER}:{hash}:20000:0:99999:7:::\n"));
+}
+
+/// tinyproxy on `port`, with Basic credentials when `auth`.
+fn tinyproxy(t: &mut Topology, port: u16, auth: bool) {
+    let mut conf = format!(
+        "User nobody\nGroup nogroup\nPort {port}\nListen {PROXY_HOST}\nTimeout 600\nMaxClients 100\n\
+         LogLevel Info\nDisableViaHeader Yes\n"
+    );
+    if auth {
+        conf.push_str(&format!("BasicAuth {USER} {PASS}\n"));
+    }
+    let path = state_file(t, &format!("tinyproxy-{port}.conf"), &conf);
+    t.daemon(&["tinyproxy", "-d", "-c", &path], port);
+}
+
+/// The servers every proxy test talks to: HTTP (v4, v6), a sink and a source for the
+/// 64 MiB transfers, a UDP echo. Returns the served file's bytes.
+fn servers(t: &mut Topology) -> Vec<u8> {
+    let dir = std::env::temp_dir().join(format!("tungate-proxy-{}", t.id));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let body = crate::services::pattern(2 * 1024 * 1024 + 3, 12);
+    std::fs::write(dir.join("file.bin"), &body).expect("write file");
+    let d = dir.to_str().expect("utf-8");
+    t.peer_server(&["serve-http", d, "10.77.0.2", "8080"]);
+    t.peer_server(&["serve-http", d, "fd77::2", "8080"]);
+    t.peer_server(&["serve-sink", "10.77.0.2", "9000"]);
+    t.peer_server(&["serve-source", "10.77.0.2", "9001"]);
+    t.peer_server(&["serve-sink-counted", "10.77.0.2", "9002"]);
+    t.peer_server(&["serve-udp-echo", "10.77.0.2", "5353"]);
+    body
+}
+
+fn curl_get(t: &Topology, url: &str, body: &[u8]) {
+    let out = t.client(&["curl", "-sS", "--fail", "--max-time", "30", url]);
+    assert!(out.status.success(), "curl {url}: {}\n{}", String::from_utf8_lossy(&out.stderr), t.gateway_log());
+    assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(body), "{url}: body corrupted");
+}
+
+/// 64 MiB up and 64 MiB down, each sha256-checked by the other end. The upload ends
+/// with a half-close (FIN, then the server's digest) where the backend and the proxy
+/// both carry one (microsocks and tinyproxy close both ways on the first FIN);
+/// otherwise it is length-delimited.
+fn each_way_64mib(t: &Topology, proxy_half_closes: bool) {
+    let half_close = proxy_half_closes && crate::mem::limits().half_close;
+    let n = (64u64 << 20).to_string();
+    let (command, port) = if half_close { ("upload", "9000") } else { ("upload-counted", "9002") };
+    let up = t.peer_client(&[command, "10.77.0.2", port, &n]);
+    assert!(up.starts_with("ok upload 67108864 bytes"), "{up}");
+    let down = t.peer_client(&["download", "10.77.0.2", "9001", &n]);
+    assert!(down.starts_with("ok download 67108864 bytes"), "{down}");
+}
+
+/// A closed port behind the proxy: the client's connect is refused within 1 s.
+fn refused(t: &Topology) {
+    let out = t.peer_client(&["refused", "10.77.0.2", "9"]);
+    assert!(out.starts_with("ok refused"), "{out}\n{}", t.gateway_log());
+}
+
+/// Stops the proxies: a connection to a port that is open behind them is then refused,
+/// which shows the flows went through the proxy and not around it.
+fn without_proxy_refused(t: &mut Topology) {
+    t.stop_daemons();
+    let out = t.peer_client(&["refused", "10.77.0.2", "8080"]);
+    assert!(out.starts_with("ok refused"), "{out}");
+}
+
+/// How many log lines contain `needle`.
+fn log_lines(t: &Topology, needle: &str) -> usize {
+    t.gateway_log().lines().filter(|l| l.contains(needle)).count()
+}
+
+/// dante without authentication: GETs over v4 and v6 (the proxy dials both), 64 MiB
+/// each way, UDP echoed through UDP ASSOCIATE from the right address, a closed port
+/// refused at the client's connect.
+pub fn netns_socks5_dante(bin: &str) {
+    let mut t = Topology::start(bin, 1500);
+    dante(&mut t, 1080, "none");
+    let body = servers(&mut t);
+    t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1080"]);
+    curl_get(&t, "http://10.77.0.2:8080/file.bin", &body);
+    curl_get(&t, "http://[fd77::2]:8080/file.bin", &body);
+    each_way_64mib(&t, true);
+    let udp = t.peer_client(&["udp", "10.77.0.2", "5353", "20"]);
+    assert!(udp.starts_with("ok udp 20"), "{udp}");
+    refused(&t);
+    without_proxy_refused(&mut t);
+    let stats = t.stop_gateway();
+    assert_eq!(stats["udp_fragments"], 0);
+    assert!(stats["udp_tx"] >= 20, "echoes came back through the TUN: {stats:?}");
+}
+
+/// dante with username/password: the right credentials carry TCP and UDP; wrong ones
+/// refuse every connection and say so in one error line naming the proxy.
+pub fn netns_socks5_dante_auth(bin: &str) {
+    let mut t = Topology::start(bin, 1500);
+    proxy_account(&t);
+    dante(&mut t, 1082, "username");
+    let body = servers(&mut t);
+    t.restart_gateway(&["--proxy", &format!("socks5://{USER}:{PASS}@10.78.0.2:1082")]);
+    curl_get(&t, "http://10.77.0.2:8080/file.bin", &body);
+    let udp = t.peer_client(&["udp", "10.77.0.2", "5353", "5"]);
+    assert!(udp.starts_with("ok udp 5"), "{udp}");
+
+    t.restart_gateway(&["--proxy", &format!("socks5://{USER}:wrong@10.78.0.2:1082")]);
+    refused(&t);
+    let again = t.peer_client(&["refused", "10.77.0.2", "8080"]);
+    assert!(again.starts_with("ok refused"), "{again}");
+    assert_eq!(
+        log_lines(&t, "SOCKS5 proxy 10.78.0.2:1082 rejected the credentials"),
+        1,
+        "one error line for wrong credentials:\n{}",
+        t.gateway_log()
+    );
+}
+
+/// microsocks carries TCP only: TCP goes through it, and UDP follows `--udp`: `direct`
+/// sends it around the proxy (echoed), `proxy` drops it after one warning.
+pub fn netns_socks5_microsocks(bin: &str) {
+    let mut t = Topology::start(bin, 1500);
+    t.daemon(&["microsocks", "-i", PROXY_HOST, "-p", "1081"], 1081);
+    let body = servers(&mut t);
+    t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1081", "--udp", "direct"]);
+    curl_get(&t, "http://10.77.0.2:8080/file.bin", &body);
+    each_way_64mib(&t, false);
+    refused(&t);
+    let udp = t.peer_client(&["udp", "10.77.0.2", "5353", "5"]);
+    assert!(udp.starts_with("ok udp 5"), "{udp}");
+    assert_eq!(log_lines(&t, "does not carry UDP"), 1, "one warning:\n{}", t.gateway_log());
+
+    t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1081", "--udp", "proxy"]);
+    let out = t.client(&["python3", "-c", UDP_UNANSWERED]);
+    assert!(out.status.success(), "UDP must be dropped under --udp proxy: {}", String::from_utf8_lossy(&out.stderr));
+    without_proxy_refused(&mut t);
+    let stats = t.stop_gateway();
+    assert!(stats["udp_dropped"] >= 3, "{stats:?}");
+}
+
+/// Sends three datagrams to the echo server and fails if any answer comes back in 1 s.
+const UDP_UNANSWERED: &str = "import socket,sys\n\
+s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(1.0)\n\
+[s.sendto(b'x'*i,('10.77.0.2',5353)) for i in (1,2,3)]\n\
+try:\n    s.recv(100); sys.exit('answered')\nexcept socket.timeout:\n    pass\n";
+
+/// tinyproxy (HTTP CONNECT): GETs over v4 and v6, 64 MiB each way, a closed port
+/// refused; with Basic credentials required and wrong ones given, connections are
+/// refused and one error line names the proxy and its status.
+pub fn netns_http_connect_tinyproxy(bin: &str) {
+    let mut t = Topology::start(bin, 1500);
+    tinyproxy(&mut t, 8888, false);
+    tinyproxy(&mut t, 8889, true);
+    let body = servers(&mut t);
+    t.restart_gateway(&["--proxy", "http://10.78.0.2:8888"]);
+    curl_get(&t, "http://10.77.0.2:8080/file.bin", &body);
+    curl_get(&t, "http://[fd77::2]:8080/file.bin", &body);
+    each_way_64mib(&t, false);
+    refused(&t);
+
+    t.restart_gateway(&["--proxy", &format!("http://{USER}:{PASS}@10.78.0.2:8889")]);
+    curl_get(&t, "http://10.77.0.2:8080/file.bin", &body);
+    t.restart_gateway(&["--proxy", &format!("http://{USER}:wrong@10.78.0.2:8889")]);
+    refused(&t);
+    let again = t.peer_client(&["refused", "10.77.0.2", "8080"]);
+    assert!(again.starts_with("ok refused"), "{again}");
+    assert_eq!(
+        // tinyproxy 1.11 answers 401 where RFC 9110 says 407; both mean the credentials.
+        log_lines(&t, "HTTP proxy 10.78.0.2:8889 rejected the credentials: HTTP 401"),
+        1,
+        "one error line for the proxy's 401:\n{}",
+        t.gateway_log()
+    );
+    without_proxy_refused(&mut t);
+}

@@ -1,0 +1,264 @@
+//! The one handler the gateway runs: name the flow, connect it through the upstream,
+//! refuse it the way a direct refusal would look if that fails, relay.
+//!
+//! ```text
+//! TcpRequest ─▶ connect(target) ──ok──▶ accept ─▶ relay
+//!                      └─err─▶ reject: RST to the client's SYN (its connect is refused)
+//! UdpSession ─▶ open_udp(target) on the first datagram ─▶ datagrams both ways until idle
+//!                      └─NoUdp─▶ --udp policy: drop, or the direct path
+//! ```
+//!
+//! The router holds its upstream as `Arc<dyn Connector>` and never asks which one it is.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tungate_api::{Stats, Target, TcpHandler, TcpRequest, UdpHandler, UdpSession};
+
+use crate::connector::{ConnectError, Connector, UdpPath};
+
+/// What UDP does when the upstream cannot carry it (an HTTP proxy; a SOCKS5 server that
+/// refuses UDP ASSOCIATE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpPolicy {
+    /// Through the upstream only; what it cannot carry is dropped and counted.
+    Proxy,
+    /// Through the upstream when it can; otherwise sent directly from the gateway (around
+    /// the proxy, with `--mark`).
+    Direct,
+    /// Never carried: every UDP datagram is dropped and counted.
+    Drop,
+}
+
+impl FromStr for UdpPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "proxy" => Ok(UdpPolicy::Proxy),
+            "direct" => Ok(UdpPolicy::Direct),
+            "drop" => Ok(UdpPolicy::Drop),
+            _ => Err(format!("{s:?} is not a UDP policy (proxy, direct or drop)")),
+        }
+    }
+}
+
+/// The router's settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub udp: UdpPolicy,
+    /// Upper bound on connecting a flow through the upstream (dial and handshake); the
+    /// client then gets RST.
+    pub connect_timeout: Duration,
+    /// Close a TCP relay after this long without a byte either way.
+    pub tcp_idle_timeout: Duration,
+    /// End a UDP session after this long without a datagram either way.
+    pub udp_idle_timeout: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            udp: UdpPolicy::Proxy,
+            connect_timeout: Duration::from_secs(10),
+            // As common NATs do: long for TCP, short for UDP.
+            tcp_idle_timeout: Duration::from_secs(600),
+            udp_idle_timeout: tungate_api::udp::DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// How long a "this upstream does not carry UDP" answer is believed before it is asked
+/// again.
+const NO_UDP_MEMORY: Duration = Duration::from_secs(60);
+
+/// The gateway's handler for TCP and UDP; see the module docs.
+#[derive(Debug, Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    upstream: Arc<dyn Connector>,
+    /// Where UDP goes under [`UdpPolicy::Direct`] when the upstream cannot carry it.
+    direct: Arc<dyn Connector>,
+    config: RouterConfig,
+    stats: Arc<Stats>,
+    /// Set once the credentials error has been logged at error level.
+    auth_logged: AtomicBool,
+    /// When the upstream last said it does not carry UDP.
+    no_udp_since: Mutex<Option<Instant>>,
+    /// Last warning about an unreachable upstream (one line per 10 s, not per flow).
+    io_logged: Mutex<Option<Instant>>,
+}
+
+impl Router {
+    /// `upstream` carries the flows; `direct` carries UDP under [`UdpPolicy::Direct`].
+    pub fn new(
+        upstream: Arc<dyn Connector>,
+        direct: Arc<dyn Connector>,
+        config: RouterConfig,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Router {
+            inner: Arc::new(Inner {
+                upstream,
+                direct,
+                config,
+                stats,
+                auth_logged: AtomicBool::new(false),
+                no_udp_since: Mutex::new(None),
+                io_logged: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// Counts a failed flow and logs why: a credentials error once, at error level (every
+    /// flow fails the same way); an unreachable proxy at most every 10 s; a refused
+    /// destination per flow at debug, as a direct refusal would be.
+    fn failed(&self, src: std::net::SocketAddr, e: &ConnectError) {
+        Stats::inc(&self.stats.upstream_failed);
+        match e {
+            ConnectError::Auth { .. } => {
+                if !self.auth_logged.swap(true, Ordering::Relaxed) {
+                    tracing::error!("{e}; every connection through it is refused (check the credentials in --proxy)");
+                } else {
+                    tracing::debug!(%src, "{e}");
+                }
+            }
+            ConnectError::Io { .. } => {
+                let mut last = self.io_logged.lock().unwrap_or_else(|p| p.into_inner());
+                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    *last = Some(Instant::now());
+                    tracing::warn!("{e}");
+                } else {
+                    tracing::debug!(%src, "{e}");
+                }
+            }
+            _ => tracing::debug!(%src, "{e}"),
+        }
+    }
+
+    async fn connect(&self, target: &Target) -> Result<tokio::net::TcpStream, ConnectError> {
+        match tokio::time::timeout(self.config.connect_timeout, self.upstream.connect(target)).await {
+            Ok(result) => result,
+            Err(_) => Err(ConnectError::Refused {
+                upstream: "upstream".into(),
+                target: target.clone(),
+                reason: format!("no connection within {:?}", self.config.connect_timeout),
+            }),
+        }
+    }
+
+    /// The path for a UDP session, or `None` (dropped) as the policy says.
+    async fn udp_path(&self, src: std::net::SocketAddr, target: &Target) -> Option<Box<dyn UdpPath>> {
+        if self.config.udp == UdpPolicy::Drop {
+            return None;
+        }
+        let believed =
+            self.no_udp_since.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| t.elapsed() < NO_UDP_MEMORY);
+        if !believed {
+            match self.upstream.open_udp(target).await {
+                Ok(path) => return Some(path),
+                Err(e @ ConnectError::NoUdp { .. }) => {
+                    let first =
+                        self.no_udp_since.lock().unwrap_or_else(|p| p.into_inner()).replace(Instant::now()).is_none();
+                    let then = match self.config.udp {
+                        UdpPolicy::Direct => "sending UDP directly (--udp direct)",
+                        _ => "dropping UDP (--udp proxy; --udp direct sends it around the proxy)",
+                    };
+                    if first {
+                        tracing::warn!("{e}: {then}");
+                    } else {
+                        tracing::debug!("{e}: {then}");
+                    }
+                }
+                Err(e) => {
+                    self.failed(src, &e);
+                    return None;
+                }
+            }
+        }
+        if self.config.udp != UdpPolicy::Direct {
+            Stats::inc(&self.stats.upstream_failed);
+            return None;
+        }
+        match self.direct.open_udp(target).await {
+            Ok(path) => Some(path),
+            Err(e) => {
+                self.failed(src, &e);
+                None
+            }
+        }
+    }
+}
+
+impl TcpHandler for Router {
+    fn handle_tcp(&self, request: TcpRequest) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let (src, target) = (request.src(), request.target().clone());
+            // Asked before the client's handshake completes: a refusal is a refused connect.
+            let upstream = match inner.connect(&target).await {
+                Ok(s) => s,
+                Err(e) => {
+                    inner.failed(src, &e);
+                    request.reject();
+                    return;
+                }
+            };
+            let client = request.accept().await;
+            match client.relay(upstream, inner.config.tcp_idle_timeout).await {
+                Ok(s) => tracing::debug!(%src, %target, up = s.a_to_b, down = s.b_to_a, "tcp relay done"),
+                Err(e) => tracing::debug!(%src, %target, error = %e, "tcp relay failed; both sides reset"),
+            }
+        });
+    }
+}
+
+impl UdpHandler for Router {
+    fn handle_udp(&self, mut session: UdpSession) {
+        let inner = self.inner.clone();
+        session.set_idle_timeout(inner.config.udp_idle_timeout);
+        tokio::spawn(async move {
+            let (src, target) = (session.src(), session.target().clone());
+            let Some(path) = inner.udp_path(src, &target).await else {
+                // The session stays open (and its datagrams are counted as dropped
+                // here) until it goes idle, so a client retrying is not re-asked for
+                // each datagram.
+                while session.recv().await.is_some() {
+                    Stats::inc(&inner.stats.udp_dropped);
+                }
+                return;
+            };
+            let mut buf = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    datagram = session.recv() => match datagram {
+                        Some(d) => if let Err(e) = path.send_to(&target, &d).await {
+                            tracing::debug!(%src, %target, error = %e, "udp send upstream failed");
+                            Stats::inc(&inner.stats.udp_dropped);
+                        },
+                        None => return,
+                    },
+                    reply = path.recv_from(&mut buf) => match reply {
+                        // Full cone: a reply from any address reaches the client as from that address.
+                        Ok(Some((from, n))) => { let _ = session.send_from(from, &buf[..n]); }
+                        Ok(None) => {
+                            tracing::debug!(%src, %target, "the upstream ended the UDP association");
+                            return;
+                        }
+                        // ICMP errors (port unreachable) surface as recv errors; they do
+                        // not end the session.
+                        Err(e) => tracing::trace!(%src, %target, error = %e, "udp recv"),
+                    },
+                }
+            }
+        });
+    }
+}
