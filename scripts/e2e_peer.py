@@ -136,6 +136,33 @@ def serve_http(directory, host, port):
     srv.serve_forever()
 
 
+class Banner(socketserver.BaseRequestHandler):
+    """A server that speaks first (as SMTP does): a banner line, then an echo of one line."""
+
+    def handle(self):
+        self.request.sendall(b"220 banner.test ready\r\n")
+        line = self.request.recv(256)
+        self.request.sendall(b"250 " + line)
+
+
+def banner(host, port, max_seconds):
+    """Connects, sends nothing, and waits for the server's banner; fails if it takes
+    longer than max_seconds. Then one line each way."""
+    t = time.monotonic()
+    s = connect(host, port)
+    first = s.recv(256)
+    waited = time.monotonic() - t
+    if first != b"220 banner.test ready\r\n":
+        fail(f"banner: got {first!r}")
+    if waited > float(max_seconds):
+        fail(f"banner after {waited:.3f}s, more than {max_seconds}s")
+    s.sendall(b"HELO x\r\n")
+    reply = s.recv(256)
+    if reply != b"250 HELO x\r\n":
+        fail(f"banner: reply {reply!r}")
+    print(f"ok banner after {waited * 1000:.0f} ms", flush=True)
+
+
 def connect(host, port):
     s = socket.socket(family(host), socket.SOCK_STREAM)
     s.settimeout(60)
@@ -418,6 +445,8 @@ COMMANDS = {
     "serve-sink": lambda h, p: serve_tcp(h, p, Sink),
     "serve-source": lambda h, p: serve_tcp(h, p, Source),
     "serve-sink-counted": lambda h, p: serve_tcp(h, p, SinkCounted),
+    "serve-banner": lambda h, p: serve_tcp(h, p, Banner),
+    "banner": banner,
     "upload-counted": upload_counted,
     "serve-udp-echo": serve_udp_echo,
     "serve-http": serve_http,

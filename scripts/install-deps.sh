@@ -32,6 +32,12 @@ need_cmd python3 python3
 need_cmd pkg-config pkg-config
 need_cmd clang clang
 need_cmd strip binutils
+need_cmd openssl openssl
+# Proxies and a resolver the namespace tests run in the server namespace.
+need_cmd danted dante-server
+need_cmd microsocks microsocks
+need_cmd tinyproxy tinyproxy
+need_cmd dig dnsutils
 need_pkg libclang-dev
 need_pkg build-essential
 

@@ -40,19 +40,8 @@ pub struct Args {
     #[arg(long = "address", value_name = "CIDR", value_parser = parse_cidr)]
     pub addresses: Vec<IpNet>,
 
-    /// Where flows go: `direct` dials the destination itself;
-    /// `socks5://[USER:PASS@]HOST[:PORT]` (port 1080) sends TCP by CONNECT and UDP by UDP
-    /// ASSOCIATE; `http://[USER:PASS@]HOST[:PORT]` (port 80) sends TCP by HTTP CONNECT.
-    /// A proxy named by host is resolved once, at start. A flow the upstream refuses is
-    /// refused to the client (RST to its SYN), as a direct refusal would be.
-    #[arg(long, value_name = "URL", default_value = "direct", value_parser = parse_proxy)]
-    pub proxy: ProxySpec,
-
-    /// What UDP does when the upstream cannot carry it (HTTP CONNECT; a SOCKS5 server
-    /// that refuses UDP ASSOCIATE): `proxy` drops it (and counts it), `direct` sends it
-    /// from the gateway itself, around the proxy (with --mark), `drop` drops all UDP.
-    #[arg(long, value_name = "POLICY", default_value = "proxy", value_parser = parse_udp_policy)]
-    pub udp: UdpPolicy,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
 
     /// SO_MARK put on every upstream socket (decimal or 0x-hex), for policy routing.
     #[arg(long, value_name = "N", value_parser = parse_mark)]
@@ -75,6 +64,37 @@ pub struct Args {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     pub log_level: String,
+}
+
+/// Where flows go and how they are named: shared by every variant.
+#[derive(Debug, clap::Args)]
+pub struct UpstreamArgs {
+    /// Where flows go: `direct` dials the destination itself;
+    /// `socks5://[USER:PASS@]HOST[:PORT]` (port 1080) sends TCP by CONNECT and UDP by UDP
+    /// ASSOCIATE; `http://[USER:PASS@]HOST[:PORT]` (port 80) sends TCP by HTTP CONNECT.
+    /// A proxy named by host is resolved once, at start. A flow the upstream refuses is
+    /// refused to the client (RST to its SYN), as a direct refusal would be.
+    #[arg(long, value_name = "URL", default_value = "direct", value_parser = parse_proxy)]
+    pub proxy: ProxySpec,
+
+    /// What UDP does when the upstream cannot carry it (HTTP CONNECT; a SOCKS5 server
+    /// that refuses UDP ASSOCIATE): `proxy` drops it (and counts it), `direct` sends it
+    /// from the gateway itself, around the proxy (with --mark), `drop` drops all UDP.
+    #[arg(long, value_name = "POLICY", default_value = "proxy", value_parser = parse_udp_policy)]
+    pub udp: UdpPolicy,
+
+    /// Read a host name from each TCP connection's first bytes (TLS ClientHello SNI,
+    /// HTTP/1 Host) and ask the upstream for that name instead of the address. The
+    /// client's handshake then completes before the upstream is asked, so a refused
+    /// destination reaches the client as a reset after its first bytes, not as a
+    /// refused connect. Protocols where the server speaks first (SMTP, SSH banners) wait
+    /// --sniff-timeout before they are connected.
+    #[arg(long)]
+    pub sniff: bool,
+
+    /// How long --sniff waits for a connection's first bytes, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub sniff_timeout: u64,
 }
 
 const EXAMPLE: &str = r#"Example (a namespace or host where 10.77.0.0/24 should go through the gateway):
@@ -112,17 +132,16 @@ fn parse_udp_policy(s: &str) -> Result<UdpPolicy, String> {
     s.parse()
 }
 
-/// The router over the `--proxy` upstream, every socket marked with `--mark`.
-async fn router(
-    proxy: &ProxySpec,
-    udp: UdpPolicy,
-    mark: Option<u32>,
-    stats: &Arc<tungate_core::Stats>,
-) -> anyhow::Result<Router> {
+/// The router the flags describe, every socket marked with `--mark`.
+async fn router(args: &UpstreamArgs, mark: Option<u32>, stats: &Arc<tungate_core::Stats>) -> anyhow::Result<Router> {
     let dialer = Dialer { mark, ..Dialer::default() };
-    let upstream = proxy.connector(dialer.clone(), stats.clone()).await?;
+    let upstream = args.proxy.connector(dialer.clone(), stats.clone()).await?;
     let direct = ProxySpec::Direct.connector(dialer, stats.clone()).await?;
-    let config = RouterConfig { udp, ..RouterConfig::default() };
+    let config = RouterConfig {
+        udp: args.udp,
+        sniff: args.sniff.then(|| std::time::Duration::from_millis(args.sniff_timeout)),
+        ..RouterConfig::default()
+    };
     Ok(Router::new(upstream, direct, config, stats.clone()))
 }
 
@@ -233,7 +252,7 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
         backend.validate()?;
         let shutdown = shutdown_signal();
         let stats = Arc::new(tungate_core::Stats::default());
-        let router = router(&args.proxy, args.udp, args.mark, &stats).await?;
+        let router = router(&args.upstream, args.mark, &stats).await?;
         let handlers = Dispatch { tcp: Arc::new(router.clone()), udp: Arc::new(router), stats: stats.clone() };
         let addresses: Vec<String> = args.addresses.iter().map(|a| a.to_string()).collect();
         tracing::info!(
@@ -243,8 +262,9 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             mtu = %args.mtu,
             addresses = %addresses.join(","),
             mark = ?args.mark,
-            proxy = ?args.proxy,
-            udp = ?args.udp,
+            proxy = ?args.upstream.proxy,
+            udp = ?args.upstream.udp,
+            sniff = args.upstream.sniff,
             "ready"
         );
         emit_event(serde_json::json!({
@@ -340,8 +360,8 @@ mod tests {
         assert!(args(&["--tun", "t", "--tun-fd", "3"]).is_err(), "one device only");
 
         let socks = args(&["--tun", "t", "--proxy", "socks5://al:pw@127.0.0.1:1080", "--udp", "direct"]).unwrap();
-        assert!(matches!(socks.proxy, ProxySpec::Socks5 { port: 1080, .. }));
-        assert_eq!(socks.udp, UdpPolicy::Direct);
+        assert!(matches!(socks.upstream.proxy, ProxySpec::Socks5 { port: 1080, .. }));
+        assert_eq!(socks.upstream.udp, UdpPolicy::Direct);
         assert!(
             args(&["--tun", "t", "--proxy", "socks4://h:1"]).unwrap_err().to_string().contains("unknown proxy scheme")
         );
@@ -368,7 +388,6 @@ pub mod redirect {
 
     use anyhow::Context;
     use clap::Parser;
-    use tungate_upstream::{ProxySpec, UdpPolicy};
 
     /// The no-TUN baseline: serves TCP connections that an nftables REDIRECT rule sends to
     /// its listeners, with their original destination (SO_ORIGINAL_DST), through the same
@@ -387,10 +406,8 @@ pub mod redirect {
         #[arg(long = "listen", value_name = "ADDR:PORT", default_values = ["127.0.0.1:12345", "[::1]:12345"])]
         pub listen: Vec<SocketAddr>,
 
-        /// Where flows go: `direct`, `socks5://[USER:PASS@]HOST[:PORT]` or
-        /// `http://[USER:PASS@]HOST[:PORT]`, as for the TUN variants.
-        #[arg(long, value_name = "URL", default_value = "direct", value_parser = super::parse_proxy)]
-        pub proxy: ProxySpec,
+        #[command(flatten)]
+        pub upstream: super::UpstreamArgs,
 
         /// SO_MARK put on every upstream socket (decimal or 0x-hex), so the capture rule
         /// can exclude the gateway's own connections.
@@ -438,8 +455,8 @@ pub mod redirect {
             }
             let shutdown = super::shutdown_signal();
             let stats = Arc::new(tungate_core::Stats::default());
-            // TCP only: the REDIRECT rule captures no UDP.
-            let router = super::router(&args.proxy, UdpPolicy::Drop, args.mark, &stats).await?;
+            // The REDIRECT rule captures TCP only; --udp has nothing to act on here.
+            let router = super::router(&args.upstream, args.mark, &stats).await?;
             let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
             tracing::info!(backend = "redirect", listen = %listen.join(","), mark = ?args.mark, "ready");
             super::emit_event(serde_json::json!({

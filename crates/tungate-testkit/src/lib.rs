@@ -27,7 +27,9 @@ pub mod services;
 
 pub use cli::{cli_bad_flags, cli_sigterm_exits_cleanly, cli_tun_busy_and_permission};
 pub use netns::{netns_256mib_each_way, netns_closed_port_refused, netns_http_get, netns_iperf3_short, netns_udp_echo};
-pub use proxies::{netns_http_connect_tinyproxy, netns_socks5_dante, netns_socks5_dante_auth, netns_socks5_microsocks};
+pub use proxies::{
+    netns_http_connect_tinyproxy, netns_sniff, netns_socks5_dante, netns_socks5_dante_auth, netns_socks5_microsocks,
+};
 
 /// Instantiates the whole suite for one backend: `$backend` is an expression building
 /// the backend, `$bin` the variant binary's name (found in `$TUNGATE_BIN_DIR`).
@@ -50,7 +52,7 @@ macro_rules! conformance_suite {
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
             cli_sigterm_exits_cleanly, netns_socks5_dante, netns_socks5_dante_auth,
-            netns_socks5_microsocks, netns_http_connect_tinyproxy);
+            netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff);
     };
     (one_per_process, $backend:expr, $bin:expr) => {
         $crate::conformance_suite!(@suite [true] [$crate::mem::Limits::NONE] $backend, $bin);
@@ -73,7 +75,7 @@ macro_rules! conformance_suite {
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
             cli_sigterm_exits_cleanly, netns_socks5_dante, netns_socks5_dante_auth,
-            netns_socks5_microsocks, netns_http_connect_tinyproxy);
+            netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff);
     };
     (@mem [$serial:literal] [$limits:expr] $backend:expr; $($name:ident),*) => {
         mod conformance_mem {

@@ -228,3 +228,63 @@ pub fn netns_http_connect_tinyproxy(bin: &str) {
     );
     without_proxy_refused(&mut t);
 }
+
+/// `--sniff` through dante, with clients dialling 10.77.0.99, where nothing listens: the
+/// server namespace's hosts file sends the sniffed names to 10.77.0.2, so a connection
+/// works only if the proxy was asked for the name. TLS (`openssl s_client
+/// -servername`) and HTTP (`curl -H Host`) both; a server-speaks-first service is
+/// delayed by at most the sniff timeout; a refused destination is reset.
+pub fn netns_sniff(bin: &str) {
+    let mut t = Topology::start(bin, 1500);
+    t.server_etc("hosts", "127.0.0.1 localhost\n10.77.0.2 web.test tls.test\n");
+    dante(&mut t, 1080, "none");
+    let body = servers(&mut t);
+    let dir = std::env::temp_dir().join(format!("tungate-proxy-{}", t.id));
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let (cert, key) = (cert.to_str().expect("utf-8 path"), key.to_str().expect("utf-8 path"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-subj", "/CN=tls.test", "-days", "1", "-keyout", key, "-out", cert])
+        .output()
+        .expect("openssl req");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    t.daemon(&["openssl", "s_server", "-quiet", "-accept", "10.77.0.2:8443", "-cert", cert, "-key", key], 8443);
+    t.peer_server(&["serve-banner", "10.77.0.2", "2525"]);
+    t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1080", "--sniff", "--sniff-timeout", "300"]);
+
+    let tls = t.client(&[
+        "bash",
+        "-c",
+        "echo sniffed | timeout 10 openssl s_client -connect 10.77.0.99:8443 -servername tls.test -ign_eof 2>&1",
+    ]);
+    let text = String::from_utf8_lossy(&tls.stdout);
+    assert!(
+        text.contains("CN = tls.test") && text.contains("BEGIN CERTIFICATE"),
+        "s_client:\n{text}\n{}",
+        t.gateway_log()
+    );
+    curl_get_host(&t, "http://10.77.0.99:8080/file.bin", "web.test:8080", &body);
+    // A server-speaks-first service: the client sends nothing, so the sniff waits its
+    // 300 ms out and then connects by address.
+    let banner = t.peer_client(&["banner", "10.77.0.2", "2525", "1.3"]);
+    assert!(banner.starts_with("ok banner"), "{banner}");
+    // Sniffing completes the client's handshake first: a closed port is a reset.
+    let reset = t.peer_client(&["reset", "10.77.0.2", "9"]);
+    assert!(reset.starts_with("ok reset"), "{reset}");
+    // Without the proxy, an open port is reset too: nothing went around it.
+    t.stop_daemons();
+    let reset = t.peer_client(&["reset", "10.77.0.2", "8080"]);
+    assert!(reset.starts_with("ok reset"), "{reset}");
+}
+
+fn curl_get_host(t: &Topology, url: &str, host: &str, body: &[u8]) {
+    let header = format!("Host: {host}");
+    let out = t.client(&["curl", "-sS", "--fail", "--max-time", "30", "-H", &header, url]);
+    assert!(
+        out.status.success(),
+        "curl {url} ({header}): {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        t.gateway_log()
+    );
+    assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(body), "{url}: body corrupted");
+}

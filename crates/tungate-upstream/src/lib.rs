@@ -10,6 +10,7 @@ mod connector;
 mod direct;
 pub mod http;
 mod router;
+pub mod sniff;
 pub mod socks5;
 mod spec;
 

@@ -2,8 +2,11 @@
 //! refuse it the way a direct refusal would look if that fails, relay.
 //!
 //! ```text
-//! TcpRequest ─▶ connect(target) ──ok──▶ accept ─▶ relay
-//!                      └─err─▶ reject: RST to the client's SYN (its connect is refused)
+//! TcpRequest ─▶ [--sniff: peek the first bytes for a TLS SNI / HTTP Host, at most the
+//!                timeout; the name becomes the target]
+//!            ─▶ connect(target) ──ok──▶ accept ─▶ relay
+//!                      └─err─▶ reject: RST to the client's SYN (its connect is refused;
+//!                              after a sniff the handshake is done, so it is a reset)
 //! UdpSession ─▶ open_udp(target) on the first datagram ─▶ datagrams both ways until idle
 //!                      └─NoUdp─▶ --udp policy: drop, or the direct path
 //! ```
@@ -16,9 +19,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tungate_api::{Stats, Target, TcpHandler, TcpRequest, UdpHandler, UdpSession};
+use tungate_api::{NameSource, Stats, Target, TcpHandler, TcpRequest, UdpHandler, UdpSession};
 
 use crate::connector::{ConnectError, Connector, UdpPath};
+use crate::sniff::{MAX_SNIFF, Sniffed, sniff};
 
 /// What UDP does when the upstream cannot carry it (an HTTP proxy; a SOCKS5 server that
 /// refuses UDP ASSOCIATE).
@@ -56,6 +60,10 @@ pub struct RouterConfig {
     pub tcp_idle_timeout: Duration,
     /// End a UDP session after this long without a datagram either way.
     pub udp_idle_timeout: Duration,
+    /// `--sniff`: read a name from each TCP flow's first bytes (TLS SNI, HTTP Host),
+    /// waiting at most this long for them. The client's handshake completes before the
+    /// upstream is asked, so a refusal then reaches the client as a reset.
+    pub sniff: Option<Duration>,
 }
 
 impl Default for RouterConfig {
@@ -66,6 +74,7 @@ impl Default for RouterConfig {
             // As common NATs do: long for TCP, short for UDP.
             tcp_idle_timeout: Duration::from_secs(600),
             udp_idle_timeout: tungate_api::udp::DEFAULT_IDLE_TIMEOUT,
+            sniff: None,
         }
     }
 }
@@ -144,6 +153,32 @@ impl Inner {
         }
     }
 
+    /// Peeks at the flow's first bytes, for at most `wait` in all, and renames it to
+    /// the host they name. Nothing is consumed.
+    async fn sniff(&self, request: &mut TcpRequest, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut buf = vec![0u8; MAX_SNIFF];
+        let mut need = 1;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let n = match request.peek_at_least(&mut buf, need, left).await {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            match sniff(&buf[..n]) {
+                Sniffed::Name(name, source) => {
+                    tracing::debug!(src = %request.src(), dst = %request.dst(), %name, %source, "sniffed");
+                    let port = request.dst().port();
+                    request.set_target(Target::Domain { name, port }, source);
+                    return;
+                }
+                // Timed out (fewer bytes than asked for), or the client half-closed.
+                Sniffed::NeedMore(more) if n >= need && more > n => need = more,
+                _ => return,
+            }
+        }
+    }
+
     async fn connect(&self, target: &Target) -> Result<tokio::net::TcpStream, ConnectError> {
         match tokio::time::timeout(self.config.connect_timeout, self.upstream.connect(target)).await {
             Ok(result) => result,
@@ -202,8 +237,16 @@ impl TcpHandler for Router {
     fn handle_tcp(&self, request: TcpRequest) {
         let inner = self.inner.clone();
         tokio::spawn(async move {
+            let mut request = request;
+            if let Some(wait) = inner.config.sniff {
+                // A fake-IP name is already the one the client asked for.
+                if request.naming().source == NameSource::Destination {
+                    inner.sniff(&mut request, wait).await;
+                }
+            }
             let (src, target) = (request.src(), request.target().clone());
-            // Asked before the client's handshake completes: a refusal is a refused connect.
+            // Asked before the client's handshake completes (unless sniffed): a refusal
+            // is a refused connect.
             let upstream = match inner.connect(&target).await {
                 Ok(s) => s,
                 Err(e) => {

@@ -120,16 +120,26 @@ impl TcpConn {
     /// client's first bytes into `buf` and returns how many, consuming nothing: later
     /// reads (and [`relay`](Self::relay)) still see every byte.
     pub async fn peek(&mut self, buf: &mut [u8], wait: Duration) -> io::Result<usize> {
+        let min = buf.len();
+        self.peek_at_least(buf, min, wait).await
+    }
+
+    /// Like [`peek`](Self::peek), but done as soon as `min` bytes are there: copies
+    /// everything the client sent so far (up to `buf.len()`). A parser that learns how
+    /// much it needs as it goes (a TLS record's length) asks for exactly that, and one
+    /// that cannot tell (an HTTP head) asks for one byte more than it has.
+    pub async fn peek_at_least(&mut self, buf: &mut [u8], min: usize, wait: Duration) -> io::Result<usize> {
+        let min = min.min(buf.len());
         match &self.io {
             Io::Ring(ring) => {
-                match tokio::time::timeout(wait, std::future::poll_fn(|cx| ring.poll_peek(cx, buf, true))).await {
+                match tokio::time::timeout(wait, std::future::poll_fn(|cx| ring.poll_peek(cx, buf, min))).await {
                     Ok(r) => r,
-                    Err(_) => std::future::poll_fn(|cx| ring.poll_peek(cx, buf, false)).await,
+                    Err(_) => std::future::poll_fn(|cx| ring.poll_peek(cx, buf, 0)).await,
                 }
             }
-            Io::Socket(stream) => match tokio::time::timeout(wait, peek_socket(stream, buf, true)).await {
+            Io::Socket(stream) => match tokio::time::timeout(wait, peek_socket(stream, buf, min)).await {
                 Ok(r) => r,
-                Err(_) => peek_socket(stream, buf, false).await,
+                Err(_) => peek_socket(stream, buf, 0).await,
             },
         }
     }
@@ -201,16 +211,17 @@ impl AsyncWrite for TcpConn {
 }
 
 /// Peeks a kernel socket: with `wait`, until `buf` is full or the client sent FIN.
-async fn peek_socket(stream: &TcpStream, buf: &mut [u8], wait: bool) -> io::Result<usize> {
+/// Peeks once `min` bytes are there (or at EOF); `min == 0` peeks what is there now.
+async fn peek_socket(stream: &TcpStream, buf: &mut [u8], min: usize) -> io::Result<usize> {
     use std::os::fd::AsFd;
     use tokio::io::Interest;
-    if !wait {
+    if min == 0 {
         return crate::os::peek(stream.as_fd(), buf).or_else(would_block_is_zero);
     }
     loop {
         stream.readable().await?;
         match crate::os::peek(stream.as_fd(), buf) {
-            Ok(n) if n == 0 || n == buf.len() => return Ok(n),
+            Ok(n) if n == 0 || n >= min => return Ok(n),
             // Some bytes, not enough. The socket stays readable while they wait, and
             // clearing its readiness would hide them from the reads that follow (no new
             // edge comes for bytes already there), so look again shortly; the caller's
@@ -243,10 +254,11 @@ impl RingConn {
 
     /// Ready once `buf` can be filled, the client sent FIN, or the flow ended (with
     /// `wait == false`: at once); copies the buffered bytes without consuming them.
-    fn poll_peek(&self, cx: &mut Context<'_>, buf: &mut [u8], wait: bool) -> Poll<io::Result<usize>> {
+    /// Ready once `min` bytes are buffered (or at EOF); `min == 0` is ready at once.
+    fn poll_peek(&self, cx: &mut Context<'_>, buf: &mut [u8], min: usize) -> Poll<io::Result<usize>> {
         let mut st = self.shared.state();
-        let want = buf.len().min(st.rx.capacity());
-        if st.rx.len() >= want || st.rx_eof || st.closed || !wait {
+        let want = min.min(st.rx.capacity());
+        if st.rx.len() >= want || st.rx_eof || st.closed {
             if st.rx.len() == 0 && st.reset {
                 return Poll::Ready(Err(reset_error()));
             }

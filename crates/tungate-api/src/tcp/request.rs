@@ -61,12 +61,19 @@ impl TcpRequest {
     /// how many bytes, consuming nothing: the handler still reads every byte after
     /// [`accept`](Self::accept). Use it to sniff a protocol before choosing a target.
     pub async fn peek(&mut self, buf: &mut [u8], wait: Duration) -> io::Result<usize> {
+        let min = buf.len();
+        self.peek_at_least(buf, min, wait).await
+    }
+
+    /// Like [`peek`](Self::peek), done as soon as `min` bytes are there; see
+    /// [`TcpConn::peek_at_least`].
+    pub async fn peek_at_least(&mut self, buf: &mut [u8], min: usize, wait: Duration) -> io::Result<usize> {
         if self.early.is_none() {
             let shared = self.shared.clone().expect("an undecided request has its flow");
             self.early = Some(TcpConn::accept(self.endpoints.src(), self.endpoints.dst(), shared).await);
         }
         match self.early.as_mut() {
-            Some(conn) => conn.peek(buf, wait).await,
+            Some(conn) => conn.peek_at_least(buf, min, wait).await,
             None => Ok(0),
         }
     }
