@@ -38,6 +38,7 @@ need_cmd danted dante-server
 need_cmd microsocks microsocks
 need_cmd tinyproxy tinyproxy
 need_cmd dig dnsutils
+need_cmd dnsmasq dnsmasq-base
 need_pkg libclang-dev
 need_pkg build-essential
 

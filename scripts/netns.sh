@@ -497,8 +497,8 @@ netns_down() {
     fi
   done
   # Files a test put in place of the server namespace's /etc entries (`ip netns exec`
-  # bind-mounts /etc/netns/NS/*): hosts, a passwd/shadow with a proxy test user.
-  rm -rf "/etc/netns/$(netns_srv "$id")" 2>/dev/null || true
+  # bind-mounts /etc/netns/NS/*): hosts, resolv.conf, a passwd/shadow with a proxy test user.
+  rm -rf "/etc/netns/$(netns_srv "$id")" "/etc/netns/$(netns_cli "$id")" 2>/dev/null || true
   [[ "$NETNS_KEEP_STATE" == 1 ]] || rm -rf "$dir" 2>/dev/null || true
   return 0
 }

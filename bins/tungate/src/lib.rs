@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use tungate_core::device::offload::Offload;
 use tungate_core::device::tun::{TunConfig, TunDevice};
 use tungate_core::{Backend, Dispatch, Mtu};
+use tungate_upstream::dns::{DnsConfig, FakeIp};
 use tungate_upstream::{Dialer, ProxySpec, Router, RouterConfig, UdpPolicy};
 
 /// A TUN gateway: terminates every TCP connection and UDP flow that enters the TUN and
@@ -95,6 +96,80 @@ pub struct UpstreamArgs {
     /// How long --sniff waits for a connection's first bytes, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub sniff_timeout: u64,
+
+    /// DNS handling; repeatable. `fake-ip`: A and AAAA queries sent to any address
+    /// through the TUN are answered with an address from --fake-ip-range (TTL 1 s), and a
+    /// connection to that address goes to the upstream as the name; a fake address no
+    /// longer mapped is refused. Other queries are forwarded. `hijack=IP:PORT`: every
+    /// port-53 query, UDP and TCP, goes to that resolver (through the upstream).
+    #[arg(long = "dns", value_name = "MODE", value_parser = parse_dns_mode)]
+    pub dns: Vec<DnsMode>,
+
+    /// Address pool for --dns fake-ip (CIDR); repeatable, one IPv4 and one IPv6 at
+    /// most; must not overlap the TUN's own --address prefixes. Route the pools into the
+    /// TUN. [default: 198.19.0.0/16 and fd19:f4e1::/64]
+    #[arg(long = "fake-ip-range", value_name = "CIDR", value_parser = parse_cidr)]
+    pub fake_ip_ranges: Vec<IpNet>,
+
+    /// Forward UDP DNS queries over TCP (through the upstream): for proxies that carry
+    /// no UDP.
+    #[arg(long)]
+    pub dns_over_tcp: bool,
+}
+
+/// One `--dns` mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsMode {
+    FakeIp,
+    Hijack(std::net::SocketAddr),
+}
+
+fn parse_dns_mode(s: &str) -> Result<DnsMode, String> {
+    if s == "fake-ip" {
+        return Ok(DnsMode::FakeIp);
+    }
+    match s.strip_prefix("hijack=") {
+        Some(addr) => addr
+            .parse()
+            .map(DnsMode::Hijack)
+            .map_err(|_| format!("{addr:?} is not IP:PORT (e.g. hijack=10.0.0.53:53 or hijack=[fd00::53]:53)")),
+        None => Err(format!("{s:?} is not a DNS mode (fake-ip or hijack=IP:PORT)")),
+    }
+}
+
+impl UpstreamArgs {
+    /// The DNS settings; the fake-IP pools must not overlap `own` (the TUN's prefixes).
+    fn dns(&self, own: &[IpNet]) -> anyhow::Result<DnsConfig> {
+        let fake_ip = self.dns.contains(&DnsMode::FakeIp);
+        let hijack = self.dns.iter().find_map(|m| match m {
+            DnsMode::Hijack(a) => Some(*a),
+            DnsMode::FakeIp => None,
+        });
+        if self.dns.iter().filter(|m| matches!(m, DnsMode::Hijack(_))).count() > 1 {
+            bail!("--dns hijack=… is given more than once; there is one resolver");
+        }
+        if !fake_ip && !self.fake_ip_ranges.is_empty() {
+            bail!("--fake-ip-range needs --dns fake-ip");
+        }
+        let fake_ip = match fake_ip {
+            false => None,
+            true => {
+                let ranges = match self.fake_ip_ranges.is_empty() {
+                    true => tungate_upstream::dns::default_fake_ip_ranges(),
+                    false => self.fake_ip_ranges.clone(),
+                };
+                for range in &ranges {
+                    if let Some(mine) =
+                        own.iter().find(|a| a.contains(&range.network()) || range.contains(&a.network()))
+                    {
+                        bail!("--fake-ip-range {range} overlaps the TUN's own prefix {mine}; choose another range");
+                    }
+                }
+                Some(Arc::new(FakeIp::new(&ranges).map_err(anyhow::Error::msg)?))
+            }
+        };
+        Ok(DnsConfig { fake_ip, fake_ip_ttl: 1, hijack, over_tcp: self.dns_over_tcp })
+    }
 }
 
 const EXAMPLE: &str = r#"Example (a namespace or host where 10.77.0.0/24 should go through the gateway):
@@ -133,13 +208,19 @@ fn parse_udp_policy(s: &str) -> Result<UdpPolicy, String> {
 }
 
 /// The router the flags describe, every socket marked with `--mark`.
-async fn router(args: &UpstreamArgs, mark: Option<u32>, stats: &Arc<tungate_core::Stats>) -> anyhow::Result<Router> {
+async fn router(
+    args: &UpstreamArgs,
+    dns: DnsConfig,
+    mark: Option<u32>,
+    stats: &Arc<tungate_core::Stats>,
+) -> anyhow::Result<Router> {
     let dialer = Dialer { mark, ..Dialer::default() };
     let upstream = args.proxy.connector(dialer.clone(), stats.clone()).await?;
     let direct = ProxySpec::Direct.connector(dialer, stats.clone()).await?;
     let config = RouterConfig {
         udp: args.udp,
         sniff: args.sniff.then(|| std::time::Duration::from_millis(args.sniff_timeout)),
+        dns,
         ..RouterConfig::default()
     };
     Ok(Router::new(upstream, direct, config, stats.clone()))
@@ -220,6 +301,7 @@ pub fn main<B: Backend>(make_backend: impl FnOnce(&StackSettings) -> B) -> ExitC
 
 fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -> anyhow::Result<()> {
     validate(&args, B::NAME, B::RX_OFFLOAD.is_some())?;
+    let dns = args.upstream.dns(&args.addresses)?;
     let settings = StackSettings { mtu: args.mtu, addresses: args.addresses.clone() };
     let backend = make_backend(&settings);
     // Every relayed connection holds an upstream socket: a gateway with thousands of
@@ -252,7 +334,7 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
         backend.validate()?;
         let shutdown = shutdown_signal();
         let stats = Arc::new(tungate_core::Stats::default());
-        let router = router(&args.upstream, args.mark, &stats).await?;
+        let router = router(&args.upstream, dns, args.mark, &stats).await?;
         let handlers = Dispatch { tcp: Arc::new(router.clone()), udp: Arc::new(router), stats: stats.clone() };
         let addresses: Vec<String> = args.addresses.iter().map(|a| a.to_string()).collect();
         tracing::info!(
@@ -265,6 +347,7 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             proxy = ?args.upstream.proxy,
             udp = ?args.upstream.udp,
             sniff = args.upstream.sniff,
+            dns = ?args.upstream.dns,
             "ready"
         );
         emit_event(serde_json::json!({
@@ -366,6 +449,19 @@ mod tests {
             args(&["--tun", "t", "--proxy", "socks4://h:1"]).unwrap_err().to_string().contains("unknown proxy scheme")
         );
         assert!(args(&["--tun", "t", "--udp", "maybe"]).is_err());
+
+        let dns = args(&["--tun", "t", "--dns", "fake-ip", "--dns", "hijack=10.0.0.53:53", "--dns-over-tcp"]).unwrap();
+        let config = dns.upstream.dns(&["198.18.0.1/24".parse().unwrap()]).unwrap();
+        assert_eq!(config.hijack, Some("10.0.0.53:53".parse().unwrap()));
+        assert!(config.over_tcp);
+        let pools = config.fake_ip.expect("fake-ip on");
+        assert_eq!(pools.ranges().len(), 2, "one IPv4 and one IPv6 pool by default");
+        let own = ["198.19.0.1/24".parse().unwrap()];
+        assert!(dns.upstream.dns(&own).unwrap_err().to_string().contains("overlaps the TUN's own prefix"));
+        let range_only = args(&["--tun", "t", "--fake-ip-range", "198.20.0.0/16"]).unwrap();
+        assert!(range_only.upstream.dns(&[]).unwrap_err().to_string().contains("needs --dns fake-ip"));
+        assert!(args(&["--tun", "t", "--dns", "hijack=10.0.0.53"]).unwrap_err().to_string().contains("IP:PORT"));
+        assert!(args(&["--tun", "t", "--dns", "fake"]).is_err());
         let other = args(&["--tun", "t", "--backend", "lwip"]).unwrap();
         assert!(validate(&other, "smoltcp", true).unwrap_err().to_string().contains("not compiled into this variant"));
         let small = args(&["--tun", "t", "--mtu", "1000", "--address", "fd18::1/64"]).unwrap();
@@ -386,7 +482,7 @@ pub mod redirect {
     use std::process::ExitCode;
     use std::sync::Arc;
 
-    use anyhow::Context;
+    use anyhow::{Context, bail};
     use clap::Parser;
 
     /// The no-TUN baseline: serves TCP connections that an nftables REDIRECT rule sends to
@@ -439,6 +535,9 @@ pub mod redirect {
     }
 
     fn run(args: Args) -> anyhow::Result<()> {
+        if !args.upstream.dns.is_empty() || args.upstream.dns_over_tcp {
+            bail!("--dns and --dns-over-tcp need a TUN variant: tungate-redirect captures TCP only, and no DNS");
+        }
         if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
             tracing::warn!("cannot raise the open-file limit: {e}");
         }
@@ -456,7 +555,7 @@ pub mod redirect {
             let shutdown = super::shutdown_signal();
             let stats = Arc::new(tungate_core::Stats::default());
             // The REDIRECT rule captures TCP only; --udp has nothing to act on here.
-            let router = super::router(&args.upstream, args.mark, &stats).await?;
+            let router = super::router(&args.upstream, super::DnsConfig::default(), args.mark, &stats).await?;
             let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
             tracing::info!(backend = "redirect", listen = %listen.join(","), mark = ?args.mark, "ready");
             super::emit_event(serde_json::json!({

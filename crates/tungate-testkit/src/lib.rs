@@ -28,7 +28,8 @@ pub mod services;
 pub use cli::{cli_bad_flags, cli_sigterm_exits_cleanly, cli_tun_busy_and_permission};
 pub use netns::{netns_256mib_each_way, netns_closed_port_refused, netns_http_get, netns_iperf3_short, netns_udp_echo};
 pub use proxies::{
-    netns_http_connect_tinyproxy, netns_sniff, netns_socks5_dante, netns_socks5_dante_auth, netns_socks5_microsocks,
+    netns_dns, netns_http_connect_tinyproxy, netns_sniff, netns_socks5_dante, netns_socks5_dante_auth,
+    netns_socks5_microsocks,
 };
 
 /// Instantiates the whole suite for one backend: `$backend` is an expression building
@@ -52,7 +53,7 @@ macro_rules! conformance_suite {
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
             cli_sigterm_exits_cleanly, netns_socks5_dante, netns_socks5_dante_auth,
-            netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff);
+            netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff, netns_dns);
     };
     (one_per_process, $backend:expr, $bin:expr) => {
         $crate::conformance_suite!(@suite [true] [$crate::mem::Limits::NONE] $backend, $bin);
@@ -75,7 +76,7 @@ macro_rules! conformance_suite {
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
             cli_sigterm_exits_cleanly, netns_socks5_dante, netns_socks5_dante_auth,
-            netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff);
+            netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff, netns_dns);
     };
     (@mem [$serial:literal] [$limits:expr] $backend:expr; $($name:ident),*) => {
         mod conformance_mem {

@@ -161,6 +161,13 @@ impl Topology {
         std::fs::write(dir.join(name), contents).expect("write /etc/netns/NS file");
     }
 
+    /// Like [`Topology::server_etc`], for the client namespace (its `resolv.conf`).
+    pub fn client_etc(&self, name: &str, contents: &str) {
+        let dir = Path::new("/etc/netns").join(&self.cli);
+        std::fs::create_dir_all(&dir).expect("mkdir /etc/netns/NS");
+        std::fs::write(dir.join(name), contents).expect("write /etc/netns/NS file");
+    }
+
     /// Stops the gateway and starts it again with `extra` flags (e.g. another --proxy);
     /// servers and namespaces stay.
     pub fn restart_gateway(&self, extra: &[&str]) {

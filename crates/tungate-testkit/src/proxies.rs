@@ -288,3 +288,87 @@ fn curl_get_host(t: &Topology, url: &str, host: &str, body: &[u8]) {
     );
     assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(body), "{url}: body corrupted");
 }
+
+/// dnsmasq on 10.77.0.53:53 (UDP and TCP) in the server namespace: `real.test` is
+/// 10.77.0.2, `txt.test` has a TXT record.
+fn resolver(t: &mut Topology) {
+    let added = Command::new("ip").args(["-n", &t.srv, "addr", "add", "10.77.0.53/32", "dev", "lo"]).status();
+    assert!(added.is_ok_and(|s| s.success()), "adding 10.77.0.53 in the server namespace");
+    t.daemon(
+        &[
+            "dnsmasq",
+            // Not --no-daemon: that mode answers TCP queries inline, one connection at a time.
+            "--keep-in-foreground",
+            "--log-facility=-",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--user=root",
+            "--pid-file=",
+            "--listen-address=10.77.0.53",
+            "--bind-interfaces",
+            "--port=53",
+            "--address=/real.test/10.77.0.2",
+            "--txt-record=txt.test,hello tungate",
+        ],
+        53,
+    );
+}
+
+/// `dig +short` in the client namespace; returns its answer lines.
+fn dig(t: &Topology, args: &[&str]) -> Vec<String> {
+    let mut full = vec!["dig", "+short", "+time=2", "+tries=1"];
+    full.extend_from_slice(args);
+    let out = t.client(&full);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "dig {args:?}: {text}{}\n{}", String::from_utf8_lossy(&out.stderr), t.gateway_log());
+    text.lines().map(str::to_owned).collect()
+}
+
+/// Routes the default fake-IP pools into the TUN (after each gateway start: the routes
+/// go with the TUN).
+fn route_fake_pools(t: &Topology) {
+    for (family, pool) in [("-4", "198.19.0.0/16"), ("-6", "fd19:f4e1::/64")] {
+        let out = t.client(&["ip", family, "route", "replace", pool, "dev", "tun0"]);
+        assert!(out.status.success(), "route {pool}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// DNS through the gateway and dante: `--dns fake-ip` answers A and AAAA from the
+/// default pools and forwards TXT; curl to the name (resolved through the TUN) reaches
+/// the server although only the server namespace knows the name, so the proxy was
+/// asked for the name; an unmapped fake address is refused. `--dns hijack` sends
+/// queries to any address, UDP and TCP, to the resolver. `--dns-over-tcp` carries UDP
+/// queries through microsocks, which has no UDP.
+pub fn netns_dns(bin: &str) {
+    let mut t = Topology::start(bin, 1500);
+    t.server_etc("hosts", "127.0.0.1 localhost\n10.77.0.2 web.test\n");
+    t.client_etc("resolv.conf", "nameserver 10.77.0.53\noptions timeout:2 attempts:1\n");
+    dante(&mut t, 1080, "none");
+    t.daemon(&["microsocks", "-i", PROXY_HOST, "-p", "1081"], 1081);
+    resolver(&mut t);
+    let body = servers(&mut t);
+
+    t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1080", "--dns", "fake-ip"]);
+    route_fake_pools(&t);
+    let v4 = dig(&t, &["@10.77.0.53", "web.test", "A"]);
+    let v4: std::net::Ipv4Addr = v4.first().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("A: {v4:?}"));
+    assert_eq!(v4.octets()[..2], [198, 19], "{v4} from the IPv4 pool");
+    let v6 = dig(&t, &["@10.77.0.53", "web.test", "AAAA"]);
+    let v6: std::net::Ipv6Addr = v6.first().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("AAAA: {v6:?}"));
+    assert_eq!(v6.segments()[..4], [0xfd19, 0xf4e1, 0, 0], "{v6} from the IPv6 pool");
+    assert_eq!(dig(&t, &["@10.77.0.53", "txt.test", "TXT"]), ["\"hello tungate\""], "TXT forwarded to the resolver");
+    curl_get(&t, "http://web.test:8080/file.bin", &body);
+    curl_get(&t, &format!("http://{v4}:8080/file.bin"), &body);
+    let unmapped = t.peer_client(&["refused", "198.19.255.254", "8080"]);
+    assert!(unmapped.starts_with("ok refused"), "{unmapped}");
+
+    t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1080", "--dns", "hijack=10.77.0.53:53"]);
+    // Nothing answers DNS on 10.77.0.2: only the hijack does.
+    assert_eq!(dig(&t, &["@10.77.0.2", "real.test", "A"]), ["10.77.0.2"]);
+    assert_eq!(dig(&t, &["+tcp", "@10.77.0.2", "real.test", "A"]), ["10.77.0.2"]);
+
+    t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1081", "--dns-over-tcp"]);
+    assert_eq!(dig(&t, &["@10.77.0.53", "txt.test", "TXT"]), ["\"hello tungate\""], "over TCP through microsocks");
+    assert_eq!(dig(&t, &["@10.77.0.53", "real.test", "A"]), ["10.77.0.2"]);
+}

@@ -8,6 +8,7 @@
 
 mod connector;
 mod direct;
+pub mod dns;
 pub mod http;
 mod router;
 pub mod sniff;

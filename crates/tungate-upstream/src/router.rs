@@ -2,12 +2,17 @@
 //! refuse it the way a direct refusal would look if that fails, relay.
 //!
 //! ```text
-//! TcpRequest ─▶ [--sniff: peek the first bytes for a TLS SNI / HTTP Host, at most the
+//! TcpRequest ─▶ [fake-IP: the name the destination stands for; unmapped → refused]
+//!            ─▶ [--dns hijack: port 53 → the configured resolver]
+//!            ─▶ [--sniff: peek the first bytes for a TLS SNI / HTTP Host, at most the
 //!                timeout; the name becomes the target]
 //!            ─▶ connect(target) ──ok──▶ accept ─▶ relay
 //!                      └─err─▶ reject: RST to the client's SYN (its connect is refused;
 //!                              after a sniff the handshake is done, so it is a reset)
-//! UdpSession ─▶ open_udp(target) on the first datagram ─▶ datagrams both ways until idle
+//! UdpSession ─▶ [fake-IP naming as for TCP]
+//!            ─▶ port 53 and DNS handling on: each query answered from the fake-IP pool,
+//!               or forwarded (to the hijack resolver; over TCP with --dns-over-tcp)
+//!            ─▶ otherwise open_udp(target) on the first datagram ─▶ datagrams both ways
 //!                      └─NoUdp─▶ --udp policy: drop, or the direct path
 //! ```
 //!
@@ -19,9 +24,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tungate_api::{NameSource, Stats, Target, TcpHandler, TcpRequest, UdpHandler, UdpSession};
+use tungate_api::{Endpoints, NameSource, Stats, Target, TcpHandler, TcpRequest, UdpHandler, UdpSession};
 
 use crate::connector::{ConnectError, Connector, UdpPath};
+use crate::dns::{Answer, DnsConfig, TcpDns, answer};
 use crate::sniff::{MAX_SNIFF, Sniffed, sniff};
 
 /// What UDP does when the upstream cannot carry it (an HTTP proxy; a SOCKS5 server that
@@ -64,6 +70,8 @@ pub struct RouterConfig {
     /// waiting at most this long for them. The client's handshake completes before the
     /// upstream is asked, so a refusal then reaches the client as a reset.
     pub sniff: Option<Duration>,
+    /// Fake-IP answers, hijacking and DNS over TCP.
+    pub dns: DnsConfig,
 }
 
 impl Default for RouterConfig {
@@ -75,6 +83,7 @@ impl Default for RouterConfig {
             tcp_idle_timeout: Duration::from_secs(600),
             udp_idle_timeout: tungate_api::udp::DEFAULT_IDLE_TIMEOUT,
             sniff: None,
+            dns: DnsConfig::default(),
         }
     }
 }
@@ -82,6 +91,10 @@ impl Default for RouterConfig {
 /// How long a "this upstream does not carry UDP" answer is believed before it is asked
 /// again.
 const NO_UDP_MEMORY: Duration = Duration::from_secs(60);
+
+/// How long a DNS session (and its TCP connection to the resolver) outlives its last
+/// query or response.
+const DNS_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The gateway's handler for TCP and UDP; see the module docs.
 #[derive(Debug, Clone)]
@@ -151,6 +164,26 @@ impl Inner {
             }
             _ => tracing::debug!(%src, "{e}"),
         }
+    }
+
+    /// Names a flow by its destination: a fake address becomes the name it stands for,
+    /// and a DNS query is sent to the hijack resolver. `Err` for a fake address that is
+    /// not mapped (never handed out, or evicted since): such a flow is refused, never
+    /// sent to whatever host the address might be.
+    fn name(&self, flow: &mut Endpoints) -> Result<(), ()> {
+        let dst = flow.dst();
+        if let Some(fake) = self.config.dns.fake_ip.as_ref().filter(|f| f.contains(dst.ip())) {
+            let Some(name) = fake.lookup(dst.ip()) else {
+                tracing::debug!(src = %flow.src(), %dst, "fake address not mapped (expired?); refused");
+                Stats::inc(&self.stats.upstream_failed);
+                return Err(());
+            };
+            flow.set_target(Target::Domain { name: name.to_string(), port: dst.port() }, NameSource::FakeIp);
+        }
+        if let (53, Some(resolver)) = (dst.port(), self.config.dns.hijack) {
+            flow.set_target(Target::Addr(resolver), NameSource::Other("dns-hijack"));
+        }
+        Ok(())
     }
 
     /// Peeks at the flow's first bytes, for at most `wait` in all, and renames it to
@@ -233,11 +266,88 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// A client's DNS session: each query answered from the fake-IP pool or forwarded
+    /// (to the session's target: the destination or the hijack resolver), each response
+    /// returned as from the address the client asked.
+    async fn serve_dns(&self, mut session: UdpSession) {
+        // Resolvers use a new port per query: a session (and its TCP connection under
+        // --dns-over-tcp) is done long before the 60 s of other UDP.
+        session.set_idle_timeout(DNS_IDLE_TIMEOUT);
+        let (src, target) = (session.src(), session.target().clone());
+        let mut forward: Option<Box<dyn UdpPath>> = None;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let response = async {
+                match &forward {
+                    Some(path) => path.recv_from(&mut buf).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                query = session.recv() => {
+                    let Some(query) = query else { return };
+                    if let Some(fake) = &self.config.dns.fake_ip {
+                        if let Answer::Reply(reply) = answer(&query, fake, self.config.dns.fake_ip_ttl) {
+                            let _ = session.send(&reply);
+                            continue;
+                        }
+                    }
+                    if forward.is_none() {
+                        forward = self.dns_path(src, &target).await;
+                    }
+                    let sent = match &forward {
+                        Some(path) => path.send_to(&target, &query).await,
+                        None => Err(std::io::ErrorKind::NotConnected.into()),
+                    };
+                    if let Err(e) = sent {
+                        tracing::debug!(%src, %target, error = %e, "dns query not forwarded");
+                        Stats::inc(&self.stats.udp_dropped);
+                        // A broken TCP connection is opened again for the next query.
+                        forward = None;
+                    }
+                }
+                response = response => match response {
+                    Ok(Some((_, n))) => { let _ = session.send(&buf[..n]); }
+                    // The resolver (or proxy) closed the TCP connection: reopen on demand.
+                    Ok(None) => forward = None,
+                    Err(e) => tracing::trace!(%src, %target, error = %e, "dns recv"),
+                },
+            }
+        }
+    }
+
+    /// Where a session's forwarded queries go: a TCP connection through the upstream
+    /// under --dns-over-tcp, else the session's UDP path.
+    async fn dns_path(&self, src: std::net::SocketAddr, target: &Target) -> Option<Box<dyn UdpPath>> {
+        if !self.config.dns.over_tcp {
+            return self.udp_path(src, target).await;
+        }
+        match self.connect(target).await {
+            Ok(stream) => {
+                let from = match target {
+                    Target::Addr(a) => *a,
+                    Target::Domain { port, .. } => (std::net::Ipv4Addr::UNSPECIFIED, *port).into(),
+                };
+                Some(Box::new(TcpDns::new(stream, from)))
+            }
+            Err(e) => {
+                self.failed(src, &e);
+                None
+            }
+        }
+    }
+}
+
 impl TcpHandler for Router {
     fn handle_tcp(&self, request: TcpRequest) {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let mut request = request;
+            if inner.name(&mut request).is_err() {
+                request.reject();
+                return;
+            }
             if let Some(wait) = inner.config.sniff {
                 // A fake-IP name is already the one the client asked for.
                 if request.naming().source == NameSource::Destination {
@@ -269,8 +379,17 @@ impl UdpHandler for Router {
         let inner = self.inner.clone();
         session.set_idle_timeout(inner.config.udp_idle_timeout);
         tokio::spawn(async move {
+            let named = inner.name(&mut session);
+            if named.is_ok() && session.dst().port() == 53 && inner.config.dns.intercepts() {
+                inner.serve_dns(session).await;
+                return;
+            }
             let (src, target) = (session.src(), session.target().clone());
-            let Some(path) = inner.udp_path(src, &target).await else {
+            let path = match named {
+                Ok(()) => inner.udp_path(src, &target).await,
+                Err(()) => None,
+            };
+            let Some(path) = path else {
                 // The session stays open (and its datagrams are counted as dropped
                 // here) until it goes idle, so a client retrying is not re-asked for
                 // each datagram.
