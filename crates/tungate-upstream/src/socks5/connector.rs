@@ -156,3 +156,62 @@ impl UdpPath for Association {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A SOCKS5 server on loopback that grants one UDP ASSOCIATE, checks the first
+    /// datagram's header, answers with a fragment and then a whole datagram from another
+    /// address, and closes the association when told.
+    async fn relay_server(close: tokio::sync::oneshot::Receiver<()>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut control, _) = listener.accept().await.unwrap();
+            let mut greeting = [0u8; 3];
+            control.read_exact(&mut greeting).await.unwrap();
+            control.write_all(&[5, 0]).await.unwrap();
+            let mut request = [0u8; 10];
+            control.read_exact(&mut request).await.unwrap();
+            assert_eq!(request[..4], [5, 3, 0, 1], "UDP ASSOCIATE for an IPv4 address");
+            let relay = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let port = relay.local_addr().unwrap().port().to_be_bytes();
+            // Bound to all addresses: the client must use the proxy's own address.
+            control.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, port[0], port[1]]).await.unwrap();
+            let mut buf = [0u8; 512];
+            let (n, client) = relay.recv_from(&mut buf).await.unwrap();
+            let want = [&[0u8, 0, 0, 3, 8][..], b"dns.test", &[0, 53], b"query"].concat();
+            assert_eq!(buf[..n], want[..], "header with the name, then the payload");
+            relay.send_to(&[0, 0, 1, 1, 192, 0, 2, 9, 0, 53, b'x'], client).await.unwrap();
+            relay.send_to(&[&[0, 0, 0, 1, 192, 0, 2, 9, 0, 53][..], b"answer"].concat(), client).await.unwrap();
+            let _ = close.await;
+            drop(control);
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_association_drops_fragments_and_ends_with_its_tcp_connection() {
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+        let proxy = relay_server(close_rx).await;
+        let stats = Arc::new(Stats::default());
+        let socks = Socks5::new(proxy, Auth::None, Dialer::default(), stats.clone());
+        let target = Target::Domain { name: "dns.test".into(), port: 53 };
+        let path = socks.open_udp(&target).await.unwrap();
+        path.send_to(&target, b"query").await.unwrap();
+        let mut buf = vec![0u8; 2048];
+        let (from, n) = path.recv_from(&mut buf).await.unwrap().expect("a datagram");
+        assert_eq!(
+            (from, &buf[..n]),
+            ("192.0.2.9:53".parse().unwrap(), &b"answer"[..]),
+            "from the remote, not the relay"
+        );
+        assert_eq!(stats.udp_fragments.load(std::sync::atomic::Ordering::Relaxed), 1, "the fragment was counted");
+        close_tx.send(()).unwrap();
+        assert!(path.recv_from(&mut buf).await.unwrap().is_none(), "the association ended with its TCP connection");
+    }
+}
