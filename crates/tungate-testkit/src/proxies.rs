@@ -28,9 +28,14 @@ fn state_file(t: &Topology, name: &str, contents: &str) -> String {
 
 /// Starts dante on `port`; `method` is `none` or `username`.
 fn dante(t: &mut Topology, port: u16, method: &str) {
+    dante_on(t, PROXY_HOST, port, method);
+}
+
+/// Starts dante on `host`:`port`.
+fn dante_on(t: &mut Topology, host: &str, port: u16, method: &str) {
     let conf = format!(
         "logoutput: stderr\n\
-         internal: {PROXY_HOST} port = {port}\n\
+         internal: {host} port = {port}\n\
          external: 10.77.0.2\n\
          external: fd77::2\n\
          socksmethod: {method}\n\
@@ -130,11 +135,16 @@ fn log_lines(t: &Topology, needle: &str) -> usize {
 /// dante without authentication: GETs over v4 and v6 (the proxy dials both), 64 MiB
 /// each way, UDP echoed through UDP ASSOCIATE from the right address, a closed port
 /// refused at the client's connect.
+///
+/// The proxy is named by host (`dante.test`, in the client namespace's hosts file) and
+/// listens on 10.77.0.2, an address the client namespace routes into the TUN: the
+/// gateway's own TCP and UDP sockets to it get through only because they carry --mark.
 pub fn netns_socks5_dante(bin: &str) {
     let mut t = Topology::start(bin, 1500);
-    dante(&mut t, 1080, "none");
+    t.client_etc("hosts", "127.0.0.1 localhost\n10.77.0.2 dante.test\n");
+    dante_on(&mut t, "10.77.0.2", 1080, "none");
     let body = servers(&mut t);
-    t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1080"]);
+    t.restart_gateway(&["--proxy", "socks5://dante.test:1080"]);
     curl_get(&t, "http://10.77.0.2:8080/file.bin", &body);
     curl_get(&t, "http://[fd77::2]:8080/file.bin", &body);
     each_way_64mib(&t, true);
