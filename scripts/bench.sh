@@ -13,6 +13,11 @@
 # Each (MTU, round, subject) gets a fresh namespace pair (and gateway process), so only one
 # gateway is ever up and the baseline/TUN routes never coexist; subjects are interleaved
 # round by round. Writes results/bench-<UTC>.md, results/latest.md, results/latest.json.
+#
+# The SOCKS5 section (BENCH_SOCKS5=1, the default; MTU 1500) runs dante in the server
+# namespace and measures, in the same rounds: "socks5-alone" (iperf3 through dante with
+# proxychains4, no TUN: the ceiling), tun2proxy from crates.io (installed once into
+# TUN2PROXY_ROOT, outside the repository) and every variant with --proxy socks5://.
 # Exit status: 0 if every measurement succeeded, 1 otherwise.
 set -euo pipefail
 
@@ -29,6 +34,11 @@ BENCH_OMIT=${BENCH_OMIT:-1}
 BENCH_BIN_DIR=${BENCH_BIN_DIR:-$REPO/target/release}
 BENCH_RESULTS_DIR=${BENCH_RESULTS_DIR:-$REPO/results}
 BENCH_PORT=${BENCH_PORT:-5201}
+BENCH_SOCKS5=${BENCH_SOCKS5:-1}
+TUN2PROXY_VERSION=${TUN2PROXY_VERSION:-0.8.7}
+TUN2PROXY_ROOT=${TUN2PROXY_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/tungate/tun2proxy-$TUN2PROXY_VERSION}
+SOCKS_ADDR=10.78.0.2
+SOCKS_PORT=1080
 DIRECTIONS=(upload download)
 KNOWN_VARIANTS=" smoltcp lwip ipstack netstack-smoltcp system redirect "
 
@@ -56,7 +66,7 @@ fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tungate-bench.XXXXXX")
 export NETNS_RUNDIR="$WORK/netns"
-RAW="$WORK/raw.tsv"     # mtu  direction  subject  round  status  bps  reason
+RAW="$WORK/raw.tsv"     # section (an MTU, or socks5)  direction  subject  round  status  bps  reason
 NOTES="$WORK/notes.txt"
 : >"$RAW"
 : >"$NOTES"
@@ -147,6 +157,27 @@ for subj in "${SUBJECTS[@]}"; do
   esac
 done
 
+# The SOCKS5 section: the two references, then each variant (offload default) through dante.
+SOCKS_SUBJECTS=()
+if [[ "$BENCH_SOCKS5" == 1 ]]; then
+  SOCKS_SUBJECTS=(socks5-alone tun2proxy)
+  for subj in "${SUBJECTS[@]}"; do
+    [[ "$subj" == kernel || "$subj" == */* ]] && continue
+    BIN[$subj+socks5]=${BIN[$subj]}
+    ARGS[$subj+socks5]="${ARGS[$subj]:-} --proxy socks5://$SOCKS_ADDR:$SOCKS_PORT"
+    SOCKS_SUBJECTS+=("$subj+socks5")
+  done
+  command -v danted >/dev/null 2>&1 || note "danted not found (scripts/install-deps.sh installs dante-server): SOCKS5 cells FAILED"
+  command -v proxychains4 >/dev/null 2>&1 || note "proxychains4 not found: socks5-alone cells FAILED"
+  if [[ ! -x "$TUN2PROXY_ROOT/bin/tun2proxy-bin" ]]; then
+    say "installing tun2proxy $TUN2PROXY_VERSION from crates.io into $TUN2PROXY_ROOT (once; a few minutes)"
+    cargo install tun2proxy --version "$TUN2PROXY_VERSION" --locked --root "$TUN2PROXY_ROOT" >&2 ||
+      note "cargo install tun2proxy $TUN2PROXY_VERSION failed: tun2proxy cells FAILED"
+  fi
+  BIN[tun2proxy]="$TUN2PROXY_ROOT/bin/tun2proxy-bin"
+  note "SOCKS5 section (MTU 1500): dante $(danted -v 2>/dev/null | head -n 1 | awk '{print $2}') in the server namespace on $SOCKS_ADDR:$SOCKS_PORT; socks5-alone = iperf3 under proxychains4 through it (no TUN); tun2proxy $TUN2PROXY_VERSION (crates.io) --proxy socks5:// to it; each variant with --proxy socks5:// to it"
+fi
+
 # ---- metadata (taken before anything is written under results/) -----------------------
 META_NPROC=$(nproc 2>/dev/null || echo "?")
 META_CPU=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)
@@ -210,14 +241,15 @@ print("ERR zero throughput" if bps <= 0 else "%.0f" % bps)
 
 gbps() { awk -v b="$1" 'BEGIN { printf "%.2f", b / 1e9 }'; }
 
-# run_iperf ID DIRECTION -> prints "<bps>" or "ERR <reason>"
+# run_iperf ID DIRECTION [WRAPPER...] -> prints "<bps>" or "ERR <reason>"
 run_iperf() {
   local id=$1 dir=$2 out errf res rc=0
+  shift 2
   local args=(-c "$NETNS_SRV_V4" -p "$BENCH_PORT" -t "$BENCH_SECONDS" -O "$BENCH_OMIT" -J --connect-timeout 3000)
   [[ "$dir" == download ]] && args+=(-R)
   errf="$WORK/iperf-client.err"
   out=$(timeout -k 5 $((BENCH_SECONDS + BENCH_OMIT + 30)) \
-    ip netns exec "$(netns_cli "$id")" iperf3 "${args[@]}" 2>"$errf") || rc=$?
+    ip netns exec "$(netns_cli "$id")" "$@" iperf3 "${args[@]}" 2>"$errf") || rc=$?
   res=$(printf '%s' "$out" | parse_bps)
   if [[ "$res" != ERR* ]] && ((rc != 0)); then
     res="ERR iperf3 exited $rc"
@@ -231,30 +263,87 @@ run_iperf() {
   printf '%s\n' "$res"
 }
 
+# start_dante ID: dante (no authentication) in the server namespace on SOCKS_ADDR:SOCKS_PORT.
+start_dante() {
+  local id=$1 conf="$WORK/danted.conf" i
+  cat >"$conf" <<DANTE
+logoutput: $WORK/danted-$1.log
+internal: $SOCKS_ADDR port = $SOCKS_PORT
+external: $NETNS_SRV_V4
+socksmethod: none
+clientmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass { from: 0.0.0.0/0 to: 0.0.0.0/0 }
+socks pass { from: 0.0.0.0/0 to: 0.0.0.0/0 }
+DANTE
+  netns_srv_exec "$id" danted -f "$conf" </dev/null >/dev/null 2>&1 &
+  _nns_record_pid "$id" $!
+  for ((i = 0; i < 100; i++)); do
+    [[ -n "$(netns_srv_exec "$id" ss -Hltn "sport = :$SOCKS_PORT" 2>/dev/null)" ]] && return 0
+    sleep 0.05
+  done
+  return 1
+}
+
+# start_tun2proxy ID MTU: tun2proxy's own TUN in the client namespace, routed like ours.
+start_tun2proxy() {
+  local id=$1 mtu=$2 cli i log
+  cli=$(netns_cli "$id")
+  log=$(netns_gateway_log "$id")
+  mkdir -p "$(dirname "$log")"
+  ip netns exec "$cli" "${BIN[tun2proxy]}" --tun "$NETNS_TUN" --mtu "$mtu" \
+    --proxy "socks5://$SOCKS_ADDR:$SOCKS_PORT" </dev/null >"$log" 2>&1 &
+  _nns_record_pid "$id" $!
+  for ((i = 0; i < 100; i++)); do
+    if [[ "$(ip -n "$cli" -o link show "$NETNS_TUN" 2>/dev/null)" =~ \<([^\>]*,)?UP[,\>] ]]; then
+      ip -n "$cli" route replace "$NETNS_SRV_NET4" dev "$NETNS_TUN" && return 0
+      return 1
+    fi
+    sleep 0.05
+  done
+  return 1
+}
+
 SEQ=0
-run_subject_round() { # MTU ROUND SUBJECT
-  local mtu=$1 round=$2 subj=$3 id res d reason gpid line
+run_subject_round() { # SECTION MTU ROUND SUBJECT
+  local section=$1 mtu=$2 round=$3 subj=$4 id res d reason gpid line wrapper=()
   SEQ=$((SEQ + 1))
   id="b$$-$SEQ"
   IDS+=("$id")
 
-  if [[ "$subj" != kernel && ! -x "${BIN[$subj]}" ]]; then
-    fail_all_dirs "$mtu" "$round" "$subj" "binary not found: ${BIN[$subj]}"
+  if [[ "$subj" != kernel && "$subj" != socks5-alone && ! -x "${BIN[$subj]}" ]]; then
+    fail_all_dirs "$section" "$round" "$subj" "binary not found: ${BIN[$subj]}"
     return 0
   fi
   if ! netns_up "$id" "$mtu"; then
-    fail_all_dirs "$mtu" "$round" "$subj" "namespace setup failed"
+    fail_all_dirs "$section" "$round" "$subj" "namespace setup failed"
     netns_down "$id"
     return 0
   fi
   if ! netns_start_iperf_server "$id" "$BENCH_PORT"; then
-    fail_all_dirs "$mtu" "$round" "$subj" "iperf3 server did not start"
+    fail_all_dirs "$section" "$round" "$subj" "iperf3 server did not start"
     netns_down "$id"
     return 0
   fi
-  if [[ "$subj" == kernel ]]; then
+  if [[ "$section" == socks5 ]] && ! start_dante "$id"; then
+    fail_all_dirs "$section" "$round" "$subj" "dante did not start"
+    netns_down "$id"
+    return 0
+  fi
+  if [[ "$subj" == socks5-alone ]]; then
+    printf 'strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 %s %s\n' \
+      "$SOCKS_ADDR" "$SOCKS_PORT" >"$WORK/proxychains.conf"
+    wrapper=(proxychains4 -q -f "$WORK/proxychains.conf")
+  elif [[ "$subj" == tun2proxy ]]; then
+    if ! start_tun2proxy "$id" "$mtu"; then
+      fail_all_dirs "$section" "$round" "$subj" "tun2proxy did not bring $NETNS_TUN up"
+      netns_down "$id"
+      return 0
+    fi
+  elif [[ "$subj" == kernel ]]; then
     if ! netns_route_baseline "$id"; then
-      fail_all_dirs "$mtu" "$round" "$subj" "baseline route setup failed"
+      fail_all_dirs "$section" "$round" "$subj" "baseline route setup failed"
       netns_down "$id"
       return 0
     fi
@@ -266,7 +355,7 @@ run_subject_round() { # MTU ROUND SUBJECT
       reason=$(netns_gateway_error "$id" || true)
       reason=${reason:-gateway failed to start}
       [[ -n "$line" ]] && reason+="; last log line: ${line:0:200}"
-      fail_all_dirs "$mtu" "$round" "$subj" "$reason"
+      fail_all_dirs "$section" "$round" "$subj" "$reason"
       netns_down "$id"
       return 0
     fi
@@ -274,15 +363,15 @@ run_subject_round() { # MTU ROUND SUBJECT
 
   for d in "${DIRECTIONS[@]}"; do
     gpid=""
-    if [[ "$subj" != kernel ]]; then
+    if [[ "$subj" != kernel && "$subj" != socks5-alone && "$subj" != tun2proxy ]]; then
       gpid=$(netns_gateway_pid "$id" || true)
       if [[ -z "$gpid" ]] || ! _nns_alive "$gpid"; then
-        record "$mtu" "$d" "$subj" "$round" FAILED "" "gateway died"
-        progress "$mtu" "$d" "$round" "$subj" "FAILED (gateway died)"
+        record "$section" "$d" "$subj" "$round" FAILED "" "gateway died"
+        progress "$section" "$d" "$round" "$subj" "FAILED (gateway died)"
         continue
       fi
     fi
-    res=$(run_iperf "$id" "$d")
+    res=$(run_iperf "$id" "$d" "${wrapper[@]}")
     if [[ "$res" == ERR* ]]; then
       reason=${res#ERR }
       if [[ -n "$gpid" ]] && ! _nns_alive "$gpid"; then
@@ -290,18 +379,18 @@ run_subject_round() { # MTU ROUND SUBJECT
         say "gateway log tail ($subj, mtu $mtu):"
         tail -n 20 "$(netns_gateway_log "$id")" >&2 || true
       fi
-      record "$mtu" "$d" "$subj" "$round" FAILED "" "$reason"
-      progress "$mtu" "$d" "$round" "$subj" "FAILED ($reason)"
+      record "$section" "$d" "$subj" "$round" FAILED "" "$reason"
+      progress "$section" "$d" "$round" "$subj" "FAILED ($reason)"
       # a failed client can leave iperf3 -s wedged: restart it for the next direction
       netns_stop_iperf_server "$id" "$BENCH_PORT"
       netns_start_iperf_server "$id" "$BENCH_PORT" || true
     else
-      record "$mtu" "$d" "$subj" "$round" ok "$res" ""
-      progress "$mtu" "$d" "$round" "$subj" "$(gbps "$res") Gbit/s"
+      record "$section" "$d" "$subj" "$round" ok "$res" ""
+      progress "$section" "$d" "$round" "$subj" "$(gbps "$res") Gbit/s"
     fi
   done
 
-  [[ "$subj" != kernel ]] && netns_stop_gateway "$id"
+  [[ "$subj" != kernel && "$subj" != socks5-alone ]] && netns_stop_gateway "$id"
   netns_down "$id"
   return 0
 }
@@ -310,10 +399,18 @@ say "subjects: ${SUBJECTS[*]}; MTUs: $BENCH_MTUS; ${BENCH_ROUNDS} rounds x ${BEN
 for mtu in $BENCH_MTUS; do
   for ((round = 1; round <= BENCH_ROUNDS; round++)); do
     for subj in "${SUBJECTS[@]}"; do
-      run_subject_round "$mtu" "$round" "$subj"
+      run_subject_round "$mtu" "$mtu" "$round" "$subj"
     done
   done
 done
+if ((${#SOCKS_SUBJECTS[@]})); then
+  say "SOCKS5 section: ${SOCKS_SUBJECTS[*]}; MTU 1500"
+  for ((round = 1; round <= BENCH_ROUNDS; round++)); do
+    for subj in "${SOCKS_SUBJECTS[@]}"; do
+      run_subject_round socks5 1500 "$round" "$subj"
+    done
+  done
+fi
 
 FAILED=0
 if grep -q $'\tFAILED\t' "$RAW"; then FAILED=1; fi
@@ -324,6 +421,8 @@ if ((HAVE_PY)); then
   MD="$BENCH_RESULTS_DIR/bench-$STAMP.md"
   export META_NPROC META_CPU META_MEM META_KERNEL META_RUSTC META_IPERF META_GIT META_DATE CMDLINE
   export BENCH_MTUS BENCH_SECONDS BENCH_ROUNDS BENCH_OMIT
+  SOCKS_LIST="${SOCKS_SUBJECTS[*]}"
+  export SOCKS_LIST
   python3 - "$RAW" "$NOTES" "$MD" "$BENCH_RESULTS_DIR/latest.json" "${SUBJECTS[@]}" <<'PY'
 import json, os, statistics, sys
 
@@ -338,14 +437,14 @@ with open(raw) as f:
         line = line.rstrip("\n")
         if not line:
             continue
-        mtu, d, subj, rnd, status, bps, reason = line.split("\t")
+        section, d, subj, rnd, status, bps, reason = line.split("\t")
         r = {"round": int(rnd), "status": status}
         if status == "ok":
             r["bits_per_second"] = float(bps)
             r["gbps"] = round(float(bps) / 1e9, 3)
         else:
             r["reason"] = reason
-        cells.setdefault((int(mtu), d, subj), []).append(r)
+        cells.setdefault((section, d, subj), []).append(r)
 
 with open(notes_path) as f:
     notes = [l.strip() for l in f if l.strip()]
@@ -354,20 +453,31 @@ def median_gbps(rounds):
     ok = [r["bits_per_second"] for r in rounds if r["status"] == "ok"]
     return round(statistics.median(ok) / 1e9, 3) if ok else None
 
+socks_subjects = env.get("SOCKS_LIST", "").split()
+# A section: its key in the raw file, its MTU, its subjects, its baseline and a second
+# reference (the SOCKS5 section compares with tun2proxy too).
+sections = [(str(m), m, subjects, "kernel", None) for m in mtus]
+if socks_subjects:
+    sections.append(("socks5", 1500, socks_subjects, "socks5-alone", "tun2proxy"))
+
+def ratio(med, key, d, ref):
+    base = median_gbps(cells.get((key, d, ref), [])) if ref else None
+    return round(med / base, 3) if (med is not None and base) else None
+
 results, failures = [], []
-for mtu in mtus:
-    for subj in subjects:
+for key, mtu, subjs, baseline, second in sections:
+    for subj in subjs:
         for d in directions:
-            rounds = sorted(cells.get((mtu, d, subj), []), key=lambda r: r["round"])
+            rounds = sorted(cells.get((key, d, subj), []), key=lambda r: r["round"])
             med = median_gbps(rounds)
-            base = median_gbps(cells.get((mtu, d, "kernel"), []))
-            ratio = round(med / base, 3) if (med is not None and base) else None
-            results.append({"mtu": mtu, "direction": d, "subject": subj,
-                            "median_gbps": med, "ratio_to_baseline": ratio,
-                            "rounds": rounds})
+            entry = {"section": key, "mtu": mtu, "direction": d, "subject": subj, "median_gbps": med,
+                     "baseline": baseline, "ratio_to_baseline": ratio(med, key, d, baseline), "rounds": rounds}
+            if second:
+                entry["ratio_to_" + second] = ratio(med, key, d, second)
+            results.append(entry)
             for r in rounds:
                 if r["status"] != "ok":
-                    failures.append("mtu=%d %s round %d %s: %s" % (mtu, d, r["round"], subj, r["reason"]))
+                    failures.append("%s %s round %d %s: %s" % ("mtu=" + key if key != "socks5" else key, d, r["round"], subj, r["reason"]))
 
 meta = {
     "machine": {"nproc": env["META_NPROC"], "cpu": env["META_CPU"], "memory": env["META_MEM"]},
@@ -395,17 +505,32 @@ L.append("- method: iperf3 single TCP stream, %ds (+%ds omitted), %d rounds, sub
          "fresh namespace pair and gateway process per subject and round; ratio = median / kernel-baseline median "
          "of this run" % (config["seconds"], config["omit_seconds"], config["rounds"]))
 L.append("")
-for mtu in mtus:
-    L.append("## MTU %d" % mtu)
-    L.append("")
-    L.append("| subject | direction | median Gbit/s | ratio to baseline | all rounds (Gbit/s) |")
-    L.append("|---|---|---:|---:|---|")
+def fmt_ratio(x):
+    return "-" if x is None else "%.2f" % x
+
+for key, mtu, subjs, baseline, second in sections:
+    if key == "socks5":
+        L.append("## SOCKS5 (dante in the server namespace), MTU 1500")
+        L.append("")
+        L.append("Ratios to `socks5-alone` (iperf3 through dante with proxychains4, no TUN: the ceiling) "
+                 "and to `tun2proxy`, both measured in the same rounds.")
+        L.append("")
+        L.append("| subject | direction | median Gbit/s | ratio to socks5-alone | ratio to tun2proxy | all rounds (Gbit/s) |")
+        L.append("|---|---|---:|---:|---:|---|")
+    else:
+        L.append("## MTU %d" % mtu)
+        L.append("")
+        L.append("| subject | direction | median Gbit/s | ratio to baseline | all rounds (Gbit/s) |")
+        L.append("|---|---|---:|---:|---|")
     for r in results:
-        if r["mtu"] != mtu:
+        if r["section"] != key:
             continue
-        ratio = "-" if r["ratio_to_baseline"] is None else "%.2f" % r["ratio_to_baseline"]
         allr = ", ".join("%.2f" % x["gbps"] if x["status"] == "ok" else "FAILED" for x in r["rounds"])
-        L.append("| %s | %s | %s | %s | %s |" % (r["subject"], r["direction"], fmt(r["median_gbps"]), ratio, allr or "-"))
+        cols = [r["subject"], r["direction"], fmt(r["median_gbps"]), fmt_ratio(r["ratio_to_baseline"])]
+        if second:
+            cols.append(fmt_ratio(r.get("ratio_to_" + second)))
+        cols.append(allr or "-")
+        L.append("| " + " | ".join(cols) + " |")
     L.append("")
 if failures:
     L.append("## Failures")
@@ -424,7 +549,7 @@ with open(md_path, "w") as f:
 with open(os.path.join(os.path.dirname(md_path), "latest.md"), "w") as f:
     f.write(text)
 with open(json_path, "w") as f:
-    json.dump({"meta": meta, "config": config, "subjects": subjects, "results": results,
+    json.dump({"meta": meta, "config": config, "subjects": subjects, "socks5_subjects": socks_subjects, "results": results,
                "failures": failures, "notes": notes, "failed": bool(failures),
                "report": os.path.basename(md_path)}, f, indent=2)
     f.write("\n")

@@ -39,6 +39,7 @@ need_cmd microsocks microsocks
 need_cmd tinyproxy tinyproxy
 need_cmd dig dnsutils
 need_cmd dnsmasq dnsmasq-base
+need_cmd proxychains4 proxychains4
 need_pkg libclang-dev
 need_pkg build-essential
 
