@@ -175,7 +175,7 @@ if [[ "$BENCH_SOCKS5" == 1 ]]; then
       note "cargo install tun2proxy $TUN2PROXY_VERSION failed: tun2proxy cells FAILED"
   fi
   BIN[tun2proxy]="$TUN2PROXY_ROOT/bin/tun2proxy-bin"
-  note "SOCKS5 section (MTU 1500): dante $(danted -v 2>/dev/null | head -n 1 | awk '{print $2}') in the server namespace on $SOCKS_ADDR:$SOCKS_PORT; socks5-alone = iperf3 under proxychains4 through it (no TUN); tun2proxy $TUN2PROXY_VERSION (crates.io) --proxy socks5:// to it; each variant with --proxy socks5:// to it"
+  note "SOCKS5 section (MTU 1500): dante $(danted -v 2>/dev/null | head -n 1 | awk '{print $2}' | sed 's/\.$//') in the server namespace on $SOCKS_ADDR:$SOCKS_PORT; socks5-alone = iperf3 under proxychains4 through it (no TUN); tun2proxy $TUN2PROXY_VERSION (crates.io) --tcp-mss 1460 --proxy socks5:// to it; each variant with --proxy socks5:// to it"
 fi
 
 # ---- metadata (taken before anything is written under results/) -----------------------
@@ -292,12 +292,18 @@ start_tun2proxy() {
   cli=$(netns_cli "$id")
   log=$(netns_gateway_log "$id")
   mkdir -p "$(dirname "$log")"
-  ip netns exec "$cli" "${BIN[tun2proxy]}" --tun "$NETNS_TUN" --mtu "$mtu" \
+  # --tcp-mss: without it tun2proxy's stack advertises no MSS and Linux falls back to 536
+  # bytes; the comparison runs it at its best, with the MSS our variants use.
+  ip netns exec "$cli" "${BIN[tun2proxy]}" --tun "$NETNS_TUN" --mtu "$mtu" --tcp-mss $((mtu - 40)) \
     --proxy "socks5://$SOCKS_ADDR:$SOCKS_PORT" </dev/null >"$log" 2>&1 &
   _nns_record_pid "$id" $!
+  # Without --setup (which would rewrite the namespace's default route), tun2proxy only
+  # creates the TUN: address it and bring it up as our gateway does for itself.
   for ((i = 0; i < 100; i++)); do
-    if [[ "$(ip -n "$cli" -o link show "$NETNS_TUN" 2>/dev/null)" =~ \<([^\>]*,)?UP[,\>] ]]; then
-      ip -n "$cli" route replace "$NETNS_SRV_NET4" dev "$NETNS_TUN" && return 0
+    if ip -n "$cli" link show "$NETNS_TUN" >/dev/null 2>&1; then
+      ip -n "$cli" addr add "$NETNS_TUN_ADDR4" dev "$NETNS_TUN" &&
+        ip -n "$cli" link set "$NETNS_TUN" up txqueuelen "$NETNS_TUN_TXQUEUELEN" &&
+        ip -n "$cli" route replace "$NETNS_SRV_NET4" dev "$NETNS_TUN" && return 0
       return 1
     fi
     sleep 0.05
@@ -337,7 +343,7 @@ run_subject_round() { # SECTION MTU ROUND SUBJECT
     wrapper=(proxychains4 -q -f "$WORK/proxychains.conf")
   elif [[ "$subj" == tun2proxy ]]; then
     if ! start_tun2proxy "$id" "$mtu"; then
-      fail_all_dirs "$section" "$round" "$subj" "tun2proxy did not bring $NETNS_TUN up"
+      fail_all_dirs "$section" "$round" "$subj" "tun2proxy: no $NETNS_TUN, or setting it up failed"
       netns_down "$id"
       return 0
     fi
