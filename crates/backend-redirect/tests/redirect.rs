@@ -59,10 +59,13 @@ fn cli_bad_flags() {
     let bin = tungate_testkit::netns::binary(BIN);
     let out = Command::new(&bin).args(["--listen", "127.0.0.1"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
-    let out = Command::new(&bin).args(["--proxy", "socks5://x", "--listen", "127.0.0.1:0"]).output().expect("run");
+    let out = Command::new(&bin).args(["--proxy", "ftp://x", "--listen", "127.0.0.1:0"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown proxy scheme"));
+    let out = Command::new(&bin).args(["--dns", "fake-ip", "--listen", "127.0.0.1:0"]).output().expect("run");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("only `direct`") && err.trim_end().lines().count() == 1, "{err}");
+    assert!(err.contains("need a TUN variant") && err.trim_end().lines().count() == 1, "{err}");
     let help = Command::new(&bin).arg("--help").output().expect("help");
     let text = String::from_utf8_lossy(&help.stdout);
     for needle in ["--listen", "--mark", "REDIRECT", "nft add rule"] {

@@ -1,6 +1,6 @@
 //! The variant binary's command line: bad input gets one line of error with context and a
-//! non-zero exit; SIGTERM ends it cleanly. Namespaced cases run under `unshare -n`, so the
-//! TUNs they create live and die in a private network namespace.
+//! non-zero exit; SIGTERM ends it cleanly. Every case runs under `unshare -n`, so the
+//! TUNs they create (and any name lookup) live and die in a private network namespace.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -13,8 +13,18 @@ struct Run {
     stderr: String,
 }
 
+/// Runs the binary with `args` in a private, empty network namespace: a case that
+/// unexpectedly gets as far as creating its TUN (or resolving a proxy's name) does so
+/// there, never in the machine's own namespace.
 fn run(bin: &str, args: &[&str]) -> Run {
-    let out = Command::new(binary(bin)).args(args).stdin(Stdio::null()).output().expect("run binary");
+    // A case that unexpectedly starts serving is stopped after 20 s (exit 124), and fails.
+    let out = Command::new("timeout")
+        .args(["-k", "2", "20", "unshare", "-n"])
+        .arg(binary(bin))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare runs");
     Run { code: out.status.code(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
 }
 
@@ -44,14 +54,23 @@ pub fn cli_bad_flags(bin: &str) {
     assert_one_line_error(&run(bin, &["--tun", "t0", "--mtu", "100"]), 2, "out of range");
     assert_one_line_error(&run(bin, &["--tun", "t0", "--mark", "0xnope"]), 2, "not a 32-bit mark");
     assert_one_line_error(&run(bin, &["--tun", "t0", "--backend", "nosuch"]), 1, "not compiled into this variant");
-    assert_one_line_error(&run(bin, &["--tun", "t0", "--proxy", "socks5://127.0.0.1:1080"]), 1, "not supported yet");
-    assert_one_line_error(&run(bin, &["--tun", "t0", "--proxy", "ftp://x"]), 1, "unknown upstream");
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--proxy", "ftp://x"]), 2, "unknown proxy scheme");
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--proxy", "socks5://h:1/path"]), 2, "no path");
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--udp", "maybe"]), 2, "not a UDP policy");
+    assert_one_line_error(&run(bin, &["--tun", "t0", "--dns", "fake"]), 2, "not a DNS mode");
+    let overlap = ["--tun", "t0", "--address", "198.19.0.1/24", "--dns", "fake-ip"];
+    assert_one_line_error(&run(bin, &overlap), 1, "overlaps the TUN's own prefix");
+    // A proxy host that does not resolve: a clear error at start. In an empty namespace,
+    // so the lookup cannot leave the machine.
+    let unresolved = in_private_netns(bin, "exec \"$BIN\" --tun t0 --proxy socks5://proxy.invalid:1080");
+    assert_one_line_error(&unresolved, 1, "cannot resolve proxy.invalid");
     assert_one_line_error(&run(bin, &["--tun-fd", "999"]), 1, "fd 999 is not an open file descriptor");
     // fd 0 is /dev/null here: open, but not a TUN.
     assert_one_line_error(&run(bin, &["--tun-fd", "0"]), 1, "fd 0 is not a TUN device");
     let help = Command::new(binary(bin)).arg("--help").output().expect("help");
     let text = String::from_utf8_lossy(&help.stdout);
-    for flag in ["--tun", "--tun-fd", "--mtu", "--address", "--proxy", "--mark", "--log-level", "--offload"] {
+    let flags = ["--tun", "--tun-fd", "--mtu", "--address", "--proxy", "--mark", "--log-level", "--offload", "--udp"];
+    for flag in flags.into_iter().chain(["--dns", "--fake-ip-range", "--dns-over-tcp", "--sniff", "--sniff-timeout"]) {
         assert!(text.contains(flag), "--help documents {flag}");
     }
 }
