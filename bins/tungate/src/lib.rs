@@ -214,7 +214,8 @@ async fn router(
     mark: Option<u32>,
     stats: &Arc<tungate_core::Stats>,
 ) -> anyhow::Result<Router> {
-    let dialer = Dialer { mark, ..Dialer::default() };
+    let refuse_resolved = dns.fake_ip.as_ref().map(|f| f.ranges().to_vec()).unwrap_or_default();
+    let dialer = Dialer { mark, refuse_resolved, ..Dialer::default() };
     let upstream = args.proxy.connector(dialer.clone(), stats.clone()).await?;
     let direct = ProxySpec::Direct.connector(dialer, stats.clone()).await?;
     let config = RouterConfig {

@@ -62,7 +62,8 @@ pub fn cli_bad_flags(bin: &str) {
     assert_one_line_error(&run(bin, &overlap), 1, "overlaps the TUN's own prefix");
     // A proxy host that does not resolve: a clear error at start. In an empty namespace,
     // so the lookup cannot leave the machine.
-    let unresolved = in_private_netns(bin, "exec \"$BIN\" --tun t0 --proxy socks5://proxy.invalid:1080");
+    let unresolved =
+        in_private_netns(bin, "exec \"$BIN\" --tun t0 --address 198.18.0.1/24 --proxy socks5://proxy.invalid:1080");
     assert_one_line_error(&unresolved, 1, "cannot resolve proxy.invalid");
     assert_one_line_error(&run(bin, &["--tun-fd", "999"]), 1, "fd 999 is not an open file descriptor");
     // fd 0 is /dev/null here: open, but not a TUN.

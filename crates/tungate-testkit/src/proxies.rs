@@ -347,7 +347,8 @@ fn route_fake_pools(t: &Topology) {
 /// DNS through the gateway and dante: `--dns fake-ip` answers A and AAAA from the
 /// default pools and forwards TXT; curl to the name (resolved through the TUN) reaches
 /// the server although only the server namespace knows the name, so the proxy was
-/// asked for the name; an unmapped fake address is refused. `--dns hijack` sends
+/// asked for the name; UDP to the fake address is echoed from it; an unmapped fake
+/// address is refused. `--dns hijack` sends
 /// queries to any address, UDP and TCP, to the resolver. `--dns-over-tcp` carries UDP
 /// queries through microsocks, which has no UDP.
 pub fn netns_dns(bin: &str) {
@@ -370,6 +371,10 @@ pub fn netns_dns(bin: &str) {
     assert_eq!(dig(&t, &["@10.77.0.53", "txt.test", "TXT"]), ["\"hello tungate\""], "TXT forwarded to the resolver");
     curl_get(&t, "http://web.test:8080/file.bin", &body);
     curl_get(&t, &format!("http://{v4}:8080/file.bin"), &body);
+    // UDP to the fake address: through dante to the name's echo server, and the echoes
+    // come back from the fake address the client sent to.
+    let udp = t.peer_client(&["udp", &v4.to_string(), "5353", "5"]);
+    assert!(udp.starts_with("ok udp 5"), "{udp}");
     let unmapped = t.peer_client(&["refused", "198.19.255.254", "8080"]);
     assert!(unmapped.starts_with("ok refused"), "{unmapped}");
 

@@ -70,11 +70,16 @@ pub struct Dialer {
     /// `SO_MARK` (needs CAP_NET_ADMIN).
     pub mark: Option<u32>,
     pub connect_timeout: Duration,
+    /// Addresses a *name* must not resolve to for the direct upstream (the fake-IP
+    /// pools: dialing one loops back into the TUN). Loopback and unspecified addresses
+    /// are always refused for names, so a client cannot reach the gateway's own host by
+    /// naming `localhost`.
+    pub refuse_resolved: Vec<ipnet::IpNet>,
 }
 
 impl Default for Dialer {
     fn default() -> Self {
-        Dialer { mark: None, connect_timeout: Duration::from_secs(10) }
+        Dialer { mark: None, connect_timeout: Duration::from_secs(10), refuse_resolved: Vec::new() }
     }
 }
 

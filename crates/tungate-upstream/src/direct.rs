@@ -24,21 +24,37 @@ impl Direct {
     }
 }
 
-/// The address to dial for `target`.
-async fn resolve(target: &Target) -> Result<SocketAddr, ConnectError> {
-    let (name, port) = match target {
-        Target::Addr(a) => return Ok(*a),
-        Target::Domain { name, port } => (name.as_str(), *port),
-    };
-    let failed = |reason: String| ConnectError::Target { upstream: NAME.into(), target: target.clone(), reason };
-    let mut addrs = tokio::net::lookup_host((name, port)).await.map_err(|e| failed(e.to_string()))?;
-    addrs.next().ok_or_else(|| failed("the name has no address".into()))
+impl Direct {
+    /// The address to dial for `target`: a name's first address that is not refused
+    /// (see [`Dialer::refuse_resolved`]).
+    async fn resolve(&self, target: &Target) -> Result<SocketAddr, ConnectError> {
+        let (name, port) = match target {
+            Target::Addr(a) => return Ok(*a),
+            Target::Domain { name, port } => (name.as_str(), *port),
+        };
+        let failed = |reason: String| ConnectError::Target { upstream: NAME.into(), target: target.clone(), reason };
+        let addrs = tokio::net::lookup_host((name, port)).await.map_err(|e| failed(e.to_string()))?;
+        let refused = |ip: std::net::IpAddr| {
+            ip.is_loopback() || ip.is_unspecified() || self.dialer.refuse_resolved.iter().any(|n| n.contains(&ip))
+        };
+        let mut seen = None;
+        for addr in addrs {
+            if !refused(addr.ip()) {
+                return Ok(addr);
+            }
+            seen = Some(addr.ip());
+        }
+        Err(failed(match seen {
+            Some(ip) => format!("it resolves to {ip}, which the direct upstream does not dial for a name"),
+            None => "the name has no address".into(),
+        }))
+    }
 }
 
 impl Connector for Direct {
     fn connect<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<TcpStream, ConnectError>> {
         Box::pin(async move {
-            let to = resolve(target).await?;
+            let to = self.resolve(target).await?;
             self.dialer.tcp(to).await.map_err(|e| match e.kind() {
                 // What the destination said: refused, unreachable, no answer.
                 io::ErrorKind::ConnectionRefused
@@ -54,7 +70,7 @@ impl Connector for Direct {
 
     fn open_udp<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<Box<dyn UdpPath>, ConnectError>> {
         Box::pin(async move {
-            let to = resolve(target).await?;
+            let to = self.resolve(target).await?;
             let socket = self.dialer.udp(to, false).map_err(|e| ConnectError::Io {
                 upstream: NAME.into(),
                 what: "opening a UDP socket",

@@ -78,7 +78,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             udp: UdpPolicy::Proxy,
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(15),
             // As common NATs do: long for TCP, short for UDP.
             tcp_idle_timeout: Duration::from_secs(600),
             udp_idle_timeout: tungate_api::udp::DEFAULT_IDLE_TIMEOUT,
@@ -188,26 +188,24 @@ impl Inner {
 
     /// Peeks at the flow's first bytes, for at most `wait` in all, and renames it to
     /// the host they name. Nothing is consumed.
-    async fn sniff(&self, request: &mut TcpRequest, wait: Duration) {
+    async fn sniff(&self, request: &mut TcpRequest, wait: Duration) -> std::io::Result<()> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut buf = vec![0u8; MAX_SNIFF];
         let mut need = 1;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let n = match request.peek_at_least(&mut buf, need, left).await {
-                Ok(n) => n,
-                Err(_) => return,
-            };
+            // An error: the client reset while we waited; nothing to connect.
+            let n = request.peek_at_least(&mut buf, need, left).await?;
             match sniff(&buf[..n]) {
                 Sniffed::Name(name, source) => {
                     tracing::debug!(src = %request.src(), dst = %request.dst(), %name, %source, "sniffed");
                     let port = request.dst().port();
                     request.set_target(Target::Domain { name, port }, source);
-                    return;
+                    return Ok(());
                 }
                 // Timed out (fewer bytes than asked for), or the client half-closed.
                 Sniffed::NeedMore(more) if n >= need && more > n => need = more,
-                _ => return,
+                _ => return Ok(()),
             }
         }
     }
@@ -215,10 +213,32 @@ impl Inner {
     async fn connect(&self, target: &Target) -> Result<tokio::net::TcpStream, ConnectError> {
         match tokio::time::timeout(self.config.connect_timeout, self.upstream.connect(target)).await {
             Ok(result) => result,
-            Err(_) => Err(ConnectError::Refused {
-                upstream: "upstream".into(),
-                target: target.clone(),
-                reason: format!("no connection within {:?}", self.config.connect_timeout),
+            // The dial itself has its own, shorter limit (`Dialer`): this one catches a
+            // proxy that accepts and then never answers.
+            Err(_) => Err(ConnectError::Io {
+                upstream: "the upstream".into(),
+                what: "connecting",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection to {target} within {:?}", self.config.connect_timeout),
+                ),
+            }),
+        }
+    }
+
+    /// `connector.open_udp`, bounded like a TCP connect (a proxy that never answers UDP
+    /// ASSOCIATE must not hold the session, whose idle timer runs only while it is read).
+    async fn open_udp(
+        &self,
+        connector: &Arc<dyn Connector>,
+        target: &Target,
+    ) -> Result<Box<dyn UdpPath>, ConnectError> {
+        match tokio::time::timeout(self.config.connect_timeout, connector.open_udp(target)).await {
+            Ok(result) => result,
+            Err(_) => Err(ConnectError::Io {
+                upstream: "the upstream".into(),
+                what: "opening a UDP path",
+                source: std::io::ErrorKind::TimedOut.into(),
             }),
         }
     }
@@ -231,7 +251,7 @@ impl Inner {
         let believed =
             self.no_udp_since.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| t.elapsed() < NO_UDP_MEMORY);
         if !believed {
-            match self.upstream.open_udp(target).await {
+            match self.open_udp(&self.upstream, target).await {
                 Ok(path) => return Some(path),
                 Err(e @ ConnectError::NoUdp { .. }) => {
                     let first =
@@ -256,7 +276,7 @@ impl Inner {
             Stats::inc(&self.stats.upstream_failed);
             return None;
         }
-        match self.direct.open_udp(target).await {
+        match self.open_udp(&self.direct, target).await {
             Ok(path) => Some(path),
             Err(e) => {
                 self.failed(src, &e);
@@ -350,8 +370,10 @@ impl TcpHandler for Router {
             }
             if let Some(wait) = inner.config.sniff {
                 // A fake-IP name is already the one the client asked for.
-                if request.naming().source == NameSource::Destination {
-                    inner.sniff(&mut request, wait).await;
+                if request.naming().source == NameSource::Destination && inner.sniff(&mut request, wait).await.is_err()
+                {
+                    request.reject();
+                    return;
                 }
             }
             let (src, target) = (request.src(), request.target().clone());
@@ -398,6 +420,10 @@ impl UdpHandler for Router {
                 }
                 return;
             };
+            // A renamed session (a fake address, a hijacked query) was sent to `dst` by
+            // the client: its replies must come from there, whatever the name resolved
+            // to. Otherwise full cone: from whoever answered.
+            let renamed = target != Target::Addr(session.dst());
             let mut buf = vec![0u8; 65536];
             loop {
                 tokio::select! {
@@ -410,7 +436,9 @@ impl UdpHandler for Router {
                     },
                     reply = path.recv_from(&mut buf) => match reply {
                         // Full cone: a reply from any address reaches the client as from that address.
-                        Ok(Some((from, n))) => { let _ = session.send_from(from, &buf[..n]); }
+                        Ok(Some((from, n))) => {
+                            let _ = if renamed { session.send(&buf[..n]) } else { session.send_from(from, &buf[..n]) };
+                        }
                         Ok(None) => {
                             tracing::debug!(%src, %target, "the upstream ended the UDP association");
                             return;

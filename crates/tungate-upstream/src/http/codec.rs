@@ -39,7 +39,8 @@ pub enum HeadError {
 
 /// Parses the response head in `buf`: `Ok(None)` while it is incomplete.
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
+    // Proxies add headers of their own; 128 is far above what any sends on a CONNECT.
+    let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut response = httparse::Response::new(&mut headers);
     match response.parse(buf) {
         Ok(httparse::Status::Complete(len)) => {
