@@ -223,6 +223,39 @@ impl Topology {
         format!("{dir}/{}/{name}", self.id)
     }
 
+    /// Writes `contents` to `name` in the topology's state directory (removed with the
+    /// namespaces) and returns its path.
+    pub fn write_state(&self, name: &str, contents: &[u8]) -> String {
+        let path = self.state_file(name);
+        std::fs::write(&path, contents).unwrap_or_else(|e| panic!("write {path}: {e}"));
+        path
+    }
+
+    /// Serves `body` as `/name` over HTTP on `10.77.0.2:8080` and `[fd77::2]:8080`.
+    pub fn serve_file(&mut self, name: &str, body: &[u8]) {
+        let path = self.write_state(name, body);
+        let dir = Path::new(&path).parent().expect("a state directory").to_str().expect("utf-8").to_owned();
+        self.peer_server(&["serve-http", &dir, "10.77.0.2", "8080"]);
+        self.peer_server(&["serve-http", &dir, "fd77::2", "8080"]);
+    }
+
+    /// curl GET of `url` in the client namespace (`extra`: more curl arguments); the body
+    /// must be `body`, by SHA-256.
+    pub fn curl_get(&self, url: &str, extra: &[&str], body: &[u8]) {
+        let mut args = vec!["curl", "-sS", "--fail", "--max-time", "30"];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let out = self.client(&args);
+        assert!(
+            out.status.success(),
+            "curl {url} {extra:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.gateway_log()
+        );
+        assert_eq!(out.stdout.len(), body.len(), "{url}: length");
+        assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(body), "{url}: body corrupted");
+    }
+
     /// Stops the gateway (SIGTERM) and returns the counters of its exit event (the JSON
     /// line `{"event":"exit","stats":{…}}` it prints on stdout after a clean shutdown).
     pub fn stop_gateway(&self) -> std::collections::HashMap<String, u64> {
@@ -282,20 +315,11 @@ impl Drop for Topology {
 
 pub fn netns_http_get(bin: &str) {
     let mut t = Topology::start(bin, 1500);
-    let dir = std::env::temp_dir().join(format!("tungate-http-{}", t.id));
-    std::fs::create_dir_all(&dir).expect("mkdir");
     let body = crate::services::pattern(3 * 1024 * 1024 + 17, 99);
-    std::fs::write(dir.join("file.bin"), &body).expect("write file");
-    let d = dir.to_str().expect("utf-8");
-    t.peer_server(&["serve-http", d, "10.77.0.2", "8080"]);
-    t.peer_server(&["serve-http", d, "fd77::2", "8080"]);
+    t.serve_file("file.bin", &body);
     for url in ["http://10.77.0.2:8080/file.bin", "http://[fd77::2]:8080/file.bin"] {
-        let out = t.client(&["curl", "-sS", "--fail", "--max-time", "30", url]);
-        assert!(out.status.success(), "curl {url}: {}\n{}", String::from_utf8_lossy(&out.stderr), t.gateway_log());
-        assert_eq!(out.stdout.len(), body.len(), "{url}: length");
-        assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(&body), "{url}: body corrupted");
+        t.curl_get(url, &[], &body);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The example program `own-gateway` (a handler of its own, on the public crates only)
@@ -303,22 +327,14 @@ pub fn netns_http_get(bin: &str) {
 /// request's first line by peeking, while the server still got the whole request.
 pub fn netns_example_http_get(backend: &str) {
     let mut t = Topology::start(&format!("examples/own-gateway --backend {backend}"), 1500);
-    let dir = std::env::temp_dir().join(format!("tungate-example-{}", t.id));
-    std::fs::create_dir_all(&dir).expect("mkdir");
     let body = crate::services::pattern(1024 * 1024 + 5, 7);
-    std::fs::write(dir.join("page.bin"), &body).expect("write file");
-    let d = dir.to_str().expect("utf-8");
-    t.peer_server(&["serve-http", d, "10.77.0.2", "8080"]);
-    t.peer_server(&["serve-http", d, "fd77::2", "8080"]);
+    t.serve_file("page.bin", &body);
     for url in ["http://10.77.0.2:8080/page.bin", "http://[fd77::2]:8080/page.bin"] {
-        let out = t.client(&["curl", "-sS", "--fail", "--max-time", "30", url]);
-        assert!(out.status.success(), "curl {url}: {}\n{}", String::from_utf8_lossy(&out.stderr), t.gateway_log());
-        assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(&body), "{url}: body corrupted");
+        t.curl_get(url, &[], &body);
     }
     let log = t.gateway_log();
     let peeked = log.lines().filter(|l| l.ends_with("\"GET /page.bin HTTP/1.1\"")).count();
     assert_eq!(peeked, 2, "the handler logs each request line it peeked:\n{log}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The suite's `Gate` handler (`examples/gate`) on `backend` through a real TUN:

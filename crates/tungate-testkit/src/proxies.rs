@@ -6,8 +6,6 @@
 
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
-
 use crate::netns::Topology;
 
 /// The veth address of the server namespace, where the proxies listen.
@@ -16,15 +14,6 @@ const PROXY_HOST: &str = "10.78.0.2";
 /// passwd/shadow, which the test puts in place; the host's are not touched).
 const USER: &str = "tgproxy";
 const PASS: &str = "tg-s3cret";
-
-/// Writes `contents` to a file in the topology's state directory and returns its path.
-fn state_file(t: &Topology, name: &str, contents: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("tungate-proxy-{}", t.id));
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let path = dir.join(name);
-    std::fs::write(&path, contents).expect("write config");
-    path.to_str().expect("utf-8").to_owned()
-}
 
 /// Starts dante on `port`; `method` is `none` or `username`.
 fn dante(t: &mut Topology, port: u16, method: &str) {
@@ -47,7 +36,7 @@ fn dante_on(t: &mut Topology, host: &str, port: u16, method: &str) {
          socks pass {{ from: 0.0.0.0/0 to: ::/0 }}\n\
          socks pass {{ from: ::/0 to: 0.0.0.0/0 }}\n"
     );
-    let path = state_file(t, &format!("danted-{port}.conf"), &conf);
+    let path = t.write_state(&format!("danted-{port}.conf"), conf.as_bytes());
     t.daemon(&["danted", "-f", &path], port);
 }
 
@@ -72,31 +61,20 @@ fn tinyproxy(t: &mut Topology, port: u16, auth: bool) {
     if auth {
         conf.push_str(&format!("BasicAuth {USER} {PASS}\n"));
     }
-    let path = state_file(t, &format!("tinyproxy-{port}.conf"), &conf);
+    let path = t.write_state(&format!("tinyproxy-{port}.conf"), conf.as_bytes());
     t.daemon(&["tinyproxy", "-d", "-c", &path], port);
 }
 
 /// The servers every proxy test talks to: HTTP (v4, v6), a sink and a source for the
 /// 64 MiB transfers, a UDP echo. Returns the served file's bytes.
 fn servers(t: &mut Topology) -> Vec<u8> {
-    let dir = std::env::temp_dir().join(format!("tungate-proxy-{}", t.id));
-    std::fs::create_dir_all(&dir).expect("mkdir");
     let body = crate::services::pattern(2 * 1024 * 1024 + 3, 12);
-    std::fs::write(dir.join("file.bin"), &body).expect("write file");
-    let d = dir.to_str().expect("utf-8");
-    t.peer_server(&["serve-http", d, "10.77.0.2", "8080"]);
-    t.peer_server(&["serve-http", d, "fd77::2", "8080"]);
+    t.serve_file("file.bin", &body);
     t.peer_server(&["serve-sink", "10.77.0.2", "9000"]);
     t.peer_server(&["serve-source", "10.77.0.2", "9001"]);
     t.peer_server(&["serve-sink-counted", "10.77.0.2", "9002"]);
     t.peer_server(&["serve-udp-echo", "10.77.0.2", "5353"]);
     body
-}
-
-fn curl_get(t: &Topology, url: &str, body: &[u8]) {
-    let out = t.client(&["curl", "-sS", "--fail", "--max-time", "30", url]);
-    assert!(out.status.success(), "curl {url}: {}\n{}", String::from_utf8_lossy(&out.stderr), t.gateway_log());
-    assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(body), "{url}: body corrupted");
 }
 
 /// 64 MiB up and 64 MiB down, each sha256-checked by the other end. The upload ends
@@ -145,8 +123,8 @@ pub fn netns_socks5_dante(bin: &str) {
     dante_on(&mut t, "10.77.0.2", 1080, "none");
     let body = servers(&mut t);
     t.restart_gateway(&["--proxy", "socks5://dante.test:1080"]);
-    curl_get(&t, "http://10.77.0.2:8080/file.bin", &body);
-    curl_get(&t, "http://[fd77::2]:8080/file.bin", &body);
+    t.curl_get("http://10.77.0.2:8080/file.bin", &[], &body);
+    t.curl_get("http://[fd77::2]:8080/file.bin", &[], &body);
     each_way_64mib(&t, true);
     let udp = t.peer_client(&["udp", "10.77.0.2", "5353", "20"]);
     assert!(udp.starts_with("ok udp 20"), "{udp}");
@@ -165,7 +143,7 @@ pub fn netns_socks5_dante_auth(bin: &str) {
     dante(&mut t, 1082, "username");
     let body = servers(&mut t);
     t.restart_gateway(&["--proxy", &format!("socks5://{USER}:{PASS}@10.78.0.2:1082")]);
-    curl_get(&t, "http://10.77.0.2:8080/file.bin", &body);
+    t.curl_get("http://10.77.0.2:8080/file.bin", &[], &body);
     let udp = t.peer_client(&["udp", "10.77.0.2", "5353", "5"]);
     assert!(udp.starts_with("ok udp 5"), "{udp}");
 
@@ -188,7 +166,7 @@ pub fn netns_socks5_microsocks(bin: &str) {
     t.daemon(&["microsocks", "-i", PROXY_HOST, "-p", "1081"], 1081);
     let body = servers(&mut t);
     t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1081", "--udp", "direct"]);
-    curl_get(&t, "http://10.77.0.2:8080/file.bin", &body);
+    t.curl_get("http://10.77.0.2:8080/file.bin", &[], &body);
     each_way_64mib(&t, false);
     refused(&t);
     let udp = t.peer_client(&["udp", "10.77.0.2", "5353", "5"]);
@@ -218,13 +196,13 @@ pub fn netns_http_connect_tinyproxy(bin: &str) {
     tinyproxy(&mut t, 8889, true);
     let body = servers(&mut t);
     t.restart_gateway(&["--proxy", "http://10.78.0.2:8888"]);
-    curl_get(&t, "http://10.77.0.2:8080/file.bin", &body);
-    curl_get(&t, "http://[fd77::2]:8080/file.bin", &body);
+    t.curl_get("http://10.77.0.2:8080/file.bin", &[], &body);
+    t.curl_get("http://[fd77::2]:8080/file.bin", &[], &body);
     each_way_64mib(&t, false);
     refused(&t);
 
     t.restart_gateway(&["--proxy", &format!("http://{USER}:{PASS}@10.78.0.2:8889")]);
-    curl_get(&t, "http://10.77.0.2:8080/file.bin", &body);
+    t.curl_get("http://10.77.0.2:8080/file.bin", &[], &body);
     t.restart_gateway(&["--proxy", &format!("http://{USER}:wrong@10.78.0.2:8889")]);
     refused(&t);
     let again = t.peer_client(&["refused", "10.77.0.2", "8080"]);
@@ -249,9 +227,8 @@ pub fn netns_sniff(bin: &str) {
     t.server_etc("hosts", "127.0.0.1 localhost\n10.77.0.2 web.test tls.test\n");
     dante(&mut t, 1080, "none");
     let body = servers(&mut t);
-    let dir = std::env::temp_dir().join(format!("tungate-proxy-{}", t.id));
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let (cert, key) = (cert.to_str().expect("utf-8 path"), key.to_str().expect("utf-8 path"));
+    let (cert, key) = (t.write_state("cert.pem", b""), t.write_state("key.pem", b""));
+    let (cert, key) = (cert.as_str(), key.as_str());
     let made = Command::new("openssl")
         .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
         .args(["-subj", "/CN=tls.test", "-days", "1", "-keyout", key, "-out", cert])
@@ -273,7 +250,7 @@ pub fn netns_sniff(bin: &str) {
         "s_client:\n{text}\n{}",
         t.gateway_log()
     );
-    curl_get_host(&t, "http://10.77.0.99:8080/file.bin", "web.test:8080", &body);
+    t.curl_get("http://10.77.0.99:8080/file.bin", &["-H", "Host: web.test:8080"], &body);
     // A server-speaks-first service: the client sends nothing, so the sniff waits its
     // 300 ms out and then connects by address.
     let banner = t.peer_client(&["banner", "10.77.0.2", "2525", "1.3"]);
@@ -285,18 +262,6 @@ pub fn netns_sniff(bin: &str) {
     t.stop_daemons();
     let reset = t.peer_client(&["reset", "10.77.0.2", "8080"]);
     assert!(reset.starts_with("ok reset"), "{reset}");
-}
-
-fn curl_get_host(t: &Topology, url: &str, host: &str, body: &[u8]) {
-    let header = format!("Host: {host}");
-    let out = t.client(&["curl", "-sS", "--fail", "--max-time", "30", "-H", &header, url]);
-    assert!(
-        out.status.success(),
-        "curl {url} ({header}): {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        t.gateway_log()
-    );
-    assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(body), "{url}: body corrupted");
 }
 
 /// dnsmasq on 10.77.0.53:53 (UDP and TCP) in the server namespace: `real.test` is
@@ -369,8 +334,8 @@ pub fn netns_dns(bin: &str) {
     let v6: std::net::Ipv6Addr = v6.first().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("AAAA: {v6:?}"));
     assert_eq!(v6.segments()[..4], [0xfd19, 0xf4e1, 0, 0], "{v6} from the IPv6 pool");
     assert_eq!(dig(&t, &["@10.77.0.53", "txt.test", "TXT"]), ["\"hello tungate\""], "TXT forwarded to the resolver");
-    curl_get(&t, "http://web.test:8080/file.bin", &body);
-    curl_get(&t, &format!("http://{v4}:8080/file.bin"), &body);
+    t.curl_get("http://web.test:8080/file.bin", &[], &body);
+    t.curl_get(&format!("http://{v4}:8080/file.bin"), &[], &body);
     // UDP to the fake address: through dante to the name's echo server, and the echoes
     // come back from the fake address the client sent to.
     let udp = t.peer_client(&["udp", &v4.to_string(), "5353", "5"]);
