@@ -22,12 +22,22 @@
 //! # Risks, and what we do about them
 //!
 //! * **smoltcp 0.12's sequence-number panic** ("attempt to subtract sequence numbers with
-//!   underflow", smoltcp #1048, fixed in 0.13): netstack-smoltcp pins smoltcp 0.12, and
-//!   the panic is an explicit `panic!`, present in release builds. It would fire inside
-//!   the crate's `Runner`, which processes every connection. The runner runs as its own
-//!   task, and when it ends for any reason (a panic included) the stack is rebuilt: the
-//!   connections it held are reset, the process and every other part of the gateway
-//!   keep running, and new connections work at once. The rebuild is logged and counted.
+//!   underflow", smoltcp #1048; smoltcp 0.13 rejects bytes outside its receive window,
+//!   #1079): netstack-smoltcp pins smoltcp 0.12, which accepts client data past the
+//!   window edge it advertised. Its advertised window is rounded down to a multiple of
+//!   its scale unit, so with the reader stopped an ACK can move the edge back by up to
+//!   `2^shift − 1` bytes; a client that already had data in flight up to the old edge
+//!   then makes the next window computation panic (an explicit `panic!`, also in release
+//!   builds) inside the crate's `Runner`, which processes every connection. Seen in CI
+//!   as a 64 MiB upload through microsocks reset mid-way. Admission prevents it
+//!   ([`Workarounds::window_edge`]): it tracks each flow's furthest advertised edge from
+//!   the crate's output and trims client data at that edge less `2^shift − 1` (the
+//!   client resends the rest). `tests/conformance.rs` drives a client into the exact
+//!   sequence; without the trim, or with the trim at the edge itself, the stack panics.
+//! * **Any other runner death**: the runner runs as its own task, and when it ends for
+//!   any reason (a panic included) the stack is rebuilt: the connections it held are
+//!   reset, the process and every other part of the gateway keep running, and new
+//!   connections work at once. The rebuild is logged and counted.
 //! * **No refusal and duplicate streams**: the crate answers every SYN and makes a second
 //!   stream for a retransmitted SYN. Admission holds SYNs until the handler decides
 //!   (refusals get RST from tungate), and a stream nobody asked for is dropped.
@@ -52,7 +62,7 @@ use std::time::Duration;
 
 use futures::{Sink, Stream};
 use netstack_smoltcp::{StackBuilder, TcpListener, TcpStream};
-use tungate_core::admission::Admission;
+use tungate_core::admission::{Admission, Workarounds};
 use tungate_core::stream_stack::{StreamStack, run_stream_stack};
 use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketBuf, PacketDevice};
 
@@ -108,12 +118,21 @@ impl Backend for NetstackSmoltcp {
         let mut config = self.config;
         config.mtu = device.mtu();
         async move {
-            let admission = Admission::new(handlers, config.mtu, config.ring_capacity, Duration::from_secs(25));
+            let admission = Admission::new(handlers, config.mtu, config.ring_capacity, Duration::from_secs(25))
+                .with_workarounds(netstack_workarounds());
             let stack = NetstackStack::start(config, self.restarts, None)?;
             run_stream_stack(stack, admission, device, shutdown).await?;
             Ok(())
         }
     }
+}
+
+/// smoltcp 0.12 accepts client data past its own advertised window edge and then panics
+/// (see the crate docs): admission trims it off first.
+fn netstack_workarounds() -> Workarounds {
+    let mut w = Workarounds::default();
+    w.window_edge = true;
+    w
 }
 
 type RunnerFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
@@ -285,7 +304,8 @@ impl Backend for HookedNetstack {
         config.mtu = device.mtu();
         let (restarts, hook) = (self.backend.restarts, self.hook);
         async move {
-            let admission = Admission::new(handlers, config.mtu, config.ring_capacity, Duration::from_secs(25));
+            let admission = Admission::new(handlers, config.mtu, config.ring_capacity, Duration::from_secs(25))
+                .with_workarounds(netstack_workarounds());
             let stack = NetstackStack::start(config, restarts, Some(hook))?;
             run_stream_stack(stack, admission, device, shutdown).await?;
             Ok(())

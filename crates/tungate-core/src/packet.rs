@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-    UdpPacket, UdpRepr,
+    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpOption, TcpPacket, TcpRepr,
+    TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 /// Why a packet was not accepted.
@@ -51,6 +51,8 @@ pub struct TcpSummary {
     pub ack_number: u32,
     /// Sequence space the segment occupies (payload + SYN + FIN).
     pub segment_len: usize,
+    /// The window field as sent (unscaled; scaled by the sender's shift except on a SYN).
+    pub window: u16,
 }
 
 impl TcpSummary {
@@ -70,6 +72,11 @@ impl TcpSummary {
     /// A connection-opening SYN (no ACK, no RST).
     pub fn is_bare_syn(&self) -> bool {
         self.syn && !self.ack && !self.rst
+    }
+
+    /// Payload bytes (the sequence space without SYN and FIN).
+    pub fn payload_len(&self) -> usize {
+        self.segment_len - usize::from(self.syn) - usize::from(self.fin)
     }
 }
 
@@ -125,6 +132,7 @@ pub fn classify(packet: &[u8]) -> Result<Classified<'_>, ParseError> {
                 seq: tcp.seq_number().0 as u32,
                 ack_number: tcp.ack_number().0 as u32,
                 segment_len: tcp.segment_len(),
+                window: tcp.window_len(),
             }))
         }
         IpProtocol::Udp => {
@@ -151,6 +159,84 @@ pub fn tcp_checksum_ok(packet: &[u8], summary: &TcpSummary) -> bool {
         IpAddr::V6(_) => Ipv6Packet::new_unchecked(packet).payload(),
     };
     TcpPacket::new_unchecked(l4).verify_checksum(&summary.src.ip().into(), &summary.dst.ip().into())
+}
+
+/// The window-scale option of the SYN or SYN-ACK in `packet` (RFC 7323: the shift its
+/// sender applies to every later window it advertises), clamped to 14; `None` if the
+/// segment is not a SYN or does not carry the option.
+pub fn syn_window_scale(packet: &[u8]) -> Option<u8> {
+    let (range, _) = tcp_range(packet)?;
+    let tcp = TcpPacket::new_checked(&packet[range]).ok()?;
+    if !tcp.syn() {
+        return None;
+    }
+    let mut options = tcp.options();
+    while !options.is_empty() {
+        let (rest, option) = TcpOption::parse(options).ok()?;
+        match option {
+            TcpOption::WindowScale(shift) => return Some(shift.min(14)),
+            TcpOption::EndOfList => return None,
+            _ => {}
+        }
+        options = rest;
+    }
+    None
+}
+
+/// Rewrites the TCP segment in `packet` in place so that it carries only the payload
+/// bytes at offsets `keep` of its payload, and FIN iff `fin` (SYN and RST are never
+/// touched): the sequence number moves to the first byte kept, the IP length and both
+/// checksums follow. Returns the packet's new length; `None` if `packet` is not an IP
+/// packet holding a TCP segment or `keep` is not within its payload.
+///
+/// The one mechanism behind the admission layer's segment surgery (a FIN split off its
+/// data, data trimmed at a window edge).
+pub fn reshape_tcp_segment(packet: &mut [u8], keep: std::ops::Range<usize>, fin: bool) -> Option<usize> {
+    let (l4, (src, dst)) = tcp_range(packet)?;
+    let header = usize::from(TcpPacket::new_checked(&packet[l4.clone()]).ok()?.header_len());
+    let payload = l4.len().checked_sub(header)?;
+    if keep.start > keep.end || keep.end > payload {
+        return None;
+    }
+    let data = l4.start + header;
+    packet.copy_within(data + keep.start..data + keep.end, data);
+    let end = data + keep.len();
+    match src {
+        IpAddress::Ipv4(_) => {
+            let mut ip = Ipv4Packet::new_unchecked(&mut packet[..end]);
+            ip.set_total_len(u16::try_from(end).ok()?);
+            ip.fill_checksum();
+        }
+        IpAddress::Ipv6(_) => {
+            Ipv6Packet::new_unchecked(&mut packet[..end]).set_payload_len(u16::try_from(end - l4.start).ok()?);
+        }
+    }
+    let mut tcp = TcpPacket::new_unchecked(&mut packet[l4.start..end]);
+    tcp.set_seq_number(tcp.seq_number() + keep.start);
+    tcp.set_fin(fin);
+    if keep.is_empty() {
+        tcp.set_psh(false);
+    }
+    tcp.fill_checksum(&src, &dst);
+    Some(end)
+}
+
+/// Where the TCP segment of an IPv4 or IPv6 (no extension headers) packet lies, and
+/// the packet's addresses.
+fn tcp_range(packet: &[u8]) -> Option<(std::ops::Range<usize>, (IpAddress, IpAddress))> {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ip = Ipv4Packet::new_checked(packet).ok().filter(|ip| ip.next_header() == IpProtocol::Tcp)?;
+            let range = usize::from(ip.header_len())..usize::from(ip.total_len());
+            Some((range, (ip.src_addr().into(), ip.dst_addr().into())))
+        }
+        Some(6) => {
+            let ip = Ipv6Packet::new_checked(packet).ok().filter(|ip| ip.next_header() == IpProtocol::Tcp)?;
+            let range = ip.header_len()..ip.header_len() + usize::from(ip.payload_len());
+            Some((range, (ip.src_addr().into(), ip.dst_addr().into())))
+        }
+        _ => None,
+    }
 }
 
 /// What to do with a TCP segment that matches no flow (RFC 9293 §3.10.7.1).
@@ -382,6 +468,7 @@ mod tests {
             seq: u32::MAX,
             ack_number: 0,
             segment_len: 1,
+            window: 0,
         };
         let mut buf = [0u8; 100];
         let n = build_tcp_rst(&syn, &mut buf).unwrap();
@@ -390,6 +477,48 @@ mod tests {
         assert_eq!((rst.src, rst.dst, rst.ack_number, rst.seq), (syn.dst, syn.src, 0, 0));
         assert!(tcp_checksum_ok(&buf[..n], &rst));
         assert_eq!(build_tcp_rst(&rst, &mut buf), None);
+    }
+
+    #[test]
+    fn reshaping_keeps_a_part_of_the_payload_and_fixes_lengths_and_checksums() {
+        for (src, dst) in [(sa("198.18.0.2:4000"), sa("10.77.0.2:80")), (sa("[fd18::2]:4000"), sa("[fd77::2]:80"))] {
+            let mut seg = SegmentFields::new(src, dst, TcpControl::Fin, u32::MAX - 3, Some(9));
+            seg.payload = b"0123456789";
+            let original = seg.build();
+            let check = |p: &[u8], seq: u32, payload: &[u8], fin: bool| {
+                let Ok(Classified::Tcp(t)) = classify(p) else { panic!("not TCP") };
+                assert!(tcp_checksum_ok(p, &t), "checksum");
+                assert_eq!((t.src, t.dst, t.seq, t.ack_number, t.fin), (src, dst, seq, 9, fin));
+                assert_eq!(t.payload_len(), payload.len());
+                assert_eq!(&p[p.len() - payload.len()..], payload);
+            };
+            let mut p = original.clone();
+            let n = reshape_tcp_segment(&mut p, 0..4, false).expect("prefix");
+            check(&p[..n], u32::MAX - 3, b"0123", false);
+            let mut p = original.clone();
+            let n = reshape_tcp_segment(&mut p, 4..10, true).expect("suffix");
+            check(&p[..n], 0, b"456789", true);
+            let mut p = original.clone();
+            let n = reshape_tcp_segment(&mut p, 10..10, true).expect("bare FIN");
+            check(&p[..n], 6, b"", true);
+            assert_eq!(reshape_tcp_segment(&mut original.clone(), 5..11, false), None, "past the payload");
+            assert_eq!(reshape_tcp_segment(&mut original[..20].to_vec(), 0..0, false), None, "truncated");
+        }
+    }
+
+    #[test]
+    fn the_window_scale_of_a_syn_is_read() {
+        let (c, s) = (sa("198.18.0.2:4000"), sa("10.77.0.2:80"));
+        let mut syn = SegmentFields::new(c, s, TcpControl::Syn, 1, None);
+        assert_eq!(syn_window_scale(&syn.build()), None, "no option");
+        syn.window_scale = Some(7);
+        assert_eq!(syn_window_scale(&syn.build()), Some(7));
+        let mut syn_ack = SegmentFields::new(s, c, TcpControl::Syn, 1, Some(2));
+        syn_ack.window_scale = Some(4);
+        assert_eq!(syn_window_scale(&syn_ack.build()), Some(4));
+        let ack = SegmentFields::new(c, s, TcpControl::None, 2, Some(2)).build();
+        assert_eq!(syn_window_scale(&ack), None, "not a SYN");
+        assert_eq!(syn_window_scale(&[0x45, 0, 0]), None, "garbage");
     }
 
     #[test]

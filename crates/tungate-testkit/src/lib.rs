@@ -23,6 +23,7 @@ pub mod mutation;
 pub mod netns;
 pub mod peer;
 pub mod proxies;
+pub mod rawtcp;
 pub mod services;
 
 pub use cli::{cli_bad_flags, cli_sigterm_exits_cleanly, cli_tun_busy_and_permission};
@@ -71,7 +72,8 @@ macro_rules! conformance_suite {
             half_close_server_first, refused_gets_rst_v4, refused_gets_rst_v6,
             concurrent_200_flows, udp_echo_v4, udp_echo_v6, malformed_burst,
             unknown_segment_gets_rst, survives_loss_and_duplication, corruption_is_detected,
-            gate_peeks_then_relays_or_aborts, gate_udp_sessions_relay_or_drop);
+            gate_peeks_then_relays_or_aborts, gate_udp_sessions_relay_or_drop,
+            furthest_window_edge_sender);
         $crate::conformance_suite!(@netns conformance_netns [$limits] $bin;
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,

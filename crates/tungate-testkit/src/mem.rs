@@ -431,6 +431,7 @@ pub async fn unknown_segment_gets_rst<B: Backend>(backend: B) {
         seq: 1000,
         ack_number: 0,
         segment_len: 0,
+        window: 0,
     };
     // `build_tcp_rst` answers a segment sent to the client, so the RST it builds travels
     // client → fd77::2:80; turning its RST flag into ACK gives a stray ACK from the client.
@@ -635,4 +636,11 @@ pub async fn gate_udp_sessions_relay_or_drop<B: Backend>(backend: B) {
     assert_eq!(*received.lock().expect("lock"), sent);
     server.abort();
     h.stop().await;
+}
+
+/// A hand-driven client that sends up to the furthest window edge it was offered while
+/// the handler reads nothing, then the whole upload once it reads: complete and
+/// SHA-256-checked, never reset (see [`crate::rawtcp::window_edge_sender`]).
+pub async fn furthest_window_edge_sender<B: Backend>(backend: B) {
+    crate::rawtcp::window_edge_sender(backend).await;
 }

@@ -1,7 +1,7 @@
 //! A peer host on the far side of an in-memory TUN: a smoltcp TCP/IP stack playing the
 //! client applications, plus raw UDP and raw-packet access for the suite.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -52,7 +52,11 @@ pub struct PeerHost {
     raw_tx: mpsc::Sender<Vec<u8>>,
     udp_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Datagram>>>,
     resets: Arc<Mutex<Vec<packet::TcpSummary>>>,
+    /// TCP ports whose segments go to a [`tap`](Self::tap) instead of the peer's stack.
+    taps: Taps,
 }
+
+type Taps = Arc<Mutex<HashMap<u16, mpsc::UnboundedSender<Vec<u8>>>>>;
 
 impl std::fmt::Debug for PeerHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,6 +157,7 @@ impl PeerHost {
         let poke = Arc::new(Notify::new());
         let (udp_tx, udp_rx) = mpsc::unbounded_channel();
         let resets: Arc<Mutex<Vec<packet::TcpSummary>>> = Arc::default();
+        let taps: Taps = Arc::default();
 
         // Receiver: never blocks, so the gateway's writes always drain (no deadlock
         // between two hosts each waiting to send). UDP is tapped off before the stack.
@@ -160,6 +165,7 @@ impl PeerHost {
             let inner = inner.clone();
             let poke = poke.clone();
             let resets = resets.clone();
+            let taps = taps.clone();
             tokio::spawn(async move {
                 while let Some(p) = rx.recv().await {
                     match packet::classify(&p) {
@@ -167,9 +173,15 @@ impl PeerHost {
                             let _ = udp_tx.send(Datagram { src, dst, payload: payload.to_vec() });
                             continue;
                         }
-                        // Recorded, then given to the stack like any segment.
-                        Ok(Classified::Tcp(seg)) if seg.rst => {
-                            resets.lock().unwrap_or_else(|p| p.into_inner()).push(seg);
+                        Ok(Classified::Tcp(seg)) => {
+                            // Recorded, then given to the stack (or tap) like any segment.
+                            if seg.rst {
+                                resets.lock().unwrap_or_else(|p| p.into_inner()).push(seg);
+                            }
+                            if let Some(tap) = lock_taps(&taps).get(&seg.dst.port()) {
+                                let _ = tap.send(p);
+                                continue;
+                            }
                         }
                         _ => {}
                     }
@@ -202,7 +214,16 @@ impl PeerHost {
                 }
             });
         }
-        PeerHost { inner, poke, raw_tx: tx, udp_rx: Arc::new(tokio::sync::Mutex::new(udp_rx)), resets }
+        PeerHost { inner, poke, raw_tx: tx, udp_rx: Arc::new(tokio::sync::Mutex::new(udp_rx)), resets, taps }
+    }
+
+    /// Takes every TCP segment the gateway sends to `port` (of either address) away from
+    /// the peer's stack, for a client driven by hand ([`crate::rawtcp`]). Ports from
+    /// 61000 up are never the stack's own.
+    pub fn tap(&self, port: u16) -> mpsc::UnboundedReceiver<Vec<u8>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock_taps(&self.taps).insert(port, tx);
+        rx
     }
 
     /// The peer's source address of the family of `dst`.
@@ -357,4 +378,8 @@ impl Drop for PeerStream {
             s.close();
         }
     }
+}
+
+fn lock_taps(taps: &Taps) -> MutexGuard<'_, HashMap<u16, mpsc::UnboundedSender<Vec<u8>>>> {
+    taps.lock().unwrap_or_else(|p| p.into_inner())
 }

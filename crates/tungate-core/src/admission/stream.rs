@@ -20,11 +20,10 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpPacket};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::table::{Decided, FlowKey, FlowTable, Inbound, Seen};
@@ -67,6 +66,20 @@ pub struct Workarounds {
     /// arrives (ipstack): a segment the client never got (trimmed at its window edge)
     /// would otherwise never be resent, and a download stalled for good.
     pub replay_ack: bool,
+    /// Trim client data at the furthest right edge of the window the stack advertised, less
+    /// one unit of its window scale; data past it is cut off (FIN with it), as a
+    /// receiver may do (RFC 9293 §3.10.7.4), and the client sends it again. For smoltcp
+    /// 0.12 (netstack-smoltcp), which accepts data past its own advertised edge and then
+    /// panics computing its window ("attempt to subtract sequence numbers with
+    /// underflow", fixed in smoltcp 0.13).
+    ///
+    /// Why the margin makes the trim safe against edges the stack advertises later: the
+    /// stack accepts data up to `T` (its read point plus its buffer's capacity, which
+    /// only grows), and each window it advertises is `T − ack` rounded down to a multiple
+    /// of `2^shift`, so each edge lies in `(T − 2^shift, T]`. An edge advertised after
+    /// one seen here is more than `seen − 2^shift`: data within `seen − (2^shift − 1)`
+    /// is within every edge the stack holds itself to from then on.
+    pub window_edge: bool,
 }
 
 /// First replay of a quiet flow's last ACK: past ipstack's fixed 1 s retransmission timeout.
@@ -90,6 +103,10 @@ struct Cap {
     /// The client's latest segment that carried an ACK: its ACK number is where a RST
     /// from here must start (see [`Admission::pass_output`]).
     last: Option<TcpSummary>,
+    /// With [`Workarounds::window_edge`]: the furthest right edge of the receive window
+    /// the stack advertised to the client, and the stack's window shift (from its SYN-ACK).
+    edge: Option<u32>,
+    shift: u8,
 }
 
 impl Cap {
@@ -106,6 +123,32 @@ impl Cap {
             }
         }
         self.replay = Some((now + REPLAY_FIRST, REPLAY_FIRST));
+    }
+
+    /// The stack sent the client `seg` (see [`Workarounds::window_edge`]): its ACK and
+    /// window may move the right edge.
+    fn saw_stack(&mut self, packet: &[u8], seg: &TcpSummary) {
+        if !seg.ack || seg.rst {
+            return;
+        }
+        // A SYN-ACK's window is never scaled; its option gives the shift for the rest.
+        let window = if seg.syn {
+            self.shift = packet::syn_window_scale(packet).unwrap_or(0);
+            u32::from(seg.window)
+        } else {
+            u32::from(seg.window) << self.shift
+        };
+        let edge = seg.ack_number.wrapping_add(window);
+        if self.edge.is_none_or(|e| seq_lt(e, edge)) {
+            self.edge = Some(edge);
+        }
+    }
+
+    /// Where client data must end: the furthest edge advertised, less `2^shift − 1`
+    /// (see [`Workarounds::window_edge`] for why that margin suffices).
+    fn edge_limit(&self) -> Option<u32> {
+        let margin = (1u32 << self.shift) - 1;
+        self.edge.map(|e| e.wrapping_sub(margin))
     }
 
     /// Whether `seg` would leave more than `limit` bytes unread inside the stack.
@@ -222,9 +265,10 @@ impl Admission {
         self.table.len()
     }
 
-    /// Looks at one packet from the TUN, read at `now`.
-    pub fn handle_packet(&mut self, now: Instant, packet: &PacketBuf) -> Verdict {
-        let (seg, id) = match self.table.inbound(packet) {
+    /// Looks at one packet from the TUN, read at `now`. A packet to forward may have
+    /// been rewritten ([`Workarounds::window_edge`]).
+    pub fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Verdict {
+        let (mut seg, id) = match self.table.inbound(packet) {
             Inbound::Tcp(seg, Seen::Admitted(id)) => (seg, id),
             Inbound::Tcp(seg, Seen::Stranger { rst: false }) => {
                 self.table.reset(&seg);
@@ -246,6 +290,11 @@ impl Admission {
         }
         if matches!(self.unread_limit, Some(limit) if cap.exceeds(&seg, limit)) {
             return Verdict::Consumed;
+        }
+        if self.workarounds.window_edge {
+            if let Some(limit) = cap.edge_limit() {
+                trim_at(packet, &mut seg, limit);
+            }
         }
         if self.workarounds.replay_ack {
             cap.saw_client(now, packet, &seg);
@@ -284,6 +333,8 @@ impl Admission {
                 replay: None,
                 replay_queued: false,
                 last: None,
+                edge: None,
+                shift: 0,
             };
             self.table.admit(id, Entry::Released { port, deadline, cap });
             // A new connection on a 4-tuple whose last one was aborted: its segments pass.
@@ -399,6 +450,14 @@ impl Admission {
     /// reset every other backend gives. Costs nothing while no aborted flow lingers.
     pub fn pass_output(&mut self, now: Instant, packet: &PacketBuf) -> bool {
         self.take_aborts(now);
+        if self.workarounds.window_edge {
+            if let Ok(Classified::Tcp(seg)) = packet::classify(packet.packet()) {
+                let cap = self.table.id(&(seg.dst, seg.src)).and_then(|id| self.table.get_mut(id));
+                if let Some(Entry::Released { cap, .. } | Entry::Bridged { cap }) = cap {
+                    cap.saw_stack(packet.packet(), &seg);
+                }
+            }
+        }
         if self.aborted.is_empty() {
             return true;
         }
@@ -418,6 +477,7 @@ impl Admission {
             seq: seg.ack_number,
             ack_number: seg.seq,
             segment_len: 0,
+            window: 0,
         };
         self.table.reset(&answered);
         false
@@ -449,46 +509,47 @@ impl Admission {
     }
 }
 
+/// `a` comes before `b` in sequence space (RFC 9293 §3.4).
+fn seq_lt(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// Cuts the client segment `seg` in `packet` so that its data ends at `limit` at the
+/// latest (a segment wholly past it keeps its ACK and nothing else); FIN goes with any
+/// cut. A segment that fits is left alone.
+fn trim_at(packet: &mut PacketBuf, seg: &mut TcpSummary, limit: u32) {
+    let payload = seg.payload_len();
+    if seg.syn || seg.rst || payload == 0 {
+        return;
+    }
+    let end = seg.seq.wrapping_add(payload as u32);
+    if !seq_lt(limit, end) {
+        return;
+    }
+    // Bytes before the limit; none if the segment starts at or past it.
+    let keep = if seq_lt(seg.seq, limit) { limit.wrapping_sub(seg.seq) as usize } else { 0 };
+    if let Some(len) = packet::reshape_tcp_segment(packet.packet_mut(), 0..keep, false) {
+        packet.set_len(len);
+        seg.fin = false;
+        seg.segment_len = keep;
+        tracing::trace!(src = %seg.src, dst = %seg.dst, cut = payload - keep, "client data past the stack's window edge trimmed");
+    }
+}
+
 /// Splits a client segment that carries data and FIN into the data (FIN cleared) and a
 /// bare FIN after it, both with valid checksums; `None` for any other segment.
 fn split_fin(packet: &[u8], seg: &TcpSummary) -> Option<(PacketBuf, PacketBuf)> {
     if !seg.fin || seg.syn || seg.rst || seg.segment_len <= 1 {
         return None;
     }
-    let payload = seg.segment_len - 1;
-    let (src, dst): (IpAddress, IpAddress) = (seg.src.ip().into(), seg.dst.ip().into());
-    let (l4_start, l4_end) = match seg.src.ip() {
-        IpAddr::V4(_) => {
-            let ip = Ipv4Packet::new_checked(packet).ok()?;
-            (usize::from(ip.header_len()), usize::from(ip.total_len()))
-        }
-        IpAddr::V6(_) => {
-            let ip = Ipv6Packet::new_checked(packet).ok()?;
-            (ip.header_len(), ip.header_len() + usize::from(ip.payload_len()))
-        }
+    let payload = seg.payload_len();
+    let part = |keep: std::ops::Range<usize>, fin: bool| {
+        let mut buf = PacketBuf::from_slice(packet);
+        let len = packet::reshape_tcp_segment(buf.packet_mut(), keep, fin)?;
+        buf.set_len(len);
+        Some(buf)
     };
-    let tcp_header = usize::from(TcpPacket::new_checked(&packet[l4_start..l4_end]).ok()?.header_len());
-    let mut data = PacketBuf::from_slice(&packet[..l4_end]);
-    let mut tcp = TcpPacket::new_unchecked(&mut data.packet_mut()[l4_start..l4_end]);
-    tcp.set_fin(false);
-    tcp.fill_checksum(&src, &dst);
-
-    let mut fin = PacketBuf::from_slice(&packet[..l4_start + tcp_header]);
-    match seg.src.ip() {
-        IpAddr::V4(_) => {
-            let mut ip = Ipv4Packet::new_unchecked(fin.packet_mut());
-            ip.set_total_len(u16::try_from(l4_start + tcp_header).ok()?);
-            ip.fill_checksum();
-        }
-        IpAddr::V6(_) => {
-            Ipv6Packet::new_unchecked(fin.packet_mut()).set_payload_len(u16::try_from(tcp_header).ok()?);
-        }
-    }
-    let mut tcp = TcpPacket::new_unchecked(&mut fin.packet_mut()[l4_start..]);
-    tcp.set_seq_number(tcp.seq_number() + payload);
-    tcp.set_psh(false);
-    tcp.fill_checksum(&src, &dst);
-    Some((data, fin))
+    Some((part(0..payload, false)?, part(payload..payload, true)?))
 }
 
 /// How a [`bridge`] ended.
@@ -589,9 +650,9 @@ mod tests {
             ("198.18.0.2:4000".parse().unwrap(), "10.77.0.2:80".parse().unwrap());
         let now = Instant::now();
         let open = |adm: &mut Admission| {
-            let syn =
+            let mut syn =
                 PacketBuf::from_vec(packet::SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
-            assert_eq!(adm.handle_packet(now, &syn), Verdict::Consumed, "held");
+            assert_eq!(adm.handle_packet(now, &mut syn), Verdict::Consumed, "held");
             let mut released = Vec::new();
             adm.service(now, |p| released.push(p));
             assert_eq!(released.len(), 1, "the SYN goes to the stack once accepted");
@@ -611,5 +672,63 @@ mod tests {
         // The client reconnects from the same port: the new flow's SYN-ACK passes.
         open(&mut adm);
         assert!(adm.pass_output(now, &from_stack(TcpControl::Syn, 9000)), "a new connection is not reset");
+    }
+
+    /// The stack said: ACK `ack`, window `window` (scaled by the shift of its SYN-ACK).
+    fn stack_ack(server: SocketAddr, client: SocketAddr, ack: u32, window: u16) -> PacketBuf {
+        let mut seg = packet::SegmentFields::new(server, client, TcpControl::None, 5001, Some(ack));
+        seg.window = window;
+        PacketBuf::from_vec(seg.build())
+    }
+
+    #[test]
+    fn client_data_past_the_stacks_window_edge_less_one_scale_unit_is_trimmed() {
+        let handler = Arc::new(AcceptAll::default());
+        let workarounds = Workarounds { window_edge: true, ..Workarounds::default() };
+        let mut adm =
+            Admission::new(Dispatch::new(handler.clone(), handler), Mtu::DEFAULT, 4096, Duration::from_secs(25))
+                .with_workarounds(workarounds);
+        let (client, server): (SocketAddr, SocketAddr) =
+            ("[fd18::2]:4000".parse().unwrap(), "[fd77::2]:80".parse().unwrap());
+        let now = Instant::now();
+        let mut syn =
+            PacketBuf::from_vec(packet::SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
+        assert_eq!(adm.handle_packet(now, &mut syn), Verdict::Consumed, "held");
+        adm.service(now, |_| {});
+        let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let client_segment = |seq: u32, len: usize, control| {
+            let mut seg = packet::SegmentFields::new(client, server, control, seq, Some(5001));
+            seg.payload = &data[..len];
+            PacketBuf::from_vec(seg.build())
+        };
+        // Before the stack has said anything, nothing is trimmed.
+        let mut early = client_segment(101, 3000, TcpControl::None);
+        assert_eq!(adm.handle_packet(now, &mut early), Verdict::Forward);
+        assert_eq!(tcp(early.packet()).payload_len(), 3000);
+        // SYN-ACK with shift 4 and its own window unscaled (edge 101 + 1000), then an ACK
+        // of 1000 bytes with window 100 << 4: edge 1101 + 1600 = 2701, limit 2701 − 15.
+        let mut syn_ack = packet::SegmentFields::new(server, client, TcpControl::Syn, 5000, Some(101));
+        syn_ack.window_scale = Some(4);
+        syn_ack.window = 1000;
+        assert!(adm.pass_output(now, &PacketBuf::from_vec(syn_ack.build())));
+        assert!(adm.pass_output(now, &stack_ack(server, client, 1101, 100)));
+        // An edge further back (rounding moved it) does not pull the limit in.
+        assert!(adm.pass_output(now, &stack_ack(server, client, 1117, 98)));
+
+        let mut past = client_segment(1101, 2000, TcpControl::Fin);
+        assert_eq!(adm.handle_packet(now, &mut past), Verdict::Forward);
+        let cut = tcp(past.packet());
+        assert_eq!((cut.seq, cut.payload_len(), cut.fin), (1101, 2686 - 1101, false), "cut at the limit, FIN dropped");
+        assert_eq!(&past.packet()[past.len() - 1585..], &data[..1585], "the bytes kept are the first ones");
+
+        let mut beyond = client_segment(2686, 10, TcpControl::Psh);
+        assert_eq!(adm.handle_packet(now, &mut beyond), Verdict::Forward);
+        let ack_only = tcp(beyond.packet());
+        assert_eq!((ack_only.segment_len, ack_only.ack, ack_only.ack_number), (0, true, 5001), "only its ACK is left");
+
+        let mut within = client_segment(2000, 686, TcpControl::Fin);
+        let before = within.packet().to_vec();
+        assert_eq!(adm.handle_packet(now, &mut within), Verdict::Forward);
+        assert_eq!(within.packet(), &before[..], "a segment (and FIN) that fits is left alone");
     }
 }

@@ -1,0 +1,290 @@
+//! A TCP client driven segment by segment on the in-memory link, for senders the peer's
+//! own stack would never be: here, one that uses every byte of the largest window it
+//! was ever offered, as a kernel sender with data in flight does when the receiver's
+//! next ACK advertises a smaller edge.
+//!
+//! [`window_edge_sender`] is the test: it found smoltcp 0.12's sequence-number panic
+//! inside netstack-smoltcp (the stack died and reset every connection), which the
+//! gateway's admission layer now prevents (`Workarounds::window_edge`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use smoltcp::wire::TcpControl;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+use tungate_core::packet::{self, Classified, SegmentFields};
+use tungate_core::{Backend, Dispatch, Mtu, TcpHandler, TcpRequest};
+
+use crate::fault::Faults;
+use crate::mem::{Harness, dst_v4};
+use crate::peer::{PEER_V4, PeerHost};
+use crate::services::{Services, pattern};
+
+const MSS: usize = 1460;
+/// The client's own window: 65 535 << 7, never the limit.
+const CLIENT_SHIFT: u8 = 7;
+
+/// `a` before `b` in sequence space.
+fn seq_lt(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// One hand-driven connection from the peer's address.
+#[derive(Debug)]
+pub struct RawClient {
+    peer: PeerHost,
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// Sequence number of data offset 0.
+    base: u32,
+    snd_una: u32,
+    snd_nxt: u32,
+    /// The furthest right edge the gateway advertised, and its window shift.
+    edge: u32,
+    shift: u8,
+    rcv_nxt: u32,
+    /// Data the gateway sent, in order.
+    pub received: Vec<u8>,
+    /// RSTs from the gateway.
+    pub resets: u32,
+    /// ACKs whose edge was short of the furthest edge advertised before.
+    pub shrunk_edges: u32,
+}
+
+impl RawClient {
+    /// Opens a connection from `local_port` (61000 or above) to `remote`, offering
+    /// window scaling; fails if no SYN-ACK comes.
+    pub async fn connect(peer: &PeerHost, local_port: u16, remote: SocketAddr) -> Result<Self, String> {
+        let rx = peer.tap(local_port);
+        let local = SocketAddr::new(PEER_V4.into(), local_port);
+        let iss = 0x8000_0000u32.wrapping_add(u32::from(local_port) << 8);
+        let mut syn = SegmentFields::new(local, remote, TcpControl::Syn, iss, None);
+        syn.window_scale = Some(CLIENT_SHIFT);
+        peer.send_raw(syn.build()).await;
+        let mut c = RawClient {
+            peer: peer.clone(),
+            rx,
+            local,
+            remote,
+            base: iss.wrapping_add(1),
+            snd_una: iss.wrapping_add(1),
+            snd_nxt: iss.wrapping_add(1),
+            edge: iss.wrapping_add(1),
+            shift: 0,
+            rcv_nxt: 0,
+            received: Vec::new(),
+            resets: 0,
+            shrunk_edges: 0,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let p = tokio::time::timeout(left, c.rx.recv()).await.map_err(|_| "no SYN-ACK".to_string())?;
+            let p = p.ok_or("tap closed")?;
+            let Ok(Classified::Tcp(seg)) = packet::classify(&p) else { continue };
+            if seg.rst {
+                return Err("refused (RST)".into());
+            }
+            if seg.syn && seg.ack && seg.ack_number == c.base {
+                c.shift = packet::syn_window_scale(&p).unwrap_or(0);
+                c.rcv_nxt = seg.seq.wrapping_add(1);
+                c.edge = seg.ack_number.wrapping_add(u32::from(seg.window));
+                break;
+            }
+        }
+        c.send_ack().await;
+        Ok(c)
+    }
+
+    /// The gateway's window shift (0: no scaling).
+    pub fn shift(&self) -> u8 {
+        self.shift
+    }
+
+    /// Bytes of data the gateway has acknowledged.
+    pub fn acked(&self) -> usize {
+        self.snd_una.wrapping_sub(self.base) as usize
+    }
+
+    /// Bytes the window allows beyond what was sent.
+    fn room(&self) -> usize {
+        if seq_lt(self.snd_nxt, self.edge) { self.edge.wrapping_sub(self.snd_nxt) as usize } else { 0 }
+    }
+
+    fn segment(&self, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let mut s = SegmentFields::new(self.local, self.remote, TcpControl::None, seq, Some(self.rcv_nxt));
+        s.payload = payload;
+        s.build()
+    }
+
+    async fn send_ack(&self) {
+        self.peer.send_raw(self.segment(self.snd_nxt, &[])).await;
+    }
+
+    /// Sends `data[from..]` as far as the window allows, at most `limit` bytes, in
+    /// segments of at most one MSS.
+    async fn send(&mut self, data: &[u8], limit: usize) {
+        let mut budget = limit.min(self.room());
+        while budget > 0 {
+            let offset = self.snd_nxt.wrapping_sub(self.base) as usize;
+            if offset >= data.len() {
+                break;
+            }
+            let n = budget.min(MSS).min(data.len() - offset);
+            self.peer.send_raw(self.segment(self.snd_nxt, &data[offset..offset + n])).await;
+            self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
+            budget -= n;
+        }
+    }
+
+    /// Takes what the gateway sends for `wait` (ACKs, window updates, data, RST) and
+    /// acknowledges its data. Returns whether anything new was acknowledged.
+    async fn pump(&mut self, wait: Duration) -> bool {
+        let before = self.snd_una;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut got_data = false;
+        while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            let Ok(Classified::Tcp(seg)) = packet::classify(&p) else { continue };
+            if seg.rst {
+                self.resets += 1;
+                continue;
+            }
+            if seg.ack && !seg.syn {
+                if seq_lt(self.snd_una, seg.ack_number) {
+                    self.snd_una = seg.ack_number;
+                }
+                let edge = seg.ack_number.wrapping_add(u32::from(seg.window) << self.shift);
+                if seq_lt(edge, self.edge) {
+                    self.shrunk_edges += 1;
+                } else {
+                    self.edge = edge;
+                }
+            }
+            let payload = seg.payload_len();
+            if payload > 0 && seg.seq == self.rcv_nxt {
+                self.received.extend_from_slice(&p[tcp_payload(&p, payload)]);
+                self.rcv_nxt = self.rcv_nxt.wrapping_add(payload as u32);
+                got_data = true;
+            }
+            if seg.fin && seg.seq.wrapping_add(payload as u32) == self.rcv_nxt {
+                self.rcv_nxt = self.rcv_nxt.wrapping_add(1);
+                got_data = true;
+            }
+        }
+        if got_data {
+            self.send_ack().await;
+        }
+        // Go back to the first unacknowledged byte when data went unanswered (trimmed
+        // at the gateway's window edge, or lost): a retransmission.
+        if seq_lt(self.snd_una, self.snd_nxt) && self.snd_una == before {
+            self.snd_nxt = self.snd_una;
+        }
+        self.snd_una != before
+    }
+}
+
+/// Where the `payload` bytes of the (classified) TCP segment in `p` lie: at the end of
+/// the IP packet.
+fn tcp_payload(p: &[u8], payload: usize) -> std::ops::Range<usize> {
+    let end = match p[0] >> 4 {
+        4 => usize::from(u16::from_be_bytes([p[2], p[3]])),
+        _ => 40 + usize::from(u16::from_be_bytes([p[4], p[5]])),
+    };
+    end - payload..end
+}
+
+/// A handler that accepts, waits for the test's permit, then reads exactly `len` bytes
+/// and answers their SHA-256.
+struct GatedSink {
+    gate: Arc<Semaphore>,
+    len: usize,
+}
+
+impl TcpHandler for GatedSink {
+    fn handle_tcp(&self, request: TcpRequest) {
+        let (gate, len) = (self.gate.clone(), self.len);
+        tokio::spawn(async move {
+            let mut flow = request.accept().await;
+            let _permit = gate.acquire().await;
+            let mut buf = vec![0u8; 64 * 1024];
+            let (mut left, mut hash) = (len, Sha256::new());
+            while left > 0 {
+                let Ok(n) = flow.read(&mut buf[..left.min(64 * 1024)]).await else { return };
+                if n == 0 {
+                    return;
+                }
+                hash.update(&buf[..n]);
+                left -= n;
+            }
+            let _ = flow.write_all(&hash.finalize()).await;
+            let _ = flow.shutdown().await;
+        });
+    }
+}
+
+/// What [`window_edge_sender`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeReport {
+    /// The gateway's window shift.
+    pub shift: u8,
+    /// ACKs that advertised an edge short of one advertised before.
+    pub shrunk_edges: u32,
+}
+
+/// A client that always sends up to the furthest window edge it was offered, against a
+/// handler that reads nothing until the window has closed: it fills every buffer, then
+/// sends small segments and, after each ACK, the rest of the room up to the furthest
+/// edge — which is past the edge that ACK advertised whenever the receiver's window
+/// rounding moved the edge back. Then the handler reads; the upload must complete,
+/// SHA-256-checked, without a reset.
+pub async fn window_edge_sender<B: Backend>(backend: B) -> EdgeReport {
+    const LEN: usize = 4 << 20;
+    let gate = Arc::new(Semaphore::new(0));
+    let services = Services::default();
+    let handlers = Dispatch::new(Arc::new(GatedSink { gate: gate.clone(), len: LEN }), Arc::new(services.clone()));
+    let h = Harness::start_with_handlers(backend, Mtu::DEFAULT, Faults::default(), handlers, services);
+    let data = pattern(LEN, 7);
+    let mut c = RawClient::connect(&h.peer, 61001, dst_v4(9)).await.expect("connect");
+
+    // Fill every buffer, but leave the window open by less than one segment.
+    // (A stack whose window never closes — ipstack's, behind tungate's unread limit —
+    // gets five seconds of this; the rest of the test still applies.)
+    let (mut quiet, fill_end) = (0, Instant::now() + Duration::from_secs(5));
+    while quiet < 10 && Instant::now() < fill_end {
+        c.send(&data, c.room().saturating_sub(MSS / 2)).await;
+        let moved = c.pump(Duration::from_millis(20)).await;
+        quiet = if moved || c.room() > MSS { 0 } else { quiet + 1 };
+        assert_eq!(c.resets, 0, "reset while filling the window");
+    }
+    // Small segments until an ACK moves the edge back (window rounding: the reader is
+    // stopped, so the receiver's buffer end stays put), then the rest of the room up
+    // to the furthest edge at once.
+    let shrunk = c.shrunk_edges;
+    for _ in 0..64 {
+        if c.room() <= 15 || c.shrunk_edges != shrunk {
+            break;
+        }
+        c.send(&data, 15).await;
+        c.pump(Duration::from_millis(30)).await;
+    }
+    c.send(&data, usize::MAX).await;
+    c.pump(Duration::from_millis(50)).await;
+    assert_eq!(c.resets, 0, "the gateway reset the connection after data up to its furthest window edge");
+    // Release the reader and finish the upload.
+    gate.add_permits(1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.acked() < LEN || c.received.len() < 32 {
+        assert!(Instant::now() < deadline, "upload stalled at {} of {LEN} bytes acknowledged", c.acked());
+        c.send(&data, usize::MAX).await;
+        c.pump(Duration::from_millis(20)).await;
+        assert_eq!(c.resets, 0, "reset during the upload");
+    }
+    assert_eq!(c.received[..32], Sha256::digest(&data)[..], "the handler's SHA-256 of the upload differs");
+    let report = EdgeReport { shift: c.shift(), shrunk_edges: c.shrunk_edges };
+    h.stop().await;
+    report
+}
