@@ -27,6 +27,9 @@ mismatch they print the reason and exit 1.
                             sees EOF; print "ok many N"
   sequential HOST PORT N    N connections one after another: send 32 bytes of its own,
                             check the echo, close first; print "ok sequential N"
+  churn HOST PORT N C       N short connections, C at a time: each sends 32 bytes of its
+                            own, checks the echo and closes first; print "ok churn N", or
+                            how many were refused, reset, timed out or echoed wrong
 """
 import asyncio
 import functools
@@ -436,7 +439,60 @@ def sequential(host, port, n):
     print(f"ok sequential {n} connections from {len(ports)} client ports in {time.monotonic() - t:.2f}s", flush=True)
 
 
+def churn(host, port, n, concurrency):
+    raise_fd_limit()
+    n, concurrency = int(n), int(concurrency)
+    failures = {"refused": 0, "reset": 0, "timeout": 0, "wrong echo": 0, "other": 0}
+    first = []
+
+    async def one(i, slots):
+        async with slots:
+            payload = f"{i:08d}".encode() * 4
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 30)
+                try:
+                    writer.write(payload)
+                    await writer.drain()
+                    got = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+                    if got != payload:
+                        failures["wrong echo"] += 1
+                finally:
+                    writer.close()
+                    await writer.wait_closed()
+            except ConnectionRefusedError as e:
+                failures["refused"] += 1
+                first.append(f"connection {i}: {e!r}")
+            except (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError) as e:
+                failures["reset"] += 1
+                first.append(f"connection {i}: {e!r}")
+            except asyncio.TimeoutError:
+                failures["timeout"] += 1
+            except OSError as e:
+                failures["other"] += 1
+                first.append(f"connection {i}: {e!r}")
+
+    async def main():
+        slots = asyncio.Semaphore(concurrency)
+        tasks = [asyncio.create_task(one(i, slots)) for i in range(n)]
+        done = 0
+        for t in asyncio.as_completed(tasks):
+            await t
+            done += 1
+            if done % 5000 == 0:
+                print(f"[churn] {done}/{n}", file=sys.stderr, flush=True)
+
+    t = time.monotonic()
+    asyncio.run(main())
+    took = time.monotonic() - t
+    bad = sum(failures.values())
+    if bad:
+        detail = ", ".join(f"{v} {k}" for k, v in failures.items() if v)
+        fail(f"churn: {bad} of {n} connections failed ({detail}) in {took:.1f}s; first: {first[:3]}")
+    print(f"ok churn {n} connections, {concurrency} at a time, in {took:.2f}s", flush=True)
+
+
 COMMANDS = {
+    "churn": churn,
     "sequential": sequential,
     "serve-echo": serve_echo,
     "serve-slow-sink": serve_slow_sink,

@@ -53,6 +53,14 @@
 //!   never got (trimmed at its window's edge) stalled for good, in 2 of 17 suite runs.
 //!   Admission gives ipstack a quiet flow's last ACK again after 1.1 s, then backing off
 //!   ([`Workarounds::replay_ack`]).
+//! * **A connection's end never wakes its reader**: when ipstack's connection task ends
+//!   (the client's last ACK, or its linger), nothing wakes a pending `poll_read` (the
+//!   stream keeps its own data sender, so the channel never closes either) until the
+//!   stream's idle timeout, 10 minutes here. A bridge waiting for the client's EOF held
+//!   its relay and upstream socket that long: 300 closed connections left 300 relays
+//!   open, and a churn of 20 000 ran out of file descriptors. Once the pipe has seen
+//!   ipstack send the flow's FIN, a pending read is polled again on a timer (10 ms,
+//!   doubling to 1 s) until it reports the end.
 //! * **Half-close, client first**: ipstack closes its sending side as soon as the
 //!   client's FIN arrives; the conformance suite records this as this backend's explicit
 //!   exception. (Server first works: the server's FIN, then the client's bytes.)
@@ -237,6 +245,8 @@ impl IpstackStack {
 struct Stream {
     inner: IpStackTcpStream,
     retry: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Pending reads after ipstack's FIN: the timer and its current gap.
+    read_retry: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
     gate: Arc<Gate>,
     key: FlowKey,
     gates: Gates,
@@ -244,10 +254,34 @@ struct Stream {
 
 /// How often a pending ipstack shutdown is polled again.
 const SHUTDOWN_RETRY: Duration = Duration::from_millis(5);
+/// A read pending after ipstack sent its FIN is polled again after this long, then
+/// after twice as long each time, up to [`READ_RETRY_LAST`]: the end usually follows
+/// within a round trip (the client's last ACK), and a flow still open costs little.
+const READ_RETRY_FIRST: Duration = Duration::from_millis(10);
+const READ_RETRY_LAST: Duration = Duration::from_secs(1);
 
 impl AsyncRead for Stream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        loop {
+            if let Poll::Ready(r) = Pin::new(&mut self.inner).poll_read(cx, buf) {
+                self.read_retry = None;
+                return Poll::Ready(r);
+            }
+            // ipstack never wakes a reader when its connection ends (see the crate
+            // docs): once it has sent its FIN, look again on a backing-off timer.
+            if !self.gate.poll_fin(cx) {
+                return Poll::Pending;
+            }
+            let (retry, gap) = self
+                .read_retry
+                .get_or_insert_with(|| (Box::pin(tokio::time::sleep(READ_RETRY_FIRST)), READ_RETRY_FIRST));
+            if retry.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            *gap = (*gap * 2).min(READ_RETRY_LAST);
+            let next = tokio::time::Instant::now() + *gap;
+            retry.as_mut().reset(next);
+        }
     }
 }
 
@@ -305,7 +339,8 @@ impl StreamStack for IpstackStack {
                 let (client, dst) = (inner.local_addr(), inner.peer_addr());
                 let key = (client, dst);
                 let gate = self.gates.take(key);
-                Poll::Ready(Ok((Stream { inner, retry: None, gate, key, gates: self.gates.clone() }, client, dst)))
+                let stream = Stream { inner, retry: None, read_retry: None, gate, key, gates: self.gates.clone() };
+                Poll::Ready(Ok((stream, client, dst)))
             }
             Poll::Ready(None) => Poll::Ready(Err(io::Error::other("ipstack stopped accepting"))),
             Poll::Pending => Poll::Pending,
@@ -359,6 +394,9 @@ fn reap(stream: IpStackTcpStream) {
 struct Gate {
     open: AtomicBool,
     waker: Mutex<Option<Waker>>,
+    /// ipstack has sent the flow's FIN; a reader waiting for that.
+    fin: AtomicBool,
+    reader: Mutex<Option<Waker>>,
 }
 
 impl Gate {
@@ -381,13 +419,37 @@ impl Gate {
         // Checked again: the pipe may have opened it between the check and the store.
         if self.is_open() { Poll::Ready(()) } else { Poll::Pending }
     }
+
+    fn fin_sent(&self) {
+        self.fin.store(true, Ordering::Release);
+        if let Some(waker) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            waker.wake();
+        }
+    }
+
+    /// Whether ipstack has sent the flow's FIN; if not, `cx` is woken when it does.
+    fn poll_fin(&self, cx: &mut Context<'_>) -> bool {
+        if self.fin.load(Ordering::Acquire) {
+            return true;
+        }
+        *self.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+        self.fin.load(Ordering::Acquire)
+    }
 }
 
-/// The gates of flows whose SYN-ACK and accepted stream have not both been seen yet,
-/// shared by the pipe (SYN-ACKs, on ipstack's tasks) and the driver (accepted streams).
-/// Either may come first; an entry goes once both have (or the stream is disposed of).
+/// The flows' gates, shared by the pipe (SYN-ACKs and FINs, on ipstack's tasks) and the
+/// driver (accepted streams).
 #[derive(Debug, Clone, Default)]
-struct Gates(Arc<Mutex<HashMap<FlowKey, GateEntry>>>);
+struct Gates(Arc<Mutex<GateTables>>);
+
+#[derive(Debug, Default)]
+struct GateTables {
+    /// Flows whose SYN-ACK and accepted stream have not both been seen yet. Either may
+    /// come first; an entry goes once both have (or the stream is disposed of).
+    pending: HashMap<FlowKey, GateEntry>,
+    /// Gates of the streams handed out and not yet disposed of, for their FIN.
+    live: HashMap<FlowKey, Arc<Gate>>,
+}
 
 #[derive(Debug)]
 struct GateEntry {
@@ -402,7 +464,7 @@ struct GateEntry {
 const GATE_TTL: Duration = Duration::from_secs(60);
 
 impl Gates {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FlowKey, GateEntry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateTables> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -417,52 +479,67 @@ impl Gates {
 
     /// The SYN-ACK for `key` (client, original destination) went out.
     fn syn_ack(&self, key: FlowKey) {
-        let mut table = self.lock();
-        let entry = Self::entry(&mut table, key);
+        let table = &mut self.lock().pending;
+        let entry = Self::entry(table, key);
         entry.gate.open();
         if entry.taken {
             table.remove(&key);
         }
     }
 
+    /// ipstack sent `key`'s FIN.
+    fn fin(&self, key: FlowKey) {
+        if let Some(gate) = self.lock().live.get(&key) {
+            gate.fin_sent();
+        }
+    }
+
     /// The stream for `key` was accepted: its gate.
     fn take(&self, key: FlowKey) -> Arc<Gate> {
-        let mut table = self.lock();
-        let entry = Self::entry(&mut table, key);
+        let mut tables = self.lock();
+        let entry = Self::entry(&mut tables.pending, key);
         entry.taken = true;
         let gate = entry.gate.clone();
         if gate.is_open() {
-            table.remove(&key);
+            tables.pending.remove(&key);
         }
+        tables.live.insert(key, gate.clone());
         gate
     }
 
-    /// A stream is gone: its entry, if still waiting for the SYN-ACK, goes too.
+    /// A stream is gone: its gate goes too.
     fn forget(&self, key: FlowKey, gate: &Arc<Gate>) {
-        let mut table = self.lock();
-        if table.get(&key).is_some_and(|e| Arc::ptr_eq(&e.gate, gate)) {
-            table.remove(&key);
+        let mut tables = self.lock();
+        if tables.pending.get(&key).is_some_and(|e| Arc::ptr_eq(&e.gate, gate)) {
+            tables.pending.remove(&key);
+        }
+        if tables.live.get(&key).is_some_and(|g| Arc::ptr_eq(g, gate)) {
+            tables.live.remove(&key);
         }
     }
 }
 
-/// The flow (client, original destination) of a SYN-ACK ipstack sends, if `p` is one.
-/// Runs on every output packet: the flags byte is looked at before anything is parsed.
-fn syn_ack_flow(p: &[u8]) -> Option<FlowKey> {
+/// The flow (client, original destination) of a segment ipstack sends, if `p` is one
+/// with every flag of `flags` set. Runs on every output packet: the flags byte is looked
+/// at before anything is parsed.
+fn flow_with_flags(p: &[u8], flags: u8) -> Option<FlowKey> {
     let tcp = match p.first()? >> 4 {
         4 => usize::from(p[0] & 0x0f) * 4,
         6 => 40,
         _ => return None,
     };
-    const SYN_ACK: u8 = 0x12;
-    if p.get(tcp + 13)? & SYN_ACK != SYN_ACK {
+    if p.get(tcp + 13)? & flags != flags {
         return None;
     }
     match packet::classify(p) {
-        Ok(Classified::Tcp(seg)) if seg.syn && seg.ack => Some((seg.dst, seg.src)),
+        Ok(Classified::Tcp(seg)) => Some((seg.dst, seg.src)),
         _ => None,
     }
 }
+
+/// TCP flag bits (byte 13 of the header).
+const FIN: u8 = 0x01;
+const SYN_ACK: u8 = 0x12;
 
 /// Recycled packet buffers shared by the pipe (ipstack's side) and the driver.
 #[derive(Debug, Clone, Default)]
@@ -516,8 +593,11 @@ impl AsyncRead for Pipe {
 impl AsyncWrite for Pipe {
     fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         // Opened before the SYN-ACK is queued: the stream's first write then follows it.
-        if let Some(key) = syn_ack_flow(data) {
+        if let Some(key) = flow_with_flags(data, SYN_ACK) {
             self.gates.syn_ack(key);
+        }
+        if let Some(key) = flow_with_flags(data, FIN) {
+            self.gates.fin(key);
         }
         let mut buf = self.pool.take(data.len().max(self.mtu));
         buf.spare_mut()[..data.len()].copy_from_slice(data);

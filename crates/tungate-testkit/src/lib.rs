@@ -27,7 +27,9 @@ pub mod rawtcp;
 pub mod services;
 
 pub use cli::{cli_bad_flags, cli_sigterm_exits_cleanly, cli_tun_busy_and_permission};
-pub use netns::{netns_256mib_each_way, netns_closed_port_refused, netns_http_get, netns_iperf3_short, netns_udp_echo};
+pub use netns::{
+    netns_256mib_each_way, netns_churn, netns_closed_port_refused, netns_http_get, netns_iperf3_short, netns_udp_echo,
+};
 pub use proxies::{
     netns_dns, netns_http_connect_tinyproxy, netns_sniff, netns_socks5_dante, netns_socks5_dante_auth,
     netns_socks5_microsocks,
@@ -54,7 +56,8 @@ macro_rules! conformance_suite {
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
             cli_sigterm_exits_cleanly, netns_socks5_dante, netns_socks5_dante_auth,
-            netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff, netns_dns);
+            netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff, netns_dns,
+            netns_churn);
     };
     (one_per_process, $backend:expr, $bin:expr) => {
         $crate::conformance_suite!(@suite [true] [$crate::mem::Limits::NONE] $backend, $bin);
@@ -73,12 +76,13 @@ macro_rules! conformance_suite {
             concurrent_200_flows, udp_echo_v4, udp_echo_v6, malformed_burst,
             unknown_segment_gets_rst, survives_loss_and_duplication, corruption_is_detected,
             gate_peeks_then_relays_or_aborts, gate_udp_sessions_relay_or_drop,
-            furthest_window_edge_sender);
+            furthest_window_edge_sender, closed_connections_are_forgotten);
         $crate::conformance_suite!(@netns conformance_netns [$limits] $bin;
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
             cli_sigterm_exits_cleanly, netns_socks5_dante, netns_socks5_dante_auth,
-            netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff, netns_dns);
+            netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff, netns_dns,
+            netns_churn);
     };
     (@mem [$serial:literal] [$limits:expr] $backend:expr; $($name:ident),*) => {
         mod conformance_mem {

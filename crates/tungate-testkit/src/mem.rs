@@ -644,3 +644,29 @@ pub async fn gate_udp_sessions_relay_or_drop<B: Backend>(backend: B) {
 pub async fn furthest_window_edge_sender<B: Backend>(backend: B) {
     crate::rawtcp::window_edge_sender(backend).await;
 }
+
+/// Twenty connections, each echoing 32 bytes and closed by the client first: every flow
+/// must be forgotten within 10 s (`tcp_active` back to 0), so its relay and upstream
+/// socket go too. (ipstack never woke a reader when its connection ended: relays stayed
+/// open until its 10-minute idle timeout, and a churn ran out of file descriptors.)
+pub async fn closed_connections_are_forgotten<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    for i in 0..20u8 {
+        let mut s = step("connect", h.peer.connect(dst_v4(services::ECHO))).await.expect("connect");
+        s.write_all(&[i; 32]).await.expect("write");
+        let mut echo = [0u8; 32];
+        step("echo", s.read_exact(&mut echo)).await.expect("echo");
+        assert_eq!(echo, [i; 32]);
+        s.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        step("the server's FIN", s.read_to_end(&mut rest)).await.expect("EOF");
+        assert!(rest.is_empty(), "{} bytes after the echo", rest.len());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.stats().tcp_active > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = h.stats();
+    assert_eq!((stats.tcp_requests, stats.tcp_active), (20, 0), "flows left behind 10 s after closing: {stats:?}");
+    h.stop().await;
+}
