@@ -165,8 +165,7 @@ pub fn tcp_checksum_ok(packet: &[u8], summary: &TcpSummary) -> bool {
 /// sender applies to every later window it advertises), clamped to 14; `None` if the
 /// segment is not a SYN or does not carry the option.
 pub fn syn_window_scale(packet: &[u8]) -> Option<u8> {
-    let (range, _) = tcp_range(packet)?;
-    let tcp = TcpPacket::new_checked(&packet[range]).ok()?;
+    let tcp = tcp_segment(packet)?;
     if !tcp.syn() {
         return None;
     }
@@ -219,6 +218,18 @@ pub fn reshape_tcp_segment(packet: &mut [u8], keep: std::ops::Range<usize>, fin:
     }
     tcp.fill_checksum(&src, &dst);
     Some(end)
+}
+
+/// The TCP segment inside the IPv4 or IPv6 (no extension headers) packet `packet`, if
+/// it is one (checksums not verified).
+pub fn tcp_segment(packet: &[u8]) -> Option<TcpPacket<&[u8]>> {
+    let (range, _) = tcp_range(packet)?;
+    TcpPacket::new_checked(&packet[range]).ok()
+}
+
+/// `a` comes before `b` in sequence space (RFC 9293 §3.4: compared modulo 2^32).
+pub fn seq_lt(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
 }
 
 /// Where the TCP segment of an IPv4 or IPv6 (no extension headers) packet lies, and

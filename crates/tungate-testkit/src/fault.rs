@@ -6,7 +6,7 @@
 use std::io;
 
 use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
-use tungate_core::{Mtu, PacketBuf, PacketDevice};
+use tungate_core::{Mtu, PacketBuf, PacketDevice, packet};
 
 /// What to do to packets from the peer, in packets per thousand.
 #[derive(Debug, Clone, Copy, Default)]
@@ -69,29 +69,13 @@ fn corrupt_tcp_payload(p: &mut [u8]) -> bool {
     true
 }
 
-/// The TCP segment inside IP packet `p`, if it is one.
-fn tcp_segment(p: &[u8]) -> Option<TcpPacket<&[u8]>> {
-    let l4 = match p.first().map(|b| b >> 4) {
-        Some(4) => {
-            let ip = Ipv4Packet::new_checked(p).ok().filter(|ip| ip.next_header() == IpProtocol::Tcp)?;
-            &p[ip.header_len() as usize..ip.total_len() as usize]
-        }
-        Some(6) => {
-            Ipv6Packet::new_checked(p).ok().filter(|ip| ip.next_header() == IpProtocol::Tcp)?;
-            &p[40..]
-        }
-        _ => return None,
-    };
-    TcpPacket::new_checked(l4).ok()
-}
-
 /// Whether `p` is a TCP segment with SYN, FIN or RST set.
 fn is_tcp_control(p: &[u8]) -> bool {
-    tcp_segment(p).is_some_and(|t| t.syn() || t.fin() || t.rst())
+    packet::tcp_segment(p).is_some_and(|t| t.syn() || t.fin() || t.rst())
 }
 
 fn carries_tcp_data(p: &[u8]) -> bool {
-    tcp_segment(p).is_some_and(|t| !t.payload().is_empty())
+    packet::tcp_segment(p).is_some_and(|t| !t.payload().is_empty())
 }
 
 impl<D: PacketDevice> PacketDevice for FaultDevice<D> {

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use smoltcp::wire::TcpControl;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
-use tungate_core::packet::{self, Classified, SegmentFields};
+use tungate_core::packet::{self, Classified, SegmentFields, seq_lt};
 use tungate_core::{Backend, Dispatch, Mtu, TcpHandler, TcpRequest};
 
 use crate::fault::Faults;
@@ -26,11 +26,6 @@ use crate::services::{Services, pattern};
 const MSS: usize = 1460;
 /// The client's own window: 65 535 << 7, never the limit.
 const CLIENT_SHIFT: u8 = 7;
-
-/// `a` before `b` in sequence space.
-fn seq_lt(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
-}
 
 /// One hand-driven connection from the peer's address.
 #[derive(Debug)]
@@ -166,7 +161,8 @@ impl RawClient {
             }
             let payload = seg.payload_len();
             if payload > 0 && seg.seq == self.rcv_nxt {
-                self.received.extend_from_slice(&p[tcp_payload(&p, payload)]);
+                let tcp = packet::tcp_segment(&p).expect("a classified segment");
+                self.received.extend_from_slice(tcp.payload());
                 self.rcv_nxt = self.rcv_nxt.wrapping_add(payload as u32);
                 got_data = true;
             }
@@ -185,16 +181,6 @@ impl RawClient {
         }
         self.snd_una != before
     }
-}
-
-/// Where the `payload` bytes of the (classified) TCP segment in `p` lie: at the end of
-/// the IP packet.
-fn tcp_payload(p: &[u8], payload: usize) -> std::ops::Range<usize> {
-    let end = match p[0] >> 4 {
-        4 => usize::from(u16::from_be_bytes([p[2], p[3]])),
-        _ => 40 + usize::from(u16::from_be_bytes([p[4], p[5]])),
-    };
-    end - payload..end
 }
 
 /// A handler that accepts, waits for the test's permit, then reads exactly `len` bytes

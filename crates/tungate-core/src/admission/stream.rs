@@ -33,7 +33,7 @@ use crate::UdpHandler;
 use crate::config::Mtu;
 use crate::device::PacketBuf;
 use crate::flow::{FlowPort, FlowProgress, WakeQueue};
-use crate::packet::{self, Classified, TcpSummary};
+use crate::packet::{self, Classified, TcpSummary, seq_lt};
 
 /// What to do with a packet [`Admission::handle_packet`] looked at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -507,11 +507,6 @@ impl Admission {
     pub fn recycle(&mut self, buf: PacketBuf) {
         self.table.recycle(buf);
     }
-}
-
-/// `a` comes before `b` in sequence space (RFC 9293 §3.4).
-fn seq_lt(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
 }
 
 /// Cuts the client segment `seg` in `packet` so that its data ends at `limit` at the
