@@ -286,6 +286,7 @@ pub struct StackSettings {
 
 /// `make_backend` builds the backend from the command line's stack settings.
 pub fn main<B: Backend>(make_backend: impl FnOnce(&StackSettings) -> B) -> ExitCode {
+    tungate_core::os::map_large_allocations();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
@@ -521,6 +522,7 @@ pub mod redirect {
     }
 
     pub fn main() -> ExitCode {
+        tungate_core::os::map_large_allocations();
         let args = Args::parse();
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));

@@ -11,7 +11,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::net::Shutdown;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::tcp::RingConn;
@@ -31,6 +31,9 @@ pub struct RelayStats {
     pub a_to_b: u64,
     pub b_to_a: u64,
 }
+
+/// How long nothing must move before a relay gives its flow's idle buffers back.
+pub(crate) const QUIET: Duration = Duration::from_secs(2);
 
 /// When anything last moved, shared by both directions of one relay.
 #[derive(Debug, Clone)]
@@ -52,22 +55,44 @@ impl Activity {
         self.start + Duration::from_micros(self.last_us.load(Ordering::Relaxed)) + idle
     }
 
+    fn last(&self) -> u64 {
+        self.last_us.load(Ordering::Relaxed)
+    }
+
     /// Runs both directions until they finish, or fails once nothing moved for `idle`.
+    /// Each time nothing has moved for [`QUIET`], calls `quiet` once (to give buffers
+    /// back).
     async fn watch(
         &self,
         both: impl Future<Output = io::Result<(u64, u64)>>,
         idle: Duration,
+        mut quiet: impl FnMut(),
     ) -> io::Result<RelayStats> {
         tokio::pin!(both);
+        // The activity mark `quiet` was last called for.
+        let mut quieted = None;
         loop {
+            let last = self.last();
+            let idle_at = self.idle_deadline(idle);
+            let wake_at = if quieted == Some(last) {
+                idle_at
+            } else {
+                idle_at.min(self.start + Duration::from_micros(last) + QUIET)
+            };
             tokio::select! {
                 r = &mut both => {
                     let (a_to_b, b_to_a) = r?;
                     return Ok(RelayStats { a_to_b, b_to_a });
                 }
-                () = tokio::time::sleep_until(self.idle_deadline(idle)) => {
-                    if Instant::now() >= self.idle_deadline(idle) {
+                () = tokio::time::sleep_until(wake_at) => {
+                    let now = Instant::now();
+                    if now >= self.idle_deadline(idle) {
                         return Err(io::Error::new(io::ErrorKind::TimedOut, "relay idle timeout"));
+                    }
+                    let last = self.last();
+                    if quieted != Some(last) && now >= self.start + Duration::from_micros(last) + QUIET {
+                        quiet();
+                        quieted = Some(last);
                     }
                 }
             }
@@ -88,7 +113,7 @@ where
     let (mut br, mut bw) = tokio::io::split(b);
     let one = pump(&mut ar, &mut bw, &activity);
     let two = pump(&mut br, &mut aw, &activity);
-    activity.watch(async { tokio::try_join!(one, two) }, idle).await
+    activity.watch(async { tokio::try_join!(one, two) }, idle, || ()).await
 }
 
 async fn pump<R, W>(r: &mut R, w: &mut W, activity: &Activity) -> io::Result<u64>
@@ -148,42 +173,156 @@ pub(crate) async fn ring_to_socket(flow: &RingConn, upstream: &TcpStream, idle: 
             }
         }
     };
-    activity.watch(async { tokio::try_join!(up, down) }, idle).await
+    activity.watch(async { tokio::try_join!(up, down) }, idle, || flow.release_idle_buffers()).await
 }
 
 /// Bytes one splice moves at most: the pipe's size. 256 KiB (four times the default):
 /// large enough that one splice moves a 64 KiB super-packet's worth several times over,
-/// small enough that an unprivileged gateway's relays stay within the per-user pipe budget
-/// (`pipe-user-pages-soft`, 64 MiB: 128 relays at full size; beyond, pipes get smaller).
+/// small enough that the pool's pipes stay within an unprivileged user's pipe budget
+/// (`pipe-user-pages-soft`, 64 MiB = [`PIPES_MAX`] pipes at full size).
 const SPLICE_CHUNK: usize = 256 * 1024;
+
+/// Pipes in use at once, process-wide. A direction with bytes in flight beyond this copies
+/// through a [`COPY_CHUNK`] buffer of its own instead (slower, never stalled).
+const PIPES_MAX: usize = 256;
+
+/// Drained pipes kept for the next direction that has bytes (the rest are closed): enough
+/// that bulk flows reuse pipes instead of creating one per burst, few enough that a gateway
+/// after a burst holds at most 32 fds more than before it.
+const PIPES_KEPT: usize = 16;
+
+/// The buffer of the copy fallback, allocated while its bytes are in flight.
+const COPY_CHUNK: usize = 16 * 1024;
+
+/// The splice pipes of every relay in the process. A direction takes a pipe only while it
+/// has bytes in flight and gives it back once the pipe is drained and the source has
+/// nothing more, so an idle relayed connection costs its two sockets and nothing else
+/// (a pipe per direction held for a relay's whole life cost 4 fds per connection and
+/// capped the system stack at ~3 300 connections under a 20 000-fd limit).
+static PIPES: PipePool = PipePool::new(PIPES_MAX);
+
+struct PipePool {
+    kept: std::sync::Mutex<Vec<crate::os::Pipe>>,
+    /// Pipes that exist (kept or leased).
+    live: AtomicUsize,
+    max: usize,
+}
+
+impl PipePool {
+    const fn new(max: usize) -> Self {
+        PipePool { kept: std::sync::Mutex::new(Vec::new()), live: AtomicUsize::new(0), max }
+    }
+
+    /// A drained pipe, or `None` when `max` are in use (or none can be created).
+    fn take(&'static self) -> Option<Lease> {
+        if let Some(pipe) = crate::wake::lock(&self.kept).pop() {
+            return Some(Lease { pipe: Some(pipe), pool: self, clean: true });
+        }
+        if self.live.fetch_add(1, Ordering::Relaxed) >= self.max {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        match crate::os::Pipe::new(SPLICE_CHUNK) {
+            Ok(pipe) => Some(Lease { pipe: Some(pipe), pool: self, clean: true }),
+            Err(e) => {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "no splice pipe; copying instead");
+                None
+            }
+        }
+    }
+
+    /// Pipes on loan now.
+    #[cfg(test)]
+    fn leased(&self) -> usize {
+        self.live.load(Ordering::Relaxed) - crate::wake::lock(&self.kept).len()
+    }
+}
+
+/// A pipe on loan from [`PIPES`]; returned on drop if it holds no bytes, closed otherwise
+/// (a relay that failed mid-way leaves bytes nobody may read).
+struct Lease {
+    pipe: Option<crate::os::Pipe>,
+    pool: &'static PipePool,
+    clean: bool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(pipe) = self.pipe.take() else { return };
+        if self.clean {
+            let mut kept = crate::wake::lock(&self.pool.kept);
+            if kept.len() < PIPES_KEPT {
+                kept.push(pipe);
+                return;
+            }
+        }
+        drop(pipe);
+        self.pool.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// [`relay`] between two kernel sockets (a flow the system stack handed over as its
 /// socket, and the upstream) with `splice(2)`: the bytes move as page references through
-/// a pipe per direction and never enter user memory.
+/// a pipe leased per burst and never enter user memory.
 pub(crate) async fn splice_sockets(a: &TcpStream, b: &TcpStream, idle: Duration) -> io::Result<RelayStats> {
-    let activity = Activity::new();
-    let one = splice_one_way(a, b, &activity);
-    let two = splice_one_way(b, a, &activity);
-    activity.watch(async { tokio::try_join!(one, two) }, idle).await
+    splice_sockets_with(&PIPES, a, b, idle).await
 }
 
-async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Result<u64> {
-    use std::os::fd::AsFd;
-    use tokio::io::Interest;
-    let pipe = crate::os::Pipe::new(SPLICE_CHUNK)?;
+async fn splice_sockets_with(
+    pool: &'static PipePool,
+    a: &TcpStream,
+    b: &TcpStream,
+    idle: Duration,
+) -> io::Result<RelayStats> {
+    let activity = Activity::new();
+    let one = splice_one_way(pool, a, b, &activity);
+    let two = splice_one_way(pool, b, a, &activity);
+    activity.watch(async { tokio::try_join!(one, two) }, idle, || ()).await
+}
+
+async fn splice_one_way(
+    pool: &'static PipePool,
+    from: &TcpStream,
+    to: &TcpStream,
+    activity: &Activity,
+) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
-        let n = loop {
-            match from.try_io(Interest::READABLE, || pipe.fill_from(from.as_fd(), SPLICE_CHUNK)) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => from.readable().await?,
-                Err(e) => return Err(e),
-            }
+        // Hold nothing while the source is quiet.
+        from.readable().await?;
+        let (moved, eof) = match pool.take() {
+            Some(mut lease) => splice_burst(from, to, &mut lease, activity).await?,
+            None => copy_burst(from, to, activity).await?,
         };
-        if n == 0 {
+        total += moved;
+        if eof {
             SockRef::from(to).shutdown(Shutdown::Write)?;
             return Ok(total);
         }
+    }
+}
+
+/// Splices from `from` to `to` until `from` has nothing more for now or reached EOF;
+/// returns the bytes moved and whether it was EOF. The pipe is drained either way.
+async fn splice_burst(
+    from: &TcpStream,
+    to: &TcpStream,
+    lease: &mut Lease,
+    activity: &Activity,
+) -> io::Result<(u64, bool)> {
+    use std::os::fd::AsFd;
+    use tokio::io::Interest;
+    let pipe = lease.pipe.as_ref().expect("a lease holds its pipe until dropped");
+    let mut moved = 0u64;
+    loop {
+        let n = match from.try_io(Interest::READABLE, || pipe.fill_from(from.as_fd(), SPLICE_CHUNK)) {
+            Ok(0) => return Ok((moved, true)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((moved, false)),
+            Err(e) => return Err(e),
+        };
+        lease.clean = false;
         activity.touch();
         let mut left = n;
         while left > 0 {
@@ -197,7 +336,35 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity) -
                 Err(e) => return Err(e),
             }
         }
-        total += n as u64;
+        lease.clean = true;
+        moved += n as u64;
+    }
+}
+
+/// [`splice_burst`] through a buffer, for when every pipe is in use.
+async fn copy_burst(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io::Result<(u64, bool)> {
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut moved = 0u64;
+    loop {
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return Ok((moved, true)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((moved, false)),
+            Err(e) => return Err(e),
+        };
+        activity.touch();
+        let mut sent = 0;
+        while sent < n {
+            match to.try_write(&buf[sent..n]) {
+                Ok(m) => {
+                    sent += m;
+                    activity.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        moved += n as u64;
     }
 }
 
@@ -225,17 +392,17 @@ mod tests {
         assert_eq!(stats, RelayStats { a_to_b: 7, b_to_a: 9 });
     }
 
-    #[tokio::test]
-    async fn splice_sockets_carries_both_ways_with_half_close() {
+    /// client ⇄ (a | relay | b) ⇄ server over loopback: 3 MB up, then an answer after the
+    /// client's half-close; checked by digest and by the relay's counts.
+    async fn splice_carries_both_ways_with_half_close(pool: &'static PipePool) {
         use sha2::Digest;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        // client ⇄ (a | relay | b) ⇄ server, all over loopback.
         let mut client = TcpStream::connect(addr).await.unwrap();
         let (a, _) = listener.accept().await.unwrap();
         let mut server_side = TcpStream::connect(addr).await.unwrap();
         let (b, _) = listener.accept().await.unwrap();
-        let relay = tokio::spawn(async move { splice_sockets(&a, &b, Duration::from_secs(10)).await });
+        let relay = tokio::spawn(async move { splice_sockets_with(pool, &a, &b, Duration::from_secs(10)).await });
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let up2 = up.clone();
         let writer = tokio::spawn(async move {
@@ -254,6 +421,49 @@ mod tests {
         assert_eq!(writer.await.unwrap(), b"done");
         let stats = relay.await.unwrap().unwrap();
         assert_eq!(stats, RelayStats { a_to_b: up.len() as u64, b_to_a: 4 });
+        assert_eq!(pool.leased(), 0, "every pipe went back");
+    }
+
+    #[tokio::test]
+    async fn splice_sockets_carries_both_ways_with_half_close() {
+        splice_carries_both_ways_with_half_close(Box::leak(Box::new(PipePool::new(PIPES_MAX)))).await;
+    }
+
+    #[tokio::test]
+    async fn without_a_free_pipe_a_relay_copies() {
+        splice_carries_both_ways_with_half_close(Box::leak(Box::new(PipePool::new(0)))).await;
+    }
+
+    #[tokio::test]
+    async fn a_quiet_spliced_relay_holds_no_pipe() {
+        let pool: &'static PipePool = Box::leak(Box::new(PipePool::new(PIPES_MAX)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (a, _) = listener.accept().await.unwrap();
+        let mut server_side = TcpStream::connect(addr).await.unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        let relay = tokio::spawn(async move { splice_sockets_with(pool, &a, &b, Duration::from_secs(30)).await });
+        for round in 0..3u8 {
+            let msg = vec![round; 100_000];
+            client.write_all(&msg).await.unwrap();
+            let mut got = vec![0u8; msg.len()];
+            server_side.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, msg);
+            server_side.write_all(&msg[..10]).await.unwrap();
+            let mut back = [0u8; 10];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, [round; 10]);
+            // Both directions drained: the relay gives its pipes back while it waits.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pool.leased() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(pool.leased(), 0, "a relay with nothing in flight still holds a pipe (round {round})");
+            assert!(!crate::wake::lock(&pool.kept).is_empty(), "drained pipes are kept for reuse");
+        }
+        drop((client, server_side));
+        let _ = relay.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,26 +3,47 @@
 /// A bounded byte FIFO that lends its contiguous filled and free regions, so a relay
 /// can `write(2)` straight from it and `read(2)` straight into it (no bounce buffer).
 /// `VecDeque<u8>` has no safe way to expose its spare capacity, hence this small ring.
-/// The storage is allocated on first use: idle directions cost nothing.
+///
+/// Its storage follows use, not its capacity: none until the first byte, then
+/// [`MIN_STORAGE`], doubled (up to the capacity) whenever a writer fills all the space it
+/// was lent, so a flow that carries a few bytes at a time never holds more than a page
+/// while a bulk flow reaches the full capacity within a few reads. Small storage is
+/// freed as soon as the ring empties; large storage when its owner says the flow went
+/// quiet ([`Ring::release_if_empty`]).
 #[derive(Debug)]
 pub(crate) struct Ring {
     buf: Vec<u8>,
     cap: usize,
     head: usize,
     len: usize,
+    /// The last [`Ring::spare`] lent this many bytes and all of them were committed: the
+    /// writer has more than fits, so the next `spare` grows the storage.
+    lent: usize,
+    grow: bool,
 }
+
+/// The storage a ring starts with, and the size up to which it is freed whenever it
+/// empties: a page, which a few-bytes exchange never outgrows.
+pub(crate) const MIN_STORAGE: usize = 4096;
 
 impl Ring {
     pub(crate) fn new(cap: usize) -> Self {
-        Ring { buf: Vec::new(), cap: cap.max(1), head: 0, len: 0 }
+        Ring { buf: Vec::new(), cap: cap.max(1), head: 0, len: 0, lent: 0, grow: false }
     }
 
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
+    /// The most the ring holds (its storage may be smaller until it is needed).
     pub(crate) fn capacity(&self) -> usize {
         self.cap
+    }
+
+    /// Bytes of storage allocated now.
+    #[cfg(test)]
+    pub(crate) fn storage(&self) -> usize {
+        self.buf.len()
     }
 
     /// The oldest contiguous run of bytes.
@@ -34,25 +55,65 @@ impl Ring {
     pub(crate) fn consume(&mut self, n: usize) {
         debug_assert!(n <= self.len);
         self.len -= n;
-        self.head = if self.len == 0 { 0 } else { (self.head + n) % self.cap };
+        if self.len == 0 {
+            self.head = 0;
+            if self.buf.len() <= MIN_STORAGE {
+                self.buf = Vec::new();
+            }
+        } else {
+            self.head = (self.head + n) % self.buf.len();
+        }
+    }
+
+    /// Frees the storage if nothing is buffered; returns the bytes freed.
+    pub(crate) fn release_if_empty(&mut self) -> usize {
+        if self.len > 0 {
+            return 0;
+        }
+        self.grow = false;
+        std::mem::take(&mut self.buf).len()
+    }
+
+    /// Moves the contents into storage of `size` bytes, oldest byte first.
+    fn resize_storage(&mut self, size: usize) {
+        let mut next = vec![0; size];
+        let n = self.peek(&mut next);
+        debug_assert_eq!(n, self.len);
+        self.buf = next;
+        self.head = 0;
     }
 
     /// The first contiguous free region (empty when full).
     pub(crate) fn spare(&mut self) -> &mut [u8] {
-        if self.buf.is_empty() {
-            self.buf = vec![0; self.cap];
-        }
-        let tail = (self.head + self.len) % self.cap;
-        let end = if tail >= self.head && self.len < self.cap { self.cap } else { self.head };
         if self.len == self.cap {
             return &mut [];
         }
+        let storage = self.buf.len();
+        if storage == 0 {
+            self.buf = vec![0; MIN_STORAGE.min(self.cap)];
+        } else if storage < self.cap && (self.grow || self.len == storage) {
+            self.resize_storage((storage * 2).min(self.cap));
+        }
+        self.grow = false;
+        let storage = self.buf.len();
+        let tail = (self.head + self.len) % storage;
+        let end = if tail >= self.head && self.len < storage { storage } else { self.head };
+        self.lent = end - tail;
         &mut self.buf[tail..end]
     }
 
+    /// Keeps `n` bytes of the region [`Ring::spare`] lent. Call it after every `spare`,
+    /// with 0 when the writer wrote nothing (or failed): an empty ring then frees the
+    /// page `spare` allocated.
     pub(crate) fn commit(&mut self, n: usize) {
-        debug_assert!(self.len + n <= self.cap);
+        debug_assert!(self.len + n <= self.buf.len());
         self.len += n;
+        // All the space lent was used: the writer had more. Grow before the next write.
+        self.grow = n > 0 && n == self.lent;
+        self.lent = 0;
+        if self.len == 0 && self.buf.len() <= MIN_STORAGE {
+            self.buf = Vec::new();
+        }
     }
 
     pub(crate) fn push(&mut self, mut data: &[u8]) -> usize {
@@ -80,7 +141,7 @@ impl Ring {
     /// Copies the oldest bytes into `out` without consuming them; returns how many.
     pub(crate) fn peek(&self, out: &mut [u8]) -> usize {
         let n = out.len().min(self.len);
-        let first = (self.cap - self.head).min(n);
+        let first = (self.buf.len() - self.head).min(n);
         out[..first].copy_from_slice(&self.buf[self.head..self.head + first]);
         out[first..n].copy_from_slice(&self.buf[..n - first]);
         n
@@ -107,9 +168,10 @@ mod tests {
         assert_eq!(&out[..8], b"efghijkl");
     }
 
-    #[test]
-    fn ring_matches_a_model_under_random_operations() {
-        let mut ring = Ring::new(97);
+    /// Random pushes, pops, peeks and releases against a `VecDeque`; chunks up to `chunk`
+    /// bytes (chunks above `MIN_STORAGE` make the storage grow while bytes wrap).
+    fn matches_a_model(cap: usize, chunk: u64) {
+        let mut ring = Ring::new(cap);
         let mut model = std::collections::VecDeque::new();
         let mut x = 0x2545_F491_4F6C_DD1Du64;
         let mut next = move || {
@@ -120,33 +182,83 @@ mod tests {
         };
         let mut counter = 0u8;
         for _ in 0..20_000 {
-            match next() % 3 {
-                0 => {
-                    let data: Vec<u8> = (0..next() % 60)
+            match next() % 7 {
+                0 | 1 => {
+                    let data: Vec<u8> = (0..next() % chunk)
                         .map(|_| {
                             counter = counter.wrapping_add(1);
                             counter
                         })
                         .collect();
                     let n = ring.push(&data);
-                    assert_eq!(n, data.len().min(97 - model.len()));
+                    assert_eq!(n, data.len().min(cap - model.len()));
                     model.extend(&data[..n]);
                 }
-                1 => {
-                    let mut out = vec![0u8; (next() % 60) as usize];
+                2 | 3 => {
+                    let mut out = vec![0u8; (next() % chunk) as usize];
                     let n = ring.pop(&mut out);
                     let want: Vec<u8> = model.drain(..n.min(model.len())).collect();
                     assert_eq!(&out[..n], &want[..]);
                     assert_eq!(n, out.len().min(want.len() + model.len()));
                 }
-                _ => {
-                    let mut out = vec![0u8; (next() % 120) as usize];
+                4 | 5 => {
+                    let mut out = vec![0u8; (next() % (2 * chunk)) as usize];
                     let n = ring.peek(&mut out);
                     assert_eq!(n, out.len().min(model.len()));
                     assert!(out[..n].iter().eq(model.iter().take(n)), "peek shows the oldest bytes");
                 }
+                _ => {
+                    let freed = ring.release_if_empty();
+                    assert!(model.is_empty() || freed == 0, "released storage that held bytes");
+                }
             }
             assert_eq!(ring.len(), model.len());
+            assert!(ring.storage() <= cap);
         }
+    }
+
+    #[test]
+    fn ring_matches_a_model_under_random_operations() {
+        matches_a_model(97, 60);
+    }
+
+    #[test]
+    fn growing_ring_matches_a_model_under_random_operations() {
+        matches_a_model(100_000, 9_000);
+    }
+
+    #[test]
+    fn storage_follows_use() {
+        let mut r = Ring::new(256 * 1024);
+        assert_eq!(r.storage(), 0, "nothing allocated before the first byte");
+        assert_eq!(r.push(b"hello"), 5);
+        assert_eq!(r.storage(), MIN_STORAGE);
+        let mut out = [0u8; 5];
+        assert_eq!(r.pop(&mut out), 5);
+        assert_eq!(r.storage(), 0, "a page is freed as soon as the ring empties");
+
+        // A writer with more than fits grows the storage to what it has in flight.
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(r.push(&data), data.len());
+        assert_eq!(r.storage(), 256 * 1024, "doubled up to the capacity");
+        let mut out = vec![0u8; data.len()];
+        assert_eq!(r.pop(&mut out), data.len());
+        assert_eq!(out, data);
+        assert_eq!(r.storage(), 256 * 1024, "large storage stays while the flow is busy");
+        assert_eq!(r.release_if_empty(), 256 * 1024);
+        assert_eq!(r.storage(), 0);
+
+        // Bytes that never outgrow the space lent never grow it.
+        for _ in 0..100 {
+            let spare = r.spare();
+            spare[..100].fill(7);
+            r.commit(100);
+            let mut out = [0u8; 100];
+            assert_eq!(r.pop(&mut out), 100);
+        }
+        assert_eq!(r.storage(), 0);
+        assert_eq!(r.push(&[1; 3000]), 3000);
+        assert_eq!(r.storage(), MIN_STORAGE, "partly used space does not grow");
+        assert_eq!(r.release_if_empty(), 0, "never frees bytes still buffered");
     }
 }

@@ -18,3 +18,23 @@ pub fn release_free_heap() {
         libc::malloc_trim(0);
     }
 }
+
+/// Gives every large allocation (128 KiB and up: socket buffers, rings, pipes' user-side
+/// counterparts) a mapping of its own for the rest of the process.
+///
+/// glibc's default threshold for that moves up to the size of the first large buffer
+/// freed; after the first connection closes, a 512 KiB socket buffer comes from the heap,
+/// where `calloc` zeroes (so touches) every page of it and where freed buffers stay
+/// resident. Fixed at 128 KiB (`M_MMAP_THRESHOLD`), every such buffer is fresh
+/// zero-filled memory whose pages are committed only as bytes are written into them, and
+/// is returned whole when freed: a held connection that carried a few bytes costs the
+/// pages those bytes touched, not its buffers' capacity (numbers in ARCHITECTURE.md,
+/// "Memory"). Call once, early in `main`; a no-op on other C libraries.
+pub fn map_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a glibc tuning parameter (under its own lock); any value
+    // is valid and nothing else depends on the old one.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}

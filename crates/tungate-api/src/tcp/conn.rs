@@ -324,12 +324,21 @@ impl RingConn {
             st.writer = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        let n = f(spare)?;
-        st.tx.commit(n);
+        let result = f(spare);
+        st.tx.commit(*result.as_ref().unwrap_or(&0));
+        let n = result?;
         if n > 0 {
             shared.wake_stack(&mut st);
         }
         Poll::Ready(Ok(n))
+    }
+
+    /// Frees both rings' storage where nothing is buffered (the relay calls this once a
+    /// flow has been quiet for a while; the rings allocate again on the next byte).
+    pub(crate) fn release_idle_buffers(&self) {
+        let mut st = self.shared.state();
+        st.rx.release_if_empty();
+        st.tx.release_if_empty();
     }
 
     /// Half-closes towards the client: FIN follows the bytes already written.

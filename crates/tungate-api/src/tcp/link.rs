@@ -38,6 +38,15 @@ pub struct FlowLink {
     shared: Arc<Shared>,
 }
 
+#[cfg(test)]
+impl FlowLink {
+    /// Bytes of storage the rx and tx rings hold now.
+    pub(crate) fn ring_storage(&self) -> (usize, usize) {
+        let st = self.shared.state();
+        (st.rx.storage(), st.tx.storage())
+    }
+}
+
 impl Drop for FlowLink {
     fn drop(&mut self) {
         let closed = self.shared.state().closed;

@@ -205,3 +205,49 @@ async fn dropping_a_request_after_a_cancelled_peek_resets() {
     assert_eq!(signals.decision, Decision::Accepted, "decided once");
     assert!(signals.abort_requested && signals.handler_gone);
 }
+
+/// Storage follows use: none while nothing crossed, up to the capacity under a bulk
+/// download, and all of it back once the relay has seen the flow quiet.
+#[tokio::test]
+async fn rings_follow_use_and_a_quiet_relay_frees_them() {
+    let cap = 256 * 1024;
+    let wake = WakeQueue::new();
+    let (link, req) = new_flow(FlowId(3), addr("10.0.0.1:1"), addr("10.0.0.2:2"), cap, wake);
+    let conn = req.accept().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (mut server, _) = listener.accept().await.unwrap();
+    let relay = tokio::spawn(conn.relay(upstream, Duration::from_secs(60)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(link.ring_storage(), (0, 0), "a relay waiting for bytes holds no ring storage");
+
+    let body: Vec<u8> = (0..4_000_000u32).map(|i| (i % 253) as u8).collect();
+    let sent = body.clone();
+    let writer = tokio::spawn(async move {
+        server.write_all(&sent).await.unwrap();
+        server
+    });
+    let (mut got, mut out, mut most) = (Vec::new(), vec![0u8; 100_000], 0);
+    while got.len() < body.len() {
+        link.pump(|io| {
+            let n = io.fill(&mut out);
+            got.extend_from_slice(&out[..n]);
+        });
+        most = most.max(link.ring_storage().1);
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    assert!(got == body, "download corrupted");
+    assert!(most > crate::ring::MIN_STORAGE, "a bulk download grows the ring (largest {most})");
+    let mut server = writer.await.unwrap();
+
+    link.pump(|io| assert_eq!(io.deliver(b"bye"), 3));
+    let mut three = [0u8; 3];
+    server.read_exact(&mut three).await.unwrap();
+    assert_eq!(&three, b"bye");
+    let deadline = tokio::time::Instant::now() + crate::relay::QUIET + Duration::from_secs(3);
+    while link.ring_storage() != (0, 0) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(link.ring_storage(), (0, 0), "a quiet flow keeps ring storage");
+    relay.abort();
+}
