@@ -18,12 +18,19 @@
 # namespace and measures, in the same rounds: "socks5-alone" (iperf3 through dante with
 # proxychains4, no TUN: the ceiling), tun2proxy from crates.io (installed once into
 # TUN2PROXY_ROOT, outside the repository) and every variant with --proxy socks5://.
+# The scale section (BENCH_SCALE=1, the default) runs scripts/scale.sh once per variant
+# (default flags): RSS and fds per held connection and RSS 10 s after close, for
+# SCALE_CONNS (8000 here) connections each echoing 64 bytes, checked against issue 13's
+# targets (<= 8 KiB per connection for system, smoltcp and lwIP; after close at most
+# max(4 MiB, 20 %) above idle for every variant).
 # Exit status: 0 if every measurement succeeded, 1 otherwise.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/netns.sh
 source "$REPO/scripts/netns.sh"
+# shellcheck source=scripts/scale.sh
+source "$REPO/scripts/scale.sh"
 
 CMDLINE=$(printf '%q ' "$0" "$@")
 CMDLINE=${CMDLINE% }
@@ -35,6 +42,8 @@ BENCH_BIN_DIR=${BENCH_BIN_DIR:-$REPO/target/release}
 BENCH_RESULTS_DIR=${BENCH_RESULTS_DIR:-$REPO/results}
 BENCH_PORT=${BENCH_PORT:-5201}
 BENCH_SOCKS5=${BENCH_SOCKS5:-1}
+BENCH_SCALE=${BENCH_SCALE:-1}
+export SCALE_CONNS=${SCALE_CONNS:-8000}
 TUN2PROXY_VERSION=${TUN2PROXY_VERSION:-0.8.7}
 TUN2PROXY_ROOT=${TUN2PROXY_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/tungate/tun2proxy-$TUN2PROXY_VERSION}
 SOCKS_ADDR=10.78.0.2
@@ -67,8 +76,10 @@ fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tungate-bench.XXXXXX")
 export NETNS_RUNDIR="$WORK/netns"
 RAW="$WORK/raw.tsv"     # section (an MTU, or socks5)  direction  subject  round  status  bps  reason
+SCALE_RAW="$WORK/scale.tsv"  # scale_run rows (scripts/scale.sh)
 NOTES="$WORK/notes.txt"
 : >"$RAW"
+: >"$SCALE_RAW"
 : >"$NOTES"
 IDS=()
 
@@ -418,8 +429,18 @@ if ((${#SOCKS_SUBJECTS[@]})); then
   done
 fi
 
+if [[ "$BENCH_SCALE" == 1 ]]; then
+  say "scale section: $SCALE_CONNS held connections per variant (default flags)"
+  for subj in "${SUBJECTS[@]}"; do
+    [[ "$subj" == kernel || -n "${ARGS[$subj]}" ]] && continue
+    SEQ=$((SEQ + 1))
+    IDS+=("b$$-$SEQ")
+    scale_run "b$$-$SEQ" "$subj" "${BIN[$subj]}" "$SCALE_RAW"
+  done
+fi
+
 FAILED=0
-if grep -q $'\tFAILED\t' "$RAW"; then FAILED=1; fi
+if grep -q $'\tFAILED\t' "$RAW" "$SCALE_RAW"; then FAILED=1; fi
 
 # ---- report ---------------------------------------------------------------------------
 if ((HAVE_PY)); then
@@ -428,7 +449,7 @@ if ((HAVE_PY)); then
   export META_NPROC META_CPU META_MEM META_KERNEL META_RUSTC META_IPERF META_GIT META_DATE CMDLINE
   export BENCH_MTUS BENCH_SECONDS BENCH_ROUNDS BENCH_OMIT
   SOCKS_LIST="${SOCKS_SUBJECTS[*]}"
-  export SOCKS_LIST
+  export SOCKS_LIST SCALE_RAW SCALE_CONNS SCALE_BYTES SCALE_AFTER
   python3 - "$RAW" "$NOTES" "$MD" "$BENCH_RESULTS_DIR/latest.json" "${SUBJECTS[@]}" <<'PY'
 import json, os, statistics, sys
 
@@ -538,6 +559,49 @@ for key, mtu, subjs, baseline, second in sections:
         cols.append(allr or "-")
         L.append("| " + " | ".join(cols) + " |")
     L.append("")
+# Held connections (scripts/scale.sh) against issue 13's targets.
+scale = []
+with open(env["SCALE_RAW"]) as f:
+    for line in f:
+        c = line.rstrip("\n").split("\t")
+        if len(c) < 12:
+            continue
+        row = {"subject": c[0], "status": c[1], "connections": int(c[2]), "opened": int(c[3]), "failed": int(c[4]),
+               "rss_idle_kib": int(c[5]), "rss_held_kib": int(c[6]), "rss_after_kib": int(c[7]),
+               "fds_idle": int(c[8]), "fds_held": int(c[9]), "fds_after": int(c[10]), "reason": c[11]}
+        if row["status"] != "FAILED" and row["opened"]:
+            n = row["opened"]
+            row["kib_per_connection"] = round((row["rss_held_kib"] - row["rss_idle_kib"]) / n, 1)
+            row["fds_per_connection"] = round((row["fds_held"] - row["fds_idle"]) / n, 2)
+            allowed = max(4096, row["rss_idle_kib"] * 0.2)
+            row["after_close_ok"] = row["rss_after_kib"] - row["rss_idle_kib"] <= allowed
+            small = row["subject"].replace("tungate-", "") in ("system", "smoltcp", "lwip")
+            row["per_connection_ok"] = row["kib_per_connection"] <= 8 if small else None
+        else:
+            failures.append("scale %s: %s" % (row["subject"], row["reason"]))
+        scale.append(row)
+if scale:
+    L.append("## Held connections (%s at once, %s bytes echoed each, MTU 1500)" % (env["SCALE_CONNS"], env.get("SCALE_BYTES", "64")))
+    L.append("")
+    L.append("scripts/scale.sh: gateway RSS and open fds (from /proc) at idle, with every connection held (2 s after "
+             "the last opened) and %s s after every client closed. Per connection = (held - idle) / held. Targets: "
+             "<= 8 KiB per connection for system, smoltcp and lwIP; after close at most max(4 MiB, 20 %%) above idle." % env.get("SCALE_AFTER", "10"))
+    L.append("")
+    L.append("| subject | held | RSS idle KiB | RSS held KiB | KiB per connection | <= 8 KiB | fds per connection | RSS after close KiB | after close vs idle | within max(4 MiB, 20 %) | fds after close (idle) |")
+    L.append("|---|---:|---:|---:|---:|:-:|---:|---:|---:|:-:|---:|")
+    yes = lambda b: "-" if b is None else ("yes" if b else "**no**")
+    for r in scale:
+        if "kib_per_connection" not in r:
+            L.append("| %s | FAILED: %s | | | | | | | | | |" % (r["subject"], r["reason"]))
+            continue
+        held = str(r["opened"]) if r["opened"] == r["connections"] else "%d of %d" % (r["opened"], r["connections"])
+        d = r["rss_after_kib"] - r["rss_idle_kib"]
+        L.append("| %s | %s | %d | %d | %.1f | %s | %.2f | %d | %+.1f MiB (%+.0f %%) | %s | %d (%d) |" % (
+            r["subject"], held, r["rss_idle_kib"], r["rss_held_kib"], r["kib_per_connection"], yes(r["per_connection_ok"]),
+            r["fds_per_connection"], r["rss_after_kib"], d / 1024, 100 * d / r["rss_idle_kib"], yes(r["after_close_ok"]),
+            r["fds_after"], r["fds_idle"]))
+    L.append("")
+
 if failures:
     L.append("## Failures")
     L.append("")
@@ -556,6 +620,7 @@ with open(os.path.join(os.path.dirname(md_path), "latest.md"), "w") as f:
     f.write(text)
 with open(json_path, "w") as f:
     json.dump({"meta": meta, "config": config, "subjects": subjects, "socks5_subjects": socks_subjects, "results": results,
+               "scale": scale,
                "failures": failures, "notes": notes, "failed": bool(failures),
                "report": os.path.basename(md_path)}, f, indent=2)
     f.write("\n")

@@ -449,8 +449,9 @@ pub fn netns_many_connections(bin: &str, n: usize) {
     let (idle, fds_idle) = (t.gateway_rss_kib(), t.gateway_fds());
     let script = peer_script();
     let count = n.to_string();
-    let mut client = Command::new("ip")
-        .args(["netns", "exec", &t.cli, "python3", script.to_str().expect("utf-8 path")])
+    // Bounded: a gateway that stalls connections must fail the test, not hang it.
+    let mut client = Command::new("timeout")
+        .args(["240", "ip", "netns", "exec", &t.cli, "python3", script.to_str().expect("utf-8 path")])
         .args(["many", "10.77.0.2", "7000", &count, "1024"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
