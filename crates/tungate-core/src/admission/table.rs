@@ -294,6 +294,14 @@ impl<T> FlowTable<T> {
         let slot = self.slots.remove(id.0);
         self.by_key.remove(&slot.key);
         Stats::dec(&self.stats.tcp_active);
+        // After a burst, give back what the table grew to, once at most a quarter of the
+        // map is in use. The map rehashes into what it needs (so the next shrink waits for
+        // another fall to a quarter: amortised O(1) per removal); the slab drops its
+        // vacant tail.
+        if self.by_key.capacity() > 1024 && self.by_key.len() * 4 < self.by_key.capacity() {
+            self.by_key.shrink_to_fit();
+            self.slots.shrink_to_fit();
+        }
         match slot.stage {
             Stage::Held(held) => {
                 held.link.set_closed(reset);
