@@ -392,17 +392,26 @@ mod tests {
         assert_eq!(stats, RelayStats { a_to_b: 7, b_to_a: 9 });
     }
 
+    /// client ⇄ (a | splice relay from `pool` | b) ⇄ server, over loopback.
+    async fn spliced(
+        pool: &'static PipePool,
+        idle: Duration,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<io::Result<RelayStats>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (a, _) = listener.accept().await.unwrap();
+        let server_side = TcpStream::connect(addr).await.unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        let relay = tokio::spawn(async move { splice_sockets_with(pool, &a, &b, idle).await });
+        (client, server_side, relay)
+    }
+
     /// client ⇄ (a | relay | b) ⇄ server over loopback: 3 MB up, then an answer after the
     /// client's half-close; checked by digest and by the relay's counts.
     async fn splice_carries_both_ways_with_half_close(pool: &'static PipePool) {
         use sha2::Digest;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        let (a, _) = listener.accept().await.unwrap();
-        let mut server_side = TcpStream::connect(addr).await.unwrap();
-        let (b, _) = listener.accept().await.unwrap();
-        let relay = tokio::spawn(async move { splice_sockets_with(pool, &a, &b, Duration::from_secs(10)).await });
+        let (mut client, mut server_side, relay) = spliced(pool, Duration::from_secs(10)).await;
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let up2 = up.clone();
         let writer = tokio::spawn(async move {
@@ -437,13 +446,7 @@ mod tests {
     #[tokio::test]
     async fn a_quiet_spliced_relay_holds_no_pipe() {
         let pool: &'static PipePool = Box::leak(Box::new(PipePool::new(PIPES_MAX)));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        let (a, _) = listener.accept().await.unwrap();
-        let mut server_side = TcpStream::connect(addr).await.unwrap();
-        let (b, _) = listener.accept().await.unwrap();
-        let relay = tokio::spawn(async move { splice_sockets_with(pool, &a, &b, Duration::from_secs(30)).await });
+        let (mut client, mut server_side, relay) = spliced(pool, Duration::from_secs(30)).await;
         for round in 0..3u8 {
             let msg = vec![round; 100_000];
             client.write_all(&msg).await.unwrap();

@@ -12,7 +12,7 @@ use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::state::{Decision, Shared, reset_error};
+use super::state::{Decision, Shared, State, reset_error};
 use crate::relay::{self, RelayStats};
 
 /// An accepted TCP connection with the client, the same type on every backend.
@@ -240,6 +240,17 @@ fn would_block_is_zero(e: io::Error) -> io::Result<usize> {
     if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) }
 }
 
+/// Why nothing more may be written to the client, if so.
+fn write_error(st: &State) -> Option<io::Error> {
+    if st.reset {
+        Some(reset_error())
+    } else if st.tx_closed || st.closed {
+        Some(io::Error::new(io::ErrorKind::BrokenPipe, "TCP flow closed for writing"))
+    } else {
+        None
+    }
+}
+
 /// The handler's side of a flow whose bytes cross two rings shared with the stack.
 pub(crate) struct RingConn {
     shared: Arc<Shared>,
@@ -313,11 +324,8 @@ impl RingConn {
     ) -> Poll<io::Result<usize>> {
         let shared = &self.shared;
         let mut st = shared.state();
-        if st.reset {
-            return Poll::Ready(Err(reset_error()));
-        }
-        if st.tx_closed || st.closed {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "TCP flow closed for writing")));
+        if let Some(e) = write_error(&st) {
+            return Poll::Ready(Err(e));
         }
         let spare = st.tx.spare();
         if spare.is_empty() {
@@ -364,11 +372,20 @@ impl RingConn {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        self.poll_write_with(cx, |spare| {
-            let n = spare.len().min(data.len());
-            spare[..n].copy_from_slice(&data[..n]);
-            Ok(n)
-        })
+        // Not through `poll_write_with`: that lends one contiguous region, while a copy
+        // can take all that fits at once (the ring grows to what the writer has).
+        let shared = &self.shared;
+        let mut st = shared.state();
+        if let Some(e) = write_error(&st) {
+            return Poll::Ready(Err(e));
+        }
+        let n = st.tx.push(data);
+        if n == 0 {
+            st.writer = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        shared.wake_stack(&mut st);
+        Poll::Ready(Ok(n))
     }
 }
 
