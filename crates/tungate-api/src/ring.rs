@@ -16,9 +16,10 @@ pub(crate) struct Ring {
     cap: usize,
     head: usize,
     len: usize,
-    /// The last [`Ring::spare`] lent this many bytes and all of them were committed: the
-    /// writer has more than fits, so the next `spare` grows the storage.
+    /// Bytes the last [`Ring::spare`] lent.
     lent: usize,
+    /// The writer committed all it was lent (it had more than fit): the next `spare`
+    /// grows the storage.
     grow: bool,
 }
 

@@ -19,8 +19,8 @@ pub fn release_free_heap() {
     }
 }
 
-/// Gives every large allocation (128 KiB and up: socket buffers, rings, pipes' user-side
-/// counterparts) a mapping of its own for the rest of the process.
+/// Gives every large allocation (128 KiB and up: the stacks' socket buffers, grown
+/// rings) a mapping of its own for the rest of the process.
 ///
 /// glibc's default threshold for that moves up to the size of the first large buffer
 /// freed; after the first connection closes, a 512 KiB socket buffer comes from the heap,

@@ -294,12 +294,16 @@ impl<T> FlowTable<T> {
         let slot = self.slots.remove(id.0);
         self.by_key.remove(&slot.key);
         Stats::dec(&self.stats.tcp_active);
-        // After a burst, give back what the table grew to, once at most a quarter of the
-        // map is in use. The map rehashes into what it needs (so the next shrink waits for
-        // another fall to a quarter: amortised O(1) per removal); the slab drops its
-        // vacant tail.
+        // After a burst, give back what the table grew to. The map rehashes into what it
+        // needs once at most a quarter of it is in use (so the next shrink waits for
+        // another fall to a quarter: amortised O(1) per removal). The slab can only drop
+        // a vacant tail (flow ids must not move), which a burst's last flows still hold
+        // while the map shrinks: it is shrunk when it empties.
         if self.by_key.capacity() > 1024 && self.by_key.len() * 4 < self.by_key.capacity() {
             self.by_key.shrink_to_fit();
+            self.slots.shrink_to_fit();
+        }
+        if self.slots.is_empty() && self.slots.capacity() > 1024 {
             self.slots.shrink_to_fit();
         }
         match slot.stage {
@@ -401,6 +405,30 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn the_table_gives_back_what_a_burst_grew() {
+        let (mut t, _requests) = table();
+        let dst = "10.77.0.2:80".parse().expect("addr");
+        let ids: Vec<FlowId> = (0..4000u16)
+            .map(|port| {
+                let src = std::net::SocketAddr::new("10.0.0.1".parse().expect("addr"), 10_000 + port);
+                let syn = PacketBuf::from_vec(SegmentFields::new(src, dst, TcpControl::Syn, 1, None).build());
+                t.inbound(&syn);
+                t.id(&(src, dst)).expect("held")
+            })
+            .collect();
+        let grown = (t.by_key.capacity(), t.slots.capacity());
+        assert!(grown.0 >= 4000 && grown.1 >= 4000, "{grown:?}");
+        for id in ids {
+            t.remove(id, true);
+        }
+        assert!(
+            t.by_key.capacity() <= 1024 && t.slots.capacity() <= 1024,
+            "kept {:?} of {grown:?}",
+            (t.by_key.capacity(), t.slots.capacity())
+        );
     }
 
     #[test]
