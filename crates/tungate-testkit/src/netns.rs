@@ -245,15 +245,39 @@ impl Topology {
         let mut args = vec!["curl", "-sS", "--fail", "--max-time", "30"];
         args.extend_from_slice(extra);
         args.push(url);
-        let out = self.client(&args);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.cli])
+            .args(&args)
+            .stdin(Stdio::null())
+            // Files, not pipes: nobody reads a pipe while this waits for curl.
+            .stdout(std::fs::File::create(self.state_file("curl.out")).expect("curl output file"))
+            .stderr(std::fs::File::create(self.state_file("curl.err")).expect("curl error file"))
+            .spawn()
+            .expect("run curl");
+        // A transfer still running after 10 s has stalled: where its bytes wait (which
+        // socket's queues) is gone once curl gives up, so look now.
+        let started = std::time::Instant::now();
+        let mut stalled = None;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for curl") {
+                break status;
+            }
+            if stalled.is_none() && started.elapsed() > Duration::from_secs(10) {
+                stalled = Some(self.sockets());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let read = |name| std::fs::read(self.state_file(name)).unwrap_or_default();
+        let (stdout, stderr) = (read("curl.out"), read("curl.err"));
         assert!(
-            out.status.success(),
-            "curl {url} {extra:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.gateway_log()
+            status.success(),
+            "curl {url} {extra:?}: {}\n{}{}",
+            String::from_utf8_lossy(&stderr),
+            self.gateway_log(),
+            stalled.map(|s| format!("--- sockets 10 s into the transfer ---\n{s}")).unwrap_or_default()
         );
-        assert_eq!(out.stdout.len(), body.len(), "{url}: length");
-        assert_eq!(Sha256::digest(&out.stdout), Sha256::digest(body), "{url}: body corrupted");
+        assert_eq!(stdout.len(), body.len(), "{url}: length");
+        assert_eq!(Sha256::digest(&stdout), Sha256::digest(body), "{url}: body corrupted");
     }
 
     /// Stops the gateway (SIGTERM) and returns the counters of its exit event (the JSON
@@ -273,6 +297,17 @@ impl Topology {
 
     pub fn gateway_log(&self) -> String {
         std::fs::read_to_string(self.state_file("gateway.log")).unwrap_or_default()
+    }
+
+    /// Every TCP socket of both namespaces with its queues and state (`ss -tanoi`): where
+    /// a stalled transfer's bytes wait.
+    pub fn sockets(&self) -> String {
+        let mut text = String::new();
+        for ns in [&self.cli, &self.srv] {
+            let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-tanoi"]).output().expect("run ss");
+            text += &format!("{ns}:\n{}", String::from_utf8_lossy(&out.stdout));
+        }
+        text
     }
 
     /// The gateway's open file descriptors.

@@ -220,17 +220,18 @@ async fn peek_socket(stream: &TcpStream, buf: &mut [u8], min: usize) -> io::Resu
     }
     loop {
         stream.readable().await?;
-        match crate::os::peek(stream.as_fd(), buf) {
+        // Peeked inside `try_io`: it clears the readiness only on EAGAIN, and only as it
+        // stood before the call, so bytes that arrive meanwhile still wake this loop and
+        // the reads that follow (clearing it after a separate peek could swallow their
+        // edge, and a relay would then wait for bytes already there).
+        match stream.try_io(Interest::READABLE, || crate::os::peek(stream.as_fd(), buf)) {
             Ok(n) if n == 0 || n >= min => return Ok(n),
-            // Some bytes, not enough. The socket stays readable while they wait, and
-            // clearing its readiness would hide them from the reads that follow (no new
+            // Some bytes, not enough. The socket stays readable while they wait (no new
             // edge comes for bytes already there), so look again shortly; the caller's
             // wait bounds this.
             Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
-            // Nothing yet: now the readiness is stale, and clearing it is right.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let _ = stream.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-            }
+            // Nothing yet: the readiness was stale and is now cleared.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
     }
