@@ -11,9 +11,12 @@
 # namespace opens SCALE_CONNS connections (256 handshakes at a time), each echoing
 # SCALE_BYTES bytes checked by digest, and holds them. Samples (from /proc/PID): RSS and
 # open fds at idle (before the first connection), while all are held (2 s after the last
-# opened), and SCALE_AFTER seconds after every client closed.
+# opened), and SCALE_AFTER seconds after every client closed. With SCALE_BURSTS=N the
+# hold-and-close repeats N times on one gateway (memory kept after close must not grow
+# per burst); the row has the last burst's samples, the log line every burst's "after".
 #   per connection = (held - idle) / opened
-# Env: SCALE_CONNS=5000 SCALE_BYTES=64 SCALE_AFTER=10 SCALE_PORT=7000, BENCH_BIN_DIR.
+# Env: SCALE_CONNS=5000 SCALE_BYTES=64 SCALE_AFTER=10 SCALE_BURSTS=1 SCALE_PORT=7000,
+# BENCH_BIN_DIR.
 # Standalone it prints a table; scale_run appends TSV rows to a file for bench.sh.
 set -euo pipefail
 
@@ -23,6 +26,7 @@ source "$SCALE_REPO/scripts/netns.sh"
 SCALE_CONNS=${SCALE_CONNS:-5000}
 SCALE_BYTES=${SCALE_BYTES:-64}
 SCALE_AFTER=${SCALE_AFTER:-10}
+SCALE_BURSTS=${SCALE_BURSTS:-1}
 SCALE_PORT=${SCALE_PORT:-7000}
 SCALE_PEER="$SCALE_REPO/scripts/e2e_peer.py"
 
@@ -62,35 +66,40 @@ scale_run() {
   sleep 1
   rss_idle=$(_scale_rss_kib "$gpid")
   fds_idle=$(_scale_fds "$gpid")
-  coproc HOLD { netns_cli_exec "$id" python3 "$SCALE_PEER" hold "$NETNS_SRV_V4" "$SCALE_PORT" "$SCALE_CONNS" "$SCALE_BYTES" 2>&1; }
-  local hold_out=${HOLD[0]} hold_in=${HOLD[1]} hold_pid=$HOLD_PID
-  _nns_record_pid "$id" "$hold_pid"
-  if read -r -t 600 line <&"$hold_out" && [[ "$line" =~ ^ready\ ([0-9]+)\ ([0-9]+)$ ]]; then
-    opened=${BASH_REMATCH[1]}
-    failed=${BASH_REMATCH[2]}
-    sleep 2
-    rss_held=$(_scale_rss_kib "$gpid")
-    fds_held=$(_scale_fds "$gpid")
-    echo close >&"$hold_in"
-    if read -r -t 300 line <&"$hold_out" && [[ "$line" == "ok hold"* ]]; then
-      sleep "$SCALE_AFTER"
-      rss_after=$(_scale_rss_kib "$gpid")
-      fds_after=$(_scale_fds "$gpid")
-      ((failed == 0)) || { status=PARTIAL; reason="$failed of $SCALE_CONNS connections failed"; }
+  local burst afters=""
+  for ((burst = 1; burst <= SCALE_BURSTS; burst++)); do
+    coproc HOLD { netns_cli_exec "$id" python3 "$SCALE_PEER" hold "$NETNS_SRV_V4" "$SCALE_PORT" "$SCALE_CONNS" "$SCALE_BYTES" 2>&1; }
+    local hold_out=${HOLD[0]} hold_in=${HOLD[1]} hold_pid=$HOLD_PID
+    _nns_record_pid "$id" "$hold_pid"
+    if read -r -t 600 line <&"$hold_out" && [[ "$line" =~ ^ready\ ([0-9]+)\ ([0-9]+)$ ]]; then
+      opened=${BASH_REMATCH[1]}
+      failed=${BASH_REMATCH[2]}
+      sleep 2
+      rss_held=$(_scale_rss_kib "$gpid")
+      fds_held=$(_scale_fds "$gpid")
+      echo close >&"$hold_in"
+      if read -r -t 300 line <&"$hold_out" && [[ "$line" == "ok hold"* ]]; then
+        sleep "$SCALE_AFTER"
+        rss_after=$(_scale_rss_kib "$gpid")
+        fds_after=$(_scale_fds "$gpid")
+        afters+="${afters:+/}$rss_after"
+        ((failed == 0)) || { status=PARTIAL; reason="$failed of $SCALE_CONNS connections failed"; }
+      else
+        status=FAILED
+        reason="closing failed: ${line:0:200}"
+      fi
     else
       status=FAILED
-      reason="closing failed: ${line:0:200}"
+      reason="opening failed: ${line:0:200}"
     fi
-  else
-    status=FAILED
-    reason="opening failed: ${line:0:200}"
-  fi
-  _nns_alive "$gpid" || { status=FAILED; reason="gateway died; $reason"; }
-  exec {hold_in}>&- || true
-  wait "$hold_pid" 2>/dev/null || true
+    _nns_alive "$gpid" || { status=FAILED; reason="gateway died; $reason"; }
+    exec {hold_in}>&- || true
+    wait "$hold_pid" 2>/dev/null || true
+    [[ "$status" == FAILED ]] && break
+  done
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$status" "$SCALE_CONNS" "$opened" "$failed" \
     "$rss_idle" "$rss_held" "$rss_after" "$fds_idle" "$fds_held" "$fds_after" "$reason" >>"$out"
-  _scale_say "$label: $status, $opened of $SCALE_CONNS held; RSS idle/held/after ${rss_idle}/${rss_held}/${rss_after} KiB; fds ${fds_idle}/${fds_held}/${fds_after} ${reason}"
+  _scale_say "$label: $status, $opened of $SCALE_CONNS held; RSS idle/held/after ${rss_idle}/${rss_held}/${rss_after} KiB (after each of $SCALE_BURSTS bursts: ${afters:-none}); fds ${fds_idle}/${fds_held}/${fds_after} ${reason}"
   netns_stop_gateway "$id" || true
   netns_down "$id"
   return 0
