@@ -58,6 +58,15 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub backend: Option<String>,
 
+    /// Memory the flows' buffers between the stack and the handlers may hold together
+    /// (e.g. 64MiB, 1G; K/M/G are binary). Past it buffers stop growing: every flow is
+    /// still accepted and keeps at least a 4 KiB page per direction, and moves its bytes
+    /// through what it has (slower, never stalled). Each flow's buffers otherwise grow
+    /// with what it has in flight, up to 256 KiB per direction. The stacks' own socket
+    /// buffers are not counted (see README, "Memory").
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory_size)]
+    pub max_memory: Option<u64>,
+
     /// Threads for the stack and the relays (1 = everything on one thread).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
@@ -239,6 +248,16 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
     IpNet::from_str(s).map_err(|_| format!("{s:?} is not ADDRESS/PREFIX (e.g. 198.18.0.1/24 or fd18::1/64)"))
 }
 
+/// `64MiB`, `64M`, `1G`, `65536`: binary units, at least 1 MiB (less would leave every
+/// flow at its first page).
+fn parse_memory_size(s: &str) -> Result<u64, String> {
+    let bytes = parse_size::Config::new().with_binary().parse_size(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if bytes < 1 << 20 {
+        return Err(format!("{s:?}: at least 1MiB"));
+    }
+    Ok(bytes)
+}
+
 fn parse_mark(s: &str) -> Result<u32, String> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -337,7 +356,12 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
         let shutdown = shutdown_signal();
         let stats = Arc::new(tungate_core::Stats::default());
         let router = router(&args.upstream, dns, args.mark, &stats).await?;
-        let handlers = Dispatch { tcp: Arc::new(router.clone()), udp: Arc::new(router), stats: stats.clone() };
+        let handlers = Dispatch {
+            tcp: Arc::new(router.clone()),
+            udp: Arc::new(router),
+            stats: stats.clone(),
+            max_ring_memory: args.max_memory,
+        };
         let addresses: Vec<String> = args.addresses.iter().map(|a| a.to_string()).collect();
         tracing::info!(
             backend = B::NAME,
@@ -350,6 +374,7 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             udp = ?args.upstream.udp,
             sniff = args.upstream.sniff,
             dns = ?args.upstream.dns,
+            max_memory = ?args.max_memory,
             "ready"
         );
         emit_event(serde_json::json!({
@@ -479,6 +504,15 @@ mod tests {
         let fd_on = args(&["--tun-fd", "3", "--offload", "on"]).unwrap();
         assert!(validate(&fd_on, "system", true).unwrap_err().to_string().contains("inherited"));
         assert!(args(&["--tun", "t", "--offload", "maybe"]).is_err());
+
+        let memory = |s: &str| args(&["--tun", "t", "--max-memory", s]).map(|a| a.max_memory);
+        assert_eq!(memory("64MiB").unwrap(), Some(64 << 20));
+        assert_eq!(memory("64M").unwrap(), Some(64 << 20), "units are binary");
+        assert_eq!(memory("1G").unwrap(), Some(1 << 30));
+        assert_eq!(memory("2097152").unwrap(), Some(2 << 20));
+        assert!(memory("512K").unwrap_err().to_string().contains("at least 1MiB"));
+        assert!(memory("lots").unwrap_err().to_string().contains("\"lots\""));
+        assert_eq!(args(&["--tun", "t"]).unwrap().max_memory, None, "no limit by default");
     }
 }
 
@@ -517,6 +551,15 @@ pub mod redirect {
         /// can exclude the gateway's own connections.
         #[arg(long, value_name = "N", value_parser = super::parse_mark)]
         pub mark: Option<u32>,
+
+        /// Memory the flows' buffers between the stack and the handlers may hold together
+        /// (e.g. 64MiB, 1G; K/M/G are binary). Past it buffers stop growing: every flow is
+        /// still accepted and keeps at least a 4 KiB page per direction, and moves its bytes
+        /// through what it has (slower, never stalled). Each flow's buffers otherwise grow
+        /// with what it has in flight, up to 256 KiB per direction. The stacks' own socket
+        /// buffers are not counted (see README, "Memory").
+        #[arg(long, value_name = "SIZE", value_parser = super::parse_memory_size)]
+        pub max_memory: Option<u64>,
 
         /// Threads for the relays (1 = everything on one thread).
         #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -566,7 +609,13 @@ pub mod redirect {
             // The REDIRECT rule captures TCP only; --udp has nothing to act on here.
             let router = super::router(&args.upstream, super::DnsConfig::default(), args.mark, &stats).await?;
             let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
-            tracing::info!(backend = "redirect", listen = %listen.join(","), mark = ?args.mark, "ready");
+            tracing::info!(
+                backend = "redirect",
+                listen = %listen.join(","),
+                mark = ?args.mark,
+                max_memory = ?args.max_memory,
+                "ready"
+            );
             super::emit_event(serde_json::json!({
                 "event": "ready",
                 "backend": "redirect",
@@ -574,7 +623,7 @@ pub mod redirect {
                 "listen": listen,
             }));
             tokio::spawn(super::release_memory_after_bursts(stats.clone(), true));
-            backend_redirect::serve(listeners, Arc::new(router), stats.clone(), shutdown).await?;
+            backend_redirect::serve(listeners, Arc::new(router), stats.clone(), args.max_memory, shutdown).await?;
             tracing::info!(stats = ?stats.snapshot(), "shut down");
             super::emit_event(serde_json::json!({ "event": "exit", "stats": super::stats_json(&stats) }));
             Ok(())

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tungate_core::admission::bridge;
+use tungate_core::api::RingBudget;
 use tungate_core::flow::{self, Decision, FlowId, WakeQueue};
 use tungate_core::{Stats, TcpHandler};
 
@@ -45,13 +46,16 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     addr.as_socket().ok_or_else(|| io::Error::other("SO_ORIGINAL_DST returned a non-IP address"))
 }
 
-/// Accepts on every listener until `shutdown`, handing each connection to `handler`.
+/// Accepts on every listener until `shutdown`, handing each connection to `handler`; the
+/// rings of connections bridged through them hold at most `max_ring_memory` together.
 pub async fn serve(
     listeners: Vec<TcpListener>,
     handler: Arc<dyn TcpHandler>,
     stats: Arc<Stats>,
+    max_ring_memory: Option<u64>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> io::Result<()> {
+    let rings = RingBudget::new(flow::DEFAULT_RING_CAPACITY, max_ring_memory, stats.clone());
     let mut connections = tokio::task::JoinSet::new();
     let own: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     tokio::pin!(shutdown);
@@ -77,7 +81,7 @@ pub async fn serve(
                         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                     }
                     Ok(dst) => {
-                        connections.spawn(serve_one(stream, client, dst, handler.clone(), stats.clone()));
+                        connections.spawn(serve_one(stream, client, dst, handler.clone(), stats.clone(), rings.clone()));
                     }
                     Err(e) => tracing::debug!(%client, "no original destination ({e}); closing"),
                 },
@@ -99,10 +103,11 @@ async fn serve_one(
     dst: SocketAddr,
     handler: Arc<dyn TcpHandler>,
     stats: Arc<Stats>,
+    rings: RingBudget,
 ) {
     Stats::inc(&stats.tcp_requests);
     let wake = WakeQueue::new();
-    let (link, request) = flow::new_flow(FlowId(0), client, dst, flow::DEFAULT_RING_CAPACITY, wake.clone());
+    let (link, request) = flow::new_flow(FlowId(0), client, dst, &rings, wake.clone());
     link.offer_socket();
     tracing::debug!(%client, %dst, "tcp request");
     handler.handle_tcp(request);

@@ -36,12 +36,15 @@ impl<T: UdpHandler + ?Sized> UdpHandler for Arc<T> {
 }
 
 /// Where a backend hands what it terminates — TCP requests to `tcp`, UDP sessions to
-/// `udp` — and where it counts what it does (`stats`, shared with the binary and tests).
+/// `udp` — where it counts what it does (`stats`, shared with the binary and tests), and
+/// how much memory all flows' rings may hold together (`max_ring_memory`, `None`: no
+/// limit; see [`RingBudget`](crate::RingBudget)).
 #[derive(Clone)]
 pub struct Dispatch {
     pub tcp: Arc<dyn TcpHandler>,
     pub udp: Arc<dyn UdpHandler>,
     pub stats: Arc<Stats>,
+    pub max_ring_memory: Option<u64>,
 }
 
 impl fmt::Debug for Dispatch {
@@ -52,7 +55,12 @@ impl fmt::Debug for Dispatch {
 
 impl Dispatch {
     pub fn new(tcp: Arc<dyn TcpHandler>, udp: Arc<dyn UdpHandler>) -> Self {
-        Dispatch { tcp, udp, stats: Arc::default() }
+        Dispatch { tcp, udp, stats: Arc::default(), max_ring_memory: None }
+    }
+
+    /// The budget of this gateway's rings, each of `capacity` bytes.
+    pub fn ring_budget(&self, capacity: usize) -> crate::RingBudget {
+        crate::RingBudget::new(capacity, self.max_ring_memory, self.stats.clone())
     }
 }
 
@@ -92,8 +100,13 @@ mod tests {
     fn a_layer_renames_a_request_for_the_handler_it_wraps() {
         let inner = Arc::new(Record::default());
         let layered: Arc<dyn TcpHandler> = Arc::new(Rename(inner.clone()));
-        let (link, request) =
-            new_flow(FlowId(1), "10.0.0.1:5".parse().unwrap(), "198.18.0.9:443".parse().unwrap(), 16, WakeQueue::new());
+        let (link, request) = new_flow(
+            FlowId(1),
+            "10.0.0.1:5".parse().unwrap(),
+            "198.18.0.9:443".parse().unwrap(),
+            &crate::RingBudget::unlimited(16),
+            WakeQueue::new(),
+        );
         assert_eq!(request.target(), &Target::Addr("198.18.0.9:443".parse().unwrap()), "the destination until renamed");
         layered.handle_tcp(request);
         let seen = inner.0.lock().expect("lock").clone();

@@ -56,6 +56,7 @@ mod wake;
 
 pub use handler::{Dispatch, TcpHandler, UdpHandler};
 pub use relay::RelayStats;
+pub use ring::RingBudget;
 pub use stats::{Stats, StatsSnapshot};
 pub use target::{Endpoints, NameSource, Naming, Target};
 pub use tcp::{TcpConn, TcpRequest};

@@ -49,6 +49,10 @@ counters! {
     tcp_rejected,
     /// TCP flows currently tracked by the stack.
     tcp_active,
+    /// Bytes of storage the flows' rings between stack and handler hold now.
+    ring_bytes,
+    /// Times a ring would have grown but the memory limit (`--max-memory`) was reached.
+    ring_growth_refused,
     /// UDP datagrams delivered to the UDP handler.
     udp_rx,
     /// UDP datagrams written back through the device.

@@ -403,6 +403,7 @@ impl Drop for RingConn {
         st.tx_closed = true;
         st.reader = None;
         st.writer = None;
+        st.release_if_handler_gone();
         shared.wake_stack(&mut st);
     }
 }

@@ -12,21 +12,22 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::request::TcpRequest;
 use super::state::{Decision, Shared, State};
+use crate::ring::RingBudget;
 use crate::wake::{FlowId, WakeQueue};
 
 /// The default capacity of each direction's ring between stack and handler.
 pub const DEFAULT_RING_CAPACITY: usize = 256 * 1024;
 
-/// Creates the linked pair for a new flow: the stack keeps the [`FlowLink`], the handler
-/// gets the [`TcpRequest`].
+/// Creates the linked pair for a new flow, its rings sized and accounted by `rings`: the
+/// stack keeps the [`FlowLink`], the handler gets the [`TcpRequest`].
 pub fn new_flow(
     id: FlowId,
     src: SocketAddr,
     dst: SocketAddr,
-    ring_capacity: usize,
+    rings: &RingBudget,
     wake: Arc<WakeQueue>,
 ) -> (FlowLink, TcpRequest) {
-    let shared = Shared::new(id, ring_capacity, wake);
+    let shared = Shared::new(id, rings, wake);
     (FlowLink { shared: shared.clone() }, TcpRequest::new(src, dst, shared))
 }
 
@@ -139,6 +140,7 @@ impl FlowLink {
             let mut io = FlowIo { st: &mut *st, got: 0, gave: 0 };
             f(&mut io);
             let (got, gave) = (io.got, io.gave);
+            st.release_if_handler_gone();
             if got > 0 {
                 if let Some(w) = st.reader.take() {
                     w.wake();
@@ -302,6 +304,7 @@ impl AsyncRead for FlowPort {
             if let Some(w) = st.writer.take() {
                 w.wake();
             }
+            st.release_if_handler_gone();
             return Poll::Ready(Ok(()));
         }
         if st.tx_closed || st.closed {

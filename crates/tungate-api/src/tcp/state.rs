@@ -4,7 +4,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
-use crate::ring::Ring;
+use crate::ring::{Ring, RingBudget};
 use crate::wake::{FlowId, WakeQueue, lock};
 
 /// What the handler decided about a new flow.
@@ -53,6 +53,18 @@ pub(crate) struct State {
     pub(crate) socket: Option<tokio::net::TcpStream>,
 }
 
+impl State {
+    /// Once the handler is gone nothing more is written into `tx` or read from `rx`: an
+    /// empty ring's storage goes now, not when the stack forgets the flow (which can be
+    /// seconds later: TIME-WAIT, a closing handshake), so a finished flow holds none.
+    pub(crate) fn release_if_handler_gone(&mut self) {
+        if self.handler_gone {
+            self.rx.release_if_empty();
+            self.tx.release_if_empty();
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) id: FlowId,
@@ -63,16 +75,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(id: FlowId, ring_capacity: usize, wake: Arc<WakeQueue>) -> Arc<Self> {
+    pub(crate) fn new(id: FlowId, rings: &RingBudget, wake: Arc<WakeQueue>) -> Arc<Self> {
         Arc::new(Shared {
             id,
             wake,
             state: Mutex::new(State {
                 decision: Decision::Pending,
-                rx: Ring::new(ring_capacity),
+                rx: Ring::new(rings.clone()),
                 rx_eof: false,
                 rx_blocked: false,
-                tx: Ring::new(ring_capacity),
+                tx: Ring::new(rings.clone()),
                 tx_closed: false,
                 reset: false,
                 abort_requested: false,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use slab::Slab;
 
+use crate::api::RingBudget;
 use crate::config::Mtu;
 use crate::device::PacketBuf;
 use crate::flow::{self, Decision, FlowId, FlowLink, UdpSessions, WakeQueue};
@@ -87,7 +88,7 @@ pub struct FlowTable<T> {
     by_key: HashMap<FlowKey, FlowId>,
     handler: Arc<dyn TcpHandler>,
     stats: Arc<Stats>,
-    ring_capacity: usize,
+    rings: RingBudget,
     wake: Arc<WakeQueue>,
     offer_socket: bool,
     outbound: Outbound,
@@ -113,7 +114,7 @@ impl<T> FlowTable<T> {
             by_key: HashMap::new(),
             handler: handlers.tcp.clone(),
             stats: handlers.stats.clone(),
-            ring_capacity,
+            rings: handlers.ring_budget(ring_capacity),
             wake,
             offer_socket: false,
             outbound,
@@ -206,7 +207,7 @@ impl<T> FlowTable<T> {
     fn open(&mut self, packet: &PacketBuf, seg: &TcpSummary) {
         let entry = self.slots.vacant_entry();
         let id = FlowId(entry.key());
-        let (link, request) = flow::new_flow(id, seg.src, seg.dst, self.ring_capacity, self.wake.clone());
+        let (link, request) = flow::new_flow(id, seg.src, seg.dst, &self.rings, self.wake.clone());
         if self.offer_socket {
             link.offer_socket();
         }
