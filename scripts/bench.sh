@@ -29,6 +29,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/netns.sh
 source "$REPO/scripts/netns.sh"
+# Before scale.sh, whose own default (5000) would otherwise win.
+export SCALE_CONNS=${SCALE_CONNS:-8000}
 # shellcheck source=scripts/scale.sh
 source "$REPO/scripts/scale.sh"
 
@@ -43,7 +45,6 @@ BENCH_RESULTS_DIR=${BENCH_RESULTS_DIR:-$REPO/results}
 BENCH_PORT=${BENCH_PORT:-5201}
 BENCH_SOCKS5=${BENCH_SOCKS5:-1}
 BENCH_SCALE=${BENCH_SCALE:-1}
-export SCALE_CONNS=${SCALE_CONNS:-8000}
 TUN2PROXY_VERSION=${TUN2PROXY_VERSION:-0.8.7}
 TUN2PROXY_ROOT=${TUN2PROXY_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/tungate/tun2proxy-$TUN2PROXY_VERSION}
 SOCKS_ADDR=10.78.0.2
