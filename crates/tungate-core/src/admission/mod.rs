@@ -21,4 +21,4 @@ mod table;
 pub use stream::{
     Aborts, Admission, BRIDGE_BUFFER, BridgeEnd, REPLAY_FIRST, REPLAY_LAST, Verdict, Workarounds, bridge,
 };
-pub use table::{Decided, FlowKey, FlowTable, Held, Inbound, Seen};
+pub use table::{Decided, FlowKey, FlowTable, Held, Inbound, Seen, give_back_growth};

@@ -338,7 +338,9 @@ impl Admission {
             };
             self.table.admit(id, Entry::Released { port, deadline, cap });
             // A new connection on a 4-tuple whose last one was aborted: its segments pass.
-            self.aborted.remove(&key);
+            if self.aborted.remove(&key).is_some() {
+                super::give_back_growth(&mut self.aborted);
+            }
             self.released.push_back((deadline, key));
             forward(held.syn);
         }

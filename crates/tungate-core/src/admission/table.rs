@@ -80,6 +80,19 @@ pub enum Inbound {
     Done,
 }
 
+/// Call after removing from a per-flow map: once at most a quarter of a map that a burst
+/// grew past 1 024 entries is in use, rehashes it into what it needs (so the next shrink
+/// waits for another fall to a quarter: amortised O(1) per removal). Returns whether it
+/// shrank. A map keeps its largest capacity otherwise, and 8 000 flows' worth of
+/// 4-tuples is a MiB or more that an idle gateway never gives back.
+pub fn give_back_growth<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(map: &mut HashMap<K, V, S>) -> bool {
+    if map.capacity() > 1024 && map.len() * 4 < map.capacity() {
+        map.shrink_to_fit();
+        return true;
+    }
+    false
+}
+
 /// Flows by 4-tuple, each held until its handler decides and then admitted to the
 /// backend's stack with the backend's own state `T`. Owns what the layer writes to the
 /// TUN itself (RSTs, released SYNs a backend queues, UDP replies) and the UDP sessions.
@@ -295,13 +308,10 @@ impl<T> FlowTable<T> {
         let slot = self.slots.remove(id.0);
         self.by_key.remove(&slot.key);
         Stats::dec(&self.stats.tcp_active);
-        // After a burst, give back what the table grew to. The map rehashes into what it
-        // needs once at most a quarter of it is in use (so the next shrink waits for
-        // another fall to a quarter: amortised O(1) per removal). The slab can only drop
-        // a vacant tail (flow ids must not move), which a burst's last flows still hold
+        // After a burst, give back what the table grew to. The slab can only drop a
+        // vacant tail (flow ids must not move), which a burst's last flows still hold
         // while the map shrinks: it is shrunk when it empties.
-        if self.by_key.capacity() > 1024 && self.by_key.len() * 4 < self.by_key.capacity() {
-            self.by_key.shrink_to_fit();
+        if give_back_growth(&mut self.by_key) {
             self.slots.shrink_to_fit();
         }
         if self.slots.is_empty() && self.slots.capacity() > 1024 {
