@@ -115,8 +115,13 @@ impl Ring {
     /// Replaces the storage (the caller moved or dropped its bytes), keeping the budget's
     /// account of it.
     fn set_storage(&mut self, next: Vec<u8>) {
-        self.budget.give_back(self.buf.len());
-        self.budget.take(next.len());
+        // One update of the shared gauge, not two: this runs whenever a ring takes or
+        // frees its page, i.e. per message on an interactive flow.
+        match next.len().cmp(&self.buf.len()) {
+            std::cmp::Ordering::Greater => self.budget.take(next.len() - self.buf.len()),
+            std::cmp::Ordering::Less => self.budget.give_back(self.buf.len() - next.len()),
+            std::cmp::Ordering::Equal => {}
+        }
         self.buf = next;
     }
 

@@ -153,7 +153,8 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
                         // full-size buffers. Packets the admission layer made (held SYNs,
                         // split FINs, replayed ACKs) enter without taking a spare, so an
                         // unbounded list grew by a buffer or more per connection for good
-                        // (ipstack stayed 27/44/62 MiB above idle after three bursts of 5 000).
+                        // (ipstack stayed +25/+43/+65 MiB above idle after three bursts of
+                        // 5 000: results/scale-bursts-*.md).
                         if spare.len() < SPARE_MAX && packet.capacity() >= capacity {
                             spare.push(packet);
                         }
