@@ -193,6 +193,9 @@ struct IpstackStack {
     pool: Pool,
     gates: Gates,
     accept_task: tokio::task::JoinHandle<()>,
+    /// What it was started with, to start afresh ([`StreamStack::release_idle`]).
+    config: IpstackConfig,
+    mtu: u16,
 }
 
 impl Drop for IpstackStack {
@@ -239,7 +242,16 @@ impl IpstackStack {
             // `IpStack`'s own drop only aborts its task (no blocking).
             drop(stack);
         });
-        IpstackStack { to_stack: PollSender::new(to_stack), from_stack, accepted, pool, gates, accept_task }
+        IpstackStack {
+            to_stack: PollSender::new(to_stack),
+            from_stack,
+            accepted,
+            pool,
+            gates,
+            accept_task,
+            config: config.clone(),
+            mtu,
+        }
     }
 }
 
@@ -352,6 +364,13 @@ impl StreamStack for IpstackStack {
             Poll::Ready(None) => Poll::Ready(Err(io::Error::other("ipstack stopped accepting"))),
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// ipstack's session map keeps its capacity: a fresh instance gives it back. Streams
+    /// of the old one still being reaped end with its task.
+    fn release_idle(&mut self) -> io::Result<bool> {
+        *self = IpstackStack::start(&self.config, self.mtu);
+        Ok(true)
     }
 
     fn dispose(stream: Stream) {

@@ -49,7 +49,9 @@
 //! * **Memory**: each connection holds two smoltcp buffers and two rings of
 //!   [`NetstackConfig::tcp_buffer`] bytes each (the crate allocates them at SYN time).
 //!   Received data is bounded per flow by those buffers: the window closes when the
-//!   handler stops reading.
+//!   handler stops reading. The crate's socket set never shrinks (a slot per connection
+//!   it held at once), so the stack is rebuilt once idle after a large burst
+//!   ([`StreamStack::release_idle`]).
 
 use std::future::Future;
 use std::io;
@@ -248,6 +250,13 @@ impl StreamStack for NetstackStack {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// The crate's smoltcp 0.12 socket set keeps a slot for every connection it held at
+    /// once, and its socket map its capacity: a fresh instance gives both back.
+    fn release_idle(&mut self) -> io::Result<bool> {
+        self.instance = Self::instance(&self.config, self.hook.as_ref())?;
+        Ok(true)
     }
 
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, SocketAddr, SocketAddr)>> {

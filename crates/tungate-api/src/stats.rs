@@ -64,6 +64,9 @@ counters! {
     /// Flows the upstream could not carry (a proxy's refusal, a failed dial, UDP the
     /// upstream does not carry under `--udp proxy`).
     upstream_failed,
+    /// Times a stream stack (ipstack, netstack-smoltcp) was rebuilt once idle after
+    /// holding many connections, to give back the tables its crate never shrinks.
+    stack_idle_rebuilds,
 }
 
 impl Stats {

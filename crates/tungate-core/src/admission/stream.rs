@@ -260,6 +260,11 @@ impl Admission {
         self.table.wake_queue()
     }
 
+    /// The gateway's counters.
+    pub fn stats(&self) -> &Arc<crate::stats::Stats> {
+        self.table.stats()
+    }
+
     /// Flows known here (pending, released or bridged).
     pub fn flow_count(&self) -> usize {
         self.table.len()
