@@ -77,7 +77,8 @@ macro_rules! conformance_suite {
             concurrent_200_flows, udp_echo_v4, udp_echo_v6, malformed_burst,
             unknown_segment_gets_rst, survives_loss_and_duplication, corruption_is_detected,
             gate_peeks_then_relays_or_aborts, gate_udp_sessions_relay_or_drop,
-            furthest_window_edge_sender, closed_connections_are_forgotten);
+            furthest_window_edge_sender, closed_connections_are_forgotten,
+            repeated_syn_before_another_client);
         $crate::conformance_suite!(@netns conformance_netns [$limits] $bin;
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,

@@ -645,6 +645,13 @@ pub async fn furthest_window_edge_sender<B: Backend>(backend: B) {
     crate::rawtcp::window_edge_sender(backend).await;
 }
 
+/// A client's SYN repeated right before another client's SYN to the same destination:
+/// each connection echoes its own bytes (see
+/// [`crate::rawtcp::repeated_syn_before_another_client`]).
+pub async fn repeated_syn_before_another_client<B: Backend>(backend: B) {
+    crate::rawtcp::repeated_syn_before_another_client(backend).await;
+}
+
 /// Twenty connections, each echoing 32 bytes and closed by the client first: every flow
 /// must be forgotten within 10 s (`tcp_active` back to 0), so its relay and upstream
 /// socket go too. (ipstack never woke a reader when its connection ended: relays stayed

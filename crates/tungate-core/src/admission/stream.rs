@@ -80,6 +80,11 @@ pub struct Workarounds {
     /// one seen here is more than `seen − 2^shift`: data within `seen − (2^shift − 1)`
     /// is within every edge the stack holds itself to from then on.
     pub window_edge: bool,
+    /// Drop a client's SYN repeated after its first went to the stack (the stack
+    /// retransmits its SYN-ACK itself). For netstack-smoltcp, which makes a new socket
+    /// listening on the destination for every SYN: one made for a repeated SYN accepts
+    /// the next SYN to that destination from any client until it is closed.
+    pub drop_repeated_syn: bool,
 }
 
 /// First replay of a quiet flow's last ACK: past ipstack's fixed 1 s retransmission timeout.
@@ -287,6 +292,10 @@ impl Admission {
         };
         if seg.ack {
             cap.last = Some(seg);
+        }
+        if self.workarounds.drop_repeated_syn && seg.is_bare_syn() && seg.seq.wrapping_add(1) == cap.start {
+            crate::stats::Stats::inc(&self.table.stats().tcp_syn_duplicate);
+            return Verdict::Consumed;
         }
         if seg.rst {
             // Some stacks never wake a stream on RST; end the bridge from here.
