@@ -23,15 +23,30 @@
 //!
 //! # What ipstack cannot do, and what we do about it
 //!
+//! The work-arounds that act on packets live in [`quirks`] (core's stream admission calls
+//! them for every flow); the ones on the stream are in this file.
+//!
 //! * **No receive back-pressure**: ipstack ACKs and buffers (unbounded) whatever arrives
-//!   in order, read or not. Admission drops a client segment that would leave more than
-//!   [`IpstackConfig::unread_limit`] bytes unread inside ipstack; the client retransmits
-//!   it once the handler caught up. Memory per flow: that limit + the flow's 256 KiB ring.
+//!   in order, read or not. A client segment that would leave more than
+//!   [`IpstackConfig::unread_limit`] bytes unread inside ipstack is dropped; the client
+//!   retransmits it once the handler caught up. Memory per flow: that limit + the flow's
+//!   256 KiB ring ([`quirks`]).
+//! * **The end before the data**: `poll_read` reports the end as soon as the client's FIN
+//!   arrived, before the data still queued for the reader, so an upload closed faster
+//!   than the handler read lost its tail (64 MiB uploads through dante: 3 and then 5 of 6
+//!   lost bytes; 3 MB to a slow reader in memory: 2–12 % lost). The client's FIN is held
+//!   until the handler has every byte before it ([`quirks`]).
+//! * **FIN with data**: ipstack drops the payload of a segment that carries FIN; such a
+//!   segment goes to it as two, the data then a bare FIN ([`quirks`]).
+//! * **Retransmission only on arrival**: ipstack checks its 1 s retransmission timers
+//!   only when a packet for the flow arrives; a download whose last segment the client
+//!   never got (trimmed at its window's edge) stalled for good, in 2 of 17 suite runs. A
+//!   quiet flow's last ACK goes to ipstack again after 1.1 s, then backing off ([`quirks`]).
 //! * **No refusal**: ipstack answers every SYN. Admission holds SYNs until the handler
-//!   decides and answers refusals with RST itself.
+//!   decides and answers refusals with RST itself (core, for every stream stack).
 //! * **No RST on abort**: ipstack has no abort. When the handler aborts, admission sends
 //!   the client a RST at its last ACK and replaces whatever ipstack still sends for the
-//!   flow with RST (`Admission::pass_output`).
+//!   flow with RST (core, `Admission::pass_output`).
 //! * **`Drop` panics on a current-thread runtime** (it calls `block_in_place`, then
 //!   blocks until the stream's task ends): streams are dropped on a reaper thread of
 //!   their own instead ([`StreamStack::dispose`]).
@@ -45,14 +60,6 @@
 //!   ISN, and the SYN-ACK then follows at ISN + the bytes written: the client never gets
 //!   those bytes (a server's greeting vanished under load). Writes and shutdown wait
 //!   until the flow's SYN-ACK has passed through our pipe (`Gates`).
-//! * **FIN with data**: ipstack drops the payload of a segment that carries FIN (the
-//!   client's last bytes, whenever its FIN rides on them). Admission hands it such a
-//!   segment as two: the data, then a bare FIN ([`Workarounds::split_fin`]).
-//! * **Retransmission only on arrival**: ipstack checks its 1 s retransmission timers
-//!   only when a packet for the flow arrives; a download whose last segment the client
-//!   never got (trimmed at its window's edge) stalled for good, in 2 of 17 suite runs.
-//!   Admission gives ipstack a quiet flow's last ACK again after 1.1 s, then backing off
-//!   ([`Workarounds::replay_ack`]).
 //! * **A connection's end never wakes its reader**: when ipstack's connection task ends
 //!   (the client's last ACK, or its linger), nothing wakes a pending `poll_read` (the
 //!   stream keeps its own data sender, so the channel never closes either) until the
@@ -61,11 +68,6 @@
 //!   open, and a churn of 20 000 ran out of file descriptors. Once the pipe has seen
 //!   ipstack send the flow's FIN, a pending read is polled again on a timer (10 ms,
 //!   doubling to 1 s) until it reports the end.
-//! * **Not worked around: the tail of a client-first close.** `poll_read` reports the
-//!   end as soon as the connection is closed, before the data still queued for the
-//!   reader, so when the client uploads and closes faster than the handler reads, the
-//!   last bytes are lost (3 MB uploads to a slow reader, in memory: 2–12 % lost; the same
-//!   before the read timer above). Fixing it needs ipstack to drain before it ends.
 //! * **Half-close, client first**: ipstack closes its sending side as soon as the
 //!   client's FIN arrives; the conformance suite records this as this backend's explicit
 //!   exception. (Server first works: the server's FIN, then the client's bytes.)
@@ -89,10 +91,14 @@ use ipstack::{IpStack, IpStackConfig, IpStackStream, IpStackTcpStream, TcpConfig
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
-use tungate_core::admission::{Admission, FlowKey, Workarounds, give_back_growth};
+use tungate_core::admission::{Admission, FlowKey, give_back_growth};
 use tungate_core::packet::{self, Classified};
 use tungate_core::stream_stack::{StreamStack, run_stream_stack};
 use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketBuf, PacketDevice};
+
+pub mod quirks;
+
+use quirks::IpstackQuirks;
 
 /// Tuning of the ipstack backend. Every default is documented with its reason.
 #[derive(Debug, Clone)]
@@ -150,14 +156,9 @@ impl Backend for Ipstack {
         config.mtu = device.mtu();
         async move {
             let mtu = u16::try_from(config.mtu.get()).unwrap_or(u16::MAX);
-            let admission = Admission::with_unread_limit(
-                handlers,
-                config.mtu,
-                config.ring_capacity,
-                Duration::from_secs(25),
-                Some(config.unread_limit),
-            )
-            .with_workarounds(ipstack_workarounds());
+            let quirks = IpstackQuirks { unread_limit: config.unread_limit };
+            let admission =
+                Admission::with_quirks(handlers, config.mtu, config.ring_capacity, Duration::from_secs(25), quirks);
             let stack = IpstackStack::start(&config, mtu);
             run_stream_stack(stack, admission, device, shutdown).await?;
             Ok(())
@@ -174,15 +175,6 @@ impl Backend for Ipstack {
 /// ACKs advancing by 8192 per 8940-byte segment, then the stall).
 fn ipstack_mss(mtu: u16) -> u16 {
     mtu.saturating_sub(60).min(8192)
-}
-
-/// ipstack drops the payload of a segment that carries FIN, and checks its retransmission
-/// timers only when a packet for the flow arrives (see [`Workarounds`]).
-fn ipstack_workarounds() -> Workarounds {
-    let mut w = Workarounds::default();
-    w.split_fin = true;
-    w.replay_ack = true;
-    w
 }
 
 /// ipstack behind two packet channels.

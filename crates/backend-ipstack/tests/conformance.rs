@@ -1,14 +1,12 @@
-//! The shared conformance suite on backend-ipstack, with two documented exceptions (see
-//! `tungate_testkit::mem::Limits`), each checked by a substitute test, not skipped:
-//! * ipstack closes its sending side as soon as the client's FIN arrives (no client-first
-//!   half-close; server-first half-close is tested in full);
+//! The shared conformance suite on backend-ipstack, with one documented exception (see
+//! `tungate_testkit::mem::Limits`), checked by a substitute test, not skipped:
 //! * under 1% loss and duplication its reassembly can stall an upload for good. This is
 //!   ipstack's, not admission's unread cap: with the cap off, 3 of 3 lossy 2 MiB uploads
 //!   stalled; a trace showed a retransmission at ipstack's ACK point left unanswered (an
 //!   out-of-order entry keyed below the ACK point blocks its reassembly for good).
 
 tungate_testkit::conformance_suite!(
-    limits = tungate_testkit::mem::Limits { half_close: false, loss_recovery: false },
+    limits = tungate_testkit::mem::Limits { loss_recovery: false },
     backend_ipstack::Ipstack::default(),
     "tungate-ipstack"
 );

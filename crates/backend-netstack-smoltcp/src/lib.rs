@@ -30,7 +30,7 @@
 //!   then makes the next window computation panic (an explicit `panic!`, also in release
 //!   builds) inside the crate's `Runner`, which processes every connection. Seen in CI
 //!   as a 64 MiB upload through microsocks reset mid-way. Admission prevents it
-//!   ([`Workarounds::window_edge`]): it tracks each flow's furthest advertised edge from
+//!   ([`quirks`]): it tracks each flow's furthest advertised edge from
 //!   the crate's output and trims client data at that edge less `2^shift − 1` (the
 //!   client resends the rest). `tests/conformance.rs` drives a client into the exact
 //!   sequence; without the trim, or with the trim at the edge itself, the stack panics.
@@ -46,7 +46,7 @@
 //!   stream it accepted the next SYN to that destination from *any* client, whose own
 //!   socket then listened forever (the connection hung). Seen as failures at the end of
 //!   bursts of 5 000 connections whose handshakes took over a second. Admission drops a
-//!   SYN repeated after the first went to the crate ([`Workarounds::drop_repeated_syn`];
+//!   SYN repeated after the first went to the crate ([`quirks`];
 //!   smoltcp retransmits its SYN-ACK itself); `repeated_syn_before_another_client` in the
 //!   conformance suite failed in every run without it.
 //! * **No RST**: the crate cannot reset a connection (dropping its stream sends FIN).
@@ -72,9 +72,13 @@ use std::time::Duration;
 
 use futures::{Sink, Stream};
 use netstack_smoltcp::{StackBuilder, TcpListener, TcpStream};
-use tungate_core::admission::{Admission, Workarounds};
+use tungate_core::admission::Admission;
 use tungate_core::stream_stack::{StreamStack, run_stream_stack};
 use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketBuf, PacketDevice};
+
+pub mod quirks;
+
+use quirks::NetstackQuirks;
 
 /// Tuning of the netstack-smoltcp backend.
 #[derive(Debug, Clone)]
@@ -128,22 +132,18 @@ impl Backend for NetstackSmoltcp {
         let mut config = self.config;
         config.mtu = device.mtu();
         async move {
-            let admission = Admission::new(handlers, config.mtu, config.ring_capacity, Duration::from_secs(25))
-                .with_workarounds(netstack_workarounds());
+            let admission = Admission::with_quirks(
+                handlers,
+                config.mtu,
+                config.ring_capacity,
+                Duration::from_secs(25),
+                NetstackQuirks,
+            );
             let stack = NetstackStack::start(config, self.restarts, None)?;
             run_stream_stack(stack, admission, device, shutdown).await?;
             Ok(())
         }
     }
-}
-
-/// smoltcp 0.12 accepts client data past its own advertised window edge and then panics
-/// (see the crate docs): admission trims it off first.
-fn netstack_workarounds() -> Workarounds {
-    let mut w = Workarounds::default();
-    w.window_edge = true;
-    w.drop_repeated_syn = true;
-    w
 }
 
 type RunnerFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
@@ -322,8 +322,13 @@ impl Backend for HookedNetstack {
         config.mtu = device.mtu();
         let (restarts, hook) = (self.backend.restarts, self.hook);
         async move {
-            let admission = Admission::new(handlers, config.mtu, config.ring_capacity, Duration::from_secs(25))
-                .with_workarounds(netstack_workarounds());
+            let admission = Admission::with_quirks(
+                handlers,
+                config.mtu,
+                config.ring_capacity,
+                Duration::from_secs(25),
+                NetstackQuirks,
+            );
             let stack = NetstackStack::start(config, restarts, Some(hook))?;
             run_stream_stack(stack, admission, device, shutdown).await?;
             Ok(())

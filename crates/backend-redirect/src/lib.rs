@@ -31,9 +31,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tungate_core::admission::bridge;
 use tungate_core::api::RingBudget;
 use tungate_core::flow::{self, Decision, FlowId, WakeQueue};
+use tungate_core::stream_stack::bridge;
 use tungate_core::{Stats, TcpHandler};
 
 /// The destination the client connected to before `REDIRECT` rewrote it.

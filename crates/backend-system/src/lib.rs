@@ -42,9 +42,9 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use tokio::net::TcpListener;
-use tungate_core::admission::bridge;
 use tungate_core::device::offload::RxMode;
 use tungate_core::engine::RX_BATCH;
+use tungate_core::stream_stack::bridge;
 use tungate_core::{Backend, BackendError, Dispatch, PacketBuf, PacketDevice, Stats};
 
 pub use nat::{Nat, NatConfig};

@@ -220,6 +220,58 @@ pub fn reshape_tcp_segment(packet: &mut [u8], keep: std::ops::Range<usize>, fin:
     Some(end)
 }
 
+/// Splits a segment that carries data and FIN into the data (FIN cleared) and a bare FIN
+/// after it, both with valid checksums; `None` for any other segment.
+pub fn split_fin(packet: &[u8], seg: &TcpSummary) -> Option<(crate::PacketBuf, crate::PacketBuf)> {
+    if !seg.fin || seg.syn || seg.rst || seg.segment_len <= 1 {
+        return None;
+    }
+    let payload = seg.payload_len();
+    let part = |keep: std::ops::Range<usize>, fin: bool| {
+        let mut buf = crate::PacketBuf::from_slice(packet);
+        let len = reshape_tcp_segment(buf.packet_mut(), keep, fin)?;
+        buf.set_len(len);
+        Some(buf)
+    };
+    Some((part(0..payload, false)?, part(payload..payload, true)?))
+}
+
+/// Cuts the segment `seg` in `packet` so that its data ends at sequence number `limit`
+/// at the latest (a segment wholly past it keeps its ACK and nothing else); FIN goes with
+/// any cut, and `seg` is updated to match. A segment that fits is left alone. Returns the
+/// payload bytes cut off.
+pub fn trim_payload_at(packet: &mut crate::PacketBuf, seg: &mut TcpSummary, limit: u32) -> usize {
+    let payload = seg.payload_len();
+    if seg.syn || seg.rst || payload == 0 {
+        return 0;
+    }
+    let end = seg.seq.wrapping_add(payload as u32);
+    if !seq_lt(limit, end) {
+        return 0;
+    }
+    // Bytes before the limit; none if the segment starts at or past it.
+    let keep = if seq_lt(seg.seq, limit) { limit.wrapping_sub(seg.seq) as usize } else { 0 };
+    match reshape_tcp_segment(packet.packet_mut(), 0..keep, false) {
+        Some(len) => {
+            packet.set_len(len);
+            seg.fin = false;
+            seg.segment_len = keep;
+            payload - keep
+        }
+        None => 0,
+    }
+}
+
+/// Sets the acknowledgment number of the TCP segment in `packet` (the checksum follows);
+/// `None` if `packet` is not an IP packet holding a TCP segment.
+pub fn set_ack_number(packet: &mut [u8], ack: u32) -> Option<()> {
+    let (l4, (src, dst)) = tcp_range(packet)?;
+    let mut tcp = TcpPacket::new_checked(&mut packet[l4]).ok()?;
+    tcp.set_ack_number(TcpSeqNumber(ack as i32));
+    tcp.fill_checksum(&src, &dst);
+    Some(())
+}
+
 /// The TCP segment inside the IPv4 or IPv6 (no extension headers) packet `packet`, if
 /// it is one (checksums not verified).
 pub fn tcp_segment(packet: &[u8]) -> Option<TcpPacket<&[u8]>> {
@@ -515,6 +567,68 @@ mod tests {
             assert_eq!(reshape_tcp_segment(&mut original.clone(), 5..11, false), None, "past the payload");
             assert_eq!(reshape_tcp_segment(&mut original[..20].to_vec(), 0..0, false), None, "truncated");
         }
+    }
+
+    fn tcp_of(packet: &[u8]) -> TcpSummary {
+        match classify(packet) {
+            Ok(Classified::Tcp(seg)) => {
+                assert!(tcp_checksum_ok(packet, &seg), "checksum of {seg:?}");
+                seg
+            }
+            other => panic!("not TCP: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_fin_carrying_data_splits_into_data_then_a_bare_fin() {
+        for (src, dst) in [("198.18.0.2:4000", "10.77.0.2:80"), ("[fd18::2]:4000", "[fd77::2]:80")] {
+            let (src, dst) = (sa(src), sa(dst));
+            let with_data = |payload: &[u8]| {
+                SegmentFields::new(src, dst, TcpControl::Fin, u32::MAX - 2, Some(77)).payload(payload).build()
+            };
+            let original = with_data(b"last bytes");
+            let seg = tcp_of(&original);
+            let (data, fin) = split_fin(&original, &seg).expect("split");
+            let (d, f) = (tcp_of(data.packet()), tcp_of(fin.packet()));
+            assert_eq!((d.src, d.dst, f.src, f.dst), (src, dst, src, dst));
+            assert!(!d.fin && d.ack && d.segment_len == 10 && d.seq == seg.seq, "data part: {d:?}");
+            assert!(f.fin && f.ack && f.segment_len == 1, "FIN part: {f:?}");
+            assert_eq!(f.seq, seg.seq.wrapping_add(10), "the FIN follows the data (across the wrap)");
+            assert_eq!((d.ack_number, f.ack_number), (77, 77));
+            assert_eq!(&data.packet()[data.len() - 10..], b"last bytes", "the data part carries the same bytes");
+            let bare = with_data(b"");
+            assert!(split_fin(&bare, &tcp_of(&bare)).is_none(), "a bare FIN is not split");
+        }
+    }
+
+    #[test]
+    fn trimming_at_a_sequence_number_keeps_what_lies_before_it() {
+        let (src, dst) = (sa("[fd18::2]:4000"), sa("[fd77::2]:80"));
+        let data: Vec<u8> = (0..100u8).collect();
+        let segment = |seq: u32, len: usize| {
+            let mut fields = SegmentFields::new(src, dst, TcpControl::Fin, seq, Some(9));
+            fields.payload = &data[..len];
+            crate::PacketBuf::from_vec(fields.build())
+        };
+        // Across the wrap: 100 bytes from 2^32 - 40, limit 20 bytes past zero.
+        let mut p = segment(u32::MAX - 39, 100);
+        let mut seg = tcp_of(p.packet());
+        assert_eq!(trim_payload_at(&mut p, &mut seg, 20), 40);
+        let cut = tcp_of(p.packet());
+        assert_eq!((cut.seq, cut.payload_len(), cut.fin), (u32::MAX - 39, 60, false), "cut, FIN dropped");
+        assert_eq!(seg, cut, "the summary follows the packet");
+        assert_eq!(&p.packet()[p.len() - 60..], &data[..60]);
+        // Wholly past the limit: only the ACK is left.
+        let mut p = segment(50, 10);
+        let mut seg = tcp_of(p.packet());
+        assert_eq!(trim_payload_at(&mut p, &mut seg, 40), 10);
+        assert_eq!((tcp_of(p.packet()).segment_len, tcp_of(p.packet()).ack_number), (0, 9));
+        // Within it: untouched, FIN and all.
+        let mut p = segment(50, 10);
+        let before = p.packet().to_vec();
+        let mut seg = tcp_of(p.packet());
+        assert_eq!(trim_payload_at(&mut p, &mut seg, 60), 0);
+        assert_eq!(p.packet(), &before[..]);
     }
 
     #[test]

@@ -24,9 +24,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::admission::{Admission, BridgeEnd, FlowKey, Verdict, bridge};
+use crate::admission::{Admission, FlowKey, StreamQuirks, Verdict};
 use crate::device::{PacketBuf, PacketDevice};
 use crate::engine::RX_BATCH;
+use crate::flow::FlowPort;
 use crate::stats::Stats;
 
 /// Copies of TUN packets kept for reuse once the stack took them: two batches' worth.
@@ -98,9 +99,9 @@ enum StackEvent<T> {
 }
 
 /// Runs `stack` behind `admission` on `device` until `shutdown` completes.
-pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
+pub async fn run_stream_stack<S: StreamStack, Q: StreamQuirks, D: PacketDevice>(
     mut stack: S,
-    mut admission: Admission,
+    mut admission: Admission<Q>,
     mut device: D,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
@@ -261,6 +262,39 @@ pub async fn run_stream_stack<S: StreamStack, D: PacketDevice>(
             () = &mut sleep => {}
         }
     }
+}
+
+/// How a [`bridge`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeEnd {
+    /// Both directions ended with FIN.
+    Clean,
+    /// The handler aborted: the client must get a RST ([`Aborts::push`](crate::admission::Aborts::push)).
+    Aborted,
+    /// The client reset, or either side failed.
+    Reset,
+}
+
+/// Bytes moved per read in each direction of a [`bridge`].
+pub const BRIDGE_BUFFER: usize = 32 * 1024;
+
+/// Carries bytes both ways between a stack's accepted `stream` and the handler's `port`,
+/// half-close included, until both directions have ended; then tells the handler how it
+/// ended. A reset on either side ends both (the stream is dropped; for a handler's abort
+/// the caller reports [`BridgeEnd::Aborted`] first, so that the client gets a RST).
+/// Also used by the system stack and the redirect baseline for a kernel socket whose
+/// handler did not take it whole.
+pub async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, mut port: FlowPort) -> BridgeEnd {
+    let result = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut port, BRIDGE_BUFFER, BRIDGE_BUFFER).await;
+    let end = match result {
+        Ok(_) => BridgeEnd::Clean,
+        Err(e) => {
+            tracing::debug!("bridge ended: {e}");
+            if port.handler_aborted() { BridgeEnd::Aborted } else { BridgeEnd::Reset }
+        }
+    };
+    port.finish(end != BridgeEnd::Clean);
+    end
 }
 
 /// Owns a stack's stream and hands it to [`StreamStack::dispose`] when dropped.

@@ -53,12 +53,7 @@ pub use proxies::{
 #[macro_export]
 macro_rules! conformance_suite {
     (netns_only $module:ident, $bin:expr) => {
-        $crate::conformance_suite!(@netns $module [$crate::mem::Limits::NONE] $bin;
-            netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
-            netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
-            cli_sigterm_exits_cleanly, netns_socks5_dante, netns_socks5_dante_auth,
-            netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff, netns_dns,
-            netns_churn, netns_hold_10k);
+        $crate::conformance_suite!(@netns $module $bin);
     };
     (one_per_process, $backend:expr, $bin:expr) => {
         $crate::conformance_suite!(@suite [true] [$crate::mem::Limits::NONE] $backend, $bin);
@@ -71,15 +66,17 @@ macro_rules! conformance_suite {
     };
     (@suite [$serial:literal] [$limits:expr] $backend:expr, $bin:expr) => {
         $crate::conformance_suite!(@mem [$serial] [$limits] $backend;
-            handshake_and_addresses, bulk_16mib_upload_v4, bulk_16mib_download_v4,
-            bulk_16mib_upload_v6, bulk_16mib_download_v6, half_close_client_first,
-            half_close_server_first, refused_gets_rst_v4, refused_gets_rst_v6,
-            concurrent_200_flows, udp_echo_v4, udp_echo_v6, malformed_burst,
-            unknown_segment_gets_rst, survives_loss_and_duplication, corruption_is_detected,
-            gate_peeks_then_relays_or_aborts, gate_udp_sessions_relay_or_drop,
-            furthest_window_edge_sender, closed_connections_are_forgotten,
-            repeated_syn_before_another_client);
-        $crate::conformance_suite!(@netns conformance_netns [$limits] $bin;
+            handshake_and_addresses, bulk_16mib_upload_v4, bulk_16mib_download_v4, bulk_16mib_upload_v6,
+            bulk_16mib_download_v6, half_close_client_first, half_close_server_first, refused_gets_rst_v4,
+            refused_gets_rst_v6, concurrent_200_flows, udp_echo_v4, udp_echo_v6,
+            malformed_burst, unknown_segment_gets_rst, survives_loss_and_duplication, corruption_is_detected,
+            gate_peeks_then_relays_or_aborts, gate_udp_sessions_relay_or_drop, furthest_window_edge_sender, closed_connections_are_forgotten,
+            repeated_syn_before_another_client, upload_then_half_close_to_a_slow_reader);
+        $crate::conformance_suite!(@netns conformance_netns $bin);
+    };
+    // The namespace half, the same list for every instantiation.
+    (@netns $module:ident $bin:expr) => {
+        $crate::conformance_suite!(@netns_tests $module $bin;
             netns_http_get, netns_256mib_each_way, netns_udp_echo, netns_closed_port_refused,
             netns_iperf3_short, cli_bad_flags, cli_tun_busy_and_permission,
             cli_sigterm_exits_cleanly, netns_socks5_dante, netns_socks5_dante_auth,
@@ -96,19 +93,17 @@ macro_rules! conformance_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let _turn = if $serial { Some(ONE_AT_A_TIME.lock().await) } else { None };
-                    $crate::mem::declare_limits($limits);
-                    $crate::mem::$name($backend).await;
+                    $crate::mem::$name($backend, $limits).await;
                 }
             )*
         }
     };
-    (@netns $module:ident [$limits:expr] $bin:expr; $($name:ident),*) => {
+    (@netns_tests $module:ident $bin:expr; $($name:ident),*) => {
         mod $module {
             $(
                 #[test]
                 #[ignore = "needs root, network namespaces and the variant binary; run by `make test`"]
                 fn $name() {
-                    $crate::mem::declare_limits($limits);
                     $crate::$name($bin);
                 }
             )*

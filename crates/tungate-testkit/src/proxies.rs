@@ -78,11 +78,11 @@ fn servers(t: &mut Topology) -> Vec<u8> {
 }
 
 /// 64 MiB up and 64 MiB down, each sha256-checked by the other end. The upload ends
-/// with a half-close (FIN, then the server's digest) where the backend and the proxy
-/// both carry one (microsocks and tinyproxy close both ways on the first FIN);
-/// otherwise it is length-delimited.
+/// with a half-close (FIN, then the server's digest) where the proxy carries one
+/// (microsocks and tinyproxy close both ways on the first FIN); otherwise it is
+/// length-delimited.
 fn each_way_64mib(t: &Topology, proxy_half_closes: bool) {
-    let half_close = proxy_half_closes && crate::mem::limits().half_close;
+    let half_close = proxy_half_closes;
     let n = (64u64 << 20).to_string();
     let (command, port) = if half_close { ("upload", "9000") } else { ("upload-counted", "9002") };
     let up = t.peer_client(&[command, "10.77.0.2", port, &n]);
@@ -126,6 +126,13 @@ pub fn netns_socks5_dante(bin: &str) {
     t.curl_get("http://10.77.0.2:8080/file.bin", &[], &body);
     t.curl_get("http://[fd77::2]:8080/file.bin", &[], &body);
     each_way_64mib(&t, true);
+    // Nineteen more uploads, each ending with the client's FIN before the server's
+    // digest: ipstack lost the tail of 3 and then 5 of 6 such uploads before its FIN hold.
+    let n = (64u64 << 20).to_string();
+    for i in 2..=20 {
+        let up = t.peer_client(&["upload", "10.77.0.2", "9000", &n]);
+        assert!(up.starts_with("ok upload 67108864 bytes"), "upload {i} of 20: {up}\n{}", t.gateway_log());
+    }
     let udp = t.peer_client(&["udp", "10.77.0.2", "5353", "20"]);
     assert!(udp.starts_with("ok udp 20"), "{udp}");
     refused(&t);

@@ -5,7 +5,7 @@
 //!
 //! [`window_edge_sender`] is the test: it found smoltcp 0.12's sequence-number panic
 //! inside netstack-smoltcp (the stack died and reset every connection), which the
-//! gateway's admission layer now prevents (`Workarounds::window_edge`).
+//! gateway's admission layer now prevents (`backend_netstack_smoltcp::quirks`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

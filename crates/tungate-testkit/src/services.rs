@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,6 +20,9 @@ pub const GREET_FIRST: u16 = 21;
 /// Read an 8-byte big-endian length and exactly that many bytes, answer their SHA-256,
 /// then close: an upload whose end does not depend on the client's FIN.
 pub const SINK_COUNTED: u16 = 10;
+/// TCP: as [`SINK`], but reads at most 16 KiB per millisecond (a handler slower than the
+/// client, so the stack still holds bytes when the client's FIN arrives).
+pub const SLOW_SINK: u16 = 13;
 /// Refused by the handler: the client must see RST.
 pub const REFUSE: u16 = 1;
 pub const GREETING: &[u8] = b"220 hello, this side is closed for writing\r\n";
@@ -97,14 +101,18 @@ async fn serve(mut flow: TcpConn, port: u16) -> std::io::Result<Vec<u8>> {
             }
             flow.shutdown().await?;
         }
-        SINK => {
+        SINK | SLOW_SINK => {
             let mut hash = Sha256::new();
+            let chunk = if port == SLOW_SINK { 16 * 1024 } else { buf.len() };
             loop {
-                let n = flow.read(&mut buf).await?;
+                let n = flow.read(&mut buf[..chunk]).await?;
                 if n == 0 {
                     break;
                 }
                 hash.update(&buf[..n]);
+                if port == SLOW_SINK {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
             }
             flow.write_all(&hash.finalize()).await?;
             flow.shutdown().await?;

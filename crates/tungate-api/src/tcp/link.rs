@@ -219,6 +219,18 @@ impl FlowProgress {
         self.0.delivered.load(Ordering::Relaxed)
     }
 
+    /// The client's FIN, seen in front of a stack that must not have it yet, after every
+    /// byte before it was delivered: the handler's reads end once it has read them all.
+    pub fn client_finished(&self) {
+        let mut st = self.0.state();
+        if !st.rx_eof {
+            st.rx_eof = true;
+            if let Some(w) = st.reader.take() {
+                w.wake();
+            }
+        }
+    }
+
     /// The client reset the connection: the port's reads and writes fail from now on, so
     /// its bridge ends (for stacks that do not wake their streams on RST themselves).
     pub fn client_reset(&self) {

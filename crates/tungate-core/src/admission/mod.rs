@@ -18,7 +18,5 @@
 mod stream;
 mod table;
 
-pub use stream::{
-    Aborts, Admission, BRIDGE_BUFFER, BridgeEnd, REPLAY_FIRST, REPLAY_LAST, Verdict, Workarounds, bridge,
-};
+pub use stream::{Aborts, Admission, NoQuirks, Pass, QuirkCx, StreamQuirks, Verdict};
 pub use table::{Decided, FlowKey, FlowTable, Held, Inbound, Seen, give_back_growth};

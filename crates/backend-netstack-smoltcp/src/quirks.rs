@@ -1,0 +1,200 @@
+//! What netstack-smoltcp (and its smoltcp 0.12) gets wrong, worked around in front of it:
+//! core's stream admission calls these hooks ([`StreamQuirks`]) for every admitted flow.
+//!
+//! * **Data past the window edge** (smoltcp 0.12 accepts it, then panics computing its
+//!   window: "attempt to subtract sequence numbers with underflow", fixed in smoltcp
+//!   0.13): client data is trimmed at the furthest right edge of the window the stack
+//!   advertised, less one unit of its window scale; data past it is cut off (FIN with
+//!   it), as a receiver may do (RFC 9293 §3.10.7.4), and the client sends it again.
+//!
+//!   Why the margin makes the trim safe against edges the stack advertises later: the
+//!   stack accepts data up to `T` (its read point plus its buffer's capacity, which only
+//!   grows), and each window it advertises is `T − ack` rounded down to a multiple of
+//!   `2^shift`, so each edge lies in `(T − 2^shift, T]`. An edge advertised after one
+//!   seen here is more than `seen − 2^shift`: data within `seen − (2^shift − 1)` is
+//!   within every edge the stack holds itself to from then on.
+//! * **A repeated SYN takes another client's connection**: the crate makes a new socket
+//!   listening on the destination for every SYN; one made for a repeated SYN accepts the
+//!   next SYN to that destination from any client until it is closed. A SYN repeated
+//!   after the first went to the crate is dropped (smoltcp retransmits its SYN-ACK itself).
+
+use tungate_core::PacketBuf;
+use tungate_core::admission::{Pass, QuirkCx, StreamQuirks};
+use tungate_core::flow::FlowProgress;
+use tungate_core::packet::{self, TcpSummary, seq_lt};
+use tungate_core::stats::Stats;
+
+/// netstack-smoltcp's work-arounds (see the module docs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NetstackQuirks;
+
+/// What the work-arounds keep per flow.
+#[derive(Debug)]
+pub struct Flow {
+    /// The client's first data sequence number (ISN + 1).
+    start: u32,
+    /// The furthest right edge of the receive window the stack advertised to the client,
+    /// and the stack's window shift (from its SYN-ACK).
+    edge: Option<u32>,
+    shift: u8,
+}
+
+impl Flow {
+    /// Where client data must end: the furthest edge advertised, less `2^shift − 1`.
+    fn edge_limit(&self) -> Option<u32> {
+        let margin = (1u32 << self.shift) - 1;
+        self.edge.map(|e| e.wrapping_sub(margin))
+    }
+}
+
+impl StreamQuirks for NetstackQuirks {
+    type Flow = Flow;
+
+    const WATCHES_OUTPUT: bool = true;
+
+    fn admitted(&mut self, syn: &TcpSummary, _: FlowProgress) -> Flow {
+        Flow { start: syn.seq.wrapping_add(1), edge: None, shift: 0 }
+    }
+
+    fn client_segment(
+        &mut self,
+        cx: &mut QuirkCx<'_>,
+        flow: &mut Flow,
+        packet: &mut PacketBuf,
+        seg: &mut TcpSummary,
+    ) -> Pass {
+        if seg.is_bare_syn() && seg.seq.wrapping_add(1) == flow.start {
+            Stats::inc(&cx.stats().tcp_syn_duplicate);
+            return Pass::Withhold;
+        }
+        if let Some(limit) = flow.edge_limit() {
+            let cut = packet::trim_payload_at(packet, seg, limit);
+            if cut > 0 {
+                tracing::trace!(src = %seg.src, dst = %seg.dst, cut, "client data past the stack's window edge trimmed");
+            }
+        }
+        Pass::Forward
+    }
+
+    /// The stack's ACK and window may move the right edge.
+    fn stack_segment(&mut self, _: &mut QuirkCx<'_>, flow: &mut Flow, packet: &[u8], seg: &TcpSummary) {
+        if !seg.ack || seg.rst {
+            return;
+        }
+        // A SYN-ACK's window is never scaled; its option gives the shift for the rest.
+        let window = if seg.syn {
+            flow.shift = packet::syn_window_scale(packet).unwrap_or(0);
+            u32::from(seg.window)
+        } else {
+            u32::from(seg.window) << flow.shift
+        };
+        let edge = seg.ack_number.wrapping_add(window);
+        if flow.edge.is_none_or(|e| seq_lt(e, edge)) {
+            flow.edge = Some(edge);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use smoltcp::wire::TcpControl;
+    use tungate_core::admission::{Admission, Verdict};
+    use tungate_core::packet::{Classified, SegmentFields};
+    use tungate_core::{Dispatch, Mtu};
+
+    use super::*;
+
+    fn tcp(packet: &[u8]) -> TcpSummary {
+        match packet::classify(packet) {
+            Ok(Classified::Tcp(seg)) => {
+                assert!(packet::tcp_checksum_ok(packet, &seg), "checksum of {seg:?}");
+                seg
+            }
+            other => panic!("not TCP: {other:?}"),
+        }
+    }
+
+    /// Accepts every request at once and keeps the connections.
+    #[derive(Default)]
+    struct AcceptAll(std::sync::Mutex<Vec<tungate_core::TcpConn>>);
+
+    impl tungate_core::TcpHandler for AcceptAll {
+        fn handle_tcp(&self, request: tungate_core::TcpRequest) {
+            let conn = tungate_core::api::tcp::now_or_never(request.accept()).expect("a ring flow");
+            self.0.lock().expect("lock").push(conn);
+        }
+    }
+
+    impl tungate_core::UdpHandler for AcceptAll {
+        fn handle_udp(&self, _: tungate_core::UdpSession) {}
+    }
+
+    /// The stack said: ACK `ack`, window `window` (scaled by the shift of its SYN-ACK).
+    fn stack_ack(server: SocketAddr, client: SocketAddr, ack: u32, window: u16) -> PacketBuf {
+        let mut seg = SegmentFields::new(server, client, TcpControl::None, 5001, Some(ack));
+        seg.window = window;
+        PacketBuf::from_vec(seg.build())
+    }
+
+    #[test]
+    fn client_data_past_the_stacks_window_edge_less_one_scale_unit_is_trimmed() {
+        let handler = Arc::new(AcceptAll::default());
+        let mut adm = Admission::with_quirks(
+            Dispatch::new(handler.clone(), handler),
+            Mtu::DEFAULT,
+            4096,
+            Duration::from_secs(25),
+            NetstackQuirks,
+        );
+        let (client, server): (SocketAddr, SocketAddr) =
+            ("[fd18::2]:4000".parse().unwrap(), "[fd77::2]:80".parse().unwrap());
+        let now = Instant::now();
+        let mut syn = PacketBuf::from_vec(SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
+        assert_eq!(adm.handle_packet(now, &mut syn), Verdict::Consumed, "held");
+        let mut released = Vec::new();
+        adm.service(now, |p| released.push(p));
+        assert_eq!(released.len(), 1, "the SYN goes to the stack once accepted");
+        // The same SYN again: the stack already has it.
+        let mut again = PacketBuf::from_vec(SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
+        assert_eq!(adm.handle_packet(now, &mut again), Verdict::Consumed, "a repeated SYN is dropped");
+        let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let client_segment = |seq: u32, len: usize, control| {
+            let mut seg = SegmentFields::new(client, server, control, seq, Some(5001));
+            seg.payload = &data[..len];
+            PacketBuf::from_vec(seg.build())
+        };
+        // Before the stack has said anything, nothing is trimmed.
+        let mut early = client_segment(101, 3000, TcpControl::None);
+        assert_eq!(adm.handle_packet(now, &mut early), Verdict::Forward);
+        assert_eq!(tcp(early.packet()).payload_len(), 3000);
+        // SYN-ACK with shift 4 and its own window unscaled (edge 101 + 1000), then an ACK
+        // of 1000 bytes with window 100 << 4: edge 1101 + 1600 = 2701, limit 2701 − 15.
+        let mut syn_ack = SegmentFields::new(server, client, TcpControl::Syn, 5000, Some(101));
+        syn_ack.window_scale = Some(4);
+        syn_ack.window = 1000;
+        assert!(adm.pass_output(now, &PacketBuf::from_vec(syn_ack.build())));
+        assert!(adm.pass_output(now, &stack_ack(server, client, 1101, 100)));
+        // An edge further back (rounding moved it) does not pull the limit in.
+        assert!(adm.pass_output(now, &stack_ack(server, client, 1117, 98)));
+
+        let mut past = client_segment(1101, 2000, TcpControl::Fin);
+        assert_eq!(adm.handle_packet(now, &mut past), Verdict::Forward);
+        let cut = tcp(past.packet());
+        assert_eq!((cut.seq, cut.payload_len(), cut.fin), (1101, 2686 - 1101, false), "cut at the limit, FIN dropped");
+        assert_eq!(&past.packet()[past.len() - 1585..], &data[..1585], "the bytes kept are the first ones");
+
+        let mut beyond = client_segment(2686, 10, TcpControl::Psh);
+        assert_eq!(adm.handle_packet(now, &mut beyond), Verdict::Forward);
+        let ack_only = tcp(beyond.packet());
+        assert_eq!((ack_only.segment_len, ack_only.ack, ack_only.ack_number), (0, true, 5001), "only its ACK is left");
+
+        let mut within = client_segment(2000, 686, TcpControl::Fin);
+        let before = within.packet().to_vec();
+        assert_eq!(adm.handle_packet(now, &mut within), Verdict::Forward);
+        assert_eq!(within.packet(), &before[..], "a segment (and FIN) that fits is left alone");
+    }
+}
