@@ -32,6 +32,11 @@ mismatch they print the reason and exit 1.
   churn HOST PORT N C       N short connections, C at a time: each sends 32 bytes of its
                             own, checks the echo and closes first; print "ok churn N", or
                             how many were refused, reset, timed out or echoed wrong
+  serve-answer-close HOST PORT  TCP (asyncio): read a 32-byte request, answer it with
+                            the request and 1 KiB of its own pattern, then close first
+  churn-server-closes HOST PORT N C  as churn against serve-answer-close: each request
+                            reads the answer to EOF (the server closes first), checks it;
+                            fails if any failed or took over 1 s ("slowest" in the line)
 """
 import asyncio
 import functools
@@ -512,8 +517,98 @@ def churn(host, port, n, concurrency):
     print(f"ok churn {n} connections, {concurrency} at a time, in {took:.2f}s", flush=True)
 
 
+def answer_for(request):
+    """What serve-answer-close sends for a 32-byte request: the request, then 1 KiB."""
+    return request + random.Random(request).randbytes(1024)
+
+
+def serve_answer_close(host, port):
+    raise_fd_limit()
+
+    async def answer(reader, writer):
+        try:
+            request = await reader.readexactly(32)
+            writer.write(answer_for(request))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main():
+        srv = await asyncio.start_server(answer, host, int(port), backlog=4096)
+        listening()
+        async with srv:
+            await srv.serve_forever()
+
+    asyncio.run(main())
+
+
+def churn_server_closes(host, port, n, concurrency):
+    raise_fd_limit()
+    n, concurrency = int(n), int(concurrency)
+    failures = {"refused": 0, "reset": 0, "timeout": 0, "wrong answer": 0, "slow": 0, "other": 0}
+    first = []
+    slowest = 0.0
+    used = {}
+
+    async def one(i, slots):
+        nonlocal slowest
+        async with slots:
+            request = f"{i:08d}".encode() * 4
+            start = time.monotonic()
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 30)
+                lp = writer.get_extra_info("sockname")[1]
+                conn_time = time.monotonic() - start
+                try:
+                    writer.write(request)
+                    await writer.drain()
+                    got = await asyncio.wait_for(reader.read(), 30)
+                    if got != answer_for(request):
+                        failures["wrong answer"] += 1
+                        first.append(f"connection {i}: {len(got)} bytes, not the answer")
+                finally:
+                    writer.close()
+                    await writer.wait_closed()
+                took = time.monotonic() - start
+                slowest = max(slowest, took)
+                if took > 1.0:
+                    failures["slow"] += 1
+                    reuse = f", port {lp} last used by connection {used[lp]}" if lp in used else ""
+                    first.append(f"connection {i}: {took:.2f}s (handshake {conn_time:.2f}s{reuse})")
+                used[lp] = i
+            except ConnectionRefusedError as e:
+                failures["refused"] += 1
+                first.append(f"connection {i}: {e!r}")
+            except (ConnectionResetError, BrokenPipeError) as e:
+                failures["reset"] += 1
+                first.append(f"connection {i}: {e!r}")
+            except asyncio.TimeoutError:
+                failures["timeout"] += 1
+            except OSError as e:
+                failures["other"] += 1
+                first.append(f"connection {i}: {e!r}")
+
+    async def main():
+        slots = asyncio.Semaphore(concurrency)
+        await asyncio.gather(*(one(i, slots) for i in range(n)))
+
+    t = time.monotonic()
+    asyncio.run(main())
+    took = time.monotonic() - t
+    bad = sum(failures.values())
+    if bad:
+        detail = ", ".join(f"{v} {k}" for k, v in failures.items() if v)
+        fail(f"churn-server-closes: {bad} of {n} failed ({detail}) in {took:.1f}s, slowest {slowest:.2f}s; first: {first[:3]}")
+    print(f"ok churn-server-closes {n} connections, {concurrency} at a time, in {took:.2f}s, "
+          f"{n / took:.0f}/s, slowest {slowest:.3f}s", flush=True)
+
+
 COMMANDS = {
     "churn": churn,
+    "churn-server-closes": churn_server_closes,
+    "serve-answer-close": serve_answer_close,
     "sequential": sequential,
     "serve-echo": serve_echo,
     "serve-slow-sink": serve_slow_sink,

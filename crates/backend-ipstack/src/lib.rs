@@ -207,6 +207,12 @@ impl IpstackStack {
         tcp.max_unacked_bytes = config.max_unacked_bytes;
         tcp.read_buffer_size = usize::from(u16::MAX);
         tcp.timeout = config.idle_timeout;
+        // ipstack ignores a SYN on a 4-tuple it holds in TIME-WAIT (2 s by default): a
+        // client whose kernel reused the port waited a second per retry (5 000 exchanges in
+        // which the server closes first: 50 took 1 s). Segments here never cross a network,
+        // so no old duplicate can be delayed long enough to need it; a retransmitted FIN
+        // after it gets a RST from admission.
+        tcp.two_msl = TIME_WAIT;
         // ipstack drops a segment from its send queue after this many retransmissions
         // (data loss, default 3); 12 rides out seconds of loss like other stacks' limits.
         tcp.max_retransmit_count = 12;
@@ -260,6 +266,9 @@ struct Stream {
     key: FlowKey,
     gates: Gates,
 }
+
+/// How long ipstack keeps a connection it closed first in TIME-WAIT (see `start`).
+const TIME_WAIT: Duration = Duration::from_millis(50);
 
 /// How often a pending ipstack shutdown is polled again.
 const SHUTDOWN_RETRY: Duration = Duration::from_millis(5);

@@ -138,7 +138,7 @@ impl StreamQuirks for IpstackQuirks {
 
     const WATCHES_OUTPUT: bool = true;
 
-    fn admitted(&mut self, syn: &TcpSummary, progress: FlowProgress) -> Flow {
+    fn admitted(&mut self, _: &mut QuirkCx<'_>, syn: &TcpSummary, progress: FlowProgress) -> Flow {
         Flow {
             start: syn.seq.wrapping_add(1),
             progress,

@@ -172,6 +172,9 @@ impl LwipEngine {
             let flow = Flow { key, link: held.link, stage: Stage::Handshaking, dirty: false, touched: false };
             self.flows.admit(id, flow);
             self.handshakes.push_back((self.now + self.config.handshake_timeout, id, key));
+            if self.stack.forget_time_wait(key.0, key.1) {
+                tracing::trace!(src = %key.0, dst = %key.1, "a new connection took over a 4-tuple in TIME-WAIT");
+            }
             self.input(held.syn.packet());
         }
     }

@@ -278,6 +278,31 @@ impl Stack {
         }
     }
 
+    /// Aborts the PCB lwIP keeps in TIME-WAIT for `client` → `dst`, if any (no RST is
+    /// sent for a TIME-WAIT PCB): a new connection's SYN on that 4-tuple would otherwise
+    /// meet the old one, which answers it with an ACK until TIME-WAIT ends (clients whose
+    /// kernel reused a port retried after 1 s and 2 s). Returns whether one was found.
+    pub(crate) fn forget_time_wait(&mut self, client: SocketAddr, dst: SocketAddr) -> bool {
+        // SAFETY: no lwIP call is in progress (`&mut self`). The list is lwIP's, read
+        // until the match; lwIP owns TIME-WAIT PCBs (they were taken out of our slots when
+        // seen in TIME-WAIT), so no slot points at it, and `tcp_abort` unlinks and frees it
+        // before we stop walking.
+        unsafe {
+            let mut pcb = ptr::addr_of!(sys::tcp_tw_pcbs).read();
+            while let Some(p) = pcb.as_ref() {
+                if to_socket_addr(&p.remote_ip, p.remote_port) == client
+                    && to_socket_addr(&p.local_ip, p.local_port) == dst
+                {
+                    clear_callbacks(pcb);
+                    sys::tcp_abort(pcb);
+                    return true;
+                }
+                pcb = p.next;
+            }
+        }
+        false
+    }
+
     pub(crate) fn drain_events(&mut self, out: &mut Vec<Event>) {
         out.append(&mut self.sink().events);
     }

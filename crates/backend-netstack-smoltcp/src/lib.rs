@@ -137,7 +137,7 @@ impl Backend for NetstackSmoltcp {
                 config.mtu,
                 config.ring_capacity,
                 Duration::from_secs(25),
-                NetstackQuirks,
+                NetstackQuirks::default(),
             );
             let stack = NetstackStack::start(config, self.restarts, None)?;
             run_stream_stack(stack, admission, device, shutdown).await?;
@@ -218,8 +218,53 @@ impl NetstackStack {
     }
 }
 
+/// The crate's stream, whose `shutdown` completes once the FIN is asked for.
+///
+/// The crate's own `poll_shutdown` completes only when its socket is closed, which for a
+/// connection that closed first is after smoltcp's 10 s TIME-WAIT: the bridge, and so
+/// the flow, stayed that long, and a client that reused the port in between (after about
+/// 3 000 short connections the server closed first) had its new SYN taken for the old
+/// flow's and answered by nothing (11 s). The crate sends the FIN once its send buffer is
+/// drained, whether the stream is kept or dropped, so nothing is lost by not waiting.
+struct NetstackStream {
+    inner: TcpStream,
+    shut: bool,
+}
+
+impl tokio::io::AsyncRead for NetstackStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for NetstackStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.shut {
+            self.shut = true;
+            // Marks the write half closing and wakes the runner; `Pending` until the
+            // socket closes, which is not waited for (see the type's docs).
+            if let Poll::Ready(Err(e)) = Pin::new(&mut self.inner).poll_shutdown(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl StreamStack for NetstackStack {
-    type Stream = TcpStream;
+    type Stream = NetstackStream;
 
     fn poll_input_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.check_runner(cx)?;
@@ -268,11 +313,13 @@ impl StreamStack for NetstackStack {
         Ok(true)
     }
 
-    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, SocketAddr, SocketAddr)>> {
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(NetstackStream, SocketAddr, SocketAddr)>> {
         self.check_runner(cx)?;
         match Pin::new(&mut self.instance.listener).poll_next(cx) {
             // The crate's "local" address is the client, "remote" the original destination.
-            Poll::Ready(Some((stream, client, dst))) => Poll::Ready(Ok((stream, client, dst))),
+            Poll::Ready(Some((inner, client, dst))) => {
+                Poll::Ready(Ok((NetstackStream { inner, shut: false }, client, dst)))
+            }
             Poll::Ready(None) => Poll::Ready(Err(io::Error::other("netstack-smoltcp stopped accepting"))),
             Poll::Pending => Poll::Pending,
         }
@@ -327,7 +374,7 @@ impl Backend for HookedNetstack {
                 config.mtu,
                 config.ring_capacity,
                 Duration::from_secs(25),
-                NetstackQuirks,
+                NetstackQuirks::default(),
             );
             let stack = NetstackStack::start(config, restarts, Some(hook))?;
             run_stream_stack(stack, admission, device, shutdown).await?;

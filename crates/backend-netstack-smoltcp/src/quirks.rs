@@ -17,16 +17,51 @@
 //!   listening on the destination for every SYN; one made for a repeated SYN accepts the
 //!   next SYN to that destination from any client until it is closed. A SYN repeated
 //!   after the first went to the crate is dropped (smoltcp retransmits its SYN-ACK itself).
+//! * **A reused 4-tuple meets the old connection**: smoltcp keeps a connection it closed
+//!   first in TIME-WAIT for 10 s and answers a new SYN on the same 4-tuple with an ACK, so
+//!   a client whose kernel reused the port (after about 3 000 short connections the
+//!   server closed first) waited 11 s. When a flow is admitted on a 4-tuple whose last
+//!   connection ended less than [`REMEMBER`] ago, the crate gets a RST for the old
+//!   connection first (at the sequence number the old socket expects, with ACK so that no
+//!   listening socket takes it), which closes it.
 
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use smoltcp::wire::TcpControl;
 use tungate_core::PacketBuf;
-use tungate_core::admission::{Pass, QuirkCx, StreamQuirks};
+use tungate_core::admission::{FlowKey, Pass, QuirkCx, StreamQuirks, give_back_growth};
 use tungate_core::flow::FlowProgress;
-use tungate_core::packet::{self, TcpSummary, seq_lt};
+use tungate_core::packet::{self, SegmentFields, TcpSummary, seq_lt};
 use tungate_core::stats::Stats;
 
+/// How long an ended connection's sequence numbers are kept: past smoltcp's 10 s TIME-WAIT.
+pub const REMEMBER: Duration = Duration::from_secs(11);
+
 /// netstack-smoltcp's work-arounds (see the module docs).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NetstackQuirks;
+#[derive(Debug, Default)]
+pub struct NetstackQuirks {
+    /// Ended connections the crate may still hold: the client's and the stack's next
+    /// sequence numbers, and when the entry is forgotten.
+    ended: HashMap<FlowKey, (u32, u32, Instant)>,
+    /// The same times, oldest first (an entry renewed since is forgotten at its later time).
+    expiry: VecDeque<(Instant, FlowKey)>,
+}
+
+impl NetstackQuirks {
+    fn forget_expired(&mut self, now: Instant) {
+        while let Some(&(at, key)) = self.expiry.front() {
+            if at > now {
+                break;
+            }
+            self.expiry.pop_front();
+            if self.ended.get(&key).is_some_and(|e| e.2 == at) {
+                self.ended.remove(&key);
+            }
+        }
+        give_back_growth(&mut self.ended);
+    }
+}
 
 /// What the work-arounds keep per flow.
 #[derive(Debug)]
@@ -37,6 +72,9 @@ pub struct Flow {
     /// and the stack's window shift (from its SYN-ACK).
     edge: Option<u32>,
     shift: u8,
+    /// The sequence numbers that follow the last segment of the client and of the stack.
+    client_next: u32,
+    stack_next: Option<u32>,
 }
 
 impl Flow {
@@ -52,8 +90,23 @@ impl StreamQuirks for NetstackQuirks {
 
     const WATCHES_OUTPUT: bool = true;
 
-    fn admitted(&mut self, syn: &TcpSummary, _: FlowProgress) -> Flow {
-        Flow { start: syn.seq.wrapping_add(1), edge: None, shift: 0 }
+    fn admitted(&mut self, cx: &mut QuirkCx<'_>, syn: &TcpSummary, _: FlowProgress) -> Flow {
+        self.forget_expired(cx.now());
+        if let Some((client_next, stack_next, _)) = self.ended.remove(&(syn.src, syn.dst)) {
+            let rst = SegmentFields::new(syn.src, syn.dst, TcpControl::Rst, client_next, Some(stack_next)).build();
+            tracing::trace!(src = %syn.src, dst = %syn.dst, "a new connection on a recently used 4-tuple: the old one reset first");
+            cx.forward(PacketBuf::from_vec(rst));
+        }
+        let start = syn.seq.wrapping_add(1);
+        Flow { start, edge: None, shift: 0, client_next: start, stack_next: None }
+    }
+
+    fn ended(&mut self, now: Instant, key: FlowKey, flow: Flow) {
+        if let Some(stack_next) = flow.stack_next {
+            self.ended.insert(key, (flow.client_next, stack_next, now + REMEMBER));
+            self.expiry.push_back((now + REMEMBER, key));
+        }
+        self.forget_expired(now);
     }
 
     fn client_segment(
@@ -66,6 +119,10 @@ impl StreamQuirks for NetstackQuirks {
         if seg.is_bare_syn() && seg.seq.wrapping_add(1) == flow.start {
             Stats::inc(&cx.stats().tcp_syn_duplicate);
             return Pass::Withhold;
+        }
+        let end = seg.seq.wrapping_add(seg.segment_len as u32);
+        if seq_lt(flow.client_next, end) {
+            flow.client_next = end;
         }
         if let Some(limit) = flow.edge_limit() {
             let cut = packet::trim_payload_at(packet, seg, limit);
@@ -80,6 +137,10 @@ impl StreamQuirks for NetstackQuirks {
     fn stack_segment(&mut self, _: &mut QuirkCx<'_>, flow: &mut Flow, packet: &[u8], seg: &TcpSummary) {
         if !seg.ack || seg.rst {
             return;
+        }
+        let end = seg.seq.wrapping_add(seg.segment_len as u32);
+        if flow.stack_next.is_none_or(|next| seq_lt(next, end)) {
+            flow.stack_next = Some(end);
         }
         // A SYN-ACK's window is never scaled; its option gives the shift for the rest.
         let window = if seg.syn {
@@ -148,7 +209,7 @@ mod tests {
             Mtu::DEFAULT,
             4096,
             Duration::from_secs(25),
-            NetstackQuirks,
+            NetstackQuirks::default(),
         );
         let (client, server): (SocketAddr, SocketAddr) =
             ("[fd18::2]:4000".parse().unwrap(), "[fd77::2]:80".parse().unwrap());

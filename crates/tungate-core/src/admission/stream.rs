@@ -67,9 +67,16 @@ pub trait StreamQuirks: Send + 'static {
     /// every packet the stack writes.
     const WATCHES_OUTPUT: bool = false;
 
-    /// A flow was accepted: `syn` is the client's SYN, now going to the stack, and
-    /// `progress` counts the client bytes the handler has received since.
-    fn admitted(&mut self, syn: &TcpSummary, progress: FlowProgress) -> Self::Flow;
+    /// A flow was accepted: `syn` is the client's SYN, going to the stack after whatever
+    /// this queues with [`QuirkCx::forward`], and `progress` counts the client bytes the
+    /// handler has received since.
+    fn admitted(&mut self, cx: &mut QuirkCx<'_>, syn: &TcpSummary, progress: FlowProgress) -> Self::Flow;
+
+    /// The flow left admission at `now` (its bridge ended, or it was given up or
+    /// aborted); the stack may still hold its connection for a while (TIME-WAIT).
+    fn ended(&mut self, now: Instant, key: FlowKey, flow: Self::Flow) {
+        let _ = (now, key, flow);
+    }
 
     /// A client segment of an admitted flow, on its way to the stack; `packet` and `seg`
     /// may be rewritten together.
@@ -103,7 +110,7 @@ pub struct NoQuirks;
 impl StreamQuirks for NoQuirks {
     type Flow = ();
 
-    fn admitted(&mut self, _: &TcpSummary, _: FlowProgress) {}
+    fn admitted(&mut self, _: &mut QuirkCx<'_>, _: &TcpSummary, _: FlowProgress) {}
 }
 
 /// What [`StreamQuirks`] may do while handling one flow: give the stack packets of their
@@ -305,16 +312,20 @@ impl<Q: StreamQuirks> Admission<Q> {
             let deadline = now + self.handshake_timeout;
             let port = held.link.into_port();
             let progress = port.progress();
-            let quirks = self.quirks.admitted(&held.summary, progress.clone());
-            let entry =
-                Entry { waiting: Some((port, deadline)), progress, last: None, timer: None, queued: None, quirks };
+            let mut timer = None;
+            let mut cx = QuirkCx { now, to_stack: &mut self.to_stack, timer: &mut timer, stats: &self.stats };
+            let quirks = self.quirks.admitted(&mut cx, &held.summary, progress.clone());
+            self.to_stack.push_back(held.syn);
+            let entry = Entry { waiting: Some((port, deadline)), progress, last: None, timer, queued: None, quirks };
             self.table.admit(id, entry);
+            if let Some(entry) = self.table.get_mut(id) {
+                arm(&mut self.timers, key, entry);
+            }
             // A new connection on a 4-tuple whose last one was aborted: its segments pass.
             if self.aborted.remove(&key).is_some() {
                 super::give_back_growth(&mut self.aborted);
             }
             self.released.push_back((deadline, key));
-            forward(held.syn);
         }
         woken.clear();
         self.woken = woken;
@@ -326,7 +337,7 @@ impl<Q: StreamQuirks> Admission<Q> {
             let Some(id) = self.table.id(&key) else { continue };
             if matches!(self.table.get(id), Some(Entry { waiting: Some((_, d)), .. }) if *d == deadline) {
                 tracing::debug!(src = %key.0, dst = %key.1, "the stack never delivered the connection");
-                self.remove(id, Close::Reset);
+                self.remove(now, id, Close::Reset);
             }
         }
         while let Some(&Reverse((at, key))) = self.timers.peek() {
@@ -400,7 +411,7 @@ impl<Q: StreamQuirks> Admission<Q> {
                     let last = *last;
                     self.table.reset(&last);
                 }
-                self.remove(id, Close::Reset);
+                self.remove(now, id, Close::Reset);
             }
             self.aborted.insert(key, now + ABORT_LINGER);
         }
@@ -454,14 +465,19 @@ impl<Q: StreamQuirks> Admission<Q> {
         self.take_aborts(now);
         let Some(id) = self.table.id(&key) else { return };
         if matches!(self.table.get(id), Some(Entry { waiting: None, .. })) {
-            self.remove(id, Close::Clean);
+            self.remove(now, id, Close::Clean);
         }
     }
 
-    fn remove(&mut self, id: crate::FlowId, how: Close) {
+    fn remove(&mut self, now: Instant, id: crate::FlowId, how: Close) {
         let reset = how == Close::Reset;
-        if let Some(Entry { waiting: Some((port, _)), .. }) = self.table.remove(id, reset) {
+        let key = self.table.key(id);
+        let Some(entry) = self.table.remove(id, reset) else { return };
+        if let Some((port, _)) = entry.waiting {
             port.finish(reset);
+        }
+        if let Some(key) = key {
+            self.quirks.ended(now, key, entry.quirks);
         }
     }
 
