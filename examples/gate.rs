@@ -39,7 +39,7 @@ async fn serve<B: Backend>(backend: B, device: TunDevice, gate: Gate) -> Result<
     println!("{{\"event\": \"ready\", \"backend\": \"{}\"}}", B::NAME);
     let gate = Arc::new(gate);
     let stop = async { tokio::signal::ctrl_c().await.unwrap_or_default() };
-    backend.run(device, Dispatch::new(gate.clone(), gate), stop).await.map_err(|e| e.to_string())
+    tungate_core::serve(backend, device, Dispatch::new(gate.clone(), gate), stop).await.map_err(|e| e.to_string())
 }
 
 #[tokio::main]

@@ -101,7 +101,7 @@ async fn serve<B: Backend>(backend: B, device: TunDevice, mark: Option<u32>) -> 
     // Tells a supervisor (the test harness) the TUN is up.
     println!("{{\"event\": \"ready\", \"backend\": \"{}\"}}", B::NAME);
     let stop = async { tokio::signal::ctrl_c().await.unwrap_or_default() };
-    backend.run(device, Dispatch::new(relay.clone(), relay), stop).await.map_err(|e| e.to_string())
+    tungate_core::serve(backend, device, Dispatch::new(relay.clone(), relay), stop).await.map_err(|e| e.to_string())
 }
 
 #[tokio::main]

@@ -386,7 +386,7 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             "mtu": args.mtu.get(),
         }));
         tokio::spawn(release_memory_after_bursts(stats.clone(), false));
-        backend.run(device, handlers, shutdown).await.context("backend stopped")?;
+        tungate_core::serve(backend, device, handlers, shutdown).await.context("backend stopped")?;
         tracing::info!(stats = ?stats.snapshot(), "shut down");
         emit_event(serde_json::json!({ "event": "exit", "stats": stats_json(&stats) }));
         Ok(())

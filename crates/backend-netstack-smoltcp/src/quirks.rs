@@ -90,6 +90,10 @@ impl StreamQuirks for NetstackQuirks {
 
     const WATCHES_OUTPUT: bool = true;
 
+    /// Its streams' `shutdown` completes before the connection closes (see
+    /// `NetstackStream`): the crate sends what is left and its FIN, then keeps TIME-WAIT.
+    const LINGER: Duration = REMEMBER;
+
     fn admitted(&mut self, cx: &mut QuirkCx<'_>, syn: &TcpSummary, _: FlowProgress) -> Flow {
         self.forget_expired(cx.now());
         if let Some((client_next, stack_next, _)) = self.ended.remove(&(syn.src, syn.dst)) {

@@ -29,6 +29,19 @@ pub enum BackendError {
     Start(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// Runs `backend` on `device` until `shutdown` completes, the packet counters kept
+/// here ([`Counted`](crate::device::Counted)) for every backend. What every binary and
+/// harness calls instead of [`Backend::run`].
+pub async fn serve<B: Backend, D: PacketDevice>(
+    backend: B,
+    device: D,
+    handlers: Dispatch,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BackendError> {
+    let device = crate::device::Counted::new(device, handlers.stats.clone());
+    backend.run(device, handlers, shutdown).await
+}
+
 /// A TCP/IP stack that terminates the TUN's traffic and hands flows to the handlers of a [`Dispatch`].
 ///
 /// Generic over the device so each variant binary is monomorphised for its device and

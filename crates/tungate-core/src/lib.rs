@@ -27,7 +27,7 @@
 //!     config.addresses = vec!["198.18.0.1/30".parse()?];
 //!     let tun = TunDevice::create(&config)?;
 //!     let stop = async { tokio::signal::ctrl_c().await.unwrap_or_default() };
-//!     backend.run(tun, Dispatch::new(handler.clone(), handler), stop).await?;
+//!     tungate_core::serve(backend, tun, Dispatch::new(handler.clone(), handler), stop).await?;
 //!     Ok(())
 //! }
 //! ```
@@ -55,7 +55,7 @@ pub mod os;
 pub mod packet;
 pub mod stream_stack;
 
-pub use backend::{Backend, BackendError};
+pub use backend::{Backend, BackendError, serve};
 pub use config::{Mtu, MtuError};
 pub use device::{PacketBuf, PacketDevice};
 pub use tungate_api as api;

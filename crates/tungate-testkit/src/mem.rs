@@ -32,10 +32,14 @@ pub struct Limits {
     /// Transfers complete under 1% loss and duplication. ipstack can stall for good when
     /// retransmitted segments overlap ones it holds (its reassembly keeps a stale entry).
     pub loss_recovery: bool,
+    /// The stack scales its receive window, so window rounding can move the edge it
+    /// advertised back (what `furthest_window_edge_sender` drives a client into).
+    /// ipstack advertises at most 65 535 bytes, unscaled.
+    pub window_scaling: bool,
 }
 
 impl Limits {
-    pub const NONE: Limits = Limits { loss_recovery: true };
+    pub const NONE: Limits = Limits { loss_recovery: true, window_scaling: true };
 }
 
 /// Upper bound for any single step; generous because CI machines are slow, and only
@@ -89,7 +93,7 @@ impl Harness {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            if let Err(e) = backend.run(device, handlers, shutdown).await {
+            if let Err(e) = tungate_core::serve(backend, device, handlers, shutdown).await {
                 panic!("backend stopped with an error: {e}");
             }
         });
@@ -590,9 +594,17 @@ pub async fn gate_udp_sessions_relay_or_drop<B: Backend>(backend: B, _: Limits) 
 
 /// A hand-driven client that sends up to the furthest window edge it was offered while
 /// the handler reads nothing, then the whole upload once it reads: complete and
-/// SHA-256-checked, never reset (see [`crate::rawtcp::window_edge_sender`]).
-pub async fn furthest_window_edge_sender<B: Backend>(backend: B, _: Limits) {
-    crate::rawtcp::window_edge_sender(backend).await;
+/// SHA-256-checked, never reset (see [`crate::rawtcp::window_edge_sender`]). The scenario
+/// must arise (a scaled window whose edge moved back), except on a stack declared not to
+/// scale its window ([`Limits::window_scaling`]), where the edge cannot move back.
+pub async fn furthest_window_edge_sender<B: Backend>(backend: B, limits: Limits) {
+    let report = crate::rawtcp::window_edge_sender(backend).await;
+    eprintln!("{report:?}");
+    if limits.window_scaling {
+        assert!(report.shift > 0 && report.shrunk_edges > 0, "the scenario did not arise: {report:?}");
+    } else {
+        assert_eq!(report.shift, 0, "a stack declared not to scale its window scaled it: {report:?}");
+    }
 }
 
 /// A client's SYN repeated right before another client's SYN to the same destination:

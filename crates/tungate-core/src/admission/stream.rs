@@ -67,6 +67,11 @@ pub trait StreamQuirks: Send + 'static {
     /// every packet the stack writes.
     const WATCHES_OUTPUT: bool = false;
 
+    /// How long the stack may still hold a connection after its bridge ended (its
+    /// stream's `shutdown` completes before the connection is closed): meanwhile the
+    /// client's segments for it go to the stack rather than being answered with RST.
+    const LINGER: Duration = Duration::ZERO;
+
     /// A flow was accepted: `syn` is the client's SYN, going to the stack after whatever
     /// this queues with [`QuirkCx::forward`], and `progress` counts the client bytes the
     /// handler has received since.
@@ -185,6 +190,10 @@ pub struct Admission<Q: StreamQuirks = NoQuirks> {
     /// Flows aborted by their handler, until when the stack's output for them is replaced
     /// by RST.
     aborted: HashMap<FlowKey, Instant>,
+    /// Flows whose bridge ended that the stack may still hold ([`StreamQuirks::LINGER`]),
+    /// until when; and the same times in order.
+    lingering: HashMap<FlowKey, Instant>,
+    linger_expiry: VecDeque<(Instant, FlowKey)>,
 }
 
 /// How long after a handler's abort the stack's own segments for the flow (a FIN sent
@@ -243,6 +252,8 @@ impl<Q: StreamQuirks> Admission<Q> {
             released: VecDeque::new(),
             aborts: Arc::default(),
             aborted: HashMap::new(),
+            lingering: HashMap::new(),
+            linger_expiry: VecDeque::new(),
         }
     }
 
@@ -273,6 +284,13 @@ impl<Q: StreamQuirks> Admission<Q> {
     pub fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Verdict {
         let (mut seg, id) = match self.table.inbound(packet) {
             Inbound::Tcp(seg, Seen::Admitted(id)) => (seg, id),
+            Inbound::Tcp(seg, Seen::Stranger { rst }) if self.lingers(now, (seg.src, seg.dst)) => {
+                // The stack still holds the connection: it answers.
+                if !rst {
+                    Stats::dec(&self.stats.tcp_unknown_flow);
+                }
+                return Verdict::Forward;
+            }
             Inbound::Tcp(seg, Seen::Stranger { rst: false }) => {
                 self.table.reset(&seg);
                 return Verdict::Consumed;
@@ -321,6 +339,8 @@ impl<Q: StreamQuirks> Admission<Q> {
             if let Some(entry) = self.table.get_mut(id) {
                 arm(&mut self.timers, key, entry);
             }
+            // A new connection on the 4-tuple takes it over.
+            self.lingering.remove(&key);
             // A new connection on a 4-tuple whose last one was aborted: its segments pass.
             if self.aborted.remove(&key).is_some() {
                 super::give_back_growth(&mut self.aborted);
@@ -460,13 +480,36 @@ impl<Q: StreamQuirks> Admission<Q> {
         false
     }
 
-    /// A bridge ended: forget the flow (later segments for it get RST from here).
+    /// A bridge ended: forget the flow. Its later segments get RST from here, or, for a
+    /// stack that may still hold the connection ([`StreamQuirks::LINGER`]), go to the
+    /// stack for that long.
     pub fn finished(&mut self, now: Instant, key: FlowKey) {
         self.take_aborts(now);
         let Some(id) = self.table.id(&key) else { return };
         if matches!(self.table.get(id), Some(Entry { waiting: None, .. })) {
             self.remove(now, id, Close::Clean);
+            if !Q::LINGER.is_zero() && !self.aborted.contains_key(&key) {
+                let until = now + Q::LINGER;
+                self.lingering.insert(key, until);
+                self.linger_expiry.push_back((until, key));
+            }
         }
+    }
+
+    /// Whether the stack may still hold `key`'s ended connection (forgetting those that
+    /// expired).
+    fn lingers(&mut self, now: Instant, key: FlowKey) -> bool {
+        while let Some(&(until, old)) = self.linger_expiry.front() {
+            if until > now {
+                break;
+            }
+            self.linger_expiry.pop_front();
+            if self.lingering.get(&old) == Some(&until) {
+                self.lingering.remove(&old);
+            }
+        }
+        super::give_back_growth(&mut self.lingering);
+        self.lingering.get(&key).is_some_and(|&until| until > now)
     }
 
     fn remove(&mut self, now: Instant, id: crate::FlowId, how: Close) {

@@ -166,11 +166,10 @@ impl<T> FlowTable<T> {
         &mut self.udp
     }
 
-    /// Looks at one packet from the TUN: counts it, drops what is malformed or
+    /// Looks at one packet from the TUN: drops what is malformed or
     /// unsupported, hands UDP to its session and TCP to [`segment`](Self::segment) (with
     /// its checksum verified).
     pub fn inbound(&mut self, packet: &PacketBuf) -> Inbound {
-        Stats::inc(&self.stats.rx_packets);
         match packet::classify(packet.packet()) {
             Err(_) => Stats::inc(&self.stats.malformed),
             Ok(Classified::Unsupported) => Stats::inc(&self.stats.unsupported),

@@ -6,6 +6,8 @@
 //! (`send` waits) and never drop; a stack's retransmission timers are far too coarse to
 //! treat a local queue as lossy.
 //!
+//! [`Counted`] wraps any device and keeps the gateway's packet counters.
+//!
 //! Implementations: [`tun::TunDevice`] (Linux TUN on tun-rs, optionally with offload) and
 //! [`mem::MemDevice`] (an in-memory pair for tests and benchmarks).
 
@@ -14,8 +16,11 @@ use std::io;
 
 use crate::config::Mtu;
 
+mod counted;
 pub mod mem;
 pub mod offload;
+
+pub use counted::Counted;
 #[cfg(target_os = "linux")]
 pub(crate) mod sys;
 #[cfg(target_os = "linux")]
@@ -31,6 +36,9 @@ pub struct PacketMeta {
     /// The transport checksum is not final: the field holds the pseudo-header sum, and
     /// the checksum over the transport header and payload is still to be folded in.
     pub csum: Option<offload::PartialChecksum>,
+    /// A later segment of a super-packet the device read and split (a packet it read
+    /// before): not a read of its own ([`Counted`]).
+    pub continued: bool,
 }
 
 /// A reusable packet buffer: fixed capacity, a filled length and metadata.

@@ -149,7 +149,7 @@ impl VnetHeader {
         let csum = (self.flags & F_NEEDS_CSUM != 0)
             .then_some(PartialChecksum { start: self.csum_start, offset: self.csum_offset });
         let kind = match self.gso_type & !GSO_ECN {
-            GSO_NONE => return Some(PacketMeta { gso: None, csum }),
+            GSO_NONE => return Some(PacketMeta { gso: None, csum, continued: false }),
             GSO_TCPV4 => GsoKind::TcpV4,
             GSO_TCPV6 => GsoKind::TcpV6,
             GSO_UDP_L4 => GsoKind::Udp,
@@ -159,7 +159,7 @@ impl VnetHeader {
             return None;
         }
         let gso = Gso { kind, size: self.gso_size, hdr_len: self.hdr_len, ecn: self.gso_type & GSO_ECN != 0 };
-        Some(PacketMeta { gso: Some(gso), csum })
+        Some(PacketMeta { gso: Some(gso), csum, continued: false })
     }
 
     pub fn from_meta(meta: &PacketMeta) -> Self {

@@ -283,6 +283,7 @@ impl TunDevice {
             }
         }
         let seg = v.splitter.segment(v.next);
+        buf.meta.continued = v.next > 0;
         v.next += 1;
         if seg.len() <= buf.capacity() {
             buf.spare_mut()[..seg.len()].copy_from_slice(seg);
