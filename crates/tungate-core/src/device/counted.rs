@@ -51,12 +51,10 @@ impl<D: PacketDevice> PacketDevice for Counted<D> {
         Ok(n)
     }
 
-    fn send(&mut self, packet: &PacketBuf) -> impl Future<Output = io::Result<()>> + Send {
-        async move {
-            self.inner.send(packet).await?;
-            Stats::inc(&self.stats.tx_packets);
-            Ok(())
-        }
+    async fn send(&mut self, packet: &PacketBuf) -> io::Result<()> {
+        self.inner.send(packet).await?;
+        Stats::inc(&self.stats.tx_packets);
+        Ok(())
     }
 
     fn mtu(&self) -> Mtu {
