@@ -131,19 +131,29 @@ impl Backend for NetstackSmoltcp {
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         let mut config = self.config;
         config.mtu = device.mtu();
-        async move {
-            let admission = Admission::with_quirks(
-                handlers,
-                config.mtu,
-                config.ring_capacity,
-                Duration::from_secs(25),
-                NetstackQuirks::default(),
-            );
-            let stack = NetstackStack::start(config, self.restarts, None)?;
-            run_stream_stack(stack, admission, device, shutdown).await?;
-            Ok(())
-        }
+        run(config, self.restarts, None, device, handlers, shutdown)
     }
+}
+
+/// The backend behind its admission layer, with a runner hook for tests.
+async fn run<D: PacketDevice>(
+    config: NetstackConfig,
+    restarts: Arc<AtomicU64>,
+    hook: Option<RunnerHook>,
+    device: D,
+    handlers: Dispatch,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BackendError> {
+    let admission = Admission::with_quirks(
+        handlers,
+        config.mtu,
+        config.ring_capacity,
+        Duration::from_secs(25),
+        NetstackQuirks::default(),
+    );
+    let stack = NetstackStack::start(config, restarts, hook)?;
+    run_stream_stack(stack, admission, device, shutdown).await?;
+    Ok(())
 }
 
 type RunnerFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
@@ -368,17 +378,6 @@ impl Backend for HookedNetstack {
         let mut config = self.backend.config;
         config.mtu = device.mtu();
         let (restarts, hook) = (self.backend.restarts, self.hook);
-        async move {
-            let admission = Admission::with_quirks(
-                handlers,
-                config.mtu,
-                config.ring_capacity,
-                Duration::from_secs(25),
-                NetstackQuirks::default(),
-            );
-            let stack = NetstackStack::start(config, restarts, Some(hook))?;
-            run_stream_stack(stack, admission, device, shutdown).await?;
-            Ok(())
-        }
+        run(config, restarts, Some(hook), device, handlers, shutdown)
     }
 }

@@ -163,40 +163,15 @@ impl StreamQuirks for NetstackQuirks {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use smoltcp::wire::TcpControl;
+    use tungate_core::Mtu;
     use tungate_core::admission::{Admission, Verdict};
-    use tungate_core::packet::{Classified, SegmentFields};
-    use tungate_core::{Dispatch, Mtu};
+    use tungate_core::packet::SegmentFields;
+    use tungate_testkit::engine::{Hold, accept_now, tcp_of as tcp};
 
     use super::*;
-
-    fn tcp(packet: &[u8]) -> TcpSummary {
-        match packet::classify(packet) {
-            Ok(Classified::Tcp(seg)) => {
-                assert!(packet::tcp_checksum_ok(packet, &seg), "checksum of {seg:?}");
-                seg
-            }
-            other => panic!("not TCP: {other:?}"),
-        }
-    }
-
-    /// Accepts every request at once and keeps the connections.
-    #[derive(Default)]
-    struct AcceptAll(std::sync::Mutex<Vec<tungate_core::TcpConn>>);
-
-    impl tungate_core::TcpHandler for AcceptAll {
-        fn handle_tcp(&self, request: tungate_core::TcpRequest) {
-            let conn = tungate_core::api::tcp::now_or_never(request.accept()).expect("a ring flow");
-            self.0.lock().expect("lock").push(conn);
-        }
-    }
-
-    impl tungate_core::UdpHandler for AcceptAll {
-        fn handle_udp(&self, _: tungate_core::UdpSession) {}
-    }
 
     /// The stack said: ACK `ack`, window `window` (scaled by the shift of its SYN-ACK).
     fn stack_ack(server: SocketAddr, client: SocketAddr, ack: u32, window: u16) -> PacketBuf {
@@ -207,9 +182,9 @@ mod tests {
 
     #[test]
     fn client_data_past_the_stacks_window_edge_less_one_scale_unit_is_trimmed() {
-        let handler = Arc::new(AcceptAll::default());
+        let hold = Hold::default();
         let mut adm = Admission::with_quirks(
-            Dispatch::new(handler.clone(), handler),
+            hold.dispatch(),
             Mtu::DEFAULT,
             4096,
             Duration::from_secs(25),
@@ -220,6 +195,7 @@ mod tests {
         let now = Instant::now();
         let mut syn = PacketBuf::from_vec(SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
         assert_eq!(adm.handle_packet(now, &mut syn), Verdict::Consumed, "held");
+        let _conn = accept_now(hold.take());
         let mut released = Vec::new();
         adm.service(now, |p| released.push(p));
         assert_eq!(released.len(), 1, "the SYN goes to the stack once accepted");

@@ -106,3 +106,15 @@ pub fn drain_tcp<E: Engine>(engine: &mut E) -> Vec<tungate_core::packet::TcpSumm
     }
     out
 }
+
+/// The TCP segment in `packet`, its checksum verified; panics on anything else.
+#[track_caller]
+pub fn tcp_of(packet: &[u8]) -> tungate_core::packet::TcpSummary {
+    match tungate_core::packet::classify(packet) {
+        Ok(tungate_core::packet::Classified::Tcp(seg)) => {
+            assert!(tungate_core::packet::tcp_checksum_ok(packet, &seg), "checksum of {seg:?}");
+            seg
+        }
+        other => panic!("not TCP: {other:?}"),
+    }
+}
