@@ -11,8 +11,10 @@
 # each answer checked; an exchange over 1 s fails the round). Subjects are interleaved
 # round by round; the table gives the median and every round. The client is one Python
 # asyncio process: it caps what any subject can show (the kernel row says where).
+# CONNRATE_PATTERN=client-closes runs `e2e_peer.py churn` against an echo server instead
+# (32 bytes echoed, the client closes first).
 # VARIANT: as bench.sh (`lwip`, a path, or LABEL=PATH). Env: CONNRATE_CONNS=5000
-# CONNRATE_CONC=50 CONNRATE_ROUNDS=3 BENCH_BIN_DIR=target/release.
+# CONNRATE_CONC=50 CONNRATE_ROUNDS=3 CONNRATE_PATTERN=server-closes BENCH_BIN_DIR=target/release.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,6 +23,12 @@ source "$REPO/scripts/netns.sh"
 CONNRATE_CONNS=${CONNRATE_CONNS:-5000}
 CONNRATE_CONC=${CONNRATE_CONC:-50}
 CONNRATE_ROUNDS=${CONNRATE_ROUNDS:-3}
+CONNRATE_PATTERN=${CONNRATE_PATTERN:-server-closes}
+case "$CONNRATE_PATTERN" in
+  server-closes) SERVE=serve-answer-close CLIENT=churn-server-closes ;;
+  client-closes) SERVE=serve-echo CLIENT=churn ;;
+  *) echo "connrate.sh: CONNRATE_PATTERN is server-closes or client-closes" >&2; exit 2 ;;
+esac
 BENCH_BIN_DIR=${BENCH_BIN_DIR:-$REPO/target/release}
 PEER="$REPO/scripts/e2e_peer.py"
 PORT=7001
@@ -40,7 +48,7 @@ one() {
   local id=$1 label=$2 path=$3 dir out i
   netns_up "$id" 1500 || { echo "failed: namespace setup"; netns_down "$id"; return; }
   dir="${NETNS_RUNDIR}/$id"
-  netns_srv_exec "$id" python3 "$PEER" serve-answer-close "$NETNS_SRV_V4" "$PORT" </dev/null >"$dir/srv.log" 2>&1 &
+  netns_srv_exec "$id" python3 "$PEER" "$SERVE" "$NETNS_SRV_V4" "$PORT" </dev/null >"$dir/srv.log" 2>&1 &
   _nns_record_pid "$id" "$!"
   for ((i = 0; i < 100; i++)); do
     grep -q listening "$dir/srv.log" 2>/dev/null && break
@@ -53,29 +61,31 @@ one() {
     netns_down "$id"
     return
   fi
-  out=$(timeout 300 ip netns exec "$(netns_cli "$id")" python3 "$PEER" churn-server-closes "$NETNS_SRV_V4" "$PORT" \
+  out=$(timeout 300 ip netns exec "$(netns_cli "$id")" python3 "$PEER" "$CLIENT" "$NETNS_SRV_V4" "$PORT" \
     "$CONNRATE_CONNS" "$CONNRATE_CONC" 2>/dev/null || true)
-  if [[ "$out" =~ ,\ ([0-9]+)/s, ]]; then
-    echo "${BASH_REMATCH[1]}"
+  if [[ "$out" =~ ^ok\ [a-z-]+\ ([0-9]+)\ connections,.*\ in\ ([0-9.]+)s ]]; then
+    awk -v n="${BASH_REMATCH[1]}" -v t="${BASH_REMATCH[2]}" 'BEGIN {printf "%.0f\n", n / t}'
+  elif [[ "$out" =~ ([0-9]+\ of\ [0-9]+\ failed\ \([^\)]*\)).*(slowest\ [0-9.]+s) ]]; then
+    echo "failed: ${BASH_REMATCH[1]}, ${BASH_REMATCH[2]}"
   else
-    echo "failed: ${out:0:160}"
+    echo "failed: ${out:0:80}"
   fi
   [[ -n "$path" ]] && { netns_stop_gateway "$id" || true; }
   netns_down "$id"
 }
 
-declare -A got
+rows=$(mktemp -d)
+trap 'rm -rf "$rows"' EXIT
 for ((r = 1; r <= CONNRATE_ROUNDS; r++)); do
   for i in "${!labels[@]}"; do
     res=$(one "cr$$-$r-$i" "${labels[$i]}" "${paths[$i]}")
-    printf '[connrate] round %s/%s %s: %s\n' "$r" "$CONNRATE_ROUNDS" "${labels[$i]}" "$res" >&2
-    got[$i]+="${got[$i]:+ }$res"
+    printf '[connrate] %s, round %s/%s, %s: %s\n' "$CONNRATE_PATTERN" "$r" "$CONNRATE_ROUNDS" "${labels[$i]}" "$res" >&2
+    echo "$res" >>"$rows/$i"
   done
 done
 echo "| subject | median connections/s | rounds |"
 echo "|---|---:|---|"
 for i in "${!labels[@]}"; do
-  rounds=${got[$i]}
-  median=$(tr ' ' '\n' <<<"$rounds" | grep -E '^[0-9]+$' | sort -n | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else print "failed"}')
-  echo "| ${labels[$i]} | $median | ${rounds// /, } |"
+  median=$({ grep -E '^[0-9]+$' "$rows/$i" || true; } | sort -n | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else print "failed"}')
+  echo "| ${labels[$i]} | $median | $(paste -sd ';' "$rows/$i" | sed 's/;/; /g') |"
 done
