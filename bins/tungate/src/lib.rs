@@ -385,43 +385,12 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             "offload": device.offload().is_some(),
             "mtu": args.mtu.get(),
         }));
-        tokio::spawn(release_memory_after_bursts(stats.clone(), false));
+        tokio::spawn(tungate_core::os::release_memory_after_bursts(stats.clone(), tungate_core::os::FlowCount::Known));
         tungate_core::serve(backend, device, handlers, shutdown).await.context("backend stopped")?;
         tracing::info!(stats = ?stats.snapshot(), "shut down");
         emit_event(serde_json::json!({ "event": "exit", "stats": stats_json(&stats) }));
         Ok(())
     })
-}
-
-/// Gives freed heap back to the OS once most of a burst of connections has ended (see
-/// [`tungate_core::os::release_free_heap`]). Checked every 2 s; trims after at least 256
-/// new connections, when at most a quarter as many are still open, and then again each
-/// time the connections open at the last trim shrink to a quarter, down to none.
-///
-/// `blind`: the variant counts no open flows (tungate-redirect hands each socket to the
-/// handler and never sees it close), so it trims every 10 s instead, once any
-/// connection came (one walk of glibc's free lists; nothing when nothing is free).
-async fn release_memory_after_bursts(stats: Arc<tungate_core::Stats>, blind: bool) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut interval = tokio::time::interval(std::time::Duration::from_secs(2));
-    let (mut requests_at_trim, mut active_at_trim, mut ticks) = (0, 0, 0u64);
-    loop {
-        interval.tick().await;
-        ticks += 1;
-        let requests = stats.tcp_requests.load(Relaxed);
-        let active = stats.tcp_active.load(Relaxed);
-        let new = requests - requests_at_trim;
-        // Trimmed again each time the flows left from the last trim shrink to a quarter
-        // (down to none): a burst's tail ends after its first trim, and its memory came
-        // back only with the next burst (11 MiB of 177 stayed after 2 000 connections).
-        let tail_ended = active_at_trim > 0 && active * 4 <= active_at_trim;
-        let due = if blind { requests > 0 && ticks % 5 == 0 } else { (new >= 256 && active * 4 <= new) || tail_ended };
-        if due {
-            tungate_core::os::release_free_heap();
-            (requests_at_trim, active_at_trim) = (requests, active);
-            tracing::debug!(new, active, "returned free heap to the OS");
-        }
-    }
 }
 
 /// Installs the SIGINT/SIGTERM handlers now (before "ready" is logged, so a signal sent
@@ -622,7 +591,10 @@ pub mod redirect {
                 "pid": std::process::id(),
                 "listen": listen,
             }));
-            tokio::spawn(super::release_memory_after_bursts(stats.clone(), true));
+            tokio::spawn(tungate_core::os::release_memory_after_bursts(
+                stats.clone(),
+                tungate_core::os::FlowCount::Unknown,
+            ));
             backend_redirect::serve(listeners, Arc::new(router), stats.clone(), args.max_memory, shutdown).await?;
             tracing::info!(stats = ?stats.snapshot(), "shut down");
             super::emit_event(serde_json::json!({ "event": "exit", "stats": super::stats_json(&stats) }));

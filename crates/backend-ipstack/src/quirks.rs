@@ -15,7 +15,9 @@
 //!   ipstack has sent its own FIN (the handler's side ended, every reply byte sent), the
 //!   held FIN goes to ipstack, acknowledging what the client acknowledged by then — the
 //!   server-first close ipstack handles. The client retransmits its FIN meanwhile (those
-//!   copies are dropped); its other segments pass.
+//!   copies are dropped); its other segments pass. Limit: a client whose half-closed
+//!   connection keeps receiving for longer than its kernel retransmits an unacknowledged
+//!   FIN (about 15 minutes on Linux) gives up on the connection.
 //! * **FIN with data**: ipstack drops the payload of a segment that carries FIN: such a
 //!   segment goes to it as two, the data now and the bare FIN held as above.
 //! * **Retransmission only on arrival**: ipstack checks its retransmission timers only
@@ -34,9 +36,11 @@ pub const REPLAY_FIRST: Duration = Duration::from_millis(1100);
 /// No replays once the gap between them would exceed this: a flow quiet that long is
 /// idle, not stalled, and costs nothing from then on.
 pub const REPLAY_LAST: Duration = Duration::from_secs(32);
-/// How often a held FIN looks whether the handler has caught up. The bridge moves up to
-/// 32 KiB per read, so the wait after the last byte is at most this.
+/// How soon a held FIN first looks whether the handler has caught up; the gap then doubles
+/// up to [`FIN_POLL_LAST`], so a flow whose handler reads slowly costs few wake-ups.
 pub const FIN_POLL: Duration = Duration::from_millis(2);
+/// The longest gap between two looks at a held FIN.
+pub const FIN_POLL_LAST: Duration = Duration::from_millis(64);
 
 /// ipstack's work-arounds; `unread_limit` is the cap described in the module docs.
 #[derive(Debug, Clone, Copy)]
@@ -70,14 +74,16 @@ struct HeldFin {
     at: u64,
     /// The handler was told of the end.
     told: bool,
+    /// The gap to the next look while the handler is behind.
+    poll: Duration,
 }
 
 impl Flow {
-    /// Where the client's byte stream stands at `seq`, counted from its first byte;
-    /// `None` for a sequence number before it (an old duplicate).
+    /// Where the client's byte stream stands at `seq`, counted from its first byte (past
+    /// 4 GiB too: sequence numbers wrap, so `seq` is placed within 2 GiB of what the
+    /// handler has received); `None` for a sequence number before the first byte.
     fn offset(&self, seq: u32) -> Option<u64> {
-        let offset = seq.wrapping_sub(self.start);
-        (offset < 1 << 31).then_some(u64::from(offset))
+        stream_offset(self.start, self.progress.delivered(), seq)
     }
 
     /// Whether `seg` would leave more than `limit` bytes unread inside the stack.
@@ -126,9 +132,13 @@ impl Flow {
     }
 
     /// The earlier of the next replay and the next look at a held FIN whose bytes the
-    /// handler does not have yet.
-    fn next_timer(&self, now: Instant) -> Option<Instant> {
-        let fin = self.held_fin.as_ref().filter(|h| !h.told).map(|_| now + FIN_POLL);
+    /// handler does not have yet (each look waits twice as long as the one before).
+    fn next_timer(&mut self, now: Instant) -> Option<Instant> {
+        let fin = self.held_fin.as_mut().filter(|h| !h.told).map(|h| {
+            let at = now + h.poll;
+            h.poll = (h.poll * 2).min(FIN_POLL_LAST);
+            at
+        });
         fin.into_iter().chain(self.replay.map(|(at, _)| at)).min()
     }
 }
@@ -205,7 +215,35 @@ fn hold_fin(cx: &mut QuirkCx<'_>, flow: &mut Flow, packet: &PacketBuf, seg: &Tcp
         PacketBuf::from_slice(packet.packet())
     };
     let told = flow.held_fin.as_ref().is_some_and(|h| h.told);
-    flow.held_fin = Some(HeldFin { packet: fin, at, told });
+    flow.held_fin = Some(HeldFin { packet: fin, at, told, poll: FIN_POLL });
     flow.advance(cx);
     Pass::Withhold
+}
+
+/// Where `seq` lies in a byte stream whose first byte has sequence number `start`, placed
+/// within 2 GiB of `known` (an offset already reached); `None` before the first byte.
+fn stream_offset(start: u32, known: u64, seq: u32) -> Option<u64> {
+    let from_known = seq.wrapping_sub(start.wrapping_add(known as u32)) as i32;
+    known.checked_add_signed(i64::from(from_known))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_offset;
+
+    #[test]
+    fn stream_offsets_survive_the_wrap_and_every_4_gib() {
+        let start = u32::MAX - 10;
+        assert_eq!(stream_offset(start, 0, start), Some(0));
+        assert_eq!(stream_offset(start, 0, 5), Some(16), "across the sequence wrap");
+        assert_eq!(stream_offset(start, 0, start.wrapping_sub(1)), None, "before the first byte");
+        // 5 GiB in, 1 MiB ahead and 1 MiB behind what the handler has.
+        let known = 5u64 << 30;
+        let at = |offset: u64| start.wrapping_add(offset as u32);
+        assert_eq!(stream_offset(start, known, at(known + (1 << 20))), Some(known + (1 << 20)));
+        assert_eq!(stream_offset(start, known, at(known - (1 << 20))), Some(known - (1 << 20)));
+        // 3 GiB in: what a 32-bit offset took for an old duplicate.
+        let known = 3u64 << 30;
+        assert_eq!(stream_offset(start, known, at(known + 100)), Some(known + 100));
+    }
 }

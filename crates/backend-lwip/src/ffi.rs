@@ -284,13 +284,16 @@ impl Stack {
     /// kernel reused a port retried after 1 s and 2 s). Returns whether one was found.
     pub(crate) fn forget_time_wait(&mut self, client: SocketAddr, dst: SocketAddr) -> bool {
         // SAFETY: no lwIP call is in progress (`&mut self`). The list is lwIP's, read
-        // until the match; lwIP owns TIME-WAIT PCBs (they were taken out of our slots when
-        // seen in TIME-WAIT), so no slot points at it, and `tcp_abort` unlinks and frees it
-        // before we stop walking.
+        // until the match; only a PCB whose callback argument is null is aborted, i.e. one
+        // lwIP owns alone (taken out of our slot, callbacks cleared), so no slot points at
+        // it, and `tcp_abort` unlinks and frees it before we stop walking.
         unsafe {
             let mut pcb = ptr::addr_of!(sys::tcp_tw_pcbs).read();
             while let Some(p) = pcb.as_ref() {
-                if to_socket_addr(&p.remote_ip, p.remote_port) == client
+                // A PCB still in one of our slots (its callback argument set) is left alone:
+                // the slot would be left pointing at freed memory.
+                if p.callback_arg.is_null()
+                    && to_socket_addr(&p.remote_ip, p.remote_port) == client
                     && to_socket_addr(&p.local_ip, p.local_port) == dst
                 {
                     clear_callbacks(pcb);

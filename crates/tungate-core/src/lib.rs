@@ -37,7 +37,8 @@
 //!   ([`admission::FlowTable`]: held SYNs, RST for strangers, UDP sessions), and the
 //!   layer in front of stacks that hand out streams.
 //! * [`flow`]: the stack's side of a flow (rings and ports shared with the handler's side).
-//! * [`handler`]: building handlers' UDP replies and a layer's own packets.
+//! * [`outbound`]: the queues of packets for the device that are not a stack's own:
+//!   handlers' UDP replies and what admission writes itself.
 //! * [`engine`]: the I/O-free engine contract of packet-level backends, and its driver;
 //!   [`stream_stack`]: the driver for stacks that hand out streams.
 //! * [`backend`]: the trait the binaries drive; backends live in their own crates.
@@ -50,8 +51,8 @@ pub mod backend;
 pub mod config;
 pub mod device;
 pub mod engine;
-pub mod handler;
 pub mod os;
+pub mod outbound;
 pub mod packet;
 pub mod stream_stack;
 

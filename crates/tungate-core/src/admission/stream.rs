@@ -68,8 +68,9 @@ pub trait StreamQuirks: Send + 'static {
     const WATCHES_OUTPUT: bool = false;
 
     /// How long the stack may still hold a connection after its bridge ended (its
-    /// stream's `shutdown` completes before the connection is closed): meanwhile the
-    /// client's segments for it go to the stack rather than being answered with RST.
+    /// stream's `shutdown` completes before the connection is closed), counted again
+    /// from each segment the stack sends for it: meanwhile the client's segments for it
+    /// go to the stack rather than being answered with RST.
     const LINGER: Duration = Duration::ZERO;
 
     /// A flow was accepted: `syn` is the client's SYN, going to the stack after whatever
@@ -274,9 +275,10 @@ impl<Q: StreamQuirks> Admission<Q> {
         &self.stats
     }
 
-    /// Flows known here (pending, released or bridged).
+    /// Flows known here: pending, released, bridged, or ended but lingering in the stack
+    /// ([`StreamQuirks::LINGER`]).
     pub fn flow_count(&self) -> usize {
-        self.table.len()
+        self.table.len() + self.lingering.len()
     }
 
     /// Looks at one packet from the TUN, read at `now`. A packet to forward may have
@@ -322,6 +324,7 @@ impl<Q: StreamQuirks> Admission<Q> {
     /// stream never came (the handler sees a reset), and runs the quirks' timers (what
     /// they make for the stack goes to `forward` too).
     pub fn service(&mut self, now: Instant, mut forward: impl FnMut(PacketBuf)) {
+        self.forget_lingering(now);
         let mut woken = std::mem::take(&mut self.woken);
         self.table.wake_queue().drain_into(&mut woken);
         for &id in &woken {
@@ -396,7 +399,9 @@ impl<Q: StreamQuirks> Admission<Q> {
         }
         // A timer entry may be early (the flow's timer moved since): `service` re-queues it.
         let timer = self.timers.peek().map(|Reverse((at, _))| *at);
-        handshake.into_iter().chain(timer).min()
+        // A linger's end lets an idle stack be seen as idle (see `flow_count`).
+        let linger = self.linger_expiry.front().map(|(at, _)| *at);
+        handshake.into_iter().chain(timer).chain(linger).min()
     }
 
     /// The stack accepted a connection from `client` to `dst`: returns the flow's port if
@@ -445,13 +450,23 @@ impl<Q: StreamQuirks> Admission<Q> {
     /// (and the quirks do not watch the output).
     pub fn pass_output(&mut self, now: Instant, packet: &PacketBuf) -> bool {
         self.take_aborts(now);
-        if Q::WATCHES_OUTPUT {
+        if Q::WATCHES_OUTPUT || !Q::LINGER.is_zero() {
             if let Ok(Classified::Tcp(seg)) = packet::classify(packet.packet()) {
-                if let Some(entry) = self.table.id(&(seg.dst, seg.src)).and_then(|id| self.table.get_mut(id)) {
-                    let mut cx =
-                        QuirkCx { now, to_stack: &mut self.to_stack, timer: &mut entry.timer, stats: &self.stats };
-                    self.quirks.stack_segment(&mut cx, &mut entry.quirks, packet.packet(), &seg);
-                    arm(&mut self.timers, (seg.dst, seg.src), entry);
+                let key = (seg.dst, seg.src);
+                if let Some(entry) = self.table.id(&key).and_then(|id| self.table.get_mut(id)) {
+                    if Q::WATCHES_OUTPUT {
+                        let mut cx =
+                            QuirkCx { now, to_stack: &mut self.to_stack, timer: &mut entry.timer, stats: &self.stats };
+                        self.quirks.stack_segment(&mut cx, &mut entry.quirks, packet.packet(), &seg);
+                        arm(&mut self.timers, key, entry);
+                    }
+                } else if let Some(until) = self.lingering.get_mut(&key) {
+                    // The stack still sends for the ended connection: it lingers on (renewed
+                    // at most twice per LINGER, so the expiry queue stays short).
+                    if *until < now + Q::LINGER / 2 {
+                        *until = now + Q::LINGER;
+                        self.linger_expiry.push_back((*until, key));
+                    }
                 }
             }
         }
@@ -496,9 +511,14 @@ impl<Q: StreamQuirks> Admission<Q> {
         }
     }
 
-    /// Whether the stack may still hold `key`'s ended connection (forgetting those that
-    /// expired).
+    /// Whether the stack may still hold `key`'s ended connection.
     fn lingers(&mut self, now: Instant, key: FlowKey) -> bool {
+        self.forget_lingering(now);
+        self.lingering.get(&key).is_some_and(|&until| until > now)
+    }
+
+    /// Forgets the ended connections whose linger has passed.
+    fn forget_lingering(&mut self, now: Instant) {
         while let Some(&(until, old)) = self.linger_expiry.front() {
             if until > now {
                 break;
@@ -509,7 +529,6 @@ impl<Q: StreamQuirks> Admission<Q> {
             }
         }
         super::give_back_growth(&mut self.lingering);
-        self.lingering.get(&key).is_some_and(|&until| until > now)
     }
 
     fn remove(&mut self, now: Instant, id: crate::FlowId, how: Close) {

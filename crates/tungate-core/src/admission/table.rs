@@ -10,7 +10,7 @@ use crate::api::RingBudget;
 use crate::config::Mtu;
 use crate::device::PacketBuf;
 use crate::flow::{self, Decision, FlowId, FlowLink, UdpSessions, WakeQueue};
-use crate::handler::Outbound;
+use crate::outbound::Outbound;
 use crate::packet::{self, Classified, Stranger, TcpSummary};
 use crate::stats::Stats;
 use crate::{Dispatch, TcpHandler};

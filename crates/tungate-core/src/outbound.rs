@@ -1,4 +1,5 @@
-//! The stack side of UDP replies and of packets a layer writes itself.
+//! Outbound queues: the packets for the device that are not a stack's own — handlers'
+//! UDP replies and what a layer (admission) writes itself.
 //!
 //! The handler-facing traits and types ([`TcpHandler`](tungate_api::TcpHandler),
 //! [`UdpSession`](tungate_api::UdpSession), …) live in `tungate-api`; this module builds
