@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use tungate_core::events::{Event, Ready};
+
 use anyhow::{Context, bail};
 use clap::Parser;
 use ipnet::IpNet;
@@ -195,17 +197,11 @@ Logs (--log-level) go to standard error."#;
 /// Prints one machine-readable event line on stdout (see the `--help` text): the only
 /// thing a running gateway writes there, so a supervisor or test reads it without parsing
 /// logs.
-fn emit_event(event: serde_json::Value) {
+fn emit_event(event: Event) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     // A closed stdout is the supervisor's choice; it must not stop the gateway.
-    let _ = writeln!(out, "{event}").and_then(|()| out.flush());
-}
-
-fn stats_json(stats: &tungate_core::Stats) -> serde_json::Value {
-    let map: serde_json::Map<String, serde_json::Value> =
-        stats.snapshot().fields().map(|(name, value)| (name.to_owned(), serde_json::Value::from(value))).collect();
-    map.into()
+    let _ = writeln!(out, "{}", event.to_line()).and_then(|()| out.flush());
 }
 
 fn parse_proxy(s: &str) -> Result<ProxySpec, String> {
@@ -377,18 +373,18 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             max_memory = ?args.max_memory,
             "ready"
         );
-        emit_event(serde_json::json!({
-            "event": "ready",
-            "backend": B::NAME,
-            "pid": std::process::id(),
-            "tun": device.name(),
-            "offload": device.offload().is_some(),
-            "mtu": args.mtu.get(),
+        emit_event(Event::Ready(Ready {
+            backend: B::NAME.into(),
+            pid: std::process::id(),
+            tun: Some(device.name().to_owned()),
+            offload: Some(device.offload().is_some()),
+            mtu: Some(args.mtu.get()),
+            listen: None,
         }));
         tokio::spawn(tungate_core::os::release_memory_after_bursts(stats.clone(), tungate_core::os::FlowCount::Known));
         tungate_core::serve(backend, device, handlers, shutdown).await.context("backend stopped")?;
         tracing::info!(stats = ?stats.snapshot(), "shut down");
-        emit_event(serde_json::json!({ "event": "exit", "stats": stats_json(&stats) }));
+        emit_event(Event::exit(&stats));
         Ok(())
     })
 }
@@ -495,6 +491,7 @@ pub mod redirect {
 
     use anyhow::{Context, bail};
     use clap::Parser;
+    use tungate_core::events::{Event, Ready};
 
     /// The no-TUN baseline: serves TCP connections that an nftables REDIRECT rule sends to
     /// its listeners, with their original destination (SO_ORIGINAL_DST), through the same
@@ -585,11 +582,13 @@ pub mod redirect {
                 max_memory = ?args.max_memory,
                 "ready"
             );
-            super::emit_event(serde_json::json!({
-                "event": "ready",
-                "backend": "redirect",
-                "pid": std::process::id(),
-                "listen": listen,
+            super::emit_event(Event::Ready(Ready {
+                backend: "redirect".into(),
+                pid: std::process::id(),
+                tun: None,
+                offload: None,
+                mtu: None,
+                listen: Some(listen),
             }));
             tokio::spawn(tungate_core::os::release_memory_after_bursts(
                 stats.clone(),
@@ -597,7 +596,7 @@ pub mod redirect {
             ));
             backend_redirect::serve(listeners, Arc::new(router), stats.clone(), args.max_memory, shutdown).await?;
             tracing::info!(stats = ?stats.snapshot(), "shut down");
-            super::emit_event(serde_json::json!({ "event": "exit", "stats": super::stats_json(&stats) }));
+            super::emit_event(Event::exit(&stats));
             Ok(())
         })
     }

@@ -37,6 +37,7 @@
 //!   ([`admission::FlowTable`]: held SYNs, RST for strangers, UDP sessions), and the
 //!   layer in front of stacks that hand out streams.
 //! * [`flow`]: the stack's side of a flow (rings and ports shared with the handler's side).
+//! * [`events`]: the two JSON lines a running gateway writes on standard output, typed.
 //! * [`outbound`]: the queues of packets for the device that are not a stack's own:
 //!   handlers' UDP replies and what admission writes itself.
 //! * [`engine`]: the I/O-free engine contract of packet-level backends, and its driver;
@@ -51,6 +52,7 @@ pub mod backend;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod events;
 pub mod os;
 pub mod outbound;
 pub mod packet;

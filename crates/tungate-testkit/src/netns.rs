@@ -295,14 +295,8 @@ impl Topology {
     pub fn stop_gateway(&self) -> std::collections::HashMap<String, u64> {
         netns_lib(&format!("netns_stop_gateway {}", self.id));
         let log = self.gateway_log();
-        let exit = gateway_events(&log).into_iter().rfind(|e| e["event"] == "exit").unwrap_or_else(|| {
-            panic!("the gateway printed no exit event at shutdown:\n{log}");
-        });
-        let stats = exit["stats"].as_object().unwrap_or_else(|| panic!("exit event without stats: {exit}"));
-        stats
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or_else(|| panic!("counter {k} is not a number: {v}"))))
-            .collect()
+        let exit = gateway_events(&log).into_iter().rev().find_map(|e| e.exit_counters());
+        exit.unwrap_or_else(|| panic!("the gateway printed no exit event with numeric counters at shutdown:\n{log}"))
     }
 
     pub fn gateway_log(&self) -> String {
@@ -775,11 +769,6 @@ pub fn netns_slow_reader(bin: &str, bound_kib: u64) -> u64 {
 /// The JSON event lines (`{"event":…}`) in a gateway's output, in order. Log lines never
 /// start with `{`; other text that does (part of a panic message, a line cut short by a
 /// kill) is not an event and is skipped: the caller fails on the event it misses.
-pub fn gateway_events(output: &str) -> Vec<serde_json::Value> {
-    output
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["event"].is_string())
-        .collect()
+pub fn gateway_events(output: &str) -> Vec<tungate_core::events::Event> {
+    tungate_core::events::Event::parse_all(output)
 }
