@@ -360,9 +360,20 @@ def raise_fd_limit():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve_echo(host, port):
+def serve_asyncio(host, port, handle):
+    """Serves TCP with the asyncio connection handler `handle` (thousands of connections)."""
     raise_fd_limit()
 
+    async def main():
+        srv = await asyncio.start_server(handle, host, int(port), backlog=4096)
+        listening()
+        async with srv:
+            await srv.serve_forever()
+
+    asyncio.run(main())
+
+
+def serve_echo(host, port):
     async def echo(reader, writer):
         try:
             while True:
@@ -374,13 +385,7 @@ def serve_echo(host, port):
         finally:
             writer.close()
 
-    async def main():
-        srv = await asyncio.start_server(echo, host, int(port), backlog=4096)
-        listening()
-        async with srv:
-            await srv.serve_forever()
-
-    asyncio.run(main())
+    serve_asyncio(host, port, echo)
 
 
 def many(host, port, n, size):
@@ -465,26 +470,43 @@ def sequential(host, port, n):
     print(f"ok sequential {n} connections from {len(ports)} client ports in {time.monotonic() - t:.2f}s", flush=True)
 
 
-def churn(host, port, n, concurrency):
+def churn_loop(name, host, port, n, concurrency, exchange, slow=None):
+    """N connections, C at a time, each running `exchange(reader, writer, request)` (which
+    returns None, or why the answer was wrong) with its own 32-byte request. Failures are
+    counted by kind; with `slow`, an exchange that took longer counts as failed. Prints
+    "ok NAME N connections, C at a time, in Ts, R/s, slowest Ss", or fails saying how many
+    failed and how."""
     raise_fd_limit()
     n, concurrency = int(n), int(concurrency)
-    failures = {"refused": 0, "reset": 0, "timeout": 0, "wrong echo": 0, "other": 0}
+    failures = {"refused": 0, "reset": 0, "timeout": 0, "wrong answer": 0, "slow": 0, "other": 0}
     first = []
+    slowest = 0.0
+    used = {}
 
     async def one(i, slots):
+        nonlocal slowest
         async with slots:
-            payload = f"{i:08d}".encode() * 4
+            request = f"{i:08d}".encode() * 4
+            start = time.monotonic()
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 30)
+                local_port = writer.get_extra_info("sockname")[1]
+                handshake = time.monotonic() - start
                 try:
-                    writer.write(payload)
-                    await writer.drain()
-                    got = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
-                    if got != payload:
-                        failures["wrong echo"] += 1
+                    wrong = await exchange(reader, writer, request)
+                    if wrong:
+                        failures["wrong answer"] += 1
+                        first.append(f"connection {i}: {wrong}")
                 finally:
                     writer.close()
                     await writer.wait_closed()
+                took = time.monotonic() - start
+                slowest = max(slowest, took)
+                if slow is not None and took > slow:
+                    failures["slow"] += 1
+                    reuse = f", port {local_port} last used by connection {used[local_port]}" if local_port in used else ""
+                    first.append(f"connection {i}: {took:.2f}s (handshake {handshake:.2f}s{reuse})")
+                used[local_port] = i
             except ConnectionRefusedError as e:
                 failures["refused"] += 1
                 first.append(f"connection {i}: {e!r}")
@@ -505,7 +527,7 @@ def churn(host, port, n, concurrency):
             await t
             done += 1
             if done % 5000 == 0:
-                print(f"[churn] {done}/{n}", file=sys.stderr, flush=True)
+                print(f"[{name}] {done}/{n}", file=sys.stderr, flush=True)
 
     t = time.monotonic()
     asyncio.run(main())
@@ -513,8 +535,21 @@ def churn(host, port, n, concurrency):
     bad = sum(failures.values())
     if bad:
         detail = ", ".join(f"{v} {k}" for k, v in failures.items() if v)
-        fail(f"churn: {bad} of {n} connections failed ({detail}) in {took:.1f}s; first: {first[:3]}")
-    print(f"ok churn {n} connections, {concurrency} at a time, in {took:.2f}s", flush=True)
+        fail(f"{name}: {bad} of {n} connections failed ({detail}) in {took:.1f}s, slowest {slowest:.2f}s; first: {first[:3]}")
+    print(f"ok {name} {n} connections, {concurrency} at a time, in {took:.2f}s, {n / took:.0f}/s, "
+          f"slowest {slowest:.3f}s", flush=True)
+
+
+def churn(host, port, n, concurrency):
+    """The client closes first, after its 32 bytes came back."""
+
+    async def echo(reader, writer, request):
+        writer.write(request)
+        await writer.drain()
+        got = await asyncio.wait_for(reader.readexactly(len(request)), 30)
+        return None if got == request else "echo differs"
+
+    churn_loop("churn", host, port, n, concurrency, echo)
 
 
 def answer_for(request):
@@ -523,8 +558,6 @@ def answer_for(request):
 
 
 def serve_answer_close(host, port):
-    raise_fd_limit()
-
     async def answer(reader, writer):
         try:
             request = await reader.readexactly(32)
@@ -535,74 +568,19 @@ def serve_answer_close(host, port):
         finally:
             writer.close()
 
-    async def main():
-        srv = await asyncio.start_server(answer, host, int(port), backlog=4096)
-        listening()
-        async with srv:
-            await srv.serve_forever()
-
-    asyncio.run(main())
+    serve_asyncio(host, port, answer)
 
 
 def churn_server_closes(host, port, n, concurrency):
-    raise_fd_limit()
-    n, concurrency = int(n), int(concurrency)
-    failures = {"refused": 0, "reset": 0, "timeout": 0, "wrong answer": 0, "slow": 0, "other": 0}
-    first = []
-    slowest = 0.0
-    used = {}
+    """The server closes first, after its answer; an exchange over 1 s fails."""
 
-    async def one(i, slots):
-        nonlocal slowest
-        async with slots:
-            request = f"{i:08d}".encode() * 4
-            start = time.monotonic()
-            try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 30)
-                lp = writer.get_extra_info("sockname")[1]
-                conn_time = time.monotonic() - start
-                try:
-                    writer.write(request)
-                    await writer.drain()
-                    got = await asyncio.wait_for(reader.read(), 30)
-                    if got != answer_for(request):
-                        failures["wrong answer"] += 1
-                        first.append(f"connection {i}: {len(got)} bytes, not the answer")
-                finally:
-                    writer.close()
-                    await writer.wait_closed()
-                took = time.monotonic() - start
-                slowest = max(slowest, took)
-                if took > 1.0:
-                    failures["slow"] += 1
-                    reuse = f", port {lp} last used by connection {used[lp]}" if lp in used else ""
-                    first.append(f"connection {i}: {took:.2f}s (handshake {conn_time:.2f}s{reuse})")
-                used[lp] = i
-            except ConnectionRefusedError as e:
-                failures["refused"] += 1
-                first.append(f"connection {i}: {e!r}")
-            except (ConnectionResetError, BrokenPipeError) as e:
-                failures["reset"] += 1
-                first.append(f"connection {i}: {e!r}")
-            except asyncio.TimeoutError:
-                failures["timeout"] += 1
-            except OSError as e:
-                failures["other"] += 1
-                first.append(f"connection {i}: {e!r}")
+    async def ask(reader, writer, request):
+        writer.write(request)
+        await writer.drain()
+        got = await asyncio.wait_for(reader.read(), 30)
+        return None if got == answer_for(request) else f"{len(got)} bytes, not the answer"
 
-    async def main():
-        slots = asyncio.Semaphore(concurrency)
-        await asyncio.gather(*(one(i, slots) for i in range(n)))
-
-    t = time.monotonic()
-    asyncio.run(main())
-    took = time.monotonic() - t
-    bad = sum(failures.values())
-    if bad:
-        detail = ", ".join(f"{v} {k}" for k, v in failures.items() if v)
-        fail(f"churn-server-closes: {bad} of {n} failed ({detail}) in {took:.1f}s, slowest {slowest:.2f}s; first: {first[:3]}")
-    print(f"ok churn-server-closes {n} connections, {concurrency} at a time, in {took:.2f}s, "
-          f"{n / took:.0f}/s, slowest {slowest:.3f}s", flush=True)
+    churn_loop("churn-server-closes", host, port, n, concurrency, ask, slow=1.0)
 
 
 COMMANDS = {

@@ -15,11 +15,11 @@
 //!
 //! # What it supports
 //!
-//! IPv4 and IPv6; refusal as RST to the SYN, server-first half-close, `peek`, `abort` as
-//! RST, UDP sessions (tungate's own path) — with the work-arounds below. Not: client-first
-//! half-close (ipstack closes its side on the client's FIN) and recovery from loss with
-//! re-segmented retransmissions (its reassembly can stall for good): the conformance
-//! suite's documented limits (`mem::Limits`). No TUN offload.
+//! IPv4 and IPv6; refusal as RST to the SYN, half-close both ways (client first through
+//! the FIN hold below), `peek`, `abort` as RST, UDP sessions (tungate's own path) — with
+//! the work-arounds below. Not: recovery from loss with re-segmented retransmissions (its
+//! reassembly can stall for good): the conformance suite's documented limit
+//! (`mem::Limits`). No TUN offload.
 //!
 //! # What ipstack cannot do, and what we do about it
 //!
@@ -68,9 +68,9 @@
 //!   open, and a churn of 20 000 ran out of file descriptors. Once the pipe has seen
 //!   ipstack send the flow's FIN, a pending read is polled again on a timer (10 ms,
 //!   doubling to 1 s) until it reports the end.
-//! * **Half-close, client first**: ipstack closes its sending side as soon as the
-//!   client's FIN arrives; the conformance suite records this as this backend's explicit
-//!   exception. (Server first works: the server's FIN, then the client's bytes.)
+//! * **TIME-WAIT ignores a new SYN**: a client whose kernel reused the port of a
+//!   connection ipstack closed first waited 1 s per retry; ipstack's TIME-WAIT is 50 ms
+//!   here (`TIME_WAIT`).
 //!
 //! Tuning: MSS = MTU − 60, at most 8192 (one value for IPv4 and IPv6: ipstack takes a
 //! single MSS option; larger segments stall its reassembly, see `ipstack_mss`), the largest window ipstack can advertise (65535: it has no window scaling),

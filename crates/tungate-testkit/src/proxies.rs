@@ -82,9 +82,8 @@ fn servers(t: &mut Topology) -> Vec<u8> {
 /// (microsocks and tinyproxy close both ways on the first FIN); otherwise it is
 /// length-delimited.
 fn each_way_64mib(t: &Topology, proxy_half_closes: bool) {
-    let half_close = proxy_half_closes;
     let n = (64u64 << 20).to_string();
-    let (command, port) = if half_close { ("upload", "9000") } else { ("upload-counted", "9002") };
+    let (command, port) = if proxy_half_closes { ("upload", "9000") } else { ("upload-counted", "9002") };
     let up = t.peer_client(&[command, "10.77.0.2", port, &n]);
     assert!(up.starts_with("ok upload 67108864 bytes"), "{up}");
     let down = t.peer_client(&["download", "10.77.0.2", "9001", &n]);
