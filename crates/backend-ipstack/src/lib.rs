@@ -92,8 +92,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
 use tungate_core::admission::{Admission, FlowKey, give_back_growth};
+use tungate_core::engine::run_engine;
 use tungate_core::packet::{self, Classified};
-use tungate_core::stream_stack::{StreamStack, run_stream_stack};
+use tungate_core::stream_stack::{StreamEngine, StreamStack};
 use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketBuf, PacketDevice};
 
 pub mod quirks;
@@ -160,7 +161,8 @@ impl Backend for Ipstack {
             let admission =
                 Admission::with_quirks(handlers, config.mtu, config.ring_capacity, Duration::from_secs(25), quirks);
             let stack = IpstackStack::start(&config, mtu);
-            run_stream_stack(stack, admission, device, shutdown).await?;
+            let engine = StreamEngine::new(stack, admission, device.max_packet_len());
+            run_engine(engine, device, shutdown).await?;
             Ok(())
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tungate_core::admission::{Decided, FlowKey, FlowTable, Inbound, Seen};
-use tungate_core::engine::Engine;
+use tungate_core::engine::{Engine, Handled};
 use tungate_core::flow::{FlowLink, WakeQueue};
 use tungate_core::{Dispatch, FlowId, PacketBuf};
 
@@ -280,7 +280,7 @@ fn mark_dirty(dirty: &mut Vec<FlowId>, flow: &mut Flow, id: FlowId) {
 }
 
 impl Engine for LwipEngine {
-    fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) {
+    fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
         self.now = now;
         match self.flows.inbound(packet) {
             Inbound::Tcp(seg, Seen::Admitted(id)) => self.admitted_segment(id, packet, seg.rst),
@@ -290,6 +290,7 @@ impl Engine for LwipEngine {
             Inbound::Tcp(_, Seen::Stranger { .. }) => self.input(packet.packet()),
             Inbound::Tcp(_, Seen::Consumed) | Inbound::Done => {}
         }
+        Handled::Consumed
     }
 
     /// Delivers what the batch brought and sends one ACK (plus data) per flow.

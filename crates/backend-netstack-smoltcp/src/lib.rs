@@ -73,7 +73,8 @@ use std::time::Duration;
 use futures::{Sink, Stream};
 use netstack_smoltcp::{StackBuilder, TcpListener, TcpStream};
 use tungate_core::admission::Admission;
-use tungate_core::stream_stack::{StreamStack, run_stream_stack};
+use tungate_core::engine::run_engine;
+use tungate_core::stream_stack::{StreamEngine, StreamStack};
 use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketBuf, PacketDevice};
 
 pub mod quirks;
@@ -152,7 +153,8 @@ async fn run<D: PacketDevice>(
         NetstackQuirks::default(),
     );
     let stack = NetstackStack::start(config, restarts, hook)?;
-    run_stream_stack(stack, admission, device, shutdown).await?;
+    let engine = StreamEngine::new(stack, admission, device.max_packet_len());
+    run_engine(engine, device, shutdown).await?;
     Ok(())
 }
 

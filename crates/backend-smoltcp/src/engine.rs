@@ -11,7 +11,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
 use tungate_core::admission::{Decided, FlowTable, Held, Inbound, Seen};
-use tungate_core::engine::Engine;
+use tungate_core::engine::{Engine, Handled};
 use tungate_core::flow::{FlowIo, FlowLink, WakeQueue};
 use tungate_core::{Dispatch, FlowId, PacketBuf};
 
@@ -265,12 +265,13 @@ fn queue_for_sending(socket: &mut tcp::Socket<'_>, io: &mut FlowIo<'_>) {
 }
 
 impl Engine for SmoltcpEngine {
-    fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) {
+    fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
         match self.flows.inbound(packet) {
             Inbound::Tcp(_, Seen::Admitted(id)) => self.ingress(id, now, packet.packet()),
             Inbound::Tcp(seg, Seen::Stranger { rst: false }) => self.flows.reset(&seg),
             Inbound::Tcp(_, Seen::Consumed | Seen::Stranger { rst: true }) | Inbound::Done => {}
         }
+        Handled::Consumed
     }
 
     fn flush(&mut self, now: Instant) {

@@ -34,21 +34,23 @@
 pub mod checksum;
 pub mod nat;
 
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::task::Poll;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tungate_core::device::offload::RxMode;
-use tungate_core::engine::RX_BATCH;
+use tungate_core::engine::{Engine, Handled, RX_BATCH, run_engine};
+use tungate_core::flow::WakeQueue;
 use tungate_core::stream_stack::bridge;
-use tungate_core::{Backend, BackendError, Dispatch, PacketBuf, PacketDevice, Stats};
+use tungate_core::{Backend, BackendError, Dispatch, PacketBuf, PacketDevice};
 
 pub use nat::{Nat, NatConfig};
-use tungate_core::admission::Verdict;
 
 /// Settings of the system backend.
 #[derive(Debug, Clone)]
@@ -193,105 +195,125 @@ impl Backend for System {
             if listeners.is_empty() {
                 return Err(BackendError::Config(NEEDS_ADDRESS.into()));
             }
-            let stats = handlers.stats.clone();
-            drive(Nat::new(nat, handlers), device, listeners, stats, shutdown).await?;
+            let engine = SystemEngine {
+                nat: Nat::new(nat, handlers),
+                listeners,
+                bridges: JoinSet::new(),
+                next_sweep: Instant::now() + SWEEP_EVERY,
+                accept_paused_until: None,
+            };
+            run_engine(engine, device, shutdown).await?;
             Ok(())
         }
     }
 }
 
-/// Writes one packet; a packet the kernel refuses (`EINVAL`: a header it will not take)
-/// or the fallback splitter cannot split is dropped and counted (`tx_refused`: our own
-/// output, not malformed input) instead of stopping the gateway.
-async fn send<D: PacketDevice>(device: &mut D, packet: &PacketBuf, stats: &Stats) -> io::Result<()> {
-    match device.send(packet).await {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.kind() == io::ErrorKind::InvalidInput => {
-            tracing::debug!("the TUN refused a packet: {e}");
-            Stats::inc(&stats.tx_refused);
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
-}
+/// How often the NAT table is swept for expired entries while it has any.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// The backend's one task: TUN reads and rewrites, handler decisions, accepts, sweeps.
-async fn drive<D: PacketDevice>(
-    mut nat: Nat,
-    mut device: D,
+/// How long accepts pause after the listener failed (out of descriptors and the like:
+/// the kernel keeps the connection queued meanwhile).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// The system stack as an [`Engine`] for the one driver: packets are rewritten in place
+/// and written back ([`Handled::Transmit`]); the kernel listeners' accepts and the
+/// bridges' ends are its polled input.
+struct SystemEngine {
+    nat: Nat,
     listeners: Vec<TcpListener>,
-    stats: std::sync::Arc<Stats>,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    let wake = nat.wake_queue();
-    let capacity = device.max_packet_len();
-    let mut buf = PacketBuf::with_capacity(capacity);
-    // Bridges end with the driver: dropping the set aborts them and their ports report
-    // a reset to the handlers.
-    let mut bridges = tokio::task::JoinSet::new();
-    let mut sweep = tokio::time::interval(Duration::from_secs(1));
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    tokio::pin!(shutdown);
-    loop {
-        nat.service(Instant::now());
-        while let Some(packet) = nat.poll_transmit() {
-            send(&mut device, &packet, &stats).await?;
-            nat.recycle(packet);
+    /// Bridges end with the engine: dropping the set aborts them and their ports report
+    /// a reset to the handlers.
+    bridges: JoinSet<()>,
+    next_sweep: Instant,
+    accept_paused_until: Option<Instant>,
+}
+
+impl SystemEngine {
+    /// A connection the kernel accepted from `peer` (a NAT address): handed to its flow's
+    /// handler (the kernel socket itself if the handler takes it, else bridged to the
+    /// flow's rings), or reset if it is no flow of ours (someone dialled G:L directly,
+    /// or a flow that already ended).
+    fn accepted(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let Some((client, dst, port)) = self.nat.take_port(peer) else {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        tracing::debug!(%client, %dst, nat = %peer, "accepted");
+        if let Err((stream, port)) = port.hand_over(stream) {
+            self.bridges.spawn(async move {
+                bridge(stream, port).await;
+            });
         }
-        let accept = poll_fn(|cx| {
-            for l in &listeners {
-                if let Poll::Ready(r) = l.poll_accept(cx) {
-                    return Poll::Ready(r);
-                }
+    }
+}
+
+impl Engine for SystemEngine {
+    /// One buffer, read → rewrite → write, packet by packet: the write copies bytes the
+    /// read just put in cache.
+    const READ_BUFFERS: usize = 1;
+
+    fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
+        self.nat.handle_packet(now, packet)
+    }
+
+    fn handle_wakeups(&mut self, now: Instant) {
+        self.nat.service(now);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_sweep {
+            if self.nat.needs_sweep() {
+                self.nat.sweep(now);
             }
-            Poll::Pending
-        });
-        tokio::select! {
-            biased;
-            () = &mut shutdown => return Ok(()),
-            ready = device.readable() => {
-                ready?;
-                // One buffer, read → rewrite → write, packet by packet: the write copies
-                // bytes the read just put in cache (a batch of 64 KiB super-packets would
-                // cycle through megabytes and miss it).
-                let now = Instant::now();
+            self.next_sweep = now + SWEEP_EVERY;
+        }
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
+        }
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        let sweep = self.nat.needs_sweep().then_some(self.next_sweep);
+        sweep.into_iter().chain(self.accept_paused_until).min()
+    }
+
+    fn poll_transmit(&mut self) -> Option<PacketBuf> {
+        self.nat.poll_transmit()
+    }
+
+    fn recycle(&mut self, buf: PacketBuf) {
+        self.nat.recycle(buf);
+    }
+
+    fn wake_queue(&self) -> Arc<WakeQueue> {
+        self.nat.wake_queue()
+    }
+
+    fn poll_io(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<io::Result<()>> {
+        let mut progress = false;
+        while let Poll::Ready(Some(_)) = self.bridges.poll_join_next(cx) {
+            progress = true;
+        }
+        if self.accept_paused_until.is_none() {
+            for i in 0..self.listeners.len() {
+                // At most a batch per listener per pass, so packets are not starved.
                 for _ in 0..RX_BATCH {
-                    if !device.try_recv(&mut buf)? {
+                    match self.listeners[i].poll_accept(cx) {
+                        Poll::Ready(Ok((stream, peer))) => self.accepted(stream, peer),
+                        Poll::Ready(Err(e)) => {
+                            tracing::warn!("accept failed: {e}");
+                            self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                        }
+                        Poll::Pending => break,
+                    }
+                    progress = true;
+                    if self.accept_paused_until.is_some() {
                         break;
                     }
-                    if nat.handle_packet(now, &mut buf) == Verdict::Forward {
-                        send(&mut device, &buf, &stats).await?;
-                    }
                 }
             }
-            accepted = accept => match accepted {
-                Ok((stream, peer)) => match nat.take_port(peer) {
-                    Some((client, dst, port)) => {
-                        let _ = stream.set_nodelay(true);
-                        tracing::debug!(%client, %dst, nat = %peer, "accepted");
-                        // The handler takes the kernel socket itself if it can; else
-                        // the bytes cross the flow's rings.
-                        if let Err((stream, port)) = port.hand_over(stream) {
-                            bridges.spawn(async move {
-                                bridge(stream, port).await;
-                            });
-                        }
-                    }
-                    // Not a flow of ours (someone dialled G:L directly, or a flow that
-                    // already ended): refuse with RST.
-                    None => {
-                        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-                    }
-                },
-                // Out of descriptors and the like: the kernel keeps the connection queued.
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
-            Some(_) = bridges.join_next(), if !bridges.is_empty() => {}
-            () = wake.notified() => {}
-            _ = sweep.tick(), if nat.needs_sweep() => nat.sweep(Instant::now()),
         }
+        if progress { Poll::Ready(Ok(())) } else { Poll::Pending }
     }
 }

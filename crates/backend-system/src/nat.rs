@@ -24,9 +24,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tungate_core::Dispatch;
-use tungate_core::admission::{Decided, FlowTable, Held, Seen, Verdict};
+use tungate_core::admission::{Decided, FlowTable, Held, Seen};
 use tungate_core::device::PacketBuf;
 use tungate_core::device::offload::{self, GsoKind};
+use tungate_core::engine::Handled;
 use tungate_core::flow::{FlowId, FlowPort, WakeQueue};
 use tungate_core::packet::{self, Classified, TcpSummary};
 use tungate_core::{Mtu, Stats};
@@ -183,22 +184,22 @@ impl Nat {
             }
     }
 
-    /// Looks at one packet from the TUN; may rewrite it in place. [`Verdict::Forward`]:
+    /// Looks at one packet from the TUN; may rewrite it in place. [`Handled::Transmit`]:
     /// rewritten, write it back to the TUN (with its offload metadata).
-    pub fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Verdict {
+    pub fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
         if transport_protocol(packet.packet()) == Some(UDP) {
             self.handle_udp(packet);
-            return Verdict::Consumed;
+            return Handled::Consumed;
         }
         let seg = match packet::classify(packet.packet()) {
             Ok(Classified::Tcp(seg)) => seg,
             Ok(Classified::Udp { .. }) | Ok(Classified::Unsupported) => {
                 Stats::inc(&self.stats().unsupported);
-                return Verdict::Consumed;
+                return Handled::Consumed;
             }
             Err(_) => {
                 Stats::inc(&self.stats().malformed);
-                return Verdict::Consumed;
+                return Handled::Consumed;
             }
         };
         if self.is_listener(seg.src) {
@@ -220,11 +221,11 @@ impl Nat {
             Seen::Admitted(id) => id,
             Seen::Stranger { rst: false } => {
                 self.entries.reset(&seg);
-                return Verdict::Consumed;
+                return Handled::Consumed;
             }
-            Seen::Consumed | Seen::Stranger { rst: true } => return Verdict::Consumed,
+            Seen::Consumed | Seen::Stranger { rst: true } => return Handled::Consumed,
         };
-        let Some(e) = self.entries.get_mut(id) else { return Verdict::Consumed };
+        let Some(e) = self.entries.get_mut(id) else { return Handled::Consumed };
         e.last_seen = now;
         if seg.fin && e.client_fin_end.is_none() {
             e.client_fin_end = Some(seg.seq.wrapping_add(seg.segment_len as u32));
@@ -235,10 +236,10 @@ impl Nat {
         }
         let nat = e.nat;
         match self.listener_for(nat) {
-            Some(listen) if rewrite(packet, nat, listen) => Verdict::Forward,
+            Some(listen) if rewrite(packet, nat, listen) => Handled::Transmit,
             _ => {
                 Stats::inc(&self.stats().malformed);
-                Verdict::Consumed
+                Handled::Consumed
             }
         }
     }
@@ -248,12 +249,12 @@ impl Nat {
     }
 
     /// A segment from the kernel listener to a NAT address.
-    fn kernel_segment(&mut self, now: Instant, packet: &mut PacketBuf, seg: &TcpSummary) -> Verdict {
+    fn kernel_segment(&mut self, now: Instant, packet: &mut PacketBuf, seg: &TcpSummary) -> Handled {
         let Some(e) = self.by_nat.get(&seg.dst).and_then(|&id| self.entries.get_mut(id)) else {
             // A late segment of an entry already gone (the kernel's socket retransmitting
             // into a connection the client has reset): nobody to deliver it to.
             Stats::inc(&self.stats().tcp_unknown_flow);
-            return Verdict::Consumed;
+            return Handled::Consumed;
         };
         e.last_seen = now;
         if seg.fin && !e.fin_kernel {
@@ -267,10 +268,10 @@ impl Nat {
             e.closing_since = Some(now);
         }
         if rewrite(packet, e.dst, e.client) {
-            Verdict::Forward
+            Handled::Transmit
         } else {
             Stats::inc(&self.stats().malformed);
-            Verdict::Consumed
+            Handled::Consumed
         }
     }
 
@@ -629,7 +630,7 @@ mod tests {
     fn open(nat: &mut Nat, hold: &Hold, now: Instant, client: SocketAddr) -> Option<SocketAddr> {
         let dst = sa("10.77.0.2:80");
         let mut syn = segment(client, dst, TcpControl::Syn, false, &[]);
-        assert_eq!(nat.handle_packet(now, &mut syn), Verdict::Consumed, "the SYN is held");
+        assert_eq!(nat.handle_packet(now, &mut syn), Handled::Consumed, "the SYN is held");
         let request = hold.take();
         assert_eq!((request.src(), request.dst()), (client, dst));
         tungate_testkit::engine::accept_waiting_for_socket(request);
@@ -647,7 +648,7 @@ mod tests {
     }
 
     fn segment_through(nat: &mut Nat, now: Instant, mut p: PacketBuf) -> (SocketAddr, SocketAddr) {
-        assert_eq!(nat.handle_packet(now, &mut p), Verdict::Forward);
+        assert_eq!(nat.handle_packet(now, &mut p), Handled::Transmit);
         check(&p)
     }
 
@@ -685,12 +686,12 @@ mod tests {
         // Later segments for it: RST to the client, and kernel ones are dropped.
         let stray = segment(client, dst, TcpControl::None, true, &[]);
         let mut stray2 = stray.clone();
-        assert_eq!(nat.handle_packet(t1, &mut stray2), Verdict::Consumed);
+        assert_eq!(nat.handle_packet(t1, &mut stray2), Handled::Consumed);
         let rst = nat.poll_transmit().expect("RST for an unknown flow");
         let Ok(Classified::Tcp(seg)) = packet::classify(rst.packet()) else { panic!() };
         assert!(seg.rst && (seg.src, seg.dst) == (dst, client));
         let mut late = segment(sa(LISTEN), f, TcpControl::None, true, &[]);
-        assert_eq!(nat.handle_packet(t1, &mut late), Verdict::Consumed);
+        assert_eq!(nat.handle_packet(t1, &mut late), Handled::Consumed);
         assert!(nat.poll_transmit().is_none(), "nothing is sent for the kernel's late segments");
     }
 
@@ -793,7 +794,7 @@ mod tests {
         nat.handle_packet(t0, &mut syn);
         assert_eq!(hold.len(), 1, "pending");
         let mut stale = segment(sa(LISTEN), sa("198.18.0.2:4000"), TcpControl::Fin, true, &[]);
-        assert_eq!(nat.handle_packet(t0, &mut stale), Verdict::Consumed);
+        assert_eq!(nat.handle_packet(t0, &mut stale), Handled::Consumed);
         assert_eq!(nat.stats().snapshot().tcp_unknown_flow, 1);
     }
 

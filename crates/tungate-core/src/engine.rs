@@ -1,32 +1,60 @@
-//! The I/O-free engine contract and the async driver that runs an engine on a device.
+//! The engine contract and the one driver every backend runs on.
 //!
-//! An [`Engine`] is a TCP/IP stack as a state machine: it never reads a clock, touches an
-//! fd or sleeps. The driver ([`run_engine`]) owns the I/O and calls, in a loop:
+//! An [`Engine`] is a TCP/IP stack as a state machine: it never reads a clock, touches the
+//! device or sleeps. The driver ([`run_engine`]) owns the device and the clock and calls,
+//! in a fixed order, in one loop for every backend:
 //!
-//! 1. [`Engine::handle_wakeups`] — flows the handlers touched (data, shutdown, decisions)
-//!    and queued UDP replies;
-//! 2. [`Engine::handle_timeout`] — timers that expired;
-//! 3. [`Engine::poll_transmit`] until empty — write each packet to the device (waiting if
-//!    the device pushes back), then [`Engine::recycle`] the buffer;
-//! 4. sleep until the device is readable, the wake queue is notified, or
-//!    [`Engine::poll_timeout`] passes; on readable, read a batch and feed every packet to
-//!    [`Engine::handle_packet`], then call [`Engine::flush`].
+//! ```text
+//!   ┌─▶ 1. handle_wakeups(now)   flows the handlers touched, queued UDP replies, decisions
+//!   │   2. handle_timeout(now)   timers that expired
+//!   │   3. poll_transmit → device.send → recycle, until empty   (send waits, never drops)
+//!   │   4. sleep until the first of:
+//!   │        shutdown                          → return
+//!   │        device readable (if wants_packets) → read up to RX_BATCH packets:
+//!   │             handle_packet(now, p) each; Transmit → device.send(p) at once; then flush(now)
+//!   │        poll_io(cx, now) ready            (a stream stack's output and accepts,
+//!   │                                           the kernel's accepts, ended bridges)
+//!   │        wake queue notified
+//!   │        poll_timeout() passed
+//!   └───────────────────────────────────────┘
+//! ```
 //!
-//! Tests drive an engine the same way with a simulated clock and in-memory packets.
+//! The packet counters are kept by the device ([`Counted`](crate::device::Counted)), not
+//! here. Packet engines (smoltcp, lwIP) have no asynchronous parts; the stream stacks
+//! (ipstack, netstack-smoltcp) run behind [`StreamEngine`](crate::stream_stack::StreamEngine),
+//! whose crates do their work in their own tasks that `poll_io` reaps; the system NAT's
+//! outcome for most packets is [`Handled::Transmit`], and its kernel accepts are polled
+//! input. Tests drive an engine the same way with their own clock and in-memory packets.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::device::{PacketBuf, PacketDevice};
 use crate::flow::WakeQueue;
 
-/// A packet-level TCP/IP stack with no I/O of its own.
+/// What became of a packet an engine was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// The engine took it (into its stack, a flow, a queue) or dropped it (counted).
+    Consumed,
+    /// Write it back to the device as the engine rewrote it in place (the system NAT).
+    Transmit,
+}
+
+/// A TCP/IP stack with no I/O of its own.
 pub trait Engine: Send + 'static {
+    /// Device reads per wake-up go into this many buffers at a time. The system NAT,
+    /// which writes each packet straight back, reads into one buffer so the write copies
+    /// bytes still in cache (a batch of 64 KiB super-packets would cycle through
+    /// megabytes); packet stacks read a whole batch.
+    const READ_BUFFERS: usize = RX_BATCH;
+
     /// Processes one packet read from the device. Never panics on any input: malformed
     /// packets are counted and dropped.
-    fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf);
+    fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled;
 
     /// Called after each batch of [`handle_packet`](Self::handle_packet) calls: emit what the
     /// batch made due (an engine may defer ACKs and data to here, one per flow per batch).
@@ -51,13 +79,29 @@ pub trait Engine: Send + 'static {
 
     /// The queue handlers use to ask for [`handle_wakeups`](Self::handle_wakeups).
     fn wake_queue(&self) -> Arc<WakeQueue>;
+
+    /// Whether the driver should read the device now. An engine whose own input is
+    /// backed up says no: the kernel queues, then drops, as for a full host.
+    fn wants_packets(&self) -> bool {
+        true
+    }
+
+    /// Advances the engine's asynchronous parts (a stream stack's tasks, a kernel
+    /// listener, bridge tasks), registering `cx` for each. `Ready(Ok)` when it did
+    /// something (the driver services and transmits again), `Pending` when nothing was
+    /// ready; an error stops the driver.
+    fn poll_io(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<io::Result<()>> {
+        let _ = (cx, now);
+        Poll::Pending
+    }
 }
 
 /// Packets read per wake-up before the engine's output is flushed. 64 keeps latency low
 /// while amortising the readiness check; larger batches measured no faster.
 pub const RX_BATCH: usize = 64;
 
-/// Runs `engine` on `device` until `shutdown` completes or the device fails.
+/// Runs `engine` on `device` until `shutdown` completes or the device (or the engine's
+/// own I/O) fails. The only driver loop in the tree.
 pub async fn run_engine<E: Engine, D: PacketDevice>(
     mut engine: E,
     mut device: D,
@@ -65,7 +109,7 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
 ) -> io::Result<()> {
     let wake = engine.wake_queue();
     let capacity = device.max_packet_len();
-    let mut batch: Vec<PacketBuf> = (0..RX_BATCH).map(|_| PacketBuf::with_capacity(capacity)).collect();
+    let mut batch: Vec<PacketBuf> = (0..E::READ_BUFFERS).map(|_| PacketBuf::with_capacity(capacity)).collect();
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
     let sleep = tokio::time::sleep_until(far());
     tokio::pin!(shutdown, sleep);
@@ -83,18 +127,30 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
             armed = deadline;
             sleep.as_mut().reset(deadline.map(tokio::time::Instant::from_std).unwrap_or_else(far));
         }
+        let read_device = engine.wants_packets();
+        let io = poll_fn(|cx| engine.poll_io(cx, Instant::now()));
         tokio::select! {
             biased;
             () = &mut shutdown => return Ok(()),
-            ready = device.readable() => {
+            ready = device.readable(), if read_device => {
                 ready?;
-                let n = device.try_recv_batch(&mut batch)?;
                 let now = Instant::now();
-                for packet in &mut batch[..n] {
-                    engine.handle_packet(now, packet);
+                let mut read = 0;
+                while read < RX_BATCH {
+                    let n = device.try_recv_batch(&mut batch)?;
+                    for packet in &mut batch[..n] {
+                        if engine.handle_packet(now, packet) == Handled::Transmit {
+                            device.send(packet).await?;
+                        }
+                    }
+                    read += n;
+                    if n < batch.len() {
+                        break;
+                    }
                 }
                 engine.flush(now);
             }
+            done = io => done?,
             () = wake.notified() => {}
             () = &mut sleep => {
                 // A fired `Sleep` stays ready: park it far away until a deadline is set.
@@ -120,7 +176,9 @@ mod tests {
     }
 
     impl Engine for OneTimer {
-        fn handle_packet(&mut self, _: Instant, _: &mut PacketBuf) {}
+        fn handle_packet(&mut self, _: Instant, _: &mut PacketBuf) -> Handled {
+            Handled::Consumed
+        }
         fn handle_wakeups(&mut self, _: Instant) {
             self.calls.fetch_add(1, Ordering::Relaxed);
         }

@@ -1,14 +1,13 @@
-//! The driver for stacks that take packets and hand out accepted TCP connections as
-//! streams (ipstack, netstack-smoltcp), with [`Admission`] in front of them.
-//!
-//! One task owns the device, the admission layer and the stack's packet ends:
+//! Stacks that take packets and hand out accepted TCP connections as streams (ipstack,
+//! netstack-smoltcp), with [`Admission`] in front of them, as an [`Engine`] for the one
+//! driver ([`StreamEngine`]):
 //!
 //! ```text
 //! TUN ─▶ Admission::handle_packet ─ Forward ─▶ input queue ─▶ StreamStack (its own tasks)
 //!          │ UDP, held SYNs, RSTs                               │ packets out   │ accepted
 //!          ▼                                                    ▼               ▼
-//!        UdpHandler / TcpHandler          TUN ◀── device.send ◀─┘   Admission::take_port
-//!                                                                     → bridge(stream, port)
+//!        UdpHandler / TcpHandler    TUN ◀── poll_transmit ◀── pass_output   Admission::take_port
+//!                                                                           → bridge(stream, port)
 //! ```
 //!
 //! Input to the stack waits when the stack is full (bounded), and the device is not read
@@ -16,18 +15,19 @@
 //! back-pressure, never dropped.
 
 use std::collections::VecDeque;
-use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinSet;
 
 use crate::admission::{Admission, FlowKey, StreamQuirks, Verdict};
-use crate::device::{PacketBuf, PacketDevice};
-use crate::engine::RX_BATCH;
-use crate::flow::FlowPort;
+use crate::device::PacketBuf;
+use crate::engine::{Engine, Handled, RX_BATCH};
+use crate::flow::{FlowPort, WakeQueue};
 use crate::stats::Stats;
 
 /// Copies of TUN packets kept for reuse once the stack took them: two batches' worth.
@@ -91,176 +91,243 @@ pub trait StreamStack: Send + 'static {
     }
 }
 
-enum StackEvent<T> {
-    InputReady,
-    Flushed,
-    Output(PacketBuf),
-    Accepted(T, SocketAddr, SocketAddr),
+/// A [`StreamStack`] behind [`Admission`], as an [`Engine`] for the one driver
+/// ([`run_engine`](crate::engine::run_engine)). TUN packets pass admission and are copied
+/// to the stack; the stack's output, its accepted streams and the bridges' ends are
+/// polled input ([`Engine::poll_io`]).
+pub struct StreamEngine<S: StreamStack, Q: StreamQuirks> {
+    stack: S,
+    admission: Admission<Q>,
+    /// The largest packet the device delivers: the size of a copy kept for reuse.
+    capacity: usize,
+    /// Packets for the stack, in order: admitted TUN packets, released SYNs, what the
+    /// quirks made.
+    to_stack: VecDeque<PacketBuf>,
+    /// Copies of TUN packets kept for reuse once the stack took them.
+    spare: Vec<PacketBuf>,
+    /// Packets given to the stack that it may still hold back (see [`StreamStack::poll_flush`]).
+    unflushed: bool,
+    /// The stack's output that admission let pass, for the device.
+    out: VecDeque<PacketBuf>,
+    /// Whether the buffer last lent by `poll_transmit` was the stack's.
+    lent_stacks: bool,
+    /// Bridges end with the engine: dropping the set aborts them, their streams are
+    /// disposed and their ports report a reset to the handlers.
+    bridges: JoinSet<FlowKey>,
+    /// The most connections held at once since the stack was last idle, and since when
+    /// no flow is left (see [`StreamStack::release_idle`]).
+    peak: usize,
+    idle_since: Option<Instant>,
+    /// A failure found outside `poll_io` (a rebuild), reported by the next `poll_io`.
+    failed: Option<io::Error>,
 }
 
-/// Runs `stack` behind `admission` on `device` until `shutdown` completes.
-pub async fn run_stream_stack<S: StreamStack, Q: StreamQuirks, D: PacketDevice>(
-    mut stack: S,
-    mut admission: Admission<Q>,
-    mut device: D,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    let wake = admission.wake_queue();
-    let capacity = device.max_packet_len();
-    let mut batch: Vec<PacketBuf> = (0..RX_BATCH).map(|_| PacketBuf::with_capacity(capacity)).collect();
-    let mut to_stack: VecDeque<PacketBuf> = VecDeque::new();
-    let mut spare: Vec<PacketBuf> = Vec::new();
-    // Packets given to the stack that it may still hold back (see `StreamStack::poll_flush`).
-    let mut unflushed = false;
-    // Bridges end with the driver: dropping the set aborts them, their streams are
-    // disposed and their ports report a reset to the handlers.
-    let mut bridges: tokio::task::JoinSet<FlowKey> = tokio::task::JoinSet::new();
-    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
-    let sleep = tokio::time::sleep_until(far());
-    // The most connections held at once since the stack was last idle, and since when
-    // no flow is left (see `StreamStack::release_idle`).
-    let mut peak = 0;
-    let mut idle_since: Option<std::time::Instant> = None;
-    tokio::pin!(shutdown, sleep);
-    loop {
-        let now = std::time::Instant::now();
-        admission.service(now, |syn| to_stack.push_back(syn));
-        while let Some(packet) = admission.poll_transmit() {
-            device.send(&packet).await?;
-            admission.recycle(packet);
+impl<S: StreamStack, Q: StreamQuirks> std::fmt::Debug for StreamEngine<S, Q> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamEngine")
+            .field("flows", &self.admission.flow_count())
+            .field("to_stack", &self.to_stack.len())
+            .field("out", &self.out.len())
+            .field("bridges", &self.bridges.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: StreamStack, Q: StreamQuirks> StreamEngine<S, Q> {
+    /// `stack` behind `admission`, on a device whose packets are at most `max_packet_len`
+    /// bytes ([`PacketDevice::max_packet_len`](crate::device::PacketDevice::max_packet_len)).
+    pub fn new(stack: S, admission: Admission<Q>, max_packet_len: usize) -> Self {
+        StreamEngine {
+            stack,
+            admission,
+            capacity: max_packet_len,
+            to_stack: VecDeque::new(),
+            spare: Vec::new(),
+            unflushed: false,
+            out: VecDeque::new(),
+            lent_stacks: false,
+            bridges: JoinSet::new(),
+            peak: 0,
+            idle_since: None,
+            failed: None,
         }
-        let idle = peak >= IDLE_RELEASE_PEAK
-            && bridges.is_empty()
-            && admission.flow_count() == 0
-            && to_stack.is_empty()
-            && !unflushed;
-        idle_since = match idle_since {
+    }
+
+    /// Gives the stack what waits for it while it takes more, then pushes the run
+    /// through ([`StreamStack::poll_flush`]); if the stack is full, `poll_io` polls the
+    /// flush with a real waker until it is done.
+    fn feed(&mut self) -> io::Result<()> {
+        while let Some(packet) = self.to_stack.pop_front() {
+            self.stack.input(&packet)?;
+            // Kept for the next copy from the TUN, at most a batch or two of full-size
+            // buffers. Packets the admission layer made (held SYNs, split FINs, replayed
+            // ACKs) enter without taking a spare, so an unbounded list grew by a buffer or
+            // more per connection for good (ipstack stayed +25/+43/+65 MiB above idle after
+            // three bursts of 5 000: results/scale-bursts-*.md).
+            if self.spare.len() < SPARE_MAX && packet.capacity() >= self.capacity {
+                self.spare.push(packet);
+            }
+            if self.to_stack.is_empty()
+                || !matches!(poll_now(|cx| self.stack.poll_input_ready(cx)), Poll::Ready(Ok(())))
+            {
+                break;
+            }
+        }
+        self.unflushed = match poll_now(|cx| self.stack.poll_flush(cx)) {
+            Poll::Ready(r) => {
+                r?;
+                false
+            }
+            Poll::Pending => true,
+        };
+        Ok(())
+    }
+
+    /// A connection the stack accepted: bridged to its flow's port, or disposed of if
+    /// admission has none for it (a second stream for a retransmitted SYN).
+    fn accepted(&mut self, stream: S::Stream, src: SocketAddr, dst: SocketAddr) {
+        let Some(port) = self.admission.take_port(src, dst) else {
+            S::dispose(stream);
+            return;
+        };
+        let aborts = self.admission.aborts();
+        self.peak = self.peak.max(self.bridges.len() + 1);
+        self.bridges.spawn(async move {
+            // Disposed however the task ends (finished or aborted).
+            let mut stream = Disposing::<S>(Some(stream));
+            if bridge(&mut stream, port).await == BridgeEnd::Aborted {
+                // Before the stream is dropped: what the stack sends on drop must not
+                // reach the client.
+                aborts.push((src, dst));
+            }
+            (src, dst)
+        });
+    }
+}
+
+impl<S: StreamStack, Q: StreamQuirks> Engine for StreamEngine<S, Q> {
+    fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
+        if self.admission.handle_packet(now, packet) == Verdict::Forward {
+            let mut copy = self.spare.pop().unwrap_or_else(|| PacketBuf::with_capacity(self.capacity));
+            copy.spare_mut()[..packet.len()].copy_from_slice(packet.packet());
+            copy.set_len(packet.len());
+            self.to_stack.push_back(copy);
+        }
+        while let Some(made) = self.admission.poll_forward() {
+            self.to_stack.push_back(made);
+        }
+        Handled::Consumed
+    }
+
+    fn handle_wakeups(&mut self, now: Instant) {
+        let to_stack = &mut self.to_stack;
+        self.admission.service(now, |syn| to_stack.push_back(syn));
+    }
+
+    /// Offers an idle stack [`StreamStack::release_idle`] once it has been idle long enough.
+    fn handle_timeout(&mut self, now: Instant) {
+        let idle = self.peak >= IDLE_RELEASE_PEAK
+            && self.bridges.is_empty()
+            && self.admission.flow_count() == 0
+            && self.to_stack.is_empty()
+            && !self.unflushed;
+        self.idle_since = match self.idle_since {
             _ if !idle => None,
             None => Some(now),
             Some(since) if now >= since + IDLE_RELEASE_AFTER => {
-                if stack.release_idle()? {
-                    Stats::inc(&admission.stats().stack_idle_rebuilds);
-                    tracing::debug!("the stack held {peak} connections at once and went idle: rebuilt");
+                match self.stack.release_idle() {
+                    Ok(true) => {
+                        Stats::inc(&self.admission.stats().stack_idle_rebuilds);
+                        tracing::debug!("the stack held {} connections at once and went idle: rebuilt", self.peak);
+                    }
+                    Ok(false) => {}
+                    Err(e) => self.failed = Some(e),
                 }
-                peak = 0;
+                self.peak = 0;
                 None
             }
             since => since,
         };
-        let mut deadline = admission.poll_timeout().map(tokio::time::Instant::from_std).unwrap_or_else(far);
-        if let Some(since) = idle_since {
-            deadline = deadline.min(tokio::time::Instant::from_std(since + IDLE_RELEASE_AFTER));
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        let idle = self.idle_since.map(|since| since + IDLE_RELEASE_AFTER);
+        self.admission.poll_timeout().into_iter().chain(idle).min()
+    }
+
+    /// This layer's packets (RSTs, UDP replies) first, then the stack's.
+    fn poll_transmit(&mut self) -> Option<PacketBuf> {
+        if let Some(packet) = self.admission.poll_transmit() {
+            self.lent_stacks = false;
+            return Some(packet);
         }
-        if sleep.deadline() != deadline {
-            sleep.as_mut().reset(deadline);
+        self.lent_stacks = true;
+        self.out.pop_front()
+    }
+
+    fn recycle(&mut self, buf: PacketBuf) {
+        if self.lent_stacks { self.stack.recycle(buf) } else { self.admission.recycle(buf) }
+    }
+
+    fn wake_queue(&self) -> Arc<WakeQueue> {
+        self.admission.wake_queue()
+    }
+
+    /// Stop reading the TUN while the stack is behind: the kernel queues, then drops.
+    fn wants_packets(&self) -> bool {
+        self.to_stack.len() < RX_BATCH
+    }
+
+    fn poll_io(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<io::Result<()>> {
+        if let Some(e) = self.failed.take() {
+            return Poll::Ready(Err(e));
         }
-        let want_input = !to_stack.is_empty();
-        let want_flush = unflushed && !want_input;
-        // Stop reading the TUN while the stack is behind: the kernel queues, then drops.
-        let read_device = to_stack.len() < RX_BATCH;
-        let event = poll_fn(|cx| {
-            if let Poll::Ready(packet) = stack.poll_output(cx) {
-                return Poll::Ready(packet.map(StackEvent::Output).ok_or_else(stopped));
+        let mut progress = false;
+        // The stack's output first, a batch at a time (the driver writes it out between).
+        while self.out.len() < RX_BATCH {
+            match self.stack.poll_output(cx) {
+                Poll::Ready(Some(packet)) => {
+                    if self.admission.pass_output(now, &packet) {
+                        self.out.push_back(packet);
+                    } else {
+                        self.stack.recycle(packet);
+                    }
+                    progress = true;
+                }
+                Poll::Ready(None) => return Poll::Ready(Err(io::Error::other("the stack stopped"))),
+                Poll::Pending => break,
             }
-            if want_input {
-                if let Poll::Ready(r) = stack.poll_input_ready(cx) {
-                    return Poll::Ready(r.map(|()| StackEvent::InputReady));
-                }
-            }
-            if want_flush {
-                if let Poll::Ready(r) = stack.poll_flush(cx) {
-                    return Poll::Ready(r.map(|()| StackEvent::Flushed));
-                }
-            }
-            stack.poll_accept(cx).map_ok(|(s, src, dst)| StackEvent::Accepted(s, src, dst))
-        });
-        tokio::select! {
-            biased;
-            () = &mut shutdown => return Ok(()),
-            event = event => match event? {
-                StackEvent::Output(packet) => {
-                    let now = std::time::Instant::now();
-                    if admission.pass_output(now, &packet) {
-                        device.send(&packet).await?;
-                    }
-                    stack.recycle(packet);
-                    // Write out whatever else is ready before looking at anything else.
-                    while let Poll::Ready(Some(packet)) = poll_now(|cx| stack.poll_output(cx)) {
-                        if admission.pass_output(now, &packet) {
-                            device.send(&packet).await?;
-                        }
-                        stack.recycle(packet);
-                    }
-                }
-                StackEvent::InputReady => {
-                    while let Some(packet) = to_stack.pop_front() {
-                        stack.input(&packet)?;
-                        // Kept for the next copy from the TUN, at most a batch or two of
-                        // full-size buffers. Packets the admission layer made (held SYNs,
-                        // split FINs, replayed ACKs) enter without taking a spare, so an
-                        // unbounded list grew by a buffer or more per connection for good
-                        // (ipstack stayed +25/+43/+65 MiB above idle after three bursts of
-                        // 5 000: results/scale-bursts-*.md).
-                        if spare.len() < SPARE_MAX && packet.capacity() >= capacity {
-                            spare.push(packet);
-                        }
-                        if to_stack.is_empty() || !matches!(poll_now(|cx| stack.poll_input_ready(cx)), Poll::Ready(Ok(()))) {
-                            break;
-                        }
-                    }
-                    // Push the run through now; if the stack is full, the loop polls
-                    // `poll_flush` with a real waker until it is done.
-                    unflushed = match poll_now(|cx| stack.poll_flush(cx)) {
-                        Poll::Ready(r) => {
-                            r?;
-                            false
-                        }
-                        Poll::Pending => true,
-                    };
-                }
-                StackEvent::Flushed => unflushed = false,
-                StackEvent::Accepted(stream, src, dst) => match admission.take_port(src, dst) {
-                    Some(port) => {
-                        let aborts = admission.aborts();
-                        peak = peak.max(bridges.len() + 1);
-                        bridges.spawn(async move {
-                            // Disposed however the task ends (finished or aborted).
-                            let mut stream = Disposing::<S>(Some(stream));
-                            if bridge(&mut stream, port).await == BridgeEnd::Aborted {
-                                // Before the stream is dropped: what the stack sends on
-                                // drop must not reach the client.
-                                aborts.push((src, dst));
-                            }
-                            (src, dst)
-                        });
-                    }
-                    None => S::dispose(stream),
-                },
-            },
-            ready = device.readable(), if read_device => {
-                ready?;
-                let n = device.try_recv_batch(&mut batch)?;
-                let now = std::time::Instant::now();
-                for packet in &mut batch[..n] {
-                    if admission.handle_packet(now, packet) == Verdict::Forward {
-                        let mut copy = spare.pop().unwrap_or_else(|| PacketBuf::with_capacity(capacity));
-                        copy.spare_mut()[..packet.len()].copy_from_slice(packet.packet());
-                        copy.set_len(packet.len());
-                        to_stack.push_back(copy);
-                    }
-                    while let Some(made) = admission.poll_forward() {
-                        to_stack.push_back(made);
-                    }
-                }
-            }
-            Some(ended) = bridges.join_next(), if !bridges.is_empty() => {
-                if let Ok(key) = ended {
-                    admission.finished(std::time::Instant::now(), key);
-                }
-            }
-            () = wake.notified() => {}
-            () = &mut sleep => {}
         }
+        if !self.to_stack.is_empty() {
+            if let Poll::Ready(r) = self.stack.poll_input_ready(cx) {
+                r?;
+                self.feed()?;
+                progress = true;
+            }
+        } else if self.unflushed {
+            if let Poll::Ready(r) = self.stack.poll_flush(cx) {
+                r?;
+                self.unflushed = false;
+                progress = true;
+            }
+        }
+        for _ in 0..RX_BATCH {
+            match self.stack.poll_accept(cx) {
+                Poll::Ready(accepted) => {
+                    let (stream, src, dst) = accepted?;
+                    self.accepted(stream, src, dst);
+                    progress = true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        while let Poll::Ready(Some(ended)) = self.bridges.poll_join_next(cx) {
+            if let Ok(key) = ended {
+                self.admission.finished(now, key);
+            }
+            progress = true;
+        }
+        if progress { Poll::Ready(Ok(())) } else { Poll::Pending }
     }
 }
 
@@ -350,10 +417,6 @@ fn poll_now<T>(f: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
     f(&mut Context::from_waker(Waker::noop()))
 }
 
-fn stopped() -> io::Error {
-    io::Error::other("the stack stopped")
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, SocketAddr};
@@ -363,7 +426,7 @@ mod tests {
 
     use super::*;
     use crate::config::Mtu;
-    use crate::device::mem;
+    use crate::device::{PacketDevice, mem};
     use crate::{Dispatch, TcpHandler, TcpRequest, UdpHandler, UdpSession};
 
     /// A stack that, like a `futures::Sink`, keeps the last packet it was given in a
@@ -459,7 +522,8 @@ mod tests {
         let admission = Admission::new(handlers, Mtu::DEFAULT, 4096, Duration::from_secs(25));
         let delivered = stack.delivered.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let driver = tokio::spawn(run_stream_stack(stack, admission, device, async move {
+        let engine = StreamEngine::new(stack, admission, device.max_packet_len());
+        let driver = tokio::spawn(crate::engine::run_engine(engine, device, async move {
             let _ = stopped.await;
         }));
         let client = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 40000));

@@ -1,5 +1,6 @@
 //! The packet counters, kept once for every backend: a device wrapper that counts what
-//! crosses it, so that no stack or driver counts packets of its own.
+//! crosses it, so that no stack or driver counts packets of its own; and the one policy
+//! for a packet the device refuses.
 
 use std::future::Future;
 use std::io;
@@ -12,7 +13,10 @@ use crate::stats::Stats;
 
 /// `D`, counting `rx_packets` per packet read (a super-packet the device splits on input
 /// counts once, as the kernel's interface counts it) and `tx_packets` per packet the
-/// device took. [`serve`](crate::serve) wraps every backend's device in it.
+/// device took. A packet the device refuses as invalid (the kernel's `EINVAL` for a header
+/// it will not take, or offload's fallback splitter for one it cannot split) is dropped
+/// and counted in `tx_refused` — our own output, not malformed input — instead of
+/// stopping the gateway. [`serve`](crate::serve) wraps every backend's device in it.
 #[derive(Debug)]
 pub struct Counted<D> {
     inner: D,
@@ -52,8 +56,14 @@ impl<D: PacketDevice> PacketDevice for Counted<D> {
     }
 
     async fn send(&mut self, packet: &PacketBuf) -> io::Result<()> {
-        self.inner.send(packet).await?;
-        Stats::inc(&self.stats.tx_packets);
+        match self.inner.send(packet).await {
+            Ok(()) => Stats::inc(&self.stats.tx_packets),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.kind() == io::ErrorKind::InvalidInput => {
+                tracing::debug!("the device refused a packet: {e}");
+                Stats::inc(&self.stats.tx_refused);
+            }
+            Err(e) => return Err(e),
+        }
         Ok(())
     }
 
@@ -100,5 +110,32 @@ mod tests {
         }
         let s = stats.snapshot();
         assert_eq!((s.rx_packets, s.tx_packets), (5, 3));
+    }
+
+    /// A device that refuses every packet as the kernel refuses a bad header.
+    struct Refusing;
+
+    impl PacketDevice for Refusing {
+        async fn readable(&mut self) -> io::Result<()> {
+            std::future::pending().await
+        }
+        fn try_recv(&mut self, _: &mut PacketBuf) -> io::Result<bool> {
+            Ok(false)
+        }
+        async fn send(&mut self, _: &PacketBuf) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        }
+        fn mtu(&self) -> Mtu {
+            Mtu::DEFAULT
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_packet_is_counted_and_does_not_stop_the_gateway() {
+        let stats = Arc::new(Stats::default());
+        let mut device = Counted::new(Refusing, stats.clone());
+        device.send(&PacketBuf::from_slice(&[0x45; 20])).await.expect("a refusal is not an error");
+        let s = stats.snapshot();
+        assert_eq!((s.tx_refused, s.tx_packets), (1, 0));
     }
 }
