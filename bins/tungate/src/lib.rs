@@ -46,10 +46,6 @@ pub struct Args {
     #[command(flatten)]
     pub upstream: UpstreamArgs,
 
-    /// SO_MARK put on every upstream socket (decimal or 0x-hex), for policy routing.
-    #[arg(long, value_name = "N", value_parser = parse_mark)]
-    pub mark: Option<u32>,
-
     /// TUN offload (Linux virtio-net header with TSO/USO): the kernel hands the gateway
     /// 64 KiB super-packets instead of MTU-sized ones. `auto` enables it when the kernel
     /// and the backend support it; `on` fails if either does not. Never used with --tun-fd.
@@ -59,6 +55,20 @@ pub struct Args {
     /// Stack backend to use; each variant binary contains exactly one.
     #[arg(long, value_name = "NAME")]
     pub backend: Option<String>,
+
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+/// The flags of the process around the stack: shared by every variant, the redirect
+/// baseline included.
+#[derive(Debug, clap::Args)]
+pub struct ProcessArgs {
+    /// SO_MARK put on every upstream socket (decimal or 0x-hex), so that policy routing
+    /// (or the redirect baseline's capture rule) keeps the gateway's own connections out
+    /// of what it captures.
+    #[arg(long, value_name = "N", value_parser = parse_mark)]
+    pub mark: Option<u32>,
 
     /// Memory the flows' buffers between the stack and the handlers may hold together
     /// (e.g. 64MiB, 1G; K/M/G are binary). Past it buffers stop growing: every flow is
@@ -76,6 +86,59 @@ pub struct Args {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     pub log_level: String,
+}
+
+/// Runs a variant's process: large-allocation policy, logging, the open-file limit, the
+/// runtime; `prepare` checks the flags and builds the work (before the runtime exists),
+/// which then runs on it. An error anywhere is printed as `tungate-NAME: error: …` and
+/// the exit code says it failed. What every variant's `main` comes down to.
+fn launch<F>(name: &str, process: &ProcessArgs, prepare: impl FnOnce() -> anyhow::Result<F>) -> ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    tungate_core::os::map_large_allocations();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&process.log_level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let result = prepare().and_then(|work| {
+        // Every relayed connection holds an upstream socket: a gateway with thousands of
+        // flows needs more descriptors than the usual soft limit of 1024. Raise the soft
+        // limit to the hard one; if that fails, run with what there is.
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+            Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+        }
+        let runtime = match process.threads {
+            1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+            n => tokio::runtime::Builder::new_multi_thread().worker_threads(n as usize).enable_all().build(),
+        }
+        .context("starting the runtime")?;
+        runtime.block_on(work)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tungate-{name}: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The life of a serving gateway, the same for every variant: announces `ready`, gives
+/// memory back after bursts, serves until `serve` ends, then reports the counters.
+async fn serve_and_report(
+    ready: Ready,
+    stats: Arc<tungate_core::Stats>,
+    flows: tungate_core::os::FlowCount,
+    serve: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    emit_event(Event::Ready(ready));
+    tokio::spawn(tungate_core::os::release_memory_after_bursts(stats.clone(), flows));
+    serve.await?;
+    tracing::info!(stats = ?stats.snapshot(), "shut down");
+    emit_event(Event::exit(&stats));
+    Ok(())
 }
 
 /// Where flows go and how they are named: shared by every variant.
@@ -301,39 +364,21 @@ pub struct StackSettings {
 
 /// `make_backend` builds the backend from the command line's stack settings.
 pub fn main<B: Backend>(make_backend: impl FnOnce(&StackSettings) -> B) -> ExitCode {
-    tungate_core::os::map_large_allocations();
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-    match run(args, make_backend) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tungate-{}: error: {e:#}", B::NAME);
-            ExitCode::FAILURE
-        }
-    }
+    launch(B::NAME, &args.process, || run(&args, make_backend))
 }
 
-fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -> anyhow::Result<()> {
-    validate(&args, B::NAME, B::RX_OFFLOAD.is_some())?;
+/// Checks the flags and builds the backend; the returned work opens the TUN and serves.
+fn run<'a, B: Backend>(
+    args: &'a Args,
+    make_backend: impl FnOnce(&StackSettings) -> B,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + 'a> {
+    validate(args, B::NAME, B::RX_OFFLOAD.is_some())?;
     let dns = args.upstream.dns(&args.addresses)?;
     let settings = StackSettings { mtu: args.mtu, addresses: args.addresses.clone() };
     let backend = make_backend(&settings);
-    // Every relayed connection holds an upstream socket: a gateway with thousands of
-    // flows needs more descriptors than the usual soft limit of 1024. Raise the soft
-    // limit to the hard one; if that fails, run with what there is.
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
-        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
-    }
-    let runtime = match args.threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n as usize).enable_all().build(),
-    }
-    .context("starting the runtime")?;
-    runtime.block_on(async move {
+    let process = &args.process;
+    Ok(async move {
         let device = match (&args.tun, args.tun_fd) {
             (_, Some(fd)) => TunDevice::adopt_fd(fd, args.mtu).with_context(|| format!("--tun-fd {fd}"))?,
             (Some(name), None) => {
@@ -351,12 +396,12 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
         backend.validate()?;
         let shutdown = shutdown_signal();
         let stats = Arc::new(tungate_core::Stats::default());
-        let router = router(&args.upstream, dns, args.mark, &stats).await?;
+        let router = router(&args.upstream, dns, process.mark, &stats).await?;
         let handlers = Dispatch {
             tcp: Arc::new(router.clone()),
             udp: Arc::new(router),
             stats: stats.clone(),
-            max_ring_memory: args.max_memory,
+            max_ring_memory: process.max_memory,
         };
         let addresses: Vec<String> = args.addresses.iter().map(|a| a.to_string()).collect();
         tracing::info!(
@@ -365,27 +410,24 @@ fn run<B: Backend>(args: Args, make_backend: impl FnOnce(&StackSettings) -> B) -
             offload = device.offload().is_some(),
             mtu = %args.mtu,
             addresses = %addresses.join(","),
-            mark = ?args.mark,
+            mark = ?process.mark,
             proxy = ?args.upstream.proxy,
             udp = ?args.upstream.udp,
             sniff = args.upstream.sniff,
             dns = ?args.upstream.dns,
-            max_memory = ?args.max_memory,
+            max_memory = ?process.max_memory,
             "ready"
         );
-        emit_event(Event::Ready(Ready {
+        let ready = Ready {
             backend: B::NAME.into(),
             pid: std::process::id(),
             tun: Some(device.name().to_owned()),
             offload: Some(device.offload().is_some()),
             mtu: Some(args.mtu.get()),
             listen: None,
-        }));
-        tokio::spawn(tungate_core::os::release_memory_after_bursts(stats.clone(), tungate_core::os::FlowCount::Known));
-        tungate_core::serve(backend, device, handlers, shutdown).await.context("backend stopped")?;
-        tracing::info!(stats = ?stats.snapshot(), "shut down");
-        emit_event(Event::exit(&stats));
-        Ok(())
+        };
+        let serve = async { tungate_core::serve(backend, device, handlers, shutdown).await.context("backend stopped") };
+        serve_and_report(ready, stats, tungate_core::os::FlowCount::Known, serve).await
     })
 }
 
@@ -430,7 +472,7 @@ mod tests {
             "0x100",
         ])
         .unwrap();
-        assert_eq!(a.mark, Some(0x100));
+        assert_eq!(a.process.mark, Some(0x100));
         assert_eq!(a.addresses.len(), 2);
         assert!(validate(&a, "smoltcp", true).is_ok());
 
@@ -470,14 +512,14 @@ mod tests {
         assert!(validate(&fd_on, "system", true).unwrap_err().to_string().contains("inherited"));
         assert!(args(&["--tun", "t", "--offload", "maybe"]).is_err());
 
-        let memory = |s: &str| args(&["--tun", "t", "--max-memory", s]).map(|a| a.max_memory);
+        let memory = |s: &str| args(&["--tun", "t", "--max-memory", s]).map(|a| a.process.max_memory);
         assert_eq!(memory("64MiB").unwrap(), Some(64 << 20));
         assert_eq!(memory("64M").unwrap(), Some(64 << 20), "units are binary");
         assert_eq!(memory("1G").unwrap(), Some(1 << 30));
         assert_eq!(memory("2097152").unwrap(), Some(2 << 20));
         assert!(memory("512K").unwrap_err().to_string().contains("at least 1MiB"));
         assert!(memory("lots").unwrap_err().to_string().contains("\"lots\""));
-        assert_eq!(args(&["--tun", "t"]).unwrap().max_memory, None, "no limit by default");
+        assert_eq!(args(&["--tun", "t"]).unwrap().process.max_memory, None, "no limit by default");
     }
 }
 
@@ -491,7 +533,7 @@ pub mod redirect {
 
     use anyhow::{Context, bail};
     use clap::Parser;
-    use tungate_core::events::{Event, Ready};
+    use tungate_core::events::Ready;
 
     /// The no-TUN baseline: serves TCP connections that an nftables REDIRECT rule sends to
     /// its listeners, with their original destination (SO_ORIGINAL_DST), through the same
@@ -513,58 +555,21 @@ pub mod redirect {
         #[command(flatten)]
         pub upstream: super::UpstreamArgs,
 
-        /// SO_MARK put on every upstream socket (decimal or 0x-hex), so the capture rule
-        /// can exclude the gateway's own connections.
-        #[arg(long, value_name = "N", value_parser = super::parse_mark)]
-        pub mark: Option<u32>,
-
-        /// Memory the flows' buffers between the stack and the handlers may hold together
-        /// (e.g. 64MiB, 1G; K/M/G are binary). Past it buffers stop growing: every flow is
-        /// still accepted and keeps at least a 4 KiB page per direction, and moves its bytes
-        /// through what it has (slower, never stalled). Each flow's buffers otherwise grow
-        /// with what it has in flight, up to 256 KiB per direction. The stacks' own socket
-        /// buffers are not counted (see README, "Memory").
-        #[arg(long, value_name = "SIZE", value_parser = super::parse_memory_size)]
-        pub max_memory: Option<u64>,
-
-        /// Threads for the relays (1 = everything on one thread).
-        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-        pub threads: u16,
-
-        /// Log level: error, warn, info, debug or trace.
-        #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
-        pub log_level: String,
+        #[command(flatten)]
+        pub process: super::ProcessArgs,
     }
 
     pub fn main() -> ExitCode {
-        tungate_core::os::map_large_allocations();
         let args = Args::parse();
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-        match run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("tungate-redirect: error: {e:#}");
-                ExitCode::FAILURE
-            }
-        }
+        super::launch("redirect", &args.process, || run(&args))
     }
 
-    fn run(args: Args) -> anyhow::Result<()> {
+    fn run(args: &Args) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + '_> {
         if !args.upstream.dns.is_empty() || args.upstream.dns_over_tcp {
             bail!("--dns and --dns-over-tcp need a TUN variant: tungate-redirect captures TCP only, and no DNS");
         }
-        if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
-            tracing::warn!("cannot raise the open-file limit: {e}");
-        }
-        let runtime = match args.threads {
-            1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-            n => tokio::runtime::Builder::new_multi_thread().worker_threads(n as usize).enable_all().build(),
-        }
-        .context("starting the runtime")?;
-        runtime.block_on(async move {
+        let process = &args.process;
+        Ok(async move {
             let mut listeners = Vec::new();
             for addr in &args.listen {
                 let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))?;
@@ -573,31 +578,29 @@ pub mod redirect {
             let shutdown = super::shutdown_signal();
             let stats = Arc::new(tungate_core::Stats::default());
             // The REDIRECT rule captures TCP only; --udp has nothing to act on here.
-            let router = super::router(&args.upstream, super::DnsConfig::default(), args.mark, &stats).await?;
+            let router = super::router(&args.upstream, super::DnsConfig::default(), process.mark, &stats).await?;
             let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
             tracing::info!(
                 backend = "redirect",
                 listen = %listen.join(","),
-                mark = ?args.mark,
-                max_memory = ?args.max_memory,
+                mark = ?process.mark,
+                max_memory = ?process.max_memory,
                 "ready"
             );
-            super::emit_event(Event::Ready(Ready {
+            let ready = Ready {
                 backend: "redirect".into(),
                 pid: std::process::id(),
                 tun: None,
                 offload: None,
                 mtu: None,
                 listen: Some(listen),
-            }));
-            tokio::spawn(tungate_core::os::release_memory_after_bursts(
-                stats.clone(),
-                tungate_core::os::FlowCount::Unknown,
-            ));
-            backend_redirect::serve(listeners, Arc::new(router), stats.clone(), args.max_memory, shutdown).await?;
-            tracing::info!(stats = ?stats.snapshot(), "shut down");
-            super::emit_event(Event::exit(&stats));
-            Ok(())
+            };
+            let serve = async {
+                backend_redirect::serve(listeners, Arc::new(router), stats.clone(), process.max_memory, shutdown)
+                    .await?;
+                Ok(())
+            };
+            super::serve_and_report(ready, stats.clone(), tungate_core::os::FlowCount::Unknown, serve).await
         })
     }
 }

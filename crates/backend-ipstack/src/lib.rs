@@ -78,7 +78,6 @@
 //! at a few hundred Mbit/s), idle timeout 10 min (same as the direct upstream's relays).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -92,10 +91,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
 use tungate_core::admission::{Admission, FlowKey, give_back_growth};
-use tungate_core::engine::run_engine;
 use tungate_core::packet::{self, Classified};
 use tungate_core::stream_stack::{StreamEngine, StreamStack};
-use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketBuf, PacketDevice};
+use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu, PacketBuf};
 
 pub mod quirks;
 
@@ -144,27 +142,23 @@ impl Ipstack {
     }
 }
 
+/// The engine the driver runs: ipstack behind its admission layer.
+pub type IpstackEngine = StreamEngine<IpstackStack, IpstackQuirks>;
+
 impl Backend for Ipstack {
     const NAME: &'static str = "ipstack";
 
-    fn run<D: PacketDevice>(
-        self,
-        device: D,
-        handlers: Dispatch,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+    type Engine = IpstackEngine;
+
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, _: Instant) -> Result<Self::Engine, BackendError> {
         let mut config = self.config;
-        config.mtu = device.mtu();
-        async move {
-            let mtu = u16::try_from(config.mtu.get()).unwrap_or(u16::MAX);
-            let quirks = IpstackQuirks { unread_limit: config.unread_limit };
-            let admission =
-                Admission::with_quirks(handlers, config.mtu, config.ring_capacity, Duration::from_secs(25), quirks);
-            let stack = IpstackStack::start(&config, mtu);
-            let engine = StreamEngine::new(stack, admission, device.max_packet_len());
-            run_engine(engine, device, shutdown).await?;
-            Ok(())
-        }
+        config.mtu = device.mtu;
+        let mtu = u16::try_from(config.mtu.get()).unwrap_or(u16::MAX);
+        let quirks = IpstackQuirks { unread_limit: config.unread_limit };
+        let admission =
+            Admission::with_quirks(handlers, config.mtu, config.ring_capacity, Duration::from_secs(25), quirks);
+        let stack = IpstackStack::start(&config, mtu);
+        Ok(StreamEngine::new(stack, admission, device.max_packet_len))
     }
 }
 
@@ -179,8 +173,8 @@ fn ipstack_mss(mtu: u16) -> u16 {
     mtu.saturating_sub(60).min(8192)
 }
 
-/// ipstack behind two packet channels.
-struct IpstackStack {
+/// ipstack as a [`StreamStack`], behind two packet channels.
+pub struct IpstackStack {
     to_stack: PollSender<PacketBuf>,
     from_stack: mpsc::UnboundedReceiver<PacketBuf>,
     accepted: mpsc::UnboundedReceiver<IpStackTcpStream>,
@@ -259,7 +253,7 @@ impl IpstackStack {
 /// and whose `shutdown` is retried on a timer: ipstack sends FIN only if nothing is in
 /// flight at the moment `poll_shutdown` is called, and otherwise parks a waker that
 /// nothing wakes when the ACKs arrive, so the FIN would never be sent.
-struct Stream {
+pub struct Stream {
     inner: IpStackTcpStream,
     retry: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Pending reads after ipstack's FIN: the timer and its current gap.
@@ -329,6 +323,18 @@ impl AsyncWrite for Stream {
             }
             retry.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_RETRY);
         }
+    }
+}
+
+impl std::fmt::Debug for IpstackStack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IpstackStack").field("mtu", &self.mtu).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").finish_non_exhaustive()
     }
 }
 

@@ -42,11 +42,9 @@
 mod engine;
 mod ffi;
 
-use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tungate_core::engine::run_engine;
-use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketDevice};
+use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu};
 
 pub use engine::LwipEngine;
 pub use ffi::{AlreadyRunning, SetupError, StackError};
@@ -91,19 +89,11 @@ impl Lwip {
 impl Backend for Lwip {
     const NAME: &'static str = "lwip";
 
-    fn run<D: PacketDevice>(
-        self,
-        device: D,
-        handlers: Dispatch,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+    type Engine = LwipEngine;
+
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, now: Instant) -> Result<LwipEngine, BackendError> {
         let mut config = self.config;
-        config.mtu = device.mtu();
-        async move {
-            let engine = LwipEngine::new(config, handlers, std::time::Instant::now())
-                .map_err(|e| BackendError::Start(Box::new(e)))?;
-            run_engine(engine, device, shutdown).await?;
-            Ok(())
-        }
+        config.mtu = device.mtu;
+        LwipEngine::new(config, handlers, now).map_err(|e| BackendError::Start(Box::new(e)))
     }
 }

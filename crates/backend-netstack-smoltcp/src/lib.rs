@@ -68,14 +68,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Sink, Stream};
 use netstack_smoltcp::{StackBuilder, TcpListener, TcpStream};
 use tungate_core::admission::Admission;
-use tungate_core::engine::run_engine;
 use tungate_core::stream_stack::{StreamEngine, StreamStack};
-use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketBuf, PacketDevice};
+use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu, PacketBuf};
 
 pub mod quirks;
 
@@ -123,28 +122,25 @@ impl NetstackSmoltcp {
 
 impl Backend for NetstackSmoltcp {
     const NAME: &'static str = "netstack-smoltcp";
+    type Engine = NetstackEngine;
 
-    fn run<D: PacketDevice>(
-        self,
-        device: D,
-        handlers: Dispatch,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send {
-        let mut config = self.config;
-        config.mtu = device.mtu();
-        run(config, self.restarts, None, device, handlers, shutdown)
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, _: Instant) -> Result<NetstackEngine, BackendError> {
+        engine(self.config, self.restarts, None, device, handlers)
     }
 }
 
+/// The engine the driver runs: netstack-smoltcp behind its admission layer.
+pub type NetstackEngine = StreamEngine<NetstackStack, NetstackQuirks>;
+
 /// The backend behind its admission layer, with a runner hook for tests.
-async fn run<D: PacketDevice>(
-    config: NetstackConfig,
+fn engine(
+    mut config: NetstackConfig,
     restarts: Arc<AtomicU64>,
     hook: Option<RunnerHook>,
-    device: D,
+    device: DeviceInfo,
     handlers: Dispatch,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), BackendError> {
+) -> Result<NetstackEngine, BackendError> {
+    config.mtu = device.mtu;
     let admission = Admission::with_quirks(
         handlers,
         config.mtu,
@@ -153,9 +149,7 @@ async fn run<D: PacketDevice>(
         NetstackQuirks::default(),
     );
     let stack = NetstackStack::start(config, restarts, hook)?;
-    let engine = StreamEngine::new(stack, admission, device.max_packet_len());
-    run_engine(engine, device, shutdown).await?;
-    Ok(())
+    Ok(StreamEngine::new(stack, admission, device.max_packet_len))
 }
 
 type RunnerFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
@@ -176,7 +170,8 @@ impl Drop for Instance {
     }
 }
 
-struct NetstackStack {
+/// netstack-smoltcp as a [`StreamStack`], rebuilt when its runner ends.
+pub struct NetstackStack {
     config: NetstackConfig,
     instance: Instance,
     restarts: Arc<AtomicU64>,
@@ -238,7 +233,7 @@ impl NetstackStack {
 /// 3 000 short connections the server closed first) had its new SYN taken for the old
 /// flow's and answered by nothing (11 s). The crate sends the FIN once its send buffer is
 /// drained, whether the stream is kept or dropped, so nothing is lost by not waiting.
-struct NetstackStream {
+pub struct NetstackStream {
     inner: TcpStream,
     shut: bool,
 }
@@ -272,6 +267,18 @@ impl tokio::io::AsyncWrite for NetstackStream {
             }
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl std::fmt::Debug for NetstackStack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetstackStack").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for NetstackStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetstackStream").finish_non_exhaustive()
     }
 }
 
@@ -370,16 +377,9 @@ impl std::fmt::Debug for HookedNetstack {
 
 impl Backend for HookedNetstack {
     const NAME: &'static str = "netstack-smoltcp";
+    type Engine = NetstackEngine;
 
-    fn run<D: PacketDevice>(
-        self,
-        device: D,
-        handlers: Dispatch,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send {
-        let mut config = self.backend.config;
-        config.mtu = device.mtu();
-        let (restarts, hook) = (self.backend.restarts, self.hook);
-        run(config, restarts, Some(hook), device, handlers, shutdown)
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, _: Instant) -> Result<NetstackEngine, BackendError> {
+        engine(self.backend.config, self.backend.restarts, Some(self.hook), device, handlers)
     }
 }

@@ -30,11 +30,9 @@
 mod device;
 mod engine;
 
-use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tungate_core::engine::run_engine;
-use tungate_core::{Backend, BackendError, Dispatch, Mtu, PacketDevice};
+use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu};
 
 pub use engine::SmoltcpEngine;
 
@@ -97,19 +95,12 @@ impl Backend for Smoltcp {
     const RX_OFFLOAD: Option<tungate_core::device::offload::RxMode> =
         Some(tungate_core::device::offload::RxMode::Split);
 
-    fn run<D: PacketDevice>(
-        self,
-        device: D,
-        handlers: Dispatch,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+    type Engine = SmoltcpEngine;
+
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, now: Instant) -> Result<SmoltcpEngine, BackendError> {
         let mut config = self.config;
-        config.mtu = device.mtu();
-        config.segmentation_offload = device.segmentation_offload();
-        async move {
-            let engine = SmoltcpEngine::new(config, handlers, std::time::Instant::now());
-            run_engine(engine, device, shutdown).await?;
-            Ok(())
-        }
+        config.mtu = device.mtu;
+        config.segmentation_offload = device.segmentation_offload;
+        Ok(SmoltcpEngine::new(config, handlers, now))
     }
 }

@@ -34,7 +34,6 @@
 pub mod checksum;
 pub mod nat;
 
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -45,10 +44,10 @@ use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tungate_core::device::offload::RxMode;
-use tungate_core::engine::{Engine, Handled, RX_BATCH, run_engine};
+use tungate_core::engine::{Engine, Handled, RX_BATCH};
 use tungate_core::flow::WakeQueue;
 use tungate_core::stream_stack::bridge;
-use tungate_core::{Backend, BackendError, Dispatch, PacketBuf, PacketDevice};
+use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, PacketBuf};
 
 pub use nat::{Nat, NatConfig};
 
@@ -157,15 +156,12 @@ impl Backend for System {
         Ok(())
     }
 
-    fn run<D: PacketDevice>(
-        self,
-        device: D,
-        handlers: Dispatch,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+    type Engine = SystemEngine;
+
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, now: Instant) -> Result<SystemEngine, BackendError> {
         let mut nat = self.config.nat.clone();
-        nat.mtu = device.mtu();
-        async move {
+        nat.mtu = device.mtu;
+        {
             let mut listeners = Vec::new();
             for family_v4 in [true, false] {
                 let Some(net) = self.config.addresses.iter().find(|a| a.addr().is_ipv4() == family_v4) else {
@@ -195,15 +191,13 @@ impl Backend for System {
             if listeners.is_empty() {
                 return Err(BackendError::Config(NEEDS_ADDRESS.into()));
             }
-            let engine = SystemEngine {
+            Ok(SystemEngine {
                 nat: Nat::new(nat, handlers),
                 listeners,
                 bridges: JoinSet::new(),
-                next_sweep: Instant::now() + SWEEP_EVERY,
+                next_sweep: now + SWEEP_EVERY,
                 accept_paused_until: None,
-            };
-            run_engine(engine, device, shutdown).await?;
-            Ok(())
+            })
         }
     }
 }
@@ -218,7 +212,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// The system stack as an [`Engine`] for the one driver: packets are rewritten in place
 /// and written back ([`Handled::Transmit`]); the kernel listeners' accepts and the
 /// bridges' ends are its polled input.
-struct SystemEngine {
+pub struct SystemEngine {
     nat: Nat,
     listeners: Vec<TcpListener>,
     /// Bridges end with the engine: dropping the set aborts them and their ports report
@@ -226,6 +220,15 @@ struct SystemEngine {
     bridges: JoinSet<()>,
     next_sweep: Instant,
     accept_paused_until: Option<Instant>,
+}
+
+impl std::fmt::Debug for SystemEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SystemEngine")
+            .field("nat", &self.nat)
+            .field("bridges", &self.bridges.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SystemEngine {

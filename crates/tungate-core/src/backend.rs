@@ -3,9 +3,12 @@
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
+use std::time::Instant;
 
 use crate::Dispatch;
+use crate::config::Mtu;
 use crate::device::PacketDevice;
+use crate::engine::{Engine, run_engine};
 
 /// Why a backend stopped.
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +32,10 @@ pub enum BackendError {
     Start(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Runs `backend` on `device` until `shutdown` completes, the packet counters kept
-/// here ([`Counted`](crate::device::Counted)) for every backend. What every binary and
-/// harness calls instead of [`Backend::run`].
+/// Runs `backend` on `device` until `shutdown` completes: builds its engine and runs it
+/// on the one driver ([`run_engine`]), the packet counters kept by
+/// [`Counted`](crate::device::Counted) for every backend. What every binary, harness and
+/// example calls.
 pub async fn serve<B: Backend, D: PacketDevice>(
     backend: B,
     device: D,
@@ -39,13 +43,35 @@ pub async fn serve<B: Backend, D: PacketDevice>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BackendError> {
     let device = crate::device::Counted::new(device, handlers.stats.clone());
-    backend.run(device, handlers, shutdown).await
+    let engine = backend.engine(DeviceInfo::of(&device), handlers, Instant::now())?;
+    run_engine(engine, device, shutdown).await?;
+    Ok(())
 }
 
-/// A TCP/IP stack that terminates the TUN's traffic and hands flows to the handlers of a [`Dispatch`].
-///
-/// Generic over the device so each variant binary is monomorphised for its device and
-/// links only its own backend.
+/// What a backend is told about the device its engine will run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeviceInfo {
+    /// The link MTU: the largest packet the stack should build.
+    pub mtu: Mtu,
+    /// The largest packet a read delivers ([`PacketDevice::max_packet_len`]).
+    pub max_packet_len: usize,
+    /// Whether writes take TCP super-packets ([`PacketDevice::segmentation_offload`]).
+    pub segmentation_offload: bool,
+}
+
+impl DeviceInfo {
+    pub fn of(device: &impl PacketDevice) -> Self {
+        DeviceInfo {
+            mtu: device.mtu(),
+            max_packet_len: device.max_packet_len(),
+            segmentation_offload: device.segmentation_offload(),
+        }
+    }
+}
+
+/// A TCP/IP stack that terminates the TUN's traffic and hands flows to the handlers of a
+/// [`Dispatch`]: a factory of the [`Engine`] that [`serve`] runs on the one driver.
 pub trait Backend: Send + 'static {
     /// The name used in the binary's name (`tungate-<NAME>`) and in logs.
     const NAME: &'static str;
@@ -60,11 +86,10 @@ pub trait Backend: Send + 'static {
         Ok(())
     }
 
-    /// Serves `device` until `shutdown` completes (`Ok`) or the device fails.
-    fn run<D: PacketDevice>(
-        self,
-        device: D,
-        handlers: Dispatch,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// The state machine the driver runs.
+    type Engine: Engine;
+
+    /// Builds the engine for `device`, with `now` as its start time. Called inside the
+    /// runtime (a backend may open sockets here).
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, now: Instant) -> Result<Self::Engine, BackendError>;
 }

@@ -58,7 +58,7 @@ pub mod outbound;
 pub mod packet;
 pub mod stream_stack;
 
-pub use backend::{Backend, BackendError, serve};
+pub use backend::{Backend, BackendError, DeviceInfo, serve};
 pub use config::{Mtu, MtuError};
 pub use device::{PacketBuf, PacketDevice};
 pub use tungate_api as api;
