@@ -93,7 +93,7 @@ use tokio_util::sync::PollSender;
 use tungate_core::admission::{Admission, FlowKey, give_back_growth};
 use tungate_core::packet::{self, Classified};
 use tungate_core::stream_stack::{StreamEngine, StreamStack};
-use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu, PacketBuf};
+use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu, PacketBuf, PacketPool};
 
 pub mod quirks;
 
@@ -178,7 +178,6 @@ pub struct IpstackStack {
     to_stack: PollSender<PacketBuf>,
     from_stack: mpsc::UnboundedReceiver<PacketBuf>,
     accepted: mpsc::UnboundedReceiver<IpStackTcpStream>,
-    pool: Pool,
     gates: Gates,
     accept_task: tokio::task::JoinHandle<()>,
     /// What it was started with, to start afresh ([`StreamStack::release_idle`]).
@@ -194,11 +193,11 @@ impl Drop for IpstackStack {
 
 impl IpstackStack {
     fn start(config: &IpstackConfig, mtu: u16) -> Self {
-        let pool = Pool::default();
         let gates = Gates::default();
         let (to_stack, stack_rx) = mpsc::channel(config.input_depth);
         let (stack_tx, from_stack) = mpsc::unbounded_channel();
-        let pipe = Pipe { rx: stack_rx, tx: stack_tx, pool: pool.clone(), gates: gates.clone(), mtu: usize::from(mtu) };
+        let pool = PacketPool::new(usize::from(mtu), POOL_MAX);
+        let pipe = Pipe { rx: stack_rx, tx: stack_tx, pool, gates: gates.clone() };
         let mut tcp = TcpConfig::default();
         tcp.max_unacked_bytes = config.max_unacked_bytes;
         tcp.read_buffer_size = usize::from(u16::MAX);
@@ -240,7 +239,6 @@ impl IpstackStack {
             to_stack: PollSender::new(to_stack),
             from_stack,
             accepted,
-            pool,
             gates,
             accept_task,
             config: config.clone(),
@@ -345,19 +343,12 @@ impl StreamStack for IpstackStack {
         self.to_stack.poll_reserve(cx).map_err(|_| io::Error::other("ipstack stopped reading"))
     }
 
-    fn input(&mut self, packet: &PacketBuf) -> io::Result<()> {
-        let mut buf = self.pool.take(packet.len());
-        buf.spare_mut()[..packet.len()].copy_from_slice(packet.packet());
-        buf.set_len(packet.len());
-        self.to_stack.send_item(buf).map_err(|_| io::Error::other("ipstack stopped reading"))
+    fn input(&mut self, packet: PacketBuf) -> io::Result<()> {
+        self.to_stack.send_item(packet).map_err(|_| io::Error::other("ipstack stopped reading"))
     }
 
     fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<Option<PacketBuf>> {
         self.from_stack.poll_recv(cx)
-    }
-
-    fn recycle(&mut self, buf: PacketBuf) {
-        self.pool.put(buf);
     }
 
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(Stream, SocketAddr, SocketAddr)>> {
@@ -591,30 +582,10 @@ fn flow_with_flags(p: &[u8], flags: u8) -> Option<FlowKey> {
 const FIN: u8 = 0x01;
 const SYN_ACK: u8 = 0x12;
 
-/// Buffers the pool keeps: two TUN batches' worth. A burst beyond it allocates fresh
-/// buffers and frees them after (1 024 kept 1.5 MiB at MTU 1500 for good after a burst).
+/// Buffers the pool of ipstack's output keeps: two TUN batches' worth. A burst beyond it
+/// allocates fresh buffers and frees them after (1 024 kept 1.5 MiB at MTU 1500 for good
+/// after a burst).
 const POOL_MAX: usize = 128;
-
-/// Recycled packet buffers shared by the pipe (ipstack's side) and the driver.
-#[derive(Debug, Clone, Default)]
-struct Pool(Arc<Mutex<Vec<PacketBuf>>>);
-
-impl Pool {
-    fn take(&self, len: usize) -> PacketBuf {
-        let buf = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        match buf {
-            Some(buf) if buf.capacity() >= len => buf,
-            _ => PacketBuf::with_capacity(len.max(1500)),
-        }
-    }
-
-    fn put(&self, buf: PacketBuf) {
-        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < POOL_MAX {
-            pool.push(buf);
-        }
-    }
-}
 
 /// The device ipstack sees: each read is one packet from the driver, each write one packet
 /// to the TUN. Writes never block ipstack (its own output queue is unbounded anyway, and
@@ -622,9 +593,8 @@ impl Pool {
 struct Pipe {
     rx: mpsc::Receiver<PacketBuf>,
     tx: mpsc::UnboundedSender<PacketBuf>,
-    pool: Pool,
+    pool: PacketPool,
     gates: Gates,
-    mtu: usize,
 }
 
 impl AsyncRead for Pipe {
@@ -635,7 +605,6 @@ impl AsyncRead for Pipe {
                 // forwards packets the TUN delivered, which fit.
                 let n = packet.len().min(buf.remaining());
                 buf.put_slice(&packet.packet()[..n]);
-                self.pool.put(packet);
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(None) => Poll::Ready(Ok(())),
@@ -653,7 +622,7 @@ impl AsyncWrite for Pipe {
         if let Some(key) = flow_with_flags(data, FIN) {
             self.gates.fin(key);
         }
-        let mut buf = self.pool.take(data.len().max(self.mtu));
+        let mut buf = self.pool.take_fitting(data.len());
         buf.spare_mut()[..data.len()].copy_from_slice(data);
         buf.set_len(data.len());
         match self.tx.send(buf) {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tungate_core::admission::{Decided, FlowKey, FlowTable, Inbound, Seen};
+use tungate_core::admission::{Close, Decided, FlowKey, FlowTable, Inbound, Seen};
 use tungate_core::engine::{Engine, Handled};
 use tungate_core::flow::{FlowLink, WakeQueue};
 use tungate_core::{Dispatch, FlowId, PacketBuf};
@@ -93,7 +93,7 @@ impl LwipEngine {
         let Some(flow) = self.flows.get_mut(id) else { return };
         match flow.stage {
             // lwIP frees a half-open PCB on RST without telling anyone.
-            Stage::Handshaking if rst => self.finish(id, true),
+            Stage::Handshaking if rst => self.finish(id, Close::Reset),
             Stage::Handshaking => {}
             Stage::Open(_) => {
                 if !flow.touched {
@@ -201,12 +201,12 @@ impl LwipEngine {
         if signals.abort_requested {
             self.stack.abort(pcb);
             self.collect_events();
-            self.finish(id, true);
+            self.finish(id, Close::Reset);
             return;
         }
         if !open.detached && self.stack.was_reset(pcb) {
             // lwIP freed it: the client reset the connection or it timed out.
-            self.finish(id, true);
+            self.finish(id, Close::Reset);
             return;
         }
         if !open.rx_eof && self.stack.rx_finished(pcb) {
@@ -236,14 +236,14 @@ impl LwipEngine {
         let done = (open.detached && open.rx_eof) || orphaned;
         self.collect_events();
         if done {
-            self.finish(id, false);
+            self.finish(id, Close::Clean);
         }
     }
 
-    /// Ends a flow: tells the handler (`reset` or clean) and forgets it.
-    fn finish(&mut self, id: FlowId, reset: bool) {
-        let Some(flow) = self.flows.remove(id, reset) else { return };
-        flow.link.set_closed(reset);
+    /// Ends a flow: tells the handler how and forgets it.
+    fn finish(&mut self, id: FlowId, close: Close) {
+        let Some(flow) = self.flows.remove(id, close) else { return };
+        flow.link.set_closed(close == Close::Reset);
         if let Stage::Open(open) = flow.stage {
             self.stack.release(open.pcb);
             self.collect_events();
@@ -258,7 +258,7 @@ impl LwipEngine {
             self.handshakes.pop_front();
             let stalled = self.flows.get(id).is_some_and(|f| f.key == key && matches!(f.stage, Stage::Handshaking));
             if stalled {
-                self.finish(id, true);
+                self.finish(id, Close::Reset);
             }
         }
         // Entries for flows that completed stay until they surface; keep the queue small
@@ -287,7 +287,7 @@ impl Engine for LwipEngine {
             // Not ours — but lwIP may still hold the connection after the engine handed it
             // over (LAST-ACK, TIME-WAIT), so lwIP decides; for a connection it does not
             // know either, its listener answers with RST.
-            Inbound::Tcp(_, Seen::Stranger { .. }) => self.input(packet.packet()),
+            Inbound::Tcp(_, Seen::Unknown | Seen::UnknownRst) => self.input(packet.packet()),
             Inbound::Tcp(_, Seen::Consumed) | Inbound::Done => {}
         }
         Handled::Consumed
@@ -351,11 +351,8 @@ impl Engine for LwipEngine {
     }
 
     fn poll_transmit(&mut self) -> Option<PacketBuf> {
-        self.flows.poll_transmit_or(|| self.stack.pop_output())
-    }
-
-    fn recycle(&mut self, buf: PacketBuf) {
-        self.flows.recycle_or(buf, |buf| self.stack.recycle(buf));
+        // lwIP's output first: it is the bulk, and the table's queues are usually empty.
+        self.stack.pop_output().or_else(|| self.flows.poll_transmit())
     }
 
     fn wake_queue(&self) -> Arc<WakeQueue> {
@@ -425,7 +422,6 @@ mod tests {
         let mut out = Vec::new();
         while let Some(p) = e.poll_transmit() {
             out.push(p.packet().to_vec());
-            e.recycle(p);
         }
         out
     }

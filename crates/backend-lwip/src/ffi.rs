@@ -25,7 +25,7 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use slab::Slab;
-use tungate_core::PacketBuf;
+use tungate_core::{PacketBuf, PacketPool};
 
 #[allow(
     non_camel_case_types,
@@ -84,9 +84,8 @@ pub(crate) enum Event {
 struct Sink {
     events: Vec<Event>,
     out: VecDeque<PacketBuf>,
-    free: Vec<PacketBuf>,
+    pool: PacketPool,
     slots: Slab<Slot>,
-    mtu: usize,
 }
 
 struct Slot {
@@ -142,9 +141,10 @@ impl Stack {
         let sink = Box::new(Sink {
             events: Vec::new(),
             out: VecDeque::new(),
-            free: Vec::new(),
+            // At most ~2 MiB of buffers kept: a burst larger than that (thousands of
+            // handshakes at once) allocates, and its buffers are freed instead of kept.
+            pool: PacketPool::new(usize::from(mtu), (2 << 20) / usize::from(mtu).max(1)),
             slots: Slab::new(),
-            mtu: usize::from(mtu),
         });
         let sink = NonNull::from(Box::leak(sink));
         SINK.store(sink.as_ptr(), Ordering::Release);
@@ -312,15 +312,6 @@ impl Stack {
 
     pub(crate) fn pop_output(&mut self) -> Option<PacketBuf> {
         self.sink().out.pop_front()
-    }
-
-    pub(crate) fn recycle(&mut self, buf: PacketBuf) {
-        let sink = self.sink();
-        // Keep at most ~2 MiB of spare buffers: a burst larger than that (thousands of
-        // handshakes at once) allocates, and its buffers are freed instead of kept forever.
-        if sink.free.len() * sink.mtu < 2 << 20 {
-            sink.free.push(buf);
-        }
     }
 
     /// Records which engine flow owns `id`.
@@ -648,10 +639,7 @@ unsafe fn queue_output(p: *mut pbuf) -> err_t {
     with_sink(ERR_MEM, |sink| {
         // SAFETY: per this function's contract.
         let total = usize::from(unsafe { (*p).tot_len });
-        let mut buf = sink.free.pop().unwrap_or_else(|| PacketBuf::with_capacity(sink.mtu));
-        if buf.capacity() < total {
-            buf = PacketBuf::with_capacity(total);
-        }
+        let mut buf = sink.pool.take_fitting(total);
         let spare = buf.spare_mut();
         // SAFETY: `spare` has at least `total` bytes; pbuf_copy_partial copies at most
         // `total` (which fits u16: it came from tot_len).

@@ -290,7 +290,7 @@ impl StreamStack for NetstackStack {
         Pin::new(&mut self.instance.stack).poll_ready(cx).map(runner_gone)
     }
 
-    fn input(&mut self, packet: &PacketBuf) -> io::Result<()> {
+    fn input(&mut self, packet: PacketBuf) -> io::Result<()> {
         // The crate rejects what it cannot parse as IP with an error; admission already
         // dropped malformed packets, so an error here is not worth stopping for.
         // `start_send` only stores the packet in the Sink's one-slot buffer: it reaches

@@ -1,5 +1,5 @@
 //! The smoltcp `phy::Device` a flow's interface polls: at most one received packet (the
-//! one being demultiplexed) and transmit tokens that write into recycled buffers on the
+//! one being demultiplexed) and transmit tokens that write into pooled buffers on the
 //! engine's output queue. No allocation once the pool is warm.
 //!
 //! With segmentation offload (a TUN with offload), smoltcp emits TCP segments of up to
@@ -14,9 +14,9 @@ use std::num::{NonZeroU16, NonZeroUsize};
 use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, checksum};
-use tungate_core::PacketBuf;
 use tungate_core::device::PacketMeta;
 use tungate_core::device::offload::{Gso, GsoKind, MAX_SUPER_PACKET, PartialChecksum};
+use tungate_core::{PacketBuf, PacketPool};
 
 /// What smoltcp may fill per super-packet (see `capabilities`).
 const SUPER_PACKET_BUDGET: usize = MAX_SUPER_PACKET - 1024;
@@ -26,38 +26,32 @@ pub(crate) struct FlowDevice<'a> {
     pub(crate) out: &'a mut Output,
 }
 
-/// Packets waiting for the TUN plus spare buffers.
-#[derive(Debug, Default)]
+/// Packets waiting for the TUN, and the pools their buffers come from.
+#[derive(Debug)]
 pub(crate) struct Output {
     pub(crate) queue: VecDeque<PacketBuf>,
-    pub(crate) pool: Vec<PacketBuf>,
-    /// Spare 64 KiB buffers for super-packets (segmentation offload only).
-    pub(crate) big_pool: Vec<PacketBuf>,
+    pool: PacketPool,
+    /// 64 KiB buffers for super-packets (segmentation offload only).
+    big_pool: PacketPool,
     pub(crate) mtu: usize,
     pub(crate) verify_tcp_checksum: bool,
     pub(crate) segmentation_offload: bool,
 }
 
 impl Output {
-    /// Spare buffers kept for reuse; beyond this, returned buffers are freed.
+    /// Buffers kept for reuse; beyond this, returned buffers are freed.
     const POOL_LIMIT: usize = 4096;
-    /// Spare super-packet buffers: a batch's worth (64 × 64 KiB = 4 MiB at most).
+    /// Super-packet buffers kept: a batch's worth (64 × 64 KiB = 4 MiB at most).
     const BIG_POOL_LIMIT: usize = 64;
 
-    pub(crate) fn buffer(&mut self) -> PacketBuf {
-        self.pool.pop().unwrap_or_else(|| PacketBuf::with_capacity(self.mtu))
-    }
-
-    fn big_buffer(&mut self) -> PacketBuf {
-        self.big_pool.pop().unwrap_or_else(|| PacketBuf::with_capacity(MAX_SUPER_PACKET))
-    }
-
-    pub(crate) fn recycle(&mut self, mut buf: PacketBuf) {
-        buf.meta = PacketMeta::default();
-        if buf.capacity() == self.mtu && self.pool.len() < Self::POOL_LIMIT {
-            self.pool.push(buf);
-        } else if buf.capacity() == MAX_SUPER_PACKET && self.big_pool.len() < Self::BIG_POOL_LIMIT {
-            self.big_pool.push(buf);
+    pub(crate) fn new(mtu: usize, verify_tcp_checksum: bool, segmentation_offload: bool) -> Self {
+        Output {
+            queue: VecDeque::new(),
+            pool: PacketPool::new(mtu, Self::POOL_LIMIT),
+            big_pool: PacketPool::new(MAX_SUPER_PACKET, Self::BIG_POOL_LIMIT),
+            mtu,
+            verify_tcp_checksum,
+            segmentation_offload,
         }
     }
 }
@@ -77,13 +71,11 @@ impl phy::RxToken for Rx<'_> {
 
 impl phy::TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf =
-            if len > self.out.mtu && self.out.segmentation_offload { self.out.big_buffer() } else { self.out.buffer() };
+        let pool =
+            if len > self.out.mtu && self.out.segmentation_offload { &self.out.big_pool } else { &self.out.pool };
         // smoltcp never asks for more than we advertise; a larger request would be a
-        // smoltcp bug, and growing the buffer keeps us correct even then.
-        if len > buf.capacity() {
-            buf = PacketBuf::with_capacity(len);
-        }
+        // smoltcp bug, and a buffer of its own keeps us correct even then.
+        let mut buf = pool.take_fitting(len);
         buf.set_len(len);
         let r = f(buf.packet_mut());
         if self.out.segmentation_offload {

@@ -10,7 +10,7 @@ use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
-use tungate_core::admission::{Decided, FlowTable, Held, Inbound, Seen};
+use tungate_core::admission::{Close, Decided, FlowTable, Held, Inbound, Seen};
 use tungate_core::engine::{Engine, Handled};
 use tungate_core::flow::{FlowIo, FlowLink, WakeQueue};
 use tungate_core::{Dispatch, FlowId, PacketBuf};
@@ -62,12 +62,7 @@ struct OpenFlow {
 impl SmoltcpEngine {
     pub fn new(config: SmoltcpConfig, handlers: Dispatch, now: Instant) -> Self {
         let flows = FlowTable::new(&handlers, config.mtu, config.ring_capacity);
-        let out = Output {
-            mtu: config.mtu.get(),
-            verify_tcp_checksum: config.verify_tcp_checksum,
-            segmentation_offload: config.segmentation_offload,
-            ..Output::default()
-        };
+        let out = Output::new(config.mtu.get(), config.verify_tcp_checksum, config.segmentation_offload);
         SmoltcpEngine {
             config,
             epoch: now,
@@ -131,7 +126,7 @@ impl SmoltcpEngine {
         let listening = socket.listen(IpListenEndpoint { addr: Some(IpAddress::from(dst.ip())), port: dst.port() });
         if !routed || listening.is_err() {
             link.set_closed(true);
-            self.flows.remove(id, true);
+            self.flows.remove(id, Close::Reset);
             self.flows.reset(&summary);
             return;
         }
@@ -210,7 +205,8 @@ impl SmoltcpEngine {
             // A clean end is FIN both ways; anything else closing the socket was a reset.
             let clean = open.rx_eof && open.fin_queued;
             flow.link.set_closed(!clean);
-            self.flows.remove(id, false);
+            // Admitted: the handler learns of the end from the link, just above.
+            self.flows.remove(id, Close::Clean);
             return;
         }
         if let Some(d) = open.iface.poll_at(t, &open.sockets).map(|d| self.std_instant(d)) {
@@ -268,8 +264,8 @@ impl Engine for SmoltcpEngine {
     fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
         match self.flows.inbound(packet) {
             Inbound::Tcp(_, Seen::Admitted(id)) => self.ingress(id, now, packet.packet()),
-            Inbound::Tcp(seg, Seen::Stranger { rst: false }) => self.flows.reset(&seg),
-            Inbound::Tcp(_, Seen::Consumed | Seen::Stranger { rst: true }) | Inbound::Done => {}
+            Inbound::Tcp(seg, Seen::Unknown) => self.flows.reset(&seg),
+            Inbound::Tcp(_, Seen::Consumed | Seen::UnknownRst) | Inbound::Done => {}
         }
         Handled::Consumed
     }
@@ -325,11 +321,9 @@ impl Engine for SmoltcpEngine {
     }
 
     fn poll_transmit(&mut self) -> Option<PacketBuf> {
-        self.flows.poll_transmit_or(|| self.out.queue.pop_front())
-    }
-
-    fn recycle(&mut self, buf: PacketBuf) {
-        self.flows.recycle_or(buf, |buf| self.out.recycle(buf));
+        // The stack's output first: it is the bulk, and the table's queues are usually
+        // empty (looking costs one atomic load then).
+        self.out.queue.pop_front().or_else(|| self.flows.poll_transmit())
     }
 
     fn wake_queue(&self) -> Arc<WakeQueue> {

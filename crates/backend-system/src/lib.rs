@@ -285,10 +285,6 @@ impl Engine for SystemEngine {
         self.nat.poll_transmit()
     }
 
-    fn recycle(&mut self, buf: PacketBuf) {
-        self.nat.recycle(buf);
-    }
-
     fn wake_queue(&self) -> Arc<WakeQueue> {
         self.nat.wake_queue()
     }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tungate_core::Dispatch;
-use tungate_core::admission::{Decided, FlowTable, Held, Seen};
+use tungate_core::admission::{Close, Decided, FlowTable, Held, Opening, Seen};
 use tungate_core::device::PacketBuf;
 use tungate_core::device::offload::{self, GsoKind};
 use tungate_core::engine::Handled;
@@ -210,20 +210,19 @@ impl Nat {
             if let Some(id) = self.entries.id(&key) {
                 if self.entries.get(id).is_some_and(|e| e.closing_since.is_some()) {
                     // The client reuses its port for a new connection: start afresh.
-                    self.remove(now, id, false);
+                    self.remove(now, id, Close::Clean);
                 }
             }
         }
-        // A partial checksum (offload) is the local kernel's own work: nothing to verify.
         // A flow to the listener or a fake address would loop through the TUN.
-        let (verify, may_open) = (packet.meta.csum.is_none(), !self.is_ours(seg.dst.ip()));
-        let id = match self.entries.segment(packet, &seg, verify, may_open) {
+        let opening = if self.is_ours(seg.dst.ip()) { Opening::Refused } else { Opening::Allowed };
+        let id = match self.entries.segment(packet, &seg, opening) {
             Seen::Admitted(id) => id,
-            Seen::Stranger { rst: false } => {
+            Seen::Unknown => {
                 self.entries.reset(&seg);
                 return Handled::Consumed;
             }
-            Seen::Consumed | Seen::Stranger { rst: true } => return Handled::Consumed,
+            Seen::Consumed | Seen::UnknownRst => return Handled::Consumed,
         };
         let Some(e) = self.entries.get_mut(id) else { return Handled::Consumed };
         e.last_seen = now;
@@ -331,7 +330,7 @@ impl Nat {
             tracing::debug!(src = %client, %dst, "no NAT address free (or no listener for this family)");
             Stats::inc(&self.stats().tcp_rejected);
             self.entries.reset(&summary);
-            self.entries.remove(id, true);
+            self.entries.remove(id, Close::Reset);
             link.set_closed(true);
             return;
         };
@@ -368,7 +367,7 @@ impl Nat {
     /// (one pass over the table).
     pub fn sweep(&mut self, now: Instant) {
         let c = &self.config;
-        let expired: Vec<(FlowId, bool)> = self
+        let expired: Vec<(FlowId, Close)> = self
             .entries
             .iter()
             .filter_map(|(i, e)| {
@@ -376,11 +375,12 @@ impl Nat {
                 let done = e.closing_since.is_some_and(|t| now >= t + c.linger);
                 let idle = now >= e.last_seen + c.idle_timeout;
                 // Only both FINs and no RST make a clean end for the handler.
-                (stale_handshake || done || idle).then_some((i, e.reset || !done))
+                let close = if e.reset || !done { Close::Reset } else { Close::Clean };
+                (stale_handshake || done || idle).then_some((i, close))
             })
             .collect();
-        for (i, reset) in expired {
-            self.remove(now, i, reset);
+        for (i, close) in expired {
+            self.remove(now, i, close);
         }
         self.cooling.retain(|_, until| *until > now);
     }
@@ -390,8 +390,8 @@ impl Nat {
         !self.entries.is_empty() || !self.cooling.is_empty()
     }
 
-    fn remove(&mut self, now: Instant, id: FlowId, reset: bool) {
-        let Some(e) = self.entries.remove(id, reset) else { return };
+    fn remove(&mut self, now: Instant, id: FlowId, close: Close) {
+        let Some(e) = self.entries.remove(id, close) else { return };
         self.by_nat.remove(&e.nat);
         // Counted from the last segment: that is when the kernel's timers restarted.
         let until = e.last_seen + e.rest(&self.config);
@@ -399,7 +399,7 @@ impl Nat {
             self.cooling.insert(e.nat, until);
         }
         if let Some(port) = e.port {
-            port.finish(reset);
+            port.finish(close == Close::Reset);
         }
     }
 
@@ -437,11 +437,6 @@ impl Nat {
     /// The next packet this table wants written to the TUN (released SYNs, RSTs, UDP).
     pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
         self.entries.poll_transmit()
-    }
-
-    /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
-    pub fn recycle(&mut self, buf: PacketBuf) {
-        self.entries.recycle(buf);
     }
 }
 
@@ -827,9 +822,7 @@ mod tests {
             let before = nat.stats().snapshot();
             nat.handle_packet(t0, &mut p);
             tungate_testkit::mutation::assert_counted_once(&before, &nat.stats().snapshot(), &original);
-            while let Some(out) = nat.poll_transmit() {
-                nat.recycle(out);
-            }
+            while nat.poll_transmit().is_some() {}
         }
         assert!(nat.stats().snapshot().malformed > 0, "some mutations were malformed");
     }

@@ -7,7 +7,8 @@
 //! ```text
 //!   ┌─▶ 1. handle_wakeups(now)   flows the handlers touched, queued UDP replies, decisions
 //!   │   2. handle_timeout(now)   timers that expired
-//!   │   3. poll_transmit → device.send → recycle, until empty   (send waits, never drops)
+//!   │   3. poll_transmit → device.send, until empty   (send waits, never drops; the
+//!   │                                                 buffer goes back to its pool on drop)
 //!   │   4. sleep until the first of:
 //!   │        shutdown                          → return
 //!   │        device readable (if wants_packets) → read up to RX_BATCH packets:
@@ -71,11 +72,9 @@ pub trait Engine: Send + 'static {
     /// The earliest time [`handle_timeout`](Self::handle_timeout) has work, if any.
     fn poll_timeout(&mut self) -> Option<Instant>;
 
-    /// The next packet to write to the device.
+    /// The next packet to write to the device. Dropped once written: a pooled buffer
+    /// goes back to its [`PacketPool`](crate::device::PacketPool).
     fn poll_transmit(&mut self) -> Option<PacketBuf>;
-
-    /// Gives back a buffer returned by [`poll_transmit`](Self::poll_transmit) once written.
-    fn recycle(&mut self, buf: PacketBuf);
 
     /// The queue handlers use to ask for [`handle_wakeups`](Self::handle_wakeups).
     fn wake_queue(&self) -> Arc<WakeQueue>;
@@ -120,7 +119,6 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
         engine.handle_timeout(now);
         while let Some(packet) = engine.poll_transmit() {
             device.send(&packet).await?;
-            engine.recycle(packet);
         }
         let deadline = engine.poll_timeout();
         if deadline != armed {
@@ -193,7 +191,6 @@ mod tests {
         fn poll_transmit(&mut self) -> Option<PacketBuf> {
             None
         }
-        fn recycle(&mut self, _: PacketBuf) {}
         fn wake_queue(&self) -> Arc<WakeQueue> {
             self.wake.clone()
         }

@@ -1,4 +1,4 @@
-//! The stack side of the tungate TUN gateway: packet devices, admission, the drivers
+//! The stack side of the tungate TUN gateway: packet devices, admission, the one driver
 //! and the [`Backend`] trait every stack crate implements. Handlers are written against
 //! [`api`] (the `tungate-api` crate, re-exported here) and never see this side.
 //!
@@ -40,9 +40,10 @@
 //! * [`events`]: the two JSON lines a running gateway writes on standard output, typed.
 //! * [`outbound`]: the queues of packets for the device that are not a stack's own:
 //!   handlers' UDP replies and what admission writes itself.
-//! * [`engine`]: the I/O-free engine contract of packet-level backends, and its driver;
-//!   [`stream_stack`]: the driver for stacks that hand out streams.
-//! * [`backend`]: the trait the binaries drive; backends live in their own crates.
+//! * [`engine`]: the engine contract every backend meets, and the one driver that runs it;
+//!   [`stream_stack`]: the engine made of a stack that hands out streams, behind admission.
+//! * [`backend`]: the trait the binaries drive (an engine factory) and [`serve`];
+//!   backends live in their own crates.
 //!
 //! `unsafe` is allowed only in `device/sys.rs` (adopting an inherited file descriptor) and
 //! [`os`] (returning free heap memory to the OS).
@@ -60,7 +61,7 @@ pub mod stream_stack;
 
 pub use backend::{Backend, BackendError, DeviceInfo, serve};
 pub use config::{Mtu, MtuError};
-pub use device::{PacketBuf, PacketDevice};
+pub use device::{PacketBuf, PacketDevice, PacketPool};
 pub use tungate_api as api;
 pub use tungate_api::{
     Dispatch, FlowId, Stats, Target, TcpConn, TcpHandler, TcpRequest, UdpHandler, UdpSender, UdpSession, stats,

@@ -13,7 +13,7 @@ use tungate_api::udp::{UdpReturn, UdpSendError};
 use tungate_api::{Stats, UdpSender, WakeQueue};
 
 use crate::config::Mtu;
-use crate::device::PacketBuf;
+use crate::device::{PacketBuf, PacketPool};
 use crate::packet::{self, BuildError};
 
 impl From<BuildError> for UdpSendError {
@@ -26,15 +26,14 @@ impl From<BuildError> for UdpSendError {
 }
 
 /// The queue behind a backend's [`UdpSender`], drained by its driver: datagrams are built
-/// into recycled buffers; a full queue drops.
+/// into pooled buffers; a full queue drops.
 #[derive(Debug)]
 pub struct UdpOutbox {
     queue: Mutex<VecDeque<PacketBuf>>,
     /// How many are queued, so the driver's look for replies takes no lock while none are.
     queued: std::sync::atomic::AtomicUsize,
-    pool: Mutex<Vec<PacketBuf>>,
+    pool: PacketPool,
     limit: usize,
-    mtu: Mtu,
     wake: Arc<WakeQueue>,
     stats: Arc<Stats>,
 }
@@ -52,9 +51,8 @@ impl UdpOutbox {
         Arc::new(UdpOutbox {
             queue: Mutex::default(),
             queued: Default::default(),
-            pool: Mutex::default(),
+            pool: PacketPool::new(mtu.get(), Self::DEFAULT_LIMIT),
             limit: Self::DEFAULT_LIMIT,
-            mtu,
             wake,
             stats,
         })
@@ -68,7 +66,7 @@ impl UdpOutbox {
         if lock(&self.queue).len() >= self.limit {
             return Err(UdpSendError::QueueFull);
         }
-        let mut buf = lock(&self.pool).pop().unwrap_or_else(|| PacketBuf::with_capacity(self.mtu.get()));
+        let mut buf = self.pool.take();
         let len = packet::build_udp(from, to, payload, buf.spare_mut())?;
         buf.set_len(len);
         lock(&self.queue).push_back(buf);
@@ -86,14 +84,6 @@ impl UdpOutbox {
         self.queued.fetch_sub(1, std::sync::atomic::Ordering::Release);
         Some(buf)
     }
-
-    /// Returns a sent buffer for reuse.
-    pub fn recycle(&self, buf: PacketBuf) {
-        let mut pool = lock(&self.pool);
-        if pool.len() < self.limit {
-            pool.push(buf);
-        }
-    }
 }
 
 impl UdpReturn for UdpOutbox {
@@ -103,15 +93,13 @@ impl UdpReturn for UdpOutbox {
 }
 
 /// What a layer that answers for a stack writes to the TUN itself — RSTs and released
-/// SYNs it queues, and the UDP replies handlers send — with a small pool of buffers.
+/// SYNs it queues, and the UDP replies handlers send — with a small pool of buffers for RSTs.
 /// Used by [`Admission`](crate::admission::Admission) and the system stack's NAT.
 #[derive(Debug)]
 pub struct Outbound {
     queue: VecDeque<PacketBuf>,
-    free: Vec<PacketBuf>,
+    pool: PacketPool,
     udp: Arc<UdpOutbox>,
-    last_from_udp: bool,
-    mtu: Mtu,
 }
 
 impl Outbound {
@@ -121,10 +109,8 @@ impl Outbound {
     pub fn new(mtu: Mtu, wake: Arc<WakeQueue>, stats: Arc<Stats>) -> Self {
         Outbound {
             queue: VecDeque::new(),
-            free: Vec::new(),
+            pool: PacketPool::new(mtu.get(), Self::POOL),
             udp: UdpOutbox::new(mtu, wake, stats),
-            last_from_udp: false,
-            mtu,
         }
     }
 
@@ -140,34 +126,15 @@ impl Outbound {
 
     /// Queues the RST that answers `segment`.
     pub fn send_rst(&mut self, segment: &crate::packet::TcpSummary) {
-        let mut buf = self.free.pop().unwrap_or_else(|| PacketBuf::with_capacity(self.mtu.get()));
-        buf.meta = Default::default();
-        match packet::build_tcp_rst(segment, buf.spare_mut()) {
-            Some(len) => {
-                buf.set_len(len);
-                self.queue.push_back(buf);
-            }
-            None => self.free.push(buf),
+        let mut buf = self.pool.take();
+        if let Some(len) = packet::build_tcp_rst(segment, buf.spare_mut()) {
+            buf.set_len(len);
+            self.queue.push_back(buf);
         }
     }
 
     /// The next packet to write: queued ones first, then UDP replies.
     pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
-        if let Some(buf) = self.queue.pop_front() {
-            self.last_from_udp = false;
-            return Some(buf);
-        }
-        let buf = self.udp.pop()?;
-        self.last_from_udp = true;
-        Some(buf)
-    }
-
-    /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
-    pub fn recycle(&mut self, buf: PacketBuf) {
-        if self.last_from_udp {
-            self.udp.recycle(buf);
-        } else if self.free.len() < Self::POOL && buf.capacity() >= self.mtu.get() {
-            self.free.push(buf);
-        }
+        self.queue.pop_front().or_else(|| self.udp.pop())
     }
 }

@@ -315,10 +315,11 @@ pub enum Stranger {
     Malformed,
 }
 
-/// Classifies a segment for no known flow. `verify_checksum`: false for a packet whose
-/// checksum is still partial (TUN offload: the local kernel's own work).
-pub fn stranger(packet: &[u8], seg: &TcpSummary, verify_checksum: bool) -> Stranger {
-    if verify_checksum && !tcp_checksum_ok(packet, seg) {
+/// Classifies a segment for no known flow. A packet whose checksum is still partial (TUN
+/// offload, [`PacketMeta::csum`](crate::device::PacketMeta::csum)) is the local kernel's
+/// own work: its checksum is not verified.
+pub fn stranger(packet: &crate::PacketBuf, seg: &TcpSummary) -> Stranger {
+    if packet.meta.csum.is_none() && !tcp_checksum_ok(packet.packet(), seg) {
         Stranger::Malformed
     } else if !seg.is_bare_syn() {
         if seg.rst { Stranger::Ignore } else { Stranger::Reset }

@@ -25,13 +25,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 
 use crate::admission::{Admission, FlowKey, StreamQuirks, Verdict};
-use crate::device::PacketBuf;
+use crate::device::{PacketBuf, PacketPool};
 use crate::engine::{Engine, Handled, RX_BATCH};
 use crate::flow::{FlowPort, WakeQueue};
 use crate::stats::Stats;
 
-/// Copies of TUN packets kept for reuse once the stack took them: two batches' worth.
-const SPARE_MAX: usize = 2 * RX_BATCH;
+/// Buffers for copies of TUN packets kept for reuse: two batches' worth. (An unbounded
+/// spare list once grew by a buffer or more per connection for good, because packets
+/// admission makes enter without taking one: ipstack stayed +25/+43/+65 MiB above idle
+/// after three bursts of 5 000, results/scale-bursts-*.md.)
+const COPIES_KEPT: usize = 2 * RX_BATCH;
 
 /// The fewest connections held at once after which an idle stack is offered
 /// [`StreamStack::release_idle`]: below it, what a rebuild gives back is not worth it
@@ -51,8 +54,9 @@ pub trait StreamStack: Send + 'static {
 
     /// Gives the stack one packet; called only after `poll_input_ready` returned ready.
     /// A stack may hold the packet back until [`poll_flush`](Self::poll_flush) (a
-    /// `futures::Sink` does): the driver flushes after every run of inputs.
-    fn input(&mut self, packet: &PacketBuf) -> io::Result<()>;
+    /// `futures::Sink` does): the driver flushes after every run of inputs. The buffer
+    /// goes back to its pool when the stack drops it.
+    fn input(&mut self, packet: PacketBuf) -> io::Result<()>;
 
     /// Ready when every packet given to [`input`](Self::input) has reached the stack.
     /// Until then the driver keeps polling it with a real waker: a packet held back here
@@ -65,11 +69,6 @@ pub trait StreamStack: Send + 'static {
 
     /// The next packet the stack wants on the TUN; `None` when the stack stopped.
     fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<Option<PacketBuf>>;
-
-    /// Gives back a buffer from [`poll_output`](Self::poll_output) once written.
-    fn recycle(&mut self, buf: PacketBuf) {
-        drop(buf);
-    }
 
     /// The next accepted connection: (stream, client, original destination).
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Stream, SocketAddr, SocketAddr)>>;
@@ -98,19 +97,16 @@ pub trait StreamStack: Send + 'static {
 pub struct StreamEngine<S: StreamStack, Q: StreamQuirks> {
     stack: S,
     admission: Admission<Q>,
-    /// The largest packet the device delivers: the size of a copy kept for reuse.
-    capacity: usize,
     /// Packets for the stack, in order: admitted TUN packets, released SYNs, what the
     /// quirks made.
     to_stack: VecDeque<PacketBuf>,
-    /// Copies of TUN packets kept for reuse once the stack took them.
-    spare: Vec<PacketBuf>,
+    /// Buffers for copies of TUN packets, back once the stack is done with them: a batch
+    /// or two of the device's largest packets.
+    copies: PacketPool,
     /// Packets given to the stack that it may still hold back (see [`StreamStack::poll_flush`]).
     unflushed: bool,
     /// The stack's output that admission let pass, for the device.
     out: VecDeque<PacketBuf>,
-    /// Whether the buffer last lent by `poll_transmit` was the stack's.
-    lent_stacks: bool,
     /// Bridges end with the engine: dropping the set aborts them, their streams are
     /// disposed and their ports report a reset to the handlers.
     bridges: JoinSet<FlowKey>,
@@ -140,12 +136,10 @@ impl<S: StreamStack, Q: StreamQuirks> StreamEngine<S, Q> {
         StreamEngine {
             stack,
             admission,
-            capacity: max_packet_len,
             to_stack: VecDeque::new(),
-            spare: Vec::new(),
+            copies: PacketPool::new(max_packet_len, COPIES_KEPT),
             unflushed: false,
             out: VecDeque::new(),
-            lent_stacks: false,
             bridges: JoinSet::new(),
             peak: 0,
             idle_since: None,
@@ -158,15 +152,7 @@ impl<S: StreamStack, Q: StreamQuirks> StreamEngine<S, Q> {
     /// flush with a real waker until it is done.
     fn feed(&mut self) -> io::Result<()> {
         while let Some(packet) = self.to_stack.pop_front() {
-            self.stack.input(&packet)?;
-            // Kept for the next copy from the TUN, at most a batch or two of full-size
-            // buffers. Packets the admission layer made (held SYNs, split FINs, replayed
-            // ACKs) enter without taking a spare, so an unbounded list grew by a buffer or
-            // more per connection for good (ipstack stayed +25/+43/+65 MiB above idle after
-            // three bursts of 5 000: results/scale-bursts-*.md).
-            if self.spare.len() < SPARE_MAX && packet.capacity() >= self.capacity {
-                self.spare.push(packet);
-            }
+            self.stack.input(packet)?;
             if self.to_stack.is_empty()
                 || !matches!(poll_now(|cx| self.stack.poll_input_ready(cx)), Poll::Ready(Ok(())))
             {
@@ -208,7 +194,7 @@ impl<S: StreamStack, Q: StreamQuirks> StreamEngine<S, Q> {
 impl<S: StreamStack, Q: StreamQuirks> Engine for StreamEngine<S, Q> {
     fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
         if self.admission.handle_packet(now, packet) == Verdict::Forward {
-            let mut copy = self.spare.pop().unwrap_or_else(|| PacketBuf::with_capacity(self.capacity));
+            let mut copy = self.copies.take();
             copy.spare_mut()[..packet.len()].copy_from_slice(packet.packet());
             copy.set_len(packet.len());
             self.to_stack.push_back(copy);
@@ -257,16 +243,7 @@ impl<S: StreamStack, Q: StreamQuirks> Engine for StreamEngine<S, Q> {
 
     /// This layer's packets (RSTs, UDP replies) first, then the stack's.
     fn poll_transmit(&mut self) -> Option<PacketBuf> {
-        if let Some(packet) = self.admission.poll_transmit() {
-            self.lent_stacks = false;
-            return Some(packet);
-        }
-        self.lent_stacks = true;
-        self.out.pop_front()
-    }
-
-    fn recycle(&mut self, buf: PacketBuf) {
-        if self.lent_stacks { self.stack.recycle(buf) } else { self.admission.recycle(buf) }
+        self.admission.poll_transmit().or_else(|| self.out.pop_front())
     }
 
     fn wake_queue(&self) -> Arc<WakeQueue> {
@@ -289,8 +266,6 @@ impl<S: StreamStack, Q: StreamQuirks> Engine for StreamEngine<S, Q> {
                 Poll::Ready(Some(packet)) => {
                     if self.admission.pass_output(now, &packet) {
                         self.out.push_back(packet);
-                    } else {
-                        self.stack.recycle(packet);
                     }
                     progress = true;
                 }
@@ -456,7 +431,7 @@ mod tests {
             Poll::Ready(Ok(()))
         }
 
-        fn input(&mut self, packet: &PacketBuf) -> io::Result<()> {
+        fn input(&mut self, packet: PacketBuf) -> io::Result<()> {
             assert!(self.slot.is_none(), "input without poll_input_ready in between");
             self.slot = Some(packet.packet().to_vec());
             Ok(())

@@ -46,9 +46,7 @@ pub fn survive_mutations<E: Engine>(
             engine.flush(now);
             engine.handle_wakeups(now);
             between(engine);
-            while let Some(out) = engine.poll_transmit() {
-                engine.recycle(out);
-            }
+            while engine.poll_transmit().is_some() {}
         }
     }
 }
@@ -102,7 +100,6 @@ pub fn drain_tcp<E: Engine>(engine: &mut E) -> Vec<tungate_core::packet::TcpSumm
         if let Ok(tungate_core::packet::Classified::Tcp(seg)) = tungate_core::packet::classify(p.packet()) {
             out.push(seg);
         }
-        engine.recycle(p);
     }
     out
 }

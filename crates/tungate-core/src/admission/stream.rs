@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::table::{Decided, FlowKey, FlowTable, Inbound, Seen};
+use super::table::{Close, Decided, FlowKey, FlowTable, Inbound, Seen};
 use crate::Dispatch;
 use crate::config::Mtu;
 use crate::device::PacketBuf;
@@ -286,18 +286,18 @@ impl<Q: StreamQuirks> Admission<Q> {
     pub fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Verdict {
         let (mut seg, id) = match self.table.inbound(packet) {
             Inbound::Tcp(seg, Seen::Admitted(id)) => (seg, id),
-            Inbound::Tcp(seg, Seen::Stranger { rst }) if self.lingers(now, (seg.src, seg.dst)) => {
+            Inbound::Tcp(seg, seen @ (Seen::Unknown | Seen::UnknownRst)) if self.lingers(now, (seg.src, seg.dst)) => {
                 // The stack still holds the connection: it answers.
-                if !rst {
+                if seen == Seen::Unknown {
                     Stats::dec(&self.stats.tcp_unknown_flow);
                 }
                 return Verdict::Forward;
             }
-            Inbound::Tcp(seg, Seen::Stranger { rst: false }) => {
+            Inbound::Tcp(seg, Seen::Unknown) => {
                 self.table.reset(&seg);
                 return Verdict::Consumed;
             }
-            Inbound::Tcp(_, Seen::Consumed | Seen::Stranger { rst: true }) | Inbound::Done => return Verdict::Consumed,
+            Inbound::Tcp(_, Seen::Consumed | Seen::UnknownRst) | Inbound::Done => return Verdict::Consumed,
         };
         let Some(entry) = self.table.get_mut(id) else {
             return Verdict::Consumed;
@@ -531,12 +531,11 @@ impl<Q: StreamQuirks> Admission<Q> {
         super::give_back_growth(&mut self.lingering);
     }
 
-    fn remove(&mut self, now: Instant, id: crate::FlowId, how: Close) {
-        let reset = how == Close::Reset;
+    fn remove(&mut self, now: Instant, id: crate::FlowId, close: Close) {
         let key = self.table.key(id);
-        let Some(entry) = self.table.remove(id, reset) else { return };
+        let Some(entry) = self.table.remove(id, close) else { return };
         if let Some((port, _)) = entry.waiting {
-            port.finish(reset);
+            port.finish(close == Close::Reset);
         }
         if let Some(key) = key {
             self.quirks.ended(now, key, entry.quirks);
@@ -547,20 +546,6 @@ impl<Q: StreamQuirks> Admission<Q> {
     pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
         self.table.poll_transmit()
     }
-
-    /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
-    pub fn recycle(&mut self, buf: PacketBuf) {
-        self.table.recycle(buf);
-    }
-}
-
-/// How a flow leaves the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Close {
-    /// Its bridge ended: nothing to tell anyone.
-    Clean,
-    /// Given up or aborted: the handler sees a reset.
-    Reset,
 }
 
 /// Queues the flow's timer in `timers` unless an entry at or before it is queued already.

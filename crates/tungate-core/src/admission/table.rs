@@ -49,10 +49,30 @@ pub enum Seen {
     /// Handled here: a SYN now held (the handler has the request), a retransmitted SYN
     /// (dropped, counted), a client RST withdrawing a held request, a malformed stranger.
     Consumed,
-    /// For no flow and not a SYN (counted as `tcp_unknown_flow` unless it is a RST
-    /// itself, `rst`): answer it with [`FlowTable::reset`], or give it to a stack that may
-    /// still hold the connection.
-    Stranger { rst: bool },
+    /// For no flow, not a SYN and not a RST (counted as `tcp_unknown_flow`): answer it with
+    /// [`FlowTable::reset`], or give it to a stack that may still hold the connection.
+    Unknown,
+    /// A RST for no flow: nothing answers it (a stack that may still hold the connection
+    /// may take it).
+    UnknownRst,
+}
+
+/// Whether a SYN for no flow may open one ([`FlowTable::segment`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    Allowed,
+    /// A destination the backend must not serve (the system stack's own addresses: the
+    /// flow would loop through the TUN): the SYN is counted as malformed.
+    Refused,
+}
+
+/// How a flow ends for its handler ([`FlowTable::remove`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Both directions ended, or the handler is not told anything it does not know.
+    Clean,
+    /// Given up, refused or aborted: the handler sees a reset.
+    Reset,
 }
 
 /// What [`FlowTable::decide`] found for a woken flow.
@@ -106,8 +126,6 @@ pub struct FlowTable<T> {
     offer_socket: bool,
     outbound: Outbound,
     udp: UdpSessions,
-    /// The buffer last returned by [`poll_transmit_or`](Self::poll_transmit_or) was ours.
-    lent_ours: bool,
 }
 
 impl<T> std::fmt::Debug for FlowTable<T> {
@@ -132,7 +150,6 @@ impl<T> FlowTable<T> {
             offer_socket: false,
             outbound,
             udp,
-            lent_ours: false,
         }
     }
 
@@ -174,16 +191,15 @@ impl<T> FlowTable<T> {
             Err(_) => Stats::inc(&self.stats.malformed),
             Ok(Classified::Unsupported) => Stats::inc(&self.stats.unsupported),
             Ok(Classified::Udp { src, dst, payload }) => self.udp.datagram(src, dst, payload),
-            Ok(Classified::Tcp(seg)) => return Inbound::Tcp(seg, self.segment(packet, &seg, true, true)),
+            Ok(Classified::Tcp(seg)) => return Inbound::Tcp(seg, self.segment(packet, &seg, Opening::Allowed)),
         }
         Inbound::Done
     }
 
     /// Looks at a TCP segment from a client. A SYN for no flow opens a held flow and
-    /// hands its request to the handler, unless `may_open` is false (a destination the
-    /// backend must not serve: counted as malformed). `verify_checksum`: false for a
-    /// packet whose checksum is still partial (TUN offload: the local kernel's own work).
-    pub fn segment(&mut self, packet: &PacketBuf, seg: &TcpSummary, verify_checksum: bool, may_open: bool) -> Seen {
+    /// hands its request to the handler, if `opening` allows it. The checksum of a segment
+    /// for no flow is verified unless it is still partial ([`packet::stranger`]).
+    pub fn segment(&mut self, packet: &PacketBuf, seg: &TcpSummary, opening: Opening) -> Seen {
         let key = (seg.src, seg.dst);
         if let Some(&id) = self.by_key.get(&key) {
             return match self.slots[id.0].stage {
@@ -192,23 +208,23 @@ impl<T> FlowTable<T> {
                         Stats::inc(&self.stats.tcp_syn_duplicate);
                     } else if seg.rst {
                         // The client gave up before the handler decided.
-                        self.remove(id, true);
+                        self.remove(id, Close::Reset);
                     }
                     Seen::Consumed
                 }
                 Stage::Admitting | Stage::Admitted(_) => Seen::Admitted(id),
             };
         }
-        match packet::stranger(packet.packet(), seg, verify_checksum) {
-            Stranger::Open if may_open => {
+        match packet::stranger(packet, seg) {
+            Stranger::Open if opening == Opening::Allowed => {
                 self.open(packet, seg);
                 Seen::Consumed
             }
             Stranger::Reset => {
                 Stats::inc(&self.stats.tcp_unknown_flow);
-                Seen::Stranger { rst: false }
+                Seen::Unknown
             }
-            Stranger::Ignore => Seen::Stranger { rst: true },
+            Stranger::Ignore => Seen::UnknownRst,
             Stranger::Open | Stranger::Malformed => {
                 Stats::inc(&self.stats.malformed);
                 Seen::Consumed
@@ -249,7 +265,7 @@ impl<T> FlowTable<T> {
                 let summary = held.summary;
                 Stats::inc(&self.stats.tcp_rejected);
                 self.outbound.send_rst(&summary);
-                self.remove(id, true);
+                self.remove(id, Close::Reset);
                 Decided::Rejected
             }
         }
@@ -299,8 +315,8 @@ impl<T> FlowTable<T> {
     }
 
     /// Forgets a flow and returns its state if it was admitted. A held flow's handler
-    /// sees the end (a reset if `reset`).
-    pub fn remove(&mut self, id: FlowId, reset: bool) -> Option<T> {
+    /// sees the end, as `close` says.
+    pub fn remove(&mut self, id: FlowId, close: Close) -> Option<T> {
         if !self.slots.contains(id.0) {
             return None;
         }
@@ -318,7 +334,7 @@ impl<T> FlowTable<T> {
         }
         match slot.stage {
             Stage::Held(held) => {
-                held.link.set_closed(reset);
+                held.link.set_closed(close == Close::Reset);
                 None
             }
             Stage::Admitting => None,
@@ -339,30 +355,6 @@ impl<T> FlowTable<T> {
     /// The next packet this layer wants written to the TUN: queued ones, then UDP replies.
     pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
         self.outbound.poll_transmit()
-    }
-
-    /// Gives back the buffer last returned by [`poll_transmit`](Self::poll_transmit).
-    pub fn recycle(&mut self, buf: PacketBuf) {
-        self.outbound.recycle(buf);
-    }
-
-    /// For an engine's own `poll_transmit`: the stack's next packet (`stack`), else this
-    /// layer's. Remembers whose it was for [`recycle_or`](Self::recycle_or). The stack
-    /// comes first: it is the bulk of the output, and this layer's queues are usually
-    /// empty (looking costs one atomic load then).
-    pub fn poll_transmit_or(&mut self, stack: impl FnOnce() -> Option<PacketBuf>) -> Option<PacketBuf> {
-        if let Some(buf) = stack() {
-            self.lent_ours = false;
-            return Some(buf);
-        }
-        self.lent_ours = true;
-        self.outbound.poll_transmit()
-    }
-
-    /// Gives back the buffer last returned by [`poll_transmit_or`](Self::poll_transmit_or):
-    /// to this layer's pool, or to the stack's (`stack`).
-    pub fn recycle_or(&mut self, buf: PacketBuf, stack: impl FnOnce(PacketBuf)) {
-        if self.lent_ours { self.outbound.recycle(buf) } else { stack(buf) }
     }
 }
 
@@ -432,7 +424,7 @@ mod tests {
         let grown = (t.by_key.capacity(), t.slots.capacity());
         assert!(grown.0 >= 4000 && grown.1 >= 4000, "{grown:?}");
         for id in ids {
-            t.remove(id, true);
+            t.remove(id, Close::Reset);
         }
         assert!(
             t.by_key.capacity() <= 1024 && t.slots.capacity() <= 1024,
@@ -461,7 +453,7 @@ mod tests {
         assert!(sent(&mut t).is_empty(), "nothing answered from here");
         let stats = t.stats().snapshot();
         assert_eq!((stats.tcp_requests, stats.tcp_syn_duplicate, stats.tcp_active), (1, 1, 1));
-        assert_eq!(t.remove(id, false), Some("state"));
+        assert_eq!(t.remove(id, Close::Clean), Some("state"));
         assert_eq!(t.stats().snapshot().tcp_active, 0);
     }
 
@@ -508,21 +500,21 @@ mod tests {
     fn strangers_are_counted_and_left_to_the_backend_and_bad_checksums_are_malformed() {
         let (mut t, _requests) = table();
         let (data, seg) = segment(TcpControl::Psh, 7, Some(9));
-        assert_eq!(t.inbound(&data), Inbound::Tcp(seg, Seen::Stranger { rst: false }));
+        assert_eq!(t.inbound(&data), Inbound::Tcp(seg, Seen::Unknown));
         let (rst, rst_seg) = segment(TcpControl::Rst, 7, None);
-        assert_eq!(t.inbound(&rst), Inbound::Tcp(rst_seg, Seen::Stranger { rst: true }));
+        assert_eq!(t.inbound(&rst), Inbound::Tcp(rst_seg, Seen::UnknownRst));
         t.reset(&seg);
         let out = sent(&mut t);
         assert!(out.len() == 1 && out[0].rst && out[0].seq == 9, "RST at the segment's ACK: {out:?}");
         let (mut syn, syn_seg) = segment(TcpControl::Syn, 1, None);
         let last = syn.len() - 1;
         syn.packet_mut()[last] ^= 0xff;
-        assert_eq!(t.segment(&syn, &syn_seg, true, true), Seen::Consumed, "a SYN with a bad checksum");
+        assert_eq!(t.segment(&syn, &syn_seg, Opening::Allowed), Seen::Consumed, "a SYN with a bad checksum");
         let stats = t.stats().snapshot();
         assert_eq!((stats.tcp_unknown_flow, stats.malformed, stats.tcp_requests), (1, 1, 0));
         // A flow the backend may not open (a destination of its own) is malformed too.
         let (syn, syn_seg) = segment(TcpControl::Syn, 1, None);
-        assert_eq!(t.segment(&syn, &syn_seg, true, false), Seen::Consumed);
+        assert_eq!(t.segment(&syn, &syn_seg, Opening::Refused), Seen::Consumed);
         assert_eq!((t.stats().snapshot().malformed, t.len()), (2, 0));
     }
 }

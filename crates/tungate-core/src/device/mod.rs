@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::Mtu;
 
@@ -41,31 +42,34 @@ pub struct PacketMeta {
     pub continued: bool,
 }
 
-/// A reusable packet buffer: fixed capacity, a filled length and metadata.
+/// A packet buffer: fixed capacity, a filled length and metadata.
 ///
-/// Buffers are allocated once and recycled by their owner, so the hot path does not
-/// allocate per packet.
+/// A buffer taken from a [`PacketPool`] goes back to it when dropped, whoever drops it
+/// (the driver after writing it, a stack after reading it, a queue being cleared), so the
+/// hot path does not allocate per packet and nobody hands buffers back by hand.
 #[derive(Debug, Clone)]
 pub struct PacketBuf {
     data: Box<[u8]>,
     len: usize,
     pub meta: PacketMeta,
+    home: Option<PacketPool>,
 }
 
 impl PacketBuf {
+    /// A buffer of its own (freed when dropped).
     pub fn with_capacity(capacity: usize) -> Self {
-        PacketBuf { data: vec![0; capacity].into_boxed_slice(), len: 0, meta: PacketMeta::default() }
+        PacketBuf { data: vec![0; capacity].into_boxed_slice(), len: 0, meta: PacketMeta::default(), home: None }
     }
 
     /// A buffer that takes over `packet` (no copy when its capacity equals its length).
     pub fn from_vec(packet: Vec<u8>) -> Self {
         let len = packet.len();
-        PacketBuf { data: packet.into_boxed_slice(), len, meta: PacketMeta::default() }
+        PacketBuf { data: packet.into_boxed_slice(), len, meta: PacketMeta::default(), home: None }
     }
 
     /// A buffer holding a copy of `packet`.
     pub fn from_slice(packet: &[u8]) -> Self {
-        PacketBuf { data: packet.into(), len: packet.len(), meta: PacketMeta::default() }
+        PacketBuf { data: packet.into(), len: packet.len(), meta: PacketMeta::default(), home: None }
     }
 
     pub fn capacity(&self) -> usize {
@@ -98,6 +102,72 @@ impl PacketBuf {
 
     pub fn packet_mut(&mut self) -> &mut [u8] {
         &mut self.data[..self.len]
+    }
+}
+
+impl Drop for PacketBuf {
+    fn drop(&mut self) {
+        if let Some(pool) = self.home.take() {
+            pool.put(std::mem::take(&mut self.data));
+        }
+    }
+}
+
+/// Buffers of one size that go back to the pool when their [`PacketBuf`] is dropped. At
+/// most `keep` wait in the pool: what a burst allocated beyond that is freed, not kept
+/// for good. Cloning shares the pool; it may be used from any thread (a handler's UDP
+/// reply is built on the handler's, the driver drops it after writing it).
+#[derive(Clone)]
+pub struct PacketPool(Arc<PoolShared>);
+
+struct PoolShared {
+    size: usize,
+    keep: usize,
+    free: Mutex<Vec<Box<[u8]>>>,
+}
+
+impl std::fmt::Debug for PacketPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacketPool").field("size", &self.0.size).field("kept", &self.kept()).finish()
+    }
+}
+
+impl PacketPool {
+    /// A pool of `size`-byte buffers that keeps at most `keep` of them.
+    pub fn new(size: usize, keep: usize) -> Self {
+        PacketPool(Arc::new(PoolShared { size, keep, free: Mutex::new(Vec::new()) }))
+    }
+
+    /// The size of every buffer the pool hands out.
+    pub fn size(&self) -> usize {
+        self.0.size
+    }
+
+    /// An empty buffer of [`size`](Self::size) bytes that comes back when dropped.
+    pub fn take(&self) -> PacketBuf {
+        let data = self.lock().pop().unwrap_or_else(|| vec![0; self.0.size].into_boxed_slice());
+        PacketBuf { data, len: 0, meta: PacketMeta::default(), home: Some(self.clone()) }
+    }
+
+    /// A buffer for a packet of `len` bytes: the pool's if it fits, else one of its own.
+    pub fn take_fitting(&self, len: usize) -> PacketBuf {
+        if len <= self.0.size { self.take() } else { PacketBuf::with_capacity(len) }
+    }
+
+    /// How many buffers wait in the pool.
+    pub fn kept(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn put(&self, data: Box<[u8]>) {
+        let mut free = self.lock();
+        if free.len() < self.0.keep && data.len() == self.0.size {
+            free.push(data);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Box<[u8]>>> {
+        self.0.free.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -136,5 +206,39 @@ pub trait PacketDevice: Send + 'static {
     /// to 64 KiB with a partial checksum) and segments them — TUN offload.
     fn segmentation_offload(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_buffer_goes_home_and_the_pool_keeps_at_most_keep() {
+        let pool = PacketPool::new(1500, 2);
+        let mut a = pool.take();
+        a.spare_mut()[0] = 0x45;
+        a.set_len(1);
+        let a_ptr = a.packet().as_ptr();
+        let (b, c) = (pool.take(), pool.take());
+        assert_eq!(pool.kept(), 0);
+        drop(a);
+        assert_eq!(pool.kept(), 1, "the buffer came back on drop");
+        let again = pool.take();
+        assert_eq!(again.packet().as_ptr(), a_ptr, "and is handed out again");
+        assert!(again.is_empty(), "empty, whatever it held");
+        drop((again, b, c));
+        assert_eq!(pool.kept(), 2, "a burst's third buffer is freed, not kept");
+        // A buffer too large for the pool is a buffer of its own.
+        let big = pool.take_fitting(9000);
+        assert_eq!(big.capacity(), 9000);
+        drop(big);
+        assert_eq!(pool.kept(), 2);
+        // A clone comes home too (the pool still keeps at most two).
+        let mut d = pool.take();
+        d.set_len(10);
+        let e = d.clone();
+        drop((d, e));
+        assert_eq!(pool.kept(), 2);
     }
 }
