@@ -93,7 +93,7 @@ use tokio_util::sync::PollSender;
 use tungate_core::admission::{Admission, FlowKey, give_back_growth};
 use tungate_core::packet::{self, Classified};
 use tungate_core::stream_stack::{StreamEngine, StreamStack};
-use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu, PacketBuf, PacketPool};
+use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu, PacketBuf, PacketPool, Start};
 
 pub mod quirks;
 
@@ -150,7 +150,8 @@ impl Backend for Ipstack {
 
     type Engine = IpstackEngine;
 
-    fn engine(self, device: DeviceInfo, handlers: Dispatch, _: Instant) -> Result<Self::Engine, BackendError> {
+    /// ipstack draws its own randomness and runs its own timers on tokio's clock.
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, _: Start) -> Result<Self::Engine, BackendError> {
         let mut config = self.config;
         config.mtu = device.mtu;
         let mtu = u16::try_from(config.mtu.get()).unwrap_or(u16::MAX);

@@ -282,7 +282,7 @@ fn mark_dirty(dirty: &mut Vec<FlowId>, flow: &mut Flow, id: FlowId) {
 impl Engine for LwipEngine {
     fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
         self.now = now;
-        match self.flows.inbound(packet) {
+        match self.flows.inbound(now, packet) {
             Inbound::Tcp(seg, Seen::Admitted(id)) => self.admitted_segment(id, packet, seg.rst),
             // Not ours — but lwIP may still hold the connection after the engine handed it
             // over (LAST-ACK, TIME-WAIT), so lwIP decides; for a connection it does not

@@ -42,9 +42,9 @@
 mod engine;
 mod ffi;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu};
+use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu, Start};
 
 pub use engine::LwipEngine;
 pub use ffi::{AlreadyRunning, SetupError, StackError};
@@ -91,9 +91,10 @@ impl Backend for Lwip {
 
     type Engine = LwipEngine;
 
-    fn engine(self, device: DeviceInfo, handlers: Dispatch, now: Instant) -> Result<LwipEngine, BackendError> {
+    /// lwIP draws no randomness here (its initial sequence numbers follow a counter).
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, start: Start) -> Result<LwipEngine, BackendError> {
         let mut config = self.config;
         config.mtu = device.mtu;
-        LwipEngine::new(config, handlers, now).map_err(|e| BackendError::Start(Box::new(e)))
+        LwipEngine::new(config, handlers, start.now).map_err(|e| BackendError::Start(Box::new(e)))
     }
 }

@@ -68,13 +68,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{Sink, Stream};
 use netstack_smoltcp::{StackBuilder, TcpListener, TcpStream};
 use tungate_core::admission::Admission;
 use tungate_core::stream_stack::{StreamEngine, StreamStack};
-use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu, PacketBuf};
+use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu, PacketBuf, Start};
 
 pub mod quirks;
 
@@ -124,7 +124,8 @@ impl Backend for NetstackSmoltcp {
     const NAME: &'static str = "netstack-smoltcp";
     type Engine = NetstackEngine;
 
-    fn engine(self, device: DeviceInfo, handlers: Dispatch, _: Instant) -> Result<NetstackEngine, BackendError> {
+    /// The crate seeds itself and reads the wall clock itself.
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, _: Start) -> Result<NetstackEngine, BackendError> {
         engine(self.config, self.restarts, None, device, handlers)
     }
 }
@@ -379,7 +380,7 @@ impl Backend for HookedNetstack {
     const NAME: &'static str = "netstack-smoltcp";
     type Engine = NetstackEngine;
 
-    fn engine(self, device: DeviceInfo, handlers: Dispatch, _: Instant) -> Result<NetstackEngine, BackendError> {
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, _: Start) -> Result<NetstackEngine, BackendError> {
         engine(self.backend.config, self.backend.restarts, Some(self.hook), device, handlers)
     }
 }

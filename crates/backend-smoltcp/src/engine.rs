@@ -60,7 +60,10 @@ struct OpenFlow {
 }
 
 impl SmoltcpEngine {
-    pub fn new(config: SmoltcpConfig, handlers: Dispatch, now: Instant) -> Self {
+    /// An engine started at `now` whose flows' initial sequence numbers and ports derive
+    /// from `seed` (smoltcp's `random_seed`): the caller's randomness, so a test can
+    /// repeat a run exactly.
+    pub fn new(config: SmoltcpConfig, handlers: Dispatch, now: Instant, seed: u64) -> Self {
         let flows = FlowTable::new(&handlers, config.mtu, config.ring_capacity);
         let out = Output::new(config.mtu.get(), config.verify_tcp_checksum, config.segmentation_offload);
         SmoltcpEngine {
@@ -71,7 +74,7 @@ impl SmoltcpEngine {
             woken: Vec::new(),
             pending_egress: Vec::new(),
             out,
-            seed: rand::random(),
+            seed,
         }
     }
 
@@ -262,7 +265,7 @@ fn queue_for_sending(socket: &mut tcp::Socket<'_>, io: &mut FlowIo<'_>) {
 
 impl Engine for SmoltcpEngine {
     fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
-        match self.flows.inbound(packet) {
+        match self.flows.inbound(now, packet) {
             Inbound::Tcp(_, Seen::Admitted(id)) => self.ingress(id, now, packet.packet()),
             Inbound::Tcp(seg, Seen::Unknown) => self.flows.reset(&seg),
             Inbound::Tcp(_, Seen::Consumed | Seen::UnknownRst) | Inbound::Done => {}
@@ -353,7 +356,7 @@ mod tests {
         let hold = Hold::default();
         let handlers = hold.dispatch();
         let now = Instant::now();
-        (SmoltcpEngine::new(SmoltcpConfig::default(), handlers, now), hold, now)
+        (SmoltcpEngine::new(SmoltcpConfig::default(), handlers, now, 1), hold, now)
     }
 
     fn drain(e: &mut SmoltcpEngine) -> Vec<TcpSummary> {

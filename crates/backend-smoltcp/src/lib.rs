@@ -30,9 +30,9 @@
 mod device;
 mod engine;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu};
+use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, Mtu, Start};
 
 pub use engine::SmoltcpEngine;
 
@@ -97,10 +97,10 @@ impl Backend for Smoltcp {
 
     type Engine = SmoltcpEngine;
 
-    fn engine(self, device: DeviceInfo, handlers: Dispatch, now: Instant) -> Result<SmoltcpEngine, BackendError> {
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, start: Start) -> Result<SmoltcpEngine, BackendError> {
         let mut config = self.config;
         config.mtu = device.mtu;
         config.segmentation_offload = device.segmentation_offload;
-        Ok(SmoltcpEngine::new(config, handlers, now))
+        Ok(SmoltcpEngine::new(config, handlers, start.now, start.seed))
     }
 }

@@ -47,7 +47,7 @@ use tungate_core::device::offload::RxMode;
 use tungate_core::engine::{Engine, Handled, RX_BATCH};
 use tungate_core::flow::WakeQueue;
 use tungate_core::stream_stack::bridge;
-use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, PacketBuf};
+use tungate_core::{Backend, BackendError, DeviceInfo, Dispatch, PacketBuf, Start};
 
 pub use nat::{Nat, NatConfig};
 
@@ -158,7 +158,8 @@ impl Backend for System {
 
     type Engine = SystemEngine;
 
-    fn engine(self, device: DeviceInfo, handlers: Dispatch, now: Instant) -> Result<SystemEngine, BackendError> {
+    /// The kernel draws the randomness (its sequence numbers and ports).
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, start: Start) -> Result<SystemEngine, BackendError> {
         let mut nat = self.config.nat.clone();
         nat.mtu = device.mtu;
         {
@@ -195,7 +196,7 @@ impl Backend for System {
                 nat: Nat::new(nat, handlers),
                 listeners,
                 bridges: JoinSet::new(),
-                next_sweep: now + SWEEP_EVERY,
+                next_sweep: start.now + SWEEP_EVERY,
                 accept_paused_until: None,
             })
         }

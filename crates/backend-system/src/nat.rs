@@ -188,7 +188,7 @@ impl Nat {
     /// rewritten, write it back to the TUN (with its offload metadata).
     pub fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
         if transport_protocol(packet.packet()) == Some(UDP) {
-            self.handle_udp(packet);
+            self.handle_udp(now, packet);
             return Handled::Consumed;
         }
         let seg = match packet::classify(packet.packet()) {
@@ -403,13 +403,13 @@ impl Nat {
         }
     }
 
-    fn handle_udp(&mut self, packet: &mut PacketBuf) {
+    fn handle_udp(&mut self, now: Instant, packet: &mut PacketBuf) {
         if packet.meta.gso.is_some_and(|g| g.kind == GsoKind::Udp) {
             // A USO super-packet (an application using UDP_SEGMENT): one datagram each.
             let meta = packet.meta;
             let mut splitter = std::mem::take(&mut self.splitter);
             match splitter.split(packet.packet_mut(), &meta, self.config.mtu.get()) {
-                Ok(n) => (0..n).for_each(|i| self.deliver_udp(splitter.segment(i))),
+                Ok(n) => (0..n).for_each(|i| self.deliver_udp(now, splitter.segment(i))),
                 Err(_) => Stats::inc(&self.stats().malformed),
             }
             self.splitter = splitter;
@@ -421,13 +421,13 @@ impl Nat {
                 return;
             }
         }
-        self.deliver_udp(packet.packet());
+        self.deliver_udp(now, packet.packet());
     }
 
-    fn deliver_udp(&mut self, datagram: &[u8]) {
+    fn deliver_udp(&mut self, now: Instant, datagram: &[u8]) {
         match packet::classify(datagram) {
             Ok(Classified::Udp { src, dst, payload }) => {
-                self.entries.udp().datagram(src, dst, payload);
+                self.entries.udp().datagram(now, src, dst, payload);
             }
             Ok(_) => Stats::inc(&self.stats().unsupported),
             Err(_) => Stats::inc(&self.stats().malformed),

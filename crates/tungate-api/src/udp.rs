@@ -97,7 +97,11 @@ struct SessionShared {
 
 impl SessionShared {
     fn touch(&self) {
-        self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.touch_at(Instant::now());
+    }
+
+    fn touch_at(&self, now: Instant) {
+        self.last_ms.store(now.saturating_duration_since(self.epoch).as_millis() as u64, Ordering::Relaxed);
     }
 
     fn last_activity(&self) -> Instant {
@@ -262,9 +266,11 @@ impl UdpSessions {
         self.table.is_empty()
     }
 
-    /// Delivers one datagram from `src` to `dst`: to its session, or to a new session
-    /// handed to the handler. A full session queue drops it (counted as `udp_dropped`).
-    pub fn datagram(&mut self, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+    /// Delivers one datagram from `src` to `dst`, read at `now` (the driver's clock):
+    /// to its session, or to a new session handed to the handler. A full session queue
+    /// drops it (counted as `udp_dropped`).
+    pub fn datagram(&mut self, now: std::time::Instant, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+        let now = Instant::from_std(now);
         Stats::inc(&self.stats.udp_rx);
         if let Some(shared) = self.table.get(&(src, dst)) {
             let mut inbox = lock(&shared.inbox);
@@ -278,13 +284,13 @@ impl UdpSessions {
                     w.wake();
                 }
                 drop(inbox);
-                shared.touch();
+                shared.touch_at(now);
                 return;
             }
         }
         let shared = Arc::new(SessionShared {
             inbox: Mutex::new(Inbox { datagrams: VecDeque::from([payload.to_vec()]), waker: None, closed: false }),
-            epoch: Instant::now(),
+            epoch: now,
             last_ms: AtomicU64::new(0),
         });
         self.table.insert((src, dst), shared.clone());
@@ -326,6 +332,11 @@ mod tests {
         }
     }
 
+    /// The driver's clock: tokio's, paused in these tests.
+    fn now() -> std::time::Instant {
+        Instant::now().into_std()
+    }
+
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
@@ -342,9 +353,9 @@ mod tests {
     async fn one_session_per_tuple_in_order_and_replies_from_the_destination() {
         let (mut table, keep, capture, _) = sessions();
         let (a, b, dst) = (addr("10.0.0.1:1000"), addr("10.0.0.1:1001"), addr("10.9.0.1:53"));
-        table.datagram(a, dst, b"one");
-        table.datagram(b, dst, b"other");
-        table.datagram(a, dst, b"two");
+        table.datagram(now(), a, dst, b"one");
+        table.datagram(now(), b, dst, b"other");
+        table.datagram(now(), a, dst, b"two");
         let mut got = std::mem::take(&mut *lock(&keep.0));
         assert_eq!(got.len(), 2, "two 4-tuples, two sessions");
         let first = &mut got[0];
@@ -361,7 +372,7 @@ mod tests {
     async fn an_idle_session_closes_and_the_next_datagram_opens_another() {
         let (mut table, keep, _, _) = sessions();
         let (a, dst) = (addr("[fd00::1]:1000"), addr("[fd00::9]:53"));
-        table.datagram(a, dst, b"q1");
+        table.datagram(now(), a, dst, b"q1");
         let mut s = lock(&keep.0).pop().unwrap();
         s.set_idle_timeout(Duration::from_secs(5));
         assert_eq!(s.recv().await.unwrap(), b"q1");
@@ -371,7 +382,7 @@ mod tests {
         let start = Instant::now();
         assert_eq!(s.recv().await, None);
         assert_eq!(start.elapsed(), Duration::from_secs(5));
-        table.datagram(a, dst, b"q2");
+        table.datagram(now(), a, dst, b"q2");
         let mut again = lock(&keep.0).pop().expect("a new session for the next datagram");
         assert_eq!(again.recv().await.unwrap(), b"q2");
     }
@@ -380,12 +391,12 @@ mod tests {
     async fn an_idle_timeout_too_long_to_add_never_expires() {
         let (mut table, keep, _, _) = sessions();
         let (a, dst) = (addr("10.0.0.1:7"), addr("10.9.0.1:7"));
-        table.datagram(a, dst, b"first");
+        table.datagram(now(), a, dst, b"first");
         let mut s = lock(&keep.0).pop().unwrap();
         s.set_idle_timeout(Duration::MAX);
         assert_eq!(s.recv().await.unwrap(), b"first");
         tokio::time::sleep(Duration::from_secs(86_400)).await;
-        table.datagram(a, dst, b"a day later");
+        table.datagram(now(), a, dst, b"a day later");
         assert_eq!(s.recv().await.unwrap(), b"a day later", "the same session");
     }
 
@@ -394,12 +405,12 @@ mod tests {
         let (mut table, keep, _, stats) = sessions();
         let dst = addr("10.9.0.1:9");
         for i in 0..SESSION_QUEUE + 10 {
-            table.datagram(addr("10.0.0.1:1"), dst, &i.to_le_bytes());
+            table.datagram(now(), addr("10.0.0.1:1"), dst, &i.to_le_bytes());
         }
         assert_eq!(stats.snapshot().udp_dropped, 10);
         lock(&keep.0).clear();
         for port in 2..1000u16 {
-            table.datagram(SocketAddr::new(addr("10.0.0.1:1").ip(), port), dst, b"x");
+            table.datagram(now(), SocketAddr::new(addr("10.0.0.1:1").ip(), port), dst, b"x");
             lock(&keep.0).clear();
         }
         assert!(table.len() < 200, "closed sessions linger: {}", table.len());

@@ -34,18 +34,40 @@ pub enum BackendError {
 
 /// Runs `backend` on `device` until `shutdown` completes: builds its engine and runs it
 /// on the one driver ([`run_engine`]), the packet counters kept by
-/// [`Counted`](crate::device::Counted) for every backend. What every binary, harness and
-/// example calls.
+/// [`Counted`](crate::device::Counted) for every backend. What every binary and example
+/// calls.
 pub async fn serve<B: Backend, D: PacketDevice>(
     backend: B,
     device: D,
     handlers: Dispatch,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BackendError> {
+    serve_seeded(backend, device, handlers, shutdown, rand::random()).await
+}
+
+/// [`serve`] with the engine's randomness given: a test that runs on a simulated clock
+/// passes a fixed seed and so repeats a run exactly (as far as the stack's crate draws
+/// its randomness from the engine).
+pub async fn serve_seeded<B: Backend, D: PacketDevice>(
+    backend: B,
+    device: D,
+    handlers: Dispatch,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    seed: u64,
+) -> Result<(), BackendError> {
     let device = crate::device::Counted::new(device, handlers.stats.clone());
-    let engine = backend.engine(DeviceInfo::of(&device), handlers, Instant::now())?;
+    let start = Start { now: crate::engine::clock(), seed };
+    let engine = backend.engine(DeviceInfo::of(&device), handlers, start)?;
     run_engine(engine, device, shutdown).await?;
     Ok(())
+}
+
+/// What an engine starts from: the driver's clock and the caller's randomness. Nothing
+/// below the driver reads a clock or draws a random number of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Start {
+    pub now: Instant,
+    pub seed: u64,
 }
 
 /// What a backend is told about the device its engine will run on.
@@ -89,7 +111,7 @@ pub trait Backend: Send + 'static {
     /// The state machine the driver runs.
     type Engine: Engine;
 
-    /// Builds the engine for `device`, with `now` as its start time. Called inside the
-    /// runtime (a backend may open sockets here).
-    fn engine(self, device: DeviceInfo, handlers: Dispatch, now: Instant) -> Result<Self::Engine, BackendError>;
+    /// Builds the engine for `device`, started at `start.now` with `start.seed` for its
+    /// randomness. Called inside the runtime (a backend may open sockets here).
+    fn engine(self, device: DeviceInfo, handlers: Dispatch, start: Start) -> Result<Self::Engine, BackendError>;
 }

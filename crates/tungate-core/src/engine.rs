@@ -95,6 +95,12 @@ pub trait Engine: Send + 'static {
     }
 }
 
+/// The driver's clock, the only one an engine sees: tokio's, so that a runtime with paused
+/// time (a test's simulated clock) drives every engine and every timer on one time line.
+pub fn clock() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// Packets read per wake-up before the engine's output is flushed. 64 keeps latency low
 /// while amortising the readiness check; larger batches measured no faster.
 pub const RX_BATCH: usize = 64;
@@ -114,7 +120,7 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
     tokio::pin!(shutdown, sleep);
     let mut armed: Option<Instant> = None;
     loop {
-        let now = Instant::now();
+        let now = clock();
         engine.handle_wakeups(now);
         engine.handle_timeout(now);
         while let Some(packet) = engine.poll_transmit() {
@@ -126,13 +132,13 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
             sleep.as_mut().reset(deadline.map(tokio::time::Instant::from_std).unwrap_or_else(far));
         }
         let read_device = engine.wants_packets();
-        let io = poll_fn(|cx| engine.poll_io(cx, Instant::now()));
+        let io = poll_fn(|cx| engine.poll_io(cx, clock()));
         tokio::select! {
             biased;
             () = &mut shutdown => return Ok(()),
             ready = device.readable(), if read_device => {
                 ready?;
-                let now = Instant::now();
+                let now = clock();
                 let mut read = 0;
                 while read < RX_BATCH {
                     let n = device.try_recv_batch(&mut batch)?;

@@ -284,7 +284,7 @@ impl<Q: StreamQuirks> Admission<Q> {
     /// Looks at one packet from the TUN, read at `now`. A packet to forward may have
     /// been rewritten by the stack's quirks.
     pub fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Verdict {
-        let (mut seg, id) = match self.table.inbound(packet) {
+        let (mut seg, id) = match self.table.inbound(now, packet) {
             Inbound::Tcp(seg, Seen::Admitted(id)) => (seg, id),
             Inbound::Tcp(seg, seen @ (Seen::Unknown | Seen::UnknownRst)) if self.lingers(now, (seg.src, seg.dst)) => {
                 // The stack still holds the connection: it answers.

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use slab::Slab;
 
@@ -186,11 +187,11 @@ impl<T> FlowTable<T> {
     /// Looks at one packet from the TUN: drops what is malformed or
     /// unsupported, hands UDP to its session and TCP to [`segment`](Self::segment) (with
     /// its checksum verified).
-    pub fn inbound(&mut self, packet: &PacketBuf) -> Inbound {
+    pub fn inbound(&mut self, now: Instant, packet: &PacketBuf) -> Inbound {
         match packet::classify(packet.packet()) {
             Err(_) => Stats::inc(&self.stats.malformed),
             Ok(Classified::Unsupported) => Stats::inc(&self.stats.unsupported),
-            Ok(Classified::Udp { src, dst, payload }) => self.udp.datagram(src, dst, payload),
+            Ok(Classified::Udp { src, dst, payload }) => self.udp.datagram(now, src, dst, payload),
             Ok(Classified::Tcp(seg)) => return Inbound::Tcp(seg, self.segment(packet, &seg, Opening::Allowed)),
         }
         Inbound::Done
@@ -417,7 +418,7 @@ mod tests {
             .map(|port| {
                 let src = std::net::SocketAddr::new("10.0.0.1".parse().expect("addr"), 10_000 + port);
                 let syn = PacketBuf::from_vec(SegmentFields::new(src, dst, TcpControl::Syn, 1, None).build());
-                t.inbound(&syn);
+                t.inbound(Instant::now(), &syn);
                 t.id(&(src, dst)).expect("held")
             })
             .collect();
@@ -437,8 +438,8 @@ mod tests {
     fn a_syn_is_held_until_accepted_and_retransmissions_are_dropped() {
         let (mut t, requests) = table();
         let (syn, seg) = segment(TcpControl::Syn, 1000, None);
-        assert_eq!(t.inbound(&syn), Inbound::Tcp(seg, Seen::Consumed));
-        assert_eq!(t.inbound(&syn), Inbound::Tcp(seg, Seen::Consumed), "a retransmission");
+        assert_eq!(t.inbound(Instant::now(), &syn), Inbound::Tcp(seg, Seen::Consumed));
+        assert_eq!(t.inbound(Instant::now(), &syn), Inbound::Tcp(seg, Seen::Consumed), "a retransmission");
         let request = requests.0.lock().expect("lock").pop().expect("one request");
         assert_eq!(requests.0.lock().expect("lock").len(), 0, "one request for two SYNs");
         let id = t.id(&(seg.src, seg.dst)).expect("held");
@@ -449,7 +450,7 @@ mod tests {
         t.admit(id, "state");
         assert_eq!(t.get(id), Some(&"state"));
         let (ack, ack_seg) = segment(TcpControl::None, 1001, Some(5000));
-        assert_eq!(t.inbound(&ack), Inbound::Tcp(ack_seg, Seen::Admitted(id)));
+        assert_eq!(t.inbound(Instant::now(), &ack), Inbound::Tcp(ack_seg, Seen::Admitted(id)));
         assert!(sent(&mut t).is_empty(), "nothing answered from here");
         let stats = t.stats().snapshot();
         assert_eq!((stats.tcp_requests, stats.tcp_syn_duplicate, stats.tcp_active), (1, 1, 1));
@@ -462,7 +463,7 @@ mod tests {
         for drop_it in [false, true] {
             let (mut t, requests) = table();
             let (syn, seg) = segment(TcpControl::Syn, 7, None);
-            t.inbound(&syn);
+            t.inbound(Instant::now(), &syn);
             let request = requests.0.lock().expect("lock").pop().expect("a request");
             if drop_it {
                 drop(request)
@@ -484,9 +485,9 @@ mod tests {
     fn a_client_rst_withdraws_a_held_request() {
         let (mut t, requests) = table();
         let (syn, seg) = segment(TcpControl::Syn, 7, None);
-        t.inbound(&syn);
+        t.inbound(Instant::now(), &syn);
         let (rst, _) = segment(TcpControl::Rst, 8, None);
-        t.inbound(&rst);
+        t.inbound(Instant::now(), &rst);
         assert!(t.is_empty() && t.id(&(seg.src, seg.dst)).is_none());
         assert_eq!(t.stats().snapshot().tcp_active, 0);
         // The handler's request now reads as reset.
@@ -500,9 +501,9 @@ mod tests {
     fn strangers_are_counted_and_left_to_the_backend_and_bad_checksums_are_malformed() {
         let (mut t, _requests) = table();
         let (data, seg) = segment(TcpControl::Psh, 7, Some(9));
-        assert_eq!(t.inbound(&data), Inbound::Tcp(seg, Seen::Unknown));
+        assert_eq!(t.inbound(Instant::now(), &data), Inbound::Tcp(seg, Seen::Unknown));
         let (rst, rst_seg) = segment(TcpControl::Rst, 7, None);
-        assert_eq!(t.inbound(&rst), Inbound::Tcp(rst_seg, Seen::UnknownRst));
+        assert_eq!(t.inbound(Instant::now(), &rst), Inbound::Tcp(rst_seg, Seen::UnknownRst));
         t.reset(&seg);
         let out = sent(&mut t);
         assert!(out.len() == 1 && out[0].rst && out[0].seq == 9, "RST at the segment's ACK: {out:?}");
