@@ -565,12 +565,8 @@ impl Gates {
 /// with every flag of `flags` set. Runs on every output packet: the flags byte is looked
 /// at before anything is parsed.
 fn flow_with_flags(p: &[u8], flags: u8) -> Option<FlowKey> {
-    let tcp = match p.first()? >> 4 {
-        4 => usize::from(p[0] & 0x0f) * 4,
-        6 => 40,
-        _ => return None,
-    };
-    if p.get(tcp + 13)? & flags != flags {
+    let layout = packet::Layout::tcp(p)?;
+    if layout.tcp_flags(p)? & flags != flags {
         return None;
     }
     match packet::classify(p) {

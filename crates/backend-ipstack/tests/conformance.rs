@@ -6,7 +6,7 @@
 //!   out-of-order entry keyed below the ACK point blocks its reassembly for good).
 
 tungate_testkit::conformance_suite!(
-    limits = tungate_testkit::mem::Limits { loss_recovery: false, window_scaling: false },
+    limits = tungate_testkit::mem::Limits { loss_recovery: false, window_scaling: false, wall_clock: true },
     backend_ipstack::Ipstack::default(),
     "tungate-ipstack"
 );

@@ -1,6 +1,10 @@
 //! The shared conformance suite on backend-netstack-smoltcp.
 
-tungate_testkit::conformance_suite!(backend_netstack_smoltcp::NetstackSmoltcp::default(), "tungate-netstack-smoltcp");
+tungate_testkit::conformance_suite!(
+    wall_clock,
+    backend_netstack_smoltcp::NetstackSmoltcp::default(),
+    "tungate-netstack-smoltcp"
+);
 
 /// Behind a slow reader netstack-smoltcp's window closes: the upload completes (no
 /// stack rebuild), a new connection is served, and memory stays under 96 MiB over idle.

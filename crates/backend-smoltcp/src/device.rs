@@ -16,6 +16,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, checksum};
 use tungate_core::device::PacketMeta;
 use tungate_core::device::offload::{Gso, GsoKind, MAX_SUPER_PACKET, PartialChecksum};
+use tungate_core::packet::Layout;
 use tungate_core::{PacketBuf, PacketPool};
 
 /// What smoltcp may fill per super-packet (see `capabilities`).
@@ -94,32 +95,22 @@ impl phy::TxToken for Tx<'_> {
 /// the checksum field and describes the packet for the TUN (partial checksum, and GSO
 /// when smoltcp asked for segmentation). Anything else stays a plain packet.
 fn offload_meta(p: &mut [u8], segment_size: Option<NonZeroU16>) -> PacketMeta {
-    let (l4, src, dst, kind) = match p.first().map(|b| b >> 4) {
-        Some(4) => {
-            let ip = Ipv4Packet::new_unchecked(&*p);
-            if ip.next_header() != IpProtocol::Tcp {
-                return PacketMeta::default();
-            }
-            (ip.header_len() as usize, IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()), GsoKind::TcpV4)
-        }
-        Some(6) => {
-            let ip = Ipv6Packet::new_unchecked(&*p);
-            if ip.next_header() != IpProtocol::Tcp {
-                return PacketMeta::default();
-            }
-            (40, IpAddress::Ipv6(ip.src_addr()), IpAddress::Ipv6(ip.dst_addr()), GsoKind::TcpV6)
-        }
-        _ => return PacketMeta::default(),
+    let Some(layout) = Layout::tcp(p) else { return PacketMeta::default() };
+    let Some(tcp_header) = layout.tcp_header_len(p) else { return PacketMeta::default() };
+    let (src, dst, kind) = if layout.v6 {
+        let ip = Ipv6Packet::new_unchecked(&*p);
+        (IpAddress::Ipv6(ip.src_addr()), IpAddress::Ipv6(ip.dst_addr()), GsoKind::TcpV6)
+    } else {
+        let ip = Ipv4Packet::new_unchecked(&*p);
+        (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()), GsoKind::TcpV4)
     };
-    if p.len() < l4 + 20 {
-        return PacketMeta::default();
-    }
+    let l4 = layout.l4;
     let tcp_len = p.len() - l4;
     let pseudo = checksum::pseudo_header(&src, &dst, IpProtocol::Tcp, tcp_len as u32);
     p[l4 + 16..l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
     let mut meta = PacketMeta::default();
     meta.csum = Some(PartialChecksum { start: l4 as u16, offset: 16 });
-    let header_len = l4 + usize::from(p[l4 + 12] >> 4) * 4;
+    let header_len = l4 + tcp_header;
     if let Some(size) = segment_size {
         if p.len() - header_len > usize::from(size.get()) {
             meta.gso = Some(Gso { kind, size: size.get(), hdr_len: header_len as u16, ecn: false });

@@ -296,7 +296,7 @@ impl Engine for SystemEngine {
             progress = true;
         }
         if self.accept_paused_until.is_none() {
-            for i in 0..self.listeners.len() {
+            'listeners: for i in 0..self.listeners.len() {
                 // At most a batch per listener per pass, so packets are not starved.
                 for _ in 0..RX_BATCH {
                     match self.listeners[i].poll_accept(cx) {
@@ -309,7 +309,7 @@ impl Engine for SystemEngine {
                     }
                     progress = true;
                     if self.accept_paused_until.is_some() {
-                        break;
+                        break 'listeners;
                     }
                 }
             }

@@ -187,7 +187,7 @@ impl Nat {
     /// Looks at one packet from the TUN; may rewrite it in place. [`Handled::Transmit`]:
     /// rewritten, write it back to the TUN (with its offload metadata).
     pub fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
-        if transport_protocol(packet.packet()) == Some(UDP) {
+        if packet::Layout::of(packet.packet()).is_some_and(|l| l.protocol == packet::UDP) {
             self.handle_udp(now, packet);
             return Handled::Consumed;
         }
@@ -451,18 +451,6 @@ fn normalize(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-
-/// The transport protocol of an IP packet (IPv6: the first next-header only).
-fn transport_protocol(packet: &[u8]) -> Option<u8> {
-    match packet.first()? >> 4 {
-        4 => packet.get(9).copied(),
-        6 => packet.get(6).copied(),
-        _ => None,
-    }
-}
-
 /// Rewrites a TCP packet's addresses and ports in place to `src → dst`, updating the IPv4
 /// header checksum and the TCP checksum incrementally — a final checksum for a plain
 /// packet, the pseudo-header sum for one with a partial checksum (offload), where the
@@ -471,16 +459,11 @@ fn transport_protocol(packet: &[u8]) -> Option<u8> {
 pub fn rewrite(packet: &mut PacketBuf, src: SocketAddr, dst: SocketAddr) -> bool {
     let partial = packet.meta.csum.is_some();
     let p = packet.packet_mut();
-    let (l4, addr_at, addr_len) = match (p.first().map(|b| b >> 4), src.ip(), dst.ip()) {
-        (Some(4), IpAddr::V4(_), IpAddr::V4(_)) if p.len() >= 20 && p[9] == TCP => {
-            (usize::from(p[0] & 0x0f) * 4, 12, 4)
-        }
-        (Some(6), IpAddr::V6(_), IpAddr::V6(_)) if p.len() >= 40 && p[6] == TCP => (40, 8, 16),
-        _ => return false,
-    };
-    if p.len() < l4 + 20 {
+    let Some(layout) = packet::Layout::tcp(p) else { return false };
+    if layout.v6 != src.is_ipv6() || layout.v6 != dst.is_ipv6() {
         return false;
     }
+    let (l4, (addr_at, addr_len)) = (layout.l4, layout.addresses());
     let mut new_addrs = [0u8; 32];
     match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {

@@ -9,12 +9,12 @@
 //!   │   2. handle_timeout(now)   timers that expired
 //!   │   3. poll_transmit → device.send, until empty   (send waits, never drops; the
 //!   │                                                 buffer goes back to its pool on drop)
-//!   │   4. sleep until the first of:
+//!   │   4. sleep until the first of (in this order of preference):
 //!   │        shutdown                          → return
-//!   │        device readable (if wants_packets) → read up to RX_BATCH packets:
-//!   │             handle_packet(now, p) each; Transmit → device.send(p) at once; then flush(now)
 //!   │        poll_io(cx, now) ready            (a stream stack's output and accepts,
 //!   │                                           the kernel's accepts, ended bridges)
+//!   │        device readable (if wants_packets) → read up to RX_BATCH packets:
+//!   │             handle_packet(now, p) each; Transmit → device.send(p) at once; then flush(now)
 //!   │        wake queue notified
 //!   │        poll_timeout() passed
 //!   └───────────────────────────────────────┘
@@ -136,6 +136,10 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
         tokio::select! {
             biased;
             () = &mut shutdown => return Ok(()),
+            // The engine's own I/O before the device: a stream stack's output and accepts
+            // must not wait behind a flood of packets that admission answers itself (UDP,
+            // RSTs), which never fills the stack's input queue.
+            done = io => done?,
             ready = device.readable(), if read_device => {
                 ready?;
                 let now = clock();
@@ -154,7 +158,6 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
                 }
                 engine.flush(now);
             }
-            done = io => done?,
             () = wake.notified() => {}
             () = &mut sleep => {
                 // A fired `Sleep` stays ready: park it far away until a deadline is set.

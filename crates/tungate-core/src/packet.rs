@@ -1,8 +1,11 @@
 //! Parsing and building the few packets the gateway handles itself, on smoltcp's wire types.
 //!
 //! [`classify`] is the demultiplexer's first look at a packet from the TUN: it validates
-//! the IP header and returns the transport 4-tuple without copying. [`build_udp`] and
-//! [`build_tcp_rst`] write into caller-owned buffers.
+//! the IP header and returns the transport 4-tuple without copying. [`Layout`] is the
+//! one header-offset parse for the paths that rewrite or peek at packets without
+//! validating them (the NAT, offload metadata, a flags peek): no other code reads an IP
+//! header length by hand. [`build_udp`] and [`build_tcp_rst`] write into caller-owned
+//! buffers.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -11,6 +14,57 @@ use smoltcp::wire::{
     IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpOption, TcpPacket, TcpRepr,
     TcpSeqNumber, UdpPacket, UdpRepr,
 };
+
+/// IP protocol numbers.
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+
+/// Where the headers of an IPv4 or IPv6 packet (no IPv6 extension headers) lie, checked
+/// against the buffer; nothing else is parsed or verified ([`classify`] validates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub v6: bool,
+    /// The transport protocol (IPv6: the first next-header).
+    pub protocol: u8,
+    /// Where the transport header starts.
+    pub l4: usize,
+}
+
+impl Layout {
+    /// The layout of an IPv4 packet with a whole header, or of an IPv6 packet.
+    pub fn of(packet: &[u8]) -> Option<Layout> {
+        match packet.first()? >> 4 {
+            4 => {
+                let l4 = usize::from(packet[0] & 0x0f) * 4;
+                (l4 >= 20 && packet.len() >= l4).then(|| Layout { v6: false, protocol: packet[9], l4 })
+            }
+            6 => (packet.len() >= 40).then(|| Layout { v6: true, protocol: packet[6], l4: 40 }),
+            _ => None,
+        }
+    }
+
+    /// The layout of a TCP packet with room for a 20-byte TCP header.
+    pub fn tcp(packet: &[u8]) -> Option<Layout> {
+        Self::of(packet).filter(|l| l.protocol == TCP && packet.len() >= l.l4 + 20)
+    }
+
+    /// Where the addresses are: the source's offset and one address's length (the
+    /// destination follows the source).
+    pub fn addresses(&self) -> (usize, usize) {
+        if self.v6 { (8, 16) } else { (12, 4) }
+    }
+
+    /// The TCP header's length (its data offset), checked against the packet.
+    pub fn tcp_header_len(&self, packet: &[u8]) -> Option<usize> {
+        let len = usize::from(*packet.get(self.l4 + 12)? >> 4) * 4;
+        (len >= 20 && self.l4 + len <= packet.len()).then_some(len)
+    }
+
+    /// The TCP flags byte.
+    pub fn tcp_flags(&self, packet: &[u8]) -> Option<u8> {
+        packet.get(self.l4 + 13).copied()
+    }
+}
 
 /// Why a packet was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

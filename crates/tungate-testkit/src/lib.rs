@@ -51,10 +51,17 @@ pub use proxies::{
 /// A backend documented to lack a capability is instantiated with
 /// `limits = mem::Limits { .. }`: the affected tests check the documented substitute
 /// behaviour instead (see [`mem::Limits`]); nothing is skipped.
+///
+/// The in-memory tests run on tokio's simulated clock with fixed seeds ([`mem::run`]),
+/// except for a backend whose crate reads the wall clock itself, instantiated with
+/// `wall_clock` (or `Limits::wall_clock`): its tests run in real time.
 #[macro_export]
 macro_rules! conformance_suite {
     (netns_only $module:ident, $bin:expr) => {
         $crate::conformance_suite!(@netns $module $bin);
+    };
+    (wall_clock, $backend:expr, $bin:expr) => {
+        $crate::conformance_suite!(@suite [false] [$crate::mem::Limits { wall_clock: true, ..$crate::mem::Limits::NONE }] $backend, $bin);
     };
     (one_per_process, $backend:expr, $bin:expr) => {
         $crate::conformance_suite!(@suite [true] [$crate::mem::Limits::NONE] $backend, $bin);
@@ -90,12 +97,12 @@ macro_rules! conformance_suite {
             #[allow(unused_imports)]
             use super::*;
             /// Held by each test when the backend admits one instance per process.
-            static ONE_AT_A_TIME: ::tokio::sync::Mutex<()> = ::tokio::sync::Mutex::const_new(());
+            static ONE_AT_A_TIME: ::std::sync::Mutex<()> = ::std::sync::Mutex::new(());
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let _turn = if $serial { Some(ONE_AT_A_TIME.lock().await) } else { None };
-                    $crate::mem::$name($backend, $limits).await;
+                #[test]
+                fn $name() {
+                    let _turn = if $serial { Some(ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())) } else { None };
+                    $crate::mem::run($limits, |limits| $crate::mem::$name($backend, limits));
                 }
             )*
         }

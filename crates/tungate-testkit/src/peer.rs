@@ -8,7 +8,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
@@ -17,6 +16,8 @@ use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, mpsc};
+// The test runtime's clock (simulated in the in-memory suite), as the gateway's driver uses.
+use tokio::time::Instant;
 use tungate_core::device::mem::MemPeer;
 use tungate_core::packet::{self, Classified};
 
@@ -134,7 +135,8 @@ impl PeerHost {
         let MemPeer { mut rx, tx, mtu } = link;
         let mtu = mtu.get();
         let mut config = Config::new(HardwareAddress::Ip);
-        config.random_seed = rand::random();
+        // Fixed, like the engine's (`mem::ENGINE_SEED`): a run repeats exactly.
+        config.random_seed = 0x9ee7_5eed;
         let epoch = Instant::now();
         let (mut inbox, mut outbox) = (VecDeque::new(), VecDeque::new());
         let mut dev = PeerDevice { inbox: &mut inbox, outbox: &mut outbox, mtu };
