@@ -60,7 +60,7 @@ pub struct SmoltcpConfig {
     pub verify_tcp_checksum: bool,
     /// Emit TCP super-packets (up to 64 KiB, cut into MSS-sized segments by the kernel)
     /// with partial checksums: smoltcp 0.14's segmentation offload on a TUN with offload.
-    /// Set from the device ([`PacketDevice::segmentation_offload`]).
+    /// Set from the device ([`PacketDevice::segmentation_offload`](tungate_core::PacketDevice::segmentation_offload)).
     pub segmentation_offload: bool,
 }
 
