@@ -23,6 +23,17 @@ pub fn accept_waiting_for_socket(request: TcpRequest) {
     std::mem::forget(accept);
 }
 
+/// The engines' mutation test, once for every engine: 50 000 mutants of `good` (a
+/// segment of a flow the engine holds open) through [`survive_mutations`], with every
+/// request `hold` gets refused; some must be malformed and some must reach the path
+/// for segments of no flow.
+pub fn mutations_of_an_open_flow<E: Engine>(engine: &mut E, stats: &Stats, good: &[u8], hold: &Hold) {
+    survive_mutations(engine, stats, good, 50_000, |_| hold.clear());
+    let stats = stats.snapshot();
+    assert!(stats.malformed > 0, "some mutations were malformed: {stats:?}");
+    assert!(stats.tcp_unknown_flow > 0, "some mutations reached the stranger path too");
+}
+
 /// Feeds `n` mutants of `good` to an engine, checking after each that it counted the
 /// packet once under the heading a look at it predicts ([`assert_counted_once`]). Every
 /// 64 packets the engine's batch ends (flush, wake-ups, `between`, output drained), so
