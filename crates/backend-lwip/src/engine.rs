@@ -368,7 +368,7 @@ mod tests {
     use std::sync::Mutex;
 
     use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket, TcpRepr};
+    use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpControl, TcpRepr};
     use tokio::io::AsyncWriteExt;
     use tungate_core::Mtu;
     use tungate_core::packet::{self, Classified, TcpSummary};
@@ -438,9 +438,8 @@ mod tests {
 
     /// The MSS and window-scale options of a TCP segment in an IP packet.
     fn syn_options(p: &[u8]) -> (Option<u16>, Option<u8>) {
-        let header = if p[0] >> 4 == 4 { usize::from(p[0] & 0x0f) * 4 } else { 40 };
-        let tcp = TcpPacket::new_checked(&p[header..]).unwrap();
-        let (src, dst) = if p[0] >> 4 == 4 {
+        let tcp = packet::tcp_segment(p).expect("a TCP segment");
+        let (src, dst) = if !packet::Layout::tcp(p).expect("a TCP segment").v6 {
             let ip = Ipv4Packet::new_unchecked(p);
             (IpAddress::from(ip.src_addr()), IpAddress::from(ip.dst_addr()))
         } else {
@@ -573,9 +572,7 @@ mod tests {
             for p in drain_raw(&mut e) {
                 let Ok(Classified::Tcp(seg)) = packet::classify(&p) else { continue };
                 if seg.seq == next_ack && seg.segment_len > 0 {
-                    let header = usize::from(p[0] & 0x0f) * 4;
-                    let tcp = TcpPacket::new_checked(&p[header..]).unwrap();
-                    got.extend_from_slice(tcp.payload());
+                    got.extend_from_slice(packet::tcp_segment(&p).expect("a TCP segment").payload());
                     next_ack = next_ack.wrapping_add(seg.segment_len as u32);
                 }
             }
