@@ -138,12 +138,7 @@ impl PacketPool {
         PacketPool(Arc::new(PoolShared { size, keep, free: Mutex::new(Vec::new()) }))
     }
 
-    /// The size of every buffer the pool hands out.
-    pub fn size(&self) -> usize {
-        self.0.size
-    }
-
-    /// An empty buffer of [`size`](Self::size) bytes that comes back when dropped.
+    /// An empty buffer of the pool's size that comes back when dropped.
     pub fn take(&self) -> PacketBuf {
         let data = self.lock().pop().unwrap_or_else(|| vec![0; self.0.size].into_boxed_slice());
         PacketBuf { data, len: 0, meta: PacketMeta::default(), home: Some(self.clone()) }
