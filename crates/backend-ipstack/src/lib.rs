@@ -17,15 +17,18 @@
 //!
 //! IPv4 and IPv6; refusal as RST to the SYN, half-close both ways (client first through
 //! the FIN hold below), `peek`, `abort` as RST, UDP sessions (tungate's own path) — with
-//! the work-arounds below. Not: recovery from loss with re-segmented retransmissions (its
-//! reassembly can stall for good): the conformance suite's documented limit
-//! (`mem::Limits`). No TUN offload.
+//! the work-arounds below; recovery from loss (client data reaches it in order only, see
+//! [`quirks`]). No TUN offload, no window scaling.
 //!
 //! # What ipstack cannot do, and what we do about it
 //!
 //! The work-arounds that act on packets live in [`quirks`] (core's stream admission calls
 //! them for every flow); the ones on the stream are in this file.
 //!
+//! * **Reassembly that stalls on overlap**: a retransmission cut at other boundaries than a
+//!   segment ipstack holds out of order stopped its reassembly for good (lossy uploads
+//!   stalled; so did, now and then, a clean upload after the unread cap below dropped a
+//!   segment). Client data reaches ipstack in order only ([`quirks`]).
 //! * **No receive back-pressure**: ipstack ACKs and buffers (unbounded) whatever arrives
 //!   in order, read or not. A client segment that would leave more than
 //!   [`IpstackConfig::unread_limit`] bytes unread inside ipstack is dropped; the client
