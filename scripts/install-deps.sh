@@ -33,6 +33,7 @@ need_cmd pkg-config pkg-config
 need_cmd clang clang
 need_cmd strip binutils
 need_cmd openssl openssl
+need_cmd tcpdump tcpdump
 # Proxies and a resolver the namespace tests run in the server namespace.
 need_cmd danted dante-server
 need_cmd microsocks microsocks

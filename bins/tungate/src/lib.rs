@@ -9,8 +9,11 @@ use std::sync::Arc;
 use tungate_core::events::{Event, Ready};
 
 use anyhow::{Context, bail};
+
+mod metrics;
 use clap::Parser;
 use ipnet::IpNet;
+use tungate_core::device::capture::Capture;
 use tungate_core::device::offload::Offload;
 use tungate_core::device::tun::{TunConfig, TunDevice};
 use tungate_core::{Backend, Dispatch, Mtu};
@@ -52,6 +55,19 @@ pub struct Args {
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_offload)]
     pub offload: Offload,
 
+    /// Write every packet crossing the TUN, both ways, to FILE as a pcap (raw IP; tcpdump
+    /// and Wireshark read it). Written by a thread of its own: packets that arrive faster
+    /// than it writes are left out and counted (pcap_dropped), the gateway never waits.
+    /// With offload, packets read appear as the segments the stack saw and packets written
+    /// as the super-packets handed to the kernel.
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<std::path::PathBuf>,
+
+    /// Stop capturing once the --pcap file would exceed SIZE (e.g. 100MiB; K/M/G are
+    /// binary); later packets are counted as dropped. Default: no bound.
+    #[arg(long, value_name = "SIZE", requires = "pcap", value_parser = parse_capture_size)]
+    pub pcap_max_size: Option<u64>,
+
     /// Stack backend to use; each variant binary contains exactly one.
     #[arg(long, value_name = "NAME")]
     pub backend: Option<String>,
@@ -82,6 +98,12 @@ pub struct ProcessArgs {
     /// Threads for the stack and the relays (1 = everything on one thread).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
+
+    /// Serve the live counters as Prometheus/OpenMetrics text at http://ADDR:PORT/metrics
+    /// (off by default). Give a loopback address (127.0.0.1:9100) unless others should
+    /// read them: the address is bound as given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub stats_addr: Option<std::net::SocketAddr>,
 
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
@@ -128,11 +150,15 @@ where
 /// The life of a serving gateway, the same for every variant: announces `ready`, gives
 /// memory back after bursts, serves until `serve` ends, then reports the counters.
 async fn serve_and_report(
+    process: &ProcessArgs,
     ready: Ready,
     stats: Arc<tungate_core::Stats>,
     flows: tungate_core::os::FlowCount,
     serve: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
+    if let Some(addr) = process.stats_addr {
+        metrics::serve(addr, &ready.backend, stats.clone()).await?;
+    }
     emit_event(Event::Ready(ready));
     tokio::spawn(tungate_core::os::release_memory_after_bursts(stats.clone(), flows));
     serve.await?;
@@ -309,6 +335,10 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
 
 /// `64MiB`, `64M`, `1G`, `65536`: binary units, at least 1 MiB (less would leave every
 /// flow at its first page).
+fn parse_capture_size(s: &str) -> Result<u64, String> {
+    parse_size::Config::new().with_binary().parse_size(s).map_err(|e| format!("{s:?}: {e}"))
+}
+
 fn parse_memory_size(s: &str) -> Result<u64, String> {
     let bytes = parse_size::Config::new().with_binary().parse_size(s).map_err(|e| format!("{s:?}: {e}"))?;
     if bytes < 1 << 20 {
@@ -396,6 +426,14 @@ fn run<'a, B: Backend>(
         backend.validate()?;
         let shutdown = shutdown_signal();
         let stats = Arc::new(tungate_core::Stats::default());
+        let (capture, writer) = match &args.pcap {
+            Some(path) => {
+                let (capture, writer) = Capture::create(path, args.pcap_max_size, stats.clone())
+                    .with_context(|| format!("--pcap {}", path.display()))?;
+                (Some(capture), Some(writer))
+            }
+            None => (None, None),
+        };
         let router = router(&args.upstream, dns, process.mark, &stats).await?;
         let handlers = Dispatch {
             tcp: Arc::new(router.clone()),
@@ -426,8 +464,16 @@ fn run<'a, B: Backend>(
             mtu: Some(args.mtu.get()),
             listen: None,
         };
-        let serve = async { tungate_core::serve(backend, device, handlers, shutdown).await.context("backend stopped") };
-        serve_and_report(ready, stats, tungate_core::os::FlowCount::Known, serve).await
+        let serve = async {
+            let options = tungate_core::ServeOptions::default().capture(capture);
+            let served = tungate_core::serve_with(backend, device, handlers, shutdown, options).await;
+            // The capture's queue closed with the device: what it held is written now.
+            if let Some(writer) = writer {
+                writer.finish().context("--pcap")?;
+            }
+            served.context("backend stopped")
+        };
+        serve_and_report(process, ready, stats, tungate_core::os::FlowCount::Known, serve).await
     })
 }
 
@@ -600,7 +646,7 @@ pub mod redirect {
                     .await?;
                 Ok(())
             };
-            super::serve_and_report(ready, stats.clone(), tungate_core::os::FlowCount::Unknown, serve).await
+            super::serve_and_report(process, ready, stats.clone(), tungate_core::os::FlowCount::Unknown, serve).await
         })
     }
 }

@@ -3,10 +3,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// Packet and flow counters shared between a backend, its handlers and the binary.
         #[derive(Debug, Default)]
-        pub struct Stats { $($(#[$doc])* pub $name: AtomicU64,)* }
+        pub struct Stats { $($(#[doc = $doc])* pub $name: AtomicU64,)* }
 
         /// A plain copy of [`Stats`] at one moment.
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +23,9 @@ macro_rules! counters {
             pub fn fields(&self) -> impl Iterator<Item = (&'static str, u64)> {
                 [$((stringify!($name), self.$name)),*].into_iter()
             }
+
+            /// Every counter's name and its documentation (for `/metrics`' HELP lines).
+            pub const HELP: &'static [(&'static str, &'static str)] = &[$((stringify!($name), concat!($($doc),*))),*];
         }
     };
 }
@@ -32,6 +35,10 @@ counters! {
     rx_packets,
     /// Packets written to the device.
     tx_packets,
+    /// Bytes of the packets read from the device (IP headers included).
+    rx_bytes,
+    /// Bytes of the packets written to the device (IP headers included).
+    tx_bytes,
     /// Packets of our own the device refused to take (dropped; e.g. a super-packet the
     /// kernel will not accept).
     tx_refused,
@@ -67,6 +74,15 @@ counters! {
     /// Times a stream stack (ipstack, netstack-smoltcp) was rebuilt once idle after
     /// holding many connections, to give back the tables its crate never shrinks.
     stack_idle_rebuilds,
+    /// Packets written to the capture file (`--pcap`).
+    pcap_packets,
+    /// Packets not captured: the capture queue was full, or the file reached its size bound.
+    pcap_dropped,
+}
+
+impl StatsSnapshot {
+    /// The counters that go down as well as up (levels, not totals).
+    pub const GAUGES: &'static [&'static str] = &["tcp_active", "ring_bytes"];
 }
 
 impl Stats {

@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::Dispatch;
 use crate::config::Mtu;
 use crate::device::PacketDevice;
+use crate::device::capture::{Capture, Captured};
 use crate::engine::{Engine, run_engine};
 
 /// Why a backend stopped.
@@ -42,7 +43,7 @@ pub async fn serve<B: Backend, D: PacketDevice>(
     handlers: Dispatch,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BackendError> {
-    serve_seeded(backend, device, handlers, shutdown, rand::random()).await
+    serve_with(backend, device, handlers, shutdown, ServeOptions::default()).await
 }
 
 /// [`serve`] with the engine's randomness given: a test that runs on a simulated clock
@@ -55,8 +56,44 @@ pub async fn serve_seeded<B: Backend, D: PacketDevice>(
     shutdown: impl Future<Output = ()> + Send + 'static,
     seed: u64,
 ) -> Result<(), BackendError> {
+    serve_with(backend, device, handlers, shutdown, ServeOptions::default().seed(seed)).await
+}
+
+/// What [`serve_with`] does beyond [`serve`].
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    /// The engine's randomness (drawn at random when `None`).
+    pub seed: Option<u64>,
+    /// Where every packet crossing the device is copied ([`Capture`]).
+    pub capture: Option<Capture>,
+}
+
+impl ServeOptions {
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    pub fn capture(mut self, capture: Option<Capture>) -> Self {
+        self.capture = capture;
+        self
+    }
+}
+
+/// [`serve`] with options. The device is wrapped once for every backend: the capture tap
+/// ([`Captured`]) next to the device, the counters
+/// around it.
+pub async fn serve_with<B: Backend, D: PacketDevice>(
+    backend: B,
+    device: D,
+    handlers: Dispatch,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: ServeOptions,
+) -> Result<(), BackendError> {
+    let device = Captured::new(device, options.capture);
     let device = crate::device::Counted::new(device, handlers.stats.clone());
-    let start = Start { now: crate::engine::clock(), seed };
+    let start = Start { now: crate::engine::clock(), seed: options.seed.unwrap_or_else(rand::random) };
     let engine = backend.engine(DeviceInfo::of(&device), handlers, start)?;
     run_engine(engine, device, shutdown).await?;
     Ok(())

@@ -59,7 +59,7 @@ pub mod outbound;
 pub mod packet;
 pub mod stream_stack;
 
-pub use backend::{Backend, BackendError, DeviceInfo, Start, serve, serve_seeded};
+pub use backend::{Backend, BackendError, DeviceInfo, ServeOptions, Start, serve, serve_seeded, serve_with};
 pub use config::{Mtu, MtuError};
 pub use device::{PacketBuf, PacketDevice, PacketPool};
 pub use tungate_api as api;

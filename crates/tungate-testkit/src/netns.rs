@@ -446,6 +446,101 @@ pub fn netns_counters_match_the_tun(bin: &str) {
     assert!(tx.abs_diff(kernel_rx) <= 32, "tx_packets {tx}, the TUN took {kernel_rx}: {stats:?}");
 }
 
+/// `--stats-addr`: a scrape of `/metrics` while the gateway runs shows the bytes of an
+/// 8 MiB upload: `rx_bytes` at least what the client sent and what the kernel put into
+/// the TUN (its own counter; split offload segments add at most 4 %), the connection
+/// among `tcp_requests`, and the counters the exit event reports later.
+pub fn netns_metrics(bin: &str) {
+    let mut t = Topology::start(&format!("{bin} --stats-addr 127.0.0.1:9464"), 1500);
+    t.peer_server(&["serve-sink", "10.77.0.2", "9000"]);
+    let n: u64 = 8 << 20;
+    let up = t.peer_client(&["upload", "10.77.0.2", "9000", &n.to_string()]);
+    assert!(up.starts_with("ok upload"), "{up}");
+    std::thread::sleep(Duration::from_secs(1));
+    let scrape = t.client(&["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9464/metrics"]);
+    let text = String::from_utf8_lossy(&scrape.stdout).into_owned();
+    assert!(scrape.status.success(), "scrape: {}", String::from_utf8_lossy(&scrape.stderr));
+    let metric = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("tungate_{name}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("tungate_{name} in the scrape:\n{text}"))
+    };
+    let kernel_tx = {
+        let out = t.client(&["cat", "/sys/class/net/tun0/statistics/tx_bytes"]);
+        String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().expect("the TUN's tx_bytes")
+    };
+    let (rx_bytes, requests) = (metric("rx_bytes_total"), metric("tcp_requests_total"));
+    eprintln!("[metrics] {bin}: rx_bytes {rx_bytes} (TUN sent {kernel_tx}), tcp_requests {requests}");
+    assert!(rx_bytes >= n, "rx_bytes {rx_bytes} < the {n} bytes uploaded:\n{text}");
+    // Every byte the kernel sent (but a stray packet between scrape and read-out), and no
+    // more than split offload segments add (their repeated headers: 2.7 % measured).
+    assert!(
+        rx_bytes + 1500 >= kernel_tx && rx_bytes <= kernel_tx + kernel_tx / 25,
+        "rx_bytes {rx_bytes}, the TUN sent {kernel_tx}"
+    );
+    assert!(requests >= 1, "tcp_requests {requests}");
+    assert!(metric("tx_bytes_total") > 0 && metric("tx_packets_total") > 0, "{text}");
+    assert!(text.contains("backend=\""), "labelled by backend:\n{text}");
+    let stats = t.stop_gateway();
+    assert!(stats["rx_bytes"] >= rx_bytes, "the exit event counts what the scrape saw and more: {stats:?}");
+}
+
+/// `--pcap`: tcpdump reads the capture of a 1 MiB upload and finds the connection's SYN,
+/// data and FIN in both directions, every byte the client sent, and as many records as
+/// the gateway counted (`pcap_packets`).
+pub fn netns_pcap(bin: &str) {
+    let name = bin.split_whitespace().next().unwrap_or(bin);
+    let path = std::env::temp_dir().join(format!("tungate-{name}-{}.pcap", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut t = Topology::start(&format!("{bin} --pcap {}", path.display()), 1500);
+    t.peer_server(&["serve-sink", "10.77.0.2", "9000"]);
+    let n: u64 = 1 << 20;
+    let up = t.peer_client(&["upload", "10.77.0.2", "9000", &n.to_string()]);
+    assert!(up.starts_with("ok upload"), "{up}");
+    // The connection's last segments, then the exit event (the writer has finished by then).
+    std::thread::sleep(Duration::from_secs(1));
+    let stats = t.stop_gateway();
+    let tcpdump = |filter: &[&str]| -> String {
+        let out = Command::new("tcpdump")
+            .args(["-r", &path.to_string_lossy(), "-nn"])
+            .args(filter)
+            .output()
+            .expect("tcpdump runs (scripts/install-deps.sh installs it)");
+        assert!(out.status.success(), "tcpdump -r {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let all = tcpdump(&[]);
+    assert_eq!(
+        all.lines().count() as u64,
+        stats["pcap_packets"],
+        "tcpdump reads every record the gateway wrote: {stats:?}"
+    );
+    #[derive(Default, Debug)]
+    struct Direction {
+        syn: bool,
+        fin: bool,
+        bytes: u64,
+    }
+    let (mut up_dir, mut down_dir) = (Direction::default(), Direction::default());
+    for line in tcpdump(&["tcp port 9000"]).lines() {
+        // "… IP 198.18.0.2.40000 > 10.77.0.2.9000: Flags [S], seq …, length 0"
+        let Some((addrs, rest)) = line.split_once(": Flags [") else { continue };
+        let dir = if addrs.ends_with(".9000") { &mut up_dir } else { &mut down_dir };
+        let flags = rest.split(']').next().unwrap_or("");
+        dir.syn |= flags.contains('S');
+        dir.fin |= flags.contains('F');
+        dir.bytes += line.rsplit("length ").next().and_then(|l| l.trim().parse::<u64>().ok()).unwrap_or(0);
+    }
+    eprintln!("[pcap] {bin}: {} records; client→server {up_dir:?}; server→client {down_dir:?}", stats["pcap_packets"]);
+    assert!(up_dir.syn && up_dir.fin && up_dir.bytes >= n, "client→server in the capture: {up_dir:?}");
+    // The server's reply is the upload's hex SHA-256.
+    assert!(down_dir.syn && down_dir.fin && down_dir.bytes >= 64, "server→client in the capture: {down_dir:?}");
+    assert_eq!(stats["pcap_dropped"], 0, "{stats:?}");
+    let _ = std::fs::remove_file(&path);
+}
+
 /// `--max-memory 1MiB` under eight downloads and eight uploads at once (16 MiB each, whose
 /// rings would grow to 8 MiB together): every byte arrives intact by digest, the cap was
 /// reached (`ring_growth_refused`), and once the flows are gone the rings hold nothing

@@ -6,7 +6,8 @@
 //! (`send` waits) and never drop; a stack's retransmission timers are far too coarse to
 //! treat a local queue as lossy.
 //!
-//! [`Counted`] wraps any device and keeps the gateway's packet counters.
+//! [`Counted`] wraps any device and keeps the gateway's packet counters; [`capture::Captured`]
+//! copies what crosses it to a pcap file.
 //!
 //! Implementations: [`tun::TunDevice`] (Linux TUN on tun-rs, optionally with offload) and
 //! [`mem::MemDevice`] (an in-memory pair for tests and benchmarks).
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::Mtu;
 
+pub mod capture;
 mod counted;
 pub mod mem;
 pub mod offload;
