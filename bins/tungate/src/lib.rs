@@ -281,7 +281,12 @@ const EXAMPLE: &str = r#"Example (a namespace or host where 10.77.0.0/24 should 
 While it runs, standard output carries only two JSON lines, for supervisors and scripts:
   {"event":"ready","backend":..,"pid":..,..}    once the gateway serves traffic
   {"event":"exit","stats":{"rx_packets":..,..}}  after a clean shutdown, with every counter
-Logs (--log-level) go to standard error."#;
+Logs (--log-level) go to standard error.
+
+For tests only: TUNGATE_TEST_FAULTS=loss=10,reorder=10,dup=5,truncate=1,seed=7,both
+drops, reorders, duplicates and truncates that many packets per thousand between the TUN
+and the stack (read; with `both`, written too), to test recovery through a real TUN.
+Never set it on a gateway people use."#;
 
 /// Prints one machine-readable event line on stdout (see the `--help` text): the only
 /// thing a running gateway writes there, so a supervisor or test reads it without parsing
@@ -426,6 +431,7 @@ fn run<'a, B: Backend>(
         backend.validate()?;
         let shutdown = shutdown_signal();
         let stats = Arc::new(tungate_core::Stats::default());
+        let faults = test_faults()?;
         let (capture, writer) = match &args.pcap {
             Some(path) => {
                 let (capture, writer) = Capture::create(path, args.pcap_max_size, stats.clone())
@@ -465,7 +471,7 @@ fn run<'a, B: Backend>(
             listen: None,
         };
         let serve = async {
-            let options = tungate_core::ServeOptions::default().capture(capture);
+            let options = tungate_core::ServeOptions::default().capture(capture).faults(faults);
             let served = tungate_core::serve_with(backend, device, handlers, shutdown, options).await;
             // The capture's queue closed with the device: what it held is written now.
             if let Some(writer) = writer {
@@ -475,6 +481,17 @@ fn run<'a, B: Backend>(
         };
         serve_and_report(process, ready, stats, tungate_core::os::FlowCount::Known, serve).await
     })
+}
+
+/// The test-only fault stage, if `TUNGATE_TEST_FAULTS` asks for one (see `--help`).
+fn test_faults() -> anyhow::Result<Option<tungate_core::device::fault::Faults>> {
+    let Ok(spec) = std::env::var("TUNGATE_TEST_FAULTS") else { return Ok(None) };
+    let faults = spec.parse().map_err(|e| anyhow::anyhow!("TUNGATE_TEST_FAULTS={spec:?}: {e}"))?;
+    tracing::warn!(
+        ?faults,
+        "TUNGATE_TEST_FAULTS is set: injecting faults between the TUN and the stack (for tests only)"
+    );
+    Ok(Some(faults))
 }
 
 /// Installs the SIGINT/SIGTERM handlers now (before "ready" is logged, so a signal sent

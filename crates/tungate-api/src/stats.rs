@@ -78,6 +78,9 @@ counters! {
     pcap_packets,
     /// Packets not captured: the capture queue was full, or the file reached its size bound.
     pcap_dropped,
+    /// Packets the test-only fault stage dropped, duplicated, reordered or truncated (0
+    /// unless `TUNGATE_TEST_FAULTS` is set).
+    test_faults_injected,
 }
 
 impl StatsSnapshot {

@@ -9,6 +9,7 @@ use crate::Dispatch;
 use crate::config::Mtu;
 use crate::device::PacketDevice;
 use crate::device::capture::{Capture, Captured};
+use crate::device::fault::{Faults, Faulty};
 use crate::engine::{Engine, run_engine};
 
 /// Why a backend stopped.
@@ -67,6 +68,8 @@ pub struct ServeOptions {
     pub seed: Option<u64>,
     /// Where every packet crossing the device is copied ([`Capture`]).
     pub capture: Option<Capture>,
+    /// Faults injected between the device and the stack: for tests only ([`Faults`]).
+    pub faults: Option<Faults>,
 }
 
 impl ServeOptions {
@@ -79,11 +82,17 @@ impl ServeOptions {
         self.capture = capture;
         self
     }
+
+    pub fn faults(mut self, faults: Option<Faults>) -> Self {
+        self.faults = faults;
+        self
+    }
 }
 
 /// [`serve`] with options. The device is wrapped once for every backend: the capture tap
-/// ([`Captured`]) next to the device, the counters
-/// around it.
+/// ([`Captured`]) next to the device (it sees what crossed the TUN), the test-only fault
+/// stage ([`Faulty`], a straight pass without faults) around it, the counters outermost
+/// (what the stack saw).
 pub async fn serve_with<B: Backend, D: PacketDevice>(
     backend: B,
     device: D,
@@ -92,6 +101,7 @@ pub async fn serve_with<B: Backend, D: PacketDevice>(
     options: ServeOptions,
 ) -> Result<(), BackendError> {
     let device = Captured::new(device, options.capture);
+    let device = Faulty::new(device, options.faults.unwrap_or_default()).counting(handlers.stats.clone());
     let device = crate::device::Counted::new(device, handlers.stats.clone());
     let start = Start { now: crate::engine::clock(), seed: options.seed.unwrap_or_else(rand::random) };
     let engine = backend.engine(DeviceInfo::of(&device), handlers, start)?;

@@ -16,7 +16,6 @@
 
 pub mod cli;
 pub mod engine;
-pub mod fault;
 pub mod gate;
 pub mod mem;
 pub mod mutation;
@@ -28,9 +27,9 @@ pub mod services;
 
 pub use cli::{cli_bad_flags, cli_sigterm_exits_cleanly, cli_tun_busy_and_permission};
 pub use netns::{
-    netns_256mib_each_way, netns_bulk_under_a_memory_cap, netns_churn, netns_churn_server_closes,
-    netns_closed_port_refused, netns_counters_match_the_tun, netns_hold_10k, netns_http_get, netns_iperf3_short,
-    netns_metrics, netns_pcap, netns_udp_echo,
+    netns_256mib_each_way, netns_bulk_under_a_memory_cap, netns_bulk_under_faults, netns_churn,
+    netns_churn_server_closes, netns_closed_port_refused, netns_counters_match_the_tun, netns_hold_10k, netns_http_get,
+    netns_iperf3_short, netns_metrics, netns_pcap, netns_udp_echo,
 };
 pub use proxies::{
     netns_dns, netns_http_connect_tinyproxy, netns_sniff, netns_socks5_dante, netns_socks5_dante_auth,
@@ -90,7 +89,7 @@ macro_rules! conformance_suite {
             cli_sigterm_exits_cleanly, netns_socks5_dante, netns_socks5_dante_auth,
             netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff, netns_dns,
             netns_churn, netns_churn_server_closes, netns_hold_10k, netns_bulk_under_a_memory_cap,
-            netns_counters_match_the_tun, netns_pcap, netns_metrics);
+            netns_counters_match_the_tun, netns_pcap, netns_metrics, netns_bulk_under_faults);
     };
     (@mem [$serial:literal] [$limits:expr] $backend:expr; $($name:ident),*) => {
         mod conformance_mem {

@@ -10,10 +10,10 @@ use tokio::sync::oneshot;
 use tungate_core::stats::StatsSnapshot;
 use tungate_core::{Backend, Dispatch, Mtu, Stats};
 
-use crate::fault::{FaultDevice, Faults};
 use crate::gate::Gate;
 use crate::peer::{PEER_V4, PEER_V6, PeerHost};
 use crate::services::{self, Services, pattern};
+use tungate_core::device::fault::{Faults, Faulty};
 
 /// Destinations: nothing is routed anywhere, the addresses only name flows.
 pub fn dst_v4(port: u16) -> SocketAddr {
@@ -91,7 +91,7 @@ impl Harness {
         Self::start_with_faults(backend, mtu, Faults::default())
     }
 
-    /// Starts the backend behind a [`FaultDevice`] that applies `faults` to the peer's packets.
+    /// Starts the backend behind a [`Faulty`] device that applies `faults` to the peer's packets.
     pub fn start_with_faults<B: Backend>(backend: B, mtu: Mtu, faults: Faults) -> Self {
         let services = Services::default();
         let handlers = Dispatch::new(Arc::new(services.clone()), Arc::new(services.clone()));
@@ -107,7 +107,7 @@ impl Harness {
         services: Services,
     ) -> Self {
         let (device, link) = tungate_core::device::mem::pair(mtu, 4096);
-        let device = FaultDevice::new(device, faults);
+        let device = Faulty::new(device, faults);
         let stats = handlers.stats.clone();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
@@ -462,7 +462,8 @@ fn fix_tcp_checksum_v6(pkt: &mut [u8]) {
 /// ipstack passes since its crate gets client data in order only (its reassembly stalled
 /// for good when a retransmission overlapped a segment it held: `backend_ipstack::quirks`).
 pub async fn survives_loss_and_duplication<B: Backend>(backend: B, _: Limits) {
-    let faults = Faults { drop_per_mille: 10, duplicate_per_mille: 10, seed: 7, ..Faults::default() };
+    let faults =
+        Faults { drop_per_mille: 10, duplicate_per_mille: 10, seed: 7, spare_control: true, ..Faults::default() };
     let h = Harness::start_with_faults(backend, Mtu::DEFAULT, faults);
     for dst in [dst_v4(services::SINK_COUNTED), dst_v6(services::SINK_COUNTED)] {
         upload_counted(&h, dst, &pattern(2 << 20, 3)).await;

@@ -21,10 +21,10 @@ use tokio::sync::{Semaphore, mpsc};
 use tungate_core::packet::{self, Classified, SegmentFields, seq_lt};
 use tungate_core::{Backend, Dispatch, Mtu, TcpHandler, TcpRequest};
 
-use crate::fault::Faults;
 use crate::mem::{Harness, dst_v4};
 use crate::peer::{PEER_V4, PeerHost};
 use crate::services::{Services, pattern};
+use tungate_core::device::fault::Faults;
 
 const MSS: usize = 1460;
 /// The client's own window: 65 535 << 7, never the limit.

@@ -20,6 +20,7 @@ use crate::config::Mtu;
 
 pub mod capture;
 mod counted;
+pub mod fault;
 pub mod mem;
 pub mod offload;
 
