@@ -115,10 +115,14 @@ impl Flow {
         seg.payload_len() > 0 && self.offset(seg.seq).is_some_and(|start| start > self.forwarded)
     }
 
-    /// Data up to sequence number `end` (exclusive) goes to ipstack, its start within
-    /// what it was given.
-    fn forwarding_to(&mut self, end: u32) {
-        if let Some(end) = self.offset(end) {
+    /// `seg`, which does not leave a gap, goes to ipstack: its data extends what ipstack
+    /// was given. Only data counts: a pure ACK's or a bare FIN's sequence number is the
+    /// client's next byte to send, past any data ipstack has not got yet.
+    fn forwarding(&mut self, seg: &TcpSummary) {
+        if seg.payload_len() == 0 {
+            return;
+        }
+        if let Some(end) = self.offset(seg.seq.wrapping_add(seg.payload_len() as u32)) {
             self.forwarded = self.forwarded.max(end);
         }
     }
@@ -201,7 +205,7 @@ impl StreamQuirks for IpstackQuirks {
         }
         let now = cx.now();
         flow.saw_client(now, packet, seg);
-        flow.forwarding_to(seg.seq.wrapping_add(seg.payload_len() as u32));
+        flow.forwarding(seg);
         let pass = if seg.fin && !seg.syn { hold_fin(cx, flow, packet, seg) } else { Pass::Forward };
         cx.set_timer(flow.next_timer(now));
         pass

@@ -129,16 +129,15 @@ fn write_records(
     let mut size = FILE_HEADER;
     let mut full = false;
     let mut unflushed = false;
+    let mut flushed = std::time::Instant::now();
     loop {
+        if unflushed && flushed.elapsed() >= FLUSH_EVERY {
+            io::Write::flush(&mut writer)?;
+            (unflushed, flushed) = (false, std::time::Instant::now());
+        }
         let record = match rx.recv_timeout(FLUSH_EVERY) {
             Ok(record) => record,
-            Err(RecvTimeoutError::Timeout) => {
-                if unflushed {
-                    io::Write::flush(&mut writer)?;
-                    unflushed = false;
-                }
-                continue;
-            }
+            Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => break,
         };
         let len = record.data.len() as u64;

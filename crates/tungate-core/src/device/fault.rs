@@ -147,14 +147,15 @@ impl<D> Faulty<D> {
         per_mille > 0 && (self.next() % 1000) < u64::from(per_mille)
     }
 
-    fn fate(&mut self, p: &[u8]) -> Fate {
-        let f = self.faults;
+    fn fate(&mut self, packet: &PacketBuf) -> Fate {
+        let (f, p) = (self.faults, packet.packet());
         if !(f.spare_control && is_tcp_control(p)) && self.roll(f.drop_per_mille) {
             self.injected.dropped += 1;
             self.injected_one();
             return Fate::Drop;
         }
-        if p.len() > 20 && self.roll(f.truncate_per_mille) {
+        // Not a super-packet: the kernel takes a cut one for a broken offload path.
+        if p.len() > 20 && packet.meta.gso.is_none() && self.roll(f.truncate_per_mille) {
             self.injected.truncated += 1;
             self.injected_one();
             return Fate::Truncate(20 + (self.next() % (p.len() as u64 - 20)) as usize);
@@ -211,7 +212,7 @@ impl<D: PacketDevice> PacketDevice for Faulty<D> {
         let mut kept = 0;
         let mut held = Vec::new();
         for i in 0..n {
-            let keep = match self.fate(bufs[i].packet()) {
+            let keep = match self.fate(&bufs[i]) {
                 Fate::Pass => true,
                 Fate::Drop => false,
                 Fate::Hold => {
@@ -249,7 +250,7 @@ impl<D: PacketDevice> PacketDevice for Faulty<D> {
         if !self.active || !self.faults.both_ways {
             self.inner.send(packet).await?;
         } else {
-            match self.fate(packet.packet()) {
+            match self.fate(packet) {
                 Fate::Pass => self.inner.send(packet).await?,
                 Fate::Drop => {}
                 Fate::Hold => self.held_tx = Some(packet.clone()),
