@@ -6,6 +6,9 @@
 #   make test     all + the whole workspace test suite, including the ignored (netns) tests
 #   make bench    all + scripts/bench.sh (results/latest.md, results/latest.json)
 #   make lint     rustfmt check + clippy -D warnings + rustdoc -D warnings
+#   make fuzz     every cargo-fuzz target for FUZZ_SECONDS (600) or FUZZ_RUNS (10 M) each,
+#                 corpora minimised, results/fuzz-<date>.md (nightly; `make test` replays
+#                 the committed corpora on stable)
 #   make clean
 #
 # Variables: VARIANTS (backends to build), BENCH_VARIANTS (passed to bench.sh; default:
@@ -24,7 +27,7 @@ VARIANTS ?= smoltcp lwip ipstack netstack-smoltcp system redirect
 BENCH_VARIANTS ?=
 RELEASE_DIR := $(CURDIR)/target/release
 
-.PHONY: all build deps test bench lint fmt-check clippy doc sizes clean
+.PHONY: all build deps test bench fuzz lint fmt-check clippy doc sizes clean
 
 all: deps
 	@$(MAKE) --no-print-directory build
@@ -52,6 +55,11 @@ test: deps all
 
 bench: deps all
 	scripts/bench.sh $(BENCH_VARIANTS)
+
+# FUZZ_TARGETS: a subset of fuzz/fuzz_targets (default: all).
+FUZZ_TARGETS ?=
+fuzz: deps
+	scripts/fuzz.sh $(FUZZ_TARGETS)
 
 lint: fmt-check clippy doc
 

@@ -246,7 +246,13 @@ impl Splitter {
         self.sizes.resize(self.segs.len(), 0);
         // tun-rs's splitter (wireguard-go's algorithm) fixes every segment's lengths, IPv4
         // ID, sequence number, flags and checksums.
-        tun_rs::gso_split(packet, hdr, &mut self.segs[..count], &mut self.sizes[..count], 0, is_v6)
+        let n = tun_rs::gso_split(packet, hdr, &mut self.segs[..count], &mut self.sizes[..count], 0, is_v6)?;
+        // It returns no segment for some malformed packets (found by fuzzing): the reader
+        // would then have delivered the previous split's segments again.
+        if n == 0 {
+            return Err(invalid("the super-packet splits into no segment"));
+        }
+        Ok(n)
     }
 
     /// Segment `i` of the last [`split`](Self::split).

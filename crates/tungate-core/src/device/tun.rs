@@ -240,7 +240,7 @@ impl TunDevice {
         let mtu = self.mtu.get();
         let Some(v) = self.vnet.as_deref_mut() else { return Ok(false) };
         buf.meta = PacketMeta::default();
-        if v.next == v.count {
+        if v.next >= v.count {
             let n = match self.dev.try_recv(&mut v.raw) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
