@@ -10,6 +10,11 @@ mismatch they print the reason and exit 1.
   serve-source HOST PORT    TCP: read "N\\n", send N bytes of stream(N), close
   serve-sink-counted HOST PORT  TCP: read "N\\n" then N bytes, answer the hex SHA-256 (no FIN needed)
   serve-udp-echo HOST PORT  UDP: echo every datagram to its sender
+  serve-udp-whoami HOST PORT  UDP: answer every datagram with its sender's port
+  session-limit HOST PORT UDPPORT N KEEP
+                            through a gateway with --max-sessions KEEP: N connections to
+                            an echo server and N UDP sessions to a whoami server; the
+                            least recently active past KEEP are reset/closed, the rest kept
   serve-http DIR HOST PORT  HTTP/1.1 file server (GET)
   upload HOST PORT N        send stream(N), half-close, compare the server's digest
   upload-counted HOST PORT N  send "N\\n" + stream(N) without half-close, compare the digest
@@ -382,6 +387,8 @@ def serve_echo(host, port):
                     break
                 writer.write(data)
                 await writer.drain()
+        except ConnectionResetError:
+            pass  # a client (or the gateway evicting its flow) reset the connection
         finally:
             writer.close()
 
@@ -583,6 +590,90 @@ def churn_server_closes(host, port, n, concurrency):
     churn_loop("churn-server-closes", host, port, n, concurrency, ask, slow=1.0)
 
 
+def serve_udp_whoami(host, port):
+    """Answers each datagram with the port it came from (the gateway's upstream socket:
+    one per session)."""
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.bind((host, int(port)))
+    listening()
+    while True:
+        _, peer = s.recvfrom(65535)
+        s.sendto(str(peer[1]).encode(), peer)
+
+
+def session_limit(host, port, udp_port, n, keep):
+    """Through a gateway run with --max-sessions KEEP: opens N TCP connections to an echo
+    server one after another and keeps them; the oldest N-KEEP must be reset (RST, not
+    FIN), the newest KEEP still echo. Used again newest first, the newest KEEP leave the
+    most recent of them least recently active: one more connection resets that one, not
+    the oldest survivor. The same for N UDP sessions to a whoami server (a session's
+    upstream port stays while it lives; an evicted one comes back on a new port)."""
+    n, keep = int(n), int(keep)
+    raise_fd_limit()
+
+    def exchange(c, i):
+        line = f"flow {i}\n".encode()
+        c.sendall(line)
+        got = b""
+        while len(got) < len(line):
+            part = c.recv(len(line) - len(got))
+            if not part:
+                fail(f"flow {i}: EOF instead of its echo")
+            got += part
+        if got != line:
+            fail(f"flow {i}: echo {got!r}")
+
+    def reset(c, i):
+        c.settimeout(10)
+        try:
+            got = c.recv(16)
+        except ConnectionResetError:
+            return
+        except socket.timeout:
+            fail(f"flow {i}: neither reset nor closed within 10 s")
+        fail(f"flow {i}: {got!r} instead of a reset")
+
+    conns = []
+    for i in range(n):
+        c = socket.create_connection((host, int(port)), timeout=10)
+        exchange(c, i)
+        conns.append(c)
+        time.sleep(0.05)
+    for i in range(n - keep):
+        reset(conns[i], i)
+    for i in reversed(range(n - keep, n)):
+        exchange(conns[i], i)
+        time.sleep(0.05)
+    extra = socket.create_connection((host, int(port)), timeout=10)
+    exchange(extra, n)
+    reset(conns[n - 1], n - 1)
+    exchange(conns[n - keep], n - keep)
+
+    socks = []
+    seen = []
+
+    def whoami(i):
+        socks[i].sendto(b"?", (host, int(udp_port)))
+        socks[i].settimeout(10)
+        return int(socks[i].recv(64))
+
+    for i in range(n):
+        socks.append(socket.socket(family(host), socket.SOCK_DGRAM))
+        seen.append(whoami(i))
+    if len(set(seen)) != n:
+        fail(f"{n} sessions came from {len(set(seen))} upstream ports")
+    for i in reversed(range(n - keep, n)):
+        if whoami(i) != seen[i]:
+            fail(f"session {i} was not kept")
+    if whoami(0) == seen[0]:
+        fail("session 0 was not evicted")
+    if whoami(n - keep) != seen[n - keep]:
+        fail(f"session {n - keep} (least recent but one) was evicted")
+    if whoami(n - 1) == seen[n - 1]:
+        fail(f"session {n - 1} (the least recently active) was not evicted")
+    print(f"ok session-limit {n} opened, {n - keep + 1} reset each way", flush=True)
+
+
 COMMANDS = {
     "churn": churn,
     "churn-server-closes": churn_server_closes,
@@ -600,6 +691,8 @@ COMMANDS = {
     "banner": banner,
     "upload-counted": upload_counted,
     "serve-udp-echo": serve_udp_echo,
+    "serve-udp-whoami": serve_udp_whoami,
+    "session-limit": session_limit,
     "serve-http": serve_http,
     "upload": upload,
     "download": download,

@@ -68,6 +68,14 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", requires = "pcap", value_parser = parse_capture_size)]
     pub pcap_max_size: Option<u64>,
 
+    /// Sessions kept at once, for TCP and for UDP each. Past it, the least recently
+    /// active session makes room for the new one: a TCP connection is reset both ways
+    /// (RST to the client and to the upstream), a UDP session is closed; counted in
+    /// tcp_evicted and udp_evicted. Activity is a packet from the client. Default: no
+    /// limit (then memory and --max-memory bound what a flood of flows costs).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_sessions: Option<u64>,
+
     /// Stack backend to use; each variant binary contains exactly one.
     #[arg(long, value_name = "NAME")]
     pub backend: Option<String>,
@@ -215,6 +223,25 @@ pub struct UpstreamArgs {
     /// no UDP.
     #[arg(long)]
     pub dns_over_tcp: bool,
+
+    /// Seconds a flow may take to connect through the upstream (dial and proxy
+    /// handshake) before the client gets RST (TCP) or the session is dropped (UDP).
+    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub connect_timeout: u64,
+
+    /// Seconds a TCP connection may carry nothing either way before both ends are reset.
+    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub tcp_idle_timeout: u64,
+
+    /// Seconds a TCP connection one side has finished (FIN) may carry nothing before
+    /// both ends are reset (Linux conntrack's FIN-WAIT timeout by default).
+    #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub tcp_half_close_timeout: u64,
+
+    /// Seconds a UDP session may carry no datagram either way before it is closed (the
+    /// client's next datagram opens a new one). DNS sessions use 10 s.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub udp_idle_timeout: u64,
 }
 
 /// One `--dns` mode.
@@ -317,11 +344,15 @@ async fn router(
     let dialer = Dialer { mark, refuse_resolved, ..Dialer::default() };
     let upstream = args.proxy.connector(dialer.clone(), stats.clone()).await?;
     let direct = ProxySpec::Direct.connector(dialer, stats.clone()).await?;
+    let secs = std::time::Duration::from_secs;
     let config = RouterConfig {
         udp: args.udp,
+        connect_timeout: secs(args.connect_timeout),
+        tcp_idle_timeout: secs(args.tcp_idle_timeout),
+        tcp_half_close_timeout: secs(args.tcp_half_close_timeout),
+        udp_idle_timeout: secs(args.udp_idle_timeout),
         sniff: args.sniff.then(|| std::time::Duration::from_millis(args.sniff_timeout)),
         dns,
-        ..RouterConfig::default()
     };
     Ok(Router::new(upstream, direct, config, stats.clone()))
 }
@@ -446,6 +477,7 @@ fn run<'a, B: Backend>(
             udp: Arc::new(router),
             stats: stats.clone(),
             max_ring_memory: process.max_memory,
+            max_sessions: args.max_sessions.and_then(|n| std::num::NonZeroUsize::new(n as usize)),
         };
         let addresses: Vec<String> = args.addresses.iter().map(|a| a.to_string()).collect();
         tracing::info!(
@@ -460,6 +492,7 @@ fn run<'a, B: Backend>(
             sniff = args.upstream.sniff,
             dns = ?args.upstream.dns,
             max_memory = ?process.max_memory,
+            max_sessions = ?args.max_sessions,
             "ready"
         );
         let ready = Ready {

@@ -100,6 +100,10 @@ struct Entry {
     reset: bool,
     /// Both FINs or a RST went through at this time.
     closing_since: Option<Instant>,
+    /// The sequence number just past the furthest client segment, and the kernel's: where
+    /// an eviction's RSTs must sit for either end to take them.
+    client_next: u32,
+    kernel_next: Option<u32>,
 }
 
 impl Entry {
@@ -226,6 +230,7 @@ impl Nat {
         };
         let Some(e) = self.entries.get_mut(id) else { return Handled::Consumed };
         e.last_seen = now;
+        e.client_next = furthest(e.client_next, seg.seq.wrapping_add(seg.segment_len as u32));
         if seg.fin && e.client_fin_end.is_none() {
             e.client_fin_end = Some(seg.seq.wrapping_add(seg.segment_len as u32));
         }
@@ -256,6 +261,8 @@ impl Nat {
             return Handled::Consumed;
         };
         e.last_seen = now;
+        let next = seg.seq.wrapping_add(seg.segment_len as u32);
+        e.kernel_next = Some(e.kernel_next.map_or(next, |k| furthest(k, next)));
         if seg.fin && !e.fin_kernel {
             e.fin_kernel = true;
             // Passive close: the kernel's FIN acknowledges the client's.
@@ -314,12 +321,46 @@ impl Nat {
         let mut woken = std::mem::take(&mut self.woken);
         self.entries.wake_queue().drain_into(&mut woken);
         for &id in &woken {
-            if let Decided::Accepted(held) = self.entries.decide(id) {
-                self.admit(now, id, held);
+            match self.entries.decide(id) {
+                Decided::Accepted(held) => self.admit(now, id, held),
+                Decided::Admitted if self.entries.is_evicted(id) => self.evict(now, id),
+                _ => {}
             }
         }
         woken.clear();
         self.woken = woken;
+    }
+
+    /// Resets an evicted flow at both ends (the handler may hold the kernel socket
+    /// itself, which only a RST from the TUN side reaches): a RST to the kernel's socket
+    /// at the client's next sequence number, and one to the client at the kernel's, then
+    /// the entry goes (its NAT address rests as after any reset).
+    fn evict(&mut self, now: Instant, id: FlowId) {
+        let Some(e) = self.entries.get_mut(id) else { return };
+        e.reset = true;
+        let (client, dst, nat, client_next, kernel_next) = (e.client, e.dst, e.nat, e.client_next, e.kernel_next);
+        // A RST answers a segment that acknowledges what the RST's sender is at.
+        let answering = |src, dst, ack_number| TcpSummary {
+            src,
+            dst,
+            syn: false,
+            ack: true,
+            rst: false,
+            fin: false,
+            seq: 0,
+            ack_number,
+            segment_len: 0,
+            window: 0,
+        };
+        if let Some(listen) = self.listener_for(nat) {
+            self.entries.reset(&answering(listen, nat, client_next));
+        }
+        // Before the kernel's SYN-ACK the client has nothing to reset; its next segment
+        // finds no flow and gets a RST then.
+        if let Some(kernel_next) = kernel_next {
+            self.entries.reset(&answering(client, dst, kernel_next));
+        }
+        self.remove(now, id, Close::Reset);
     }
 
     fn admit(&mut self, now: Instant, id: FlowId, held: Held) {
@@ -349,6 +390,8 @@ impl Nat {
             kernel_closed_passively: false,
             reset: false,
             closing_since: None,
+            client_next: summary.seq.wrapping_add(1),
+            kernel_next: None,
         };
         self.entries.admit(id, entry);
         self.by_nat.insert(nat, id);
@@ -441,6 +484,11 @@ impl Nat {
 }
 
 /// An IPv4-mapped IPv6 peer (a dual-stack listener) as the IPv4 address it is.
+/// The later of two sequence numbers (modulo 2^32).
+fn furthest(a: u32, b: u32) -> u32 {
+    if packet::seq_lt(a, b) { b } else { a }
+}
+
 fn normalize(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {

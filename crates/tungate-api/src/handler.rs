@@ -38,13 +38,17 @@ impl<T: UdpHandler + ?Sized> UdpHandler for Arc<T> {
 /// Where a backend hands what it terminates — TCP requests to `tcp`, UDP sessions to
 /// `udp` — where it counts what it does (`stats`, shared with the binary and tests), and
 /// how much memory all flows' rings may hold together (`max_ring_memory`, `None`: no
-/// limit; see [`RingBudget`](crate::RingBudget)).
+/// limit; see [`RingBudget`](crate::RingBudget)), and how many sessions the stack keeps
+/// at once (`max_sessions`, for TCP and for UDP each, `None`: no limit): past it, the
+/// least recently active session is evicted to make room for the new one (TCP: reset
+/// both ways; UDP: closed), counted in `tcp_evicted` and `udp_evicted`.
 #[derive(Clone)]
 pub struct Dispatch {
     pub tcp: Arc<dyn TcpHandler>,
     pub udp: Arc<dyn UdpHandler>,
     pub stats: Arc<Stats>,
     pub max_ring_memory: Option<u64>,
+    pub max_sessions: Option<std::num::NonZeroUsize>,
 }
 
 impl fmt::Debug for Dispatch {
@@ -55,7 +59,7 @@ impl fmt::Debug for Dispatch {
 
 impl Dispatch {
     pub fn new(tcp: Arc<dyn TcpHandler>, udp: Arc<dyn UdpHandler>) -> Self {
-        Dispatch { tcp, udp, stats: Arc::default(), max_ring_memory: None }
+        Dispatch { tcp, udp, stats: Arc::default(), max_ring_memory: None, max_sessions: None }
     }
 
     /// The budget of this gateway's rings, each of `capacity` bytes.

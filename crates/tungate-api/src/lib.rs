@@ -46,6 +46,7 @@
 
 mod handler;
 mod os;
+pub mod recency;
 pub mod relay;
 mod ring;
 pub mod stats;

@@ -11,7 +11,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::net::Shutdown;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::tcp::RingConn;
@@ -32,6 +32,22 @@ pub struct RelayStats {
     pub b_to_a: u64,
 }
 
+/// When a relay gives up on a quiet connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Nothing moved either way for this long.
+    pub idle: Duration,
+    /// One direction has ended (its FIN passed) and nothing moved for this long.
+    pub half_close: Duration,
+}
+
+impl From<Duration> for Timeouts {
+    /// `idle` for both: a half-closed connection gets as long as an open one.
+    fn from(idle: Duration) -> Self {
+        Timeouts { idle, half_close: idle }
+    }
+}
+
 /// How long nothing must move before a relay gives its flow's idle buffers back.
 pub(crate) const QUIET: Duration = Duration::from_secs(2);
 
@@ -40,15 +56,31 @@ pub(crate) const QUIET: Duration = Duration::from_secs(2);
 struct Activity {
     start: Instant,
     last_us: Arc<AtomicU64>,
+    /// A direction has ended.
+    half_closed: Arc<AtomicBool>,
 }
 
 impl Activity {
     fn new() -> Self {
-        Activity { start: Instant::now(), last_us: Arc::default() }
+        Activity { start: Instant::now(), last_us: Arc::default(), half_closed: Arc::default() }
     }
 
     fn touch(&self) {
         self.last_us.store(self.start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A direction passed its EOF on: from now the half-close timeout applies (the FIN
+    /// counts as activity, so the watch recomputes its deadline).
+    fn one_way_done(&self) {
+        self.half_closed.store(true, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn limit(&self, timeouts: Timeouts) -> Duration {
+        match self.half_closed.load(Ordering::Relaxed) {
+            true => timeouts.idle.min(timeouts.half_close),
+            false => timeouts.idle,
+        }
     }
 
     fn idle_deadline(&self, idle: Duration) -> Instant {
@@ -59,13 +91,13 @@ impl Activity {
         self.last_us.load(Ordering::Relaxed)
     }
 
-    /// Runs both directions until they finish, or fails once nothing moved for `idle`.
-    /// Each time nothing has moved for [`QUIET`], calls `quiet` once (to give buffers
-    /// back).
+    /// Runs both directions until they finish, or fails once nothing moved for the idle
+    /// timeout (the half-close timeout once a direction ended). Each time nothing has
+    /// moved for [`QUIET`], calls `quiet` once (to give buffers back).
     async fn watch(
         &self,
         both: impl Future<Output = io::Result<(u64, u64)>>,
-        idle: Duration,
+        timeouts: Timeouts,
         mut quiet: impl FnMut(),
     ) -> io::Result<RelayStats> {
         tokio::pin!(both);
@@ -73,7 +105,7 @@ impl Activity {
         let mut quieted = None;
         loop {
             let last = self.last();
-            let idle_at = self.idle_deadline(idle);
+            let idle_at = self.idle_deadline(self.limit(timeouts));
             let wake_at = if quieted == Some(last) {
                 idle_at
             } else {
@@ -86,8 +118,12 @@ impl Activity {
                 }
                 () = tokio::time::sleep_until(wake_at) => {
                     let now = Instant::now();
-                    if now >= self.idle_deadline(idle) {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "relay idle timeout"));
+                    if now >= self.idle_deadline(self.limit(timeouts)) {
+                        let what = match self.half_closed.load(Ordering::Relaxed) {
+                            true => "relay half-close timeout",
+                            false => "relay idle timeout",
+                        };
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, what));
                     }
                     let last = self.last();
                     if quieted != Some(last) && now >= self.start + Duration::from_micros(last) + QUIET {
@@ -102,8 +138,9 @@ impl Activity {
 
 /// Copies `a → b` and `b → a` until both directions have seen EOF (each EOF is passed on
 /// as a write shutdown, so half-closes cross intact), an error occurs, or nothing moved
-/// for `idle`.
-pub async fn relay<A, B>(a: A, b: B, idle: Duration) -> io::Result<RelayStats>
+/// for the idle timeout (the half-close timeout once one direction ended); a
+/// [`Duration`] is the idle timeout for both.
+pub async fn relay<A, B>(a: A, b: B, timeouts: impl Into<Timeouts>) -> io::Result<RelayStats>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -113,7 +150,7 @@ where
     let (mut br, mut bw) = tokio::io::split(b);
     let one = pump(&mut ar, &mut bw, &activity);
     let two = pump(&mut br, &mut aw, &activity);
-    activity.watch(async { tokio::try_join!(one, two) }, idle, || ()).await
+    activity.watch(async { tokio::try_join!(one, two) }, timeouts.into(), || ()).await
 }
 
 async fn pump<R, W>(r: &mut R, w: &mut W, activity: &Activity) -> io::Result<u64>
@@ -127,6 +164,7 @@ where
         let n = r.read(&mut buf).await?;
         if n == 0 {
             w.shutdown().await?;
+            activity.one_way_done();
             return Ok(total);
         }
         w.write_all(&buf[..n]).await?;
@@ -137,7 +175,11 @@ where
 
 /// [`relay`] between a flow's rings (a) and an upstream kernel socket (b), without a
 /// bounce buffer: one copy fewer per byte each way.
-pub(crate) async fn ring_to_socket(flow: &RingConn, upstream: &TcpStream, idle: Duration) -> io::Result<RelayStats> {
+pub(crate) async fn ring_to_socket(
+    flow: &RingConn,
+    upstream: &TcpStream,
+    timeouts: Timeouts,
+) -> io::Result<RelayStats> {
     let activity = Activity::new();
     let up = async {
         let mut total = 0u64;
@@ -145,6 +187,7 @@ pub(crate) async fn ring_to_socket(flow: &RingConn, upstream: &TcpStream, idle: 
             match poll_fn(|cx| flow.poll_read_with(cx, |data| upstream.try_write(data))).await {
                 Ok(0) => {
                     SockRef::from(upstream).shutdown(Shutdown::Write)?;
+                    activity.one_way_done();
                     return Ok(total);
                 }
                 Ok(n) => {
@@ -162,6 +205,7 @@ pub(crate) async fn ring_to_socket(flow: &RingConn, upstream: &TcpStream, idle: 
             match poll_fn(|cx| flow.poll_write_with(cx, |space| upstream.try_read(space))).await {
                 Ok(0) => {
                     flow.close_write();
+                    activity.one_way_done();
                     return Ok(total);
                 }
                 Ok(n) => {
@@ -173,7 +217,7 @@ pub(crate) async fn ring_to_socket(flow: &RingConn, upstream: &TcpStream, idle: 
             }
         }
     };
-    activity.watch(async { tokio::try_join!(up, down) }, idle, || flow.release_idle_buffers()).await
+    activity.watch(async { tokio::try_join!(up, down) }, timeouts, || flow.release_idle_buffers()).await
 }
 
 /// Bytes one splice moves at most: the pipe's size. 256 KiB (four times the default):
@@ -265,20 +309,20 @@ impl Drop for Lease {
 /// [`relay`] between two kernel sockets (a flow the system stack handed over as its
 /// socket, and the upstream) with `splice(2)`: the bytes move as page references through
 /// a pipe leased per burst and never enter user memory.
-pub(crate) async fn splice_sockets(a: &TcpStream, b: &TcpStream, idle: Duration) -> io::Result<RelayStats> {
-    splice_sockets_with(&PIPES, a, b, idle).await
+pub(crate) async fn splice_sockets(a: &TcpStream, b: &TcpStream, timeouts: Timeouts) -> io::Result<RelayStats> {
+    splice_sockets_with(&PIPES, a, b, timeouts).await
 }
 
 async fn splice_sockets_with(
     pool: &'static PipePool,
     a: &TcpStream,
     b: &TcpStream,
-    idle: Duration,
+    timeouts: Timeouts,
 ) -> io::Result<RelayStats> {
     let activity = Activity::new();
     let one = splice_one_way(pool, a, b, &activity);
     let two = splice_one_way(pool, b, a, &activity);
-    activity.watch(async { tokio::try_join!(one, two) }, idle, || ()).await
+    activity.watch(async { tokio::try_join!(one, two) }, timeouts, || ()).await
 }
 
 async fn splice_one_way(
@@ -298,6 +342,7 @@ async fn splice_one_way(
         total += moved;
         if eof {
             SockRef::from(to).shutdown(Shutdown::Write)?;
+            activity.one_way_done();
             return Ok(total);
         }
     }
@@ -372,6 +417,32 @@ async fn copy_burst(from: &TcpStream, to: &TcpStream, activity: &Activity) -> io
 mod tests {
     use super::*;
 
+    /// Once one direction has ended, the other gets the half-close timeout, not the idle
+    /// one; traffic on it keeps it going.
+    #[tokio::test(start_paused = true)]
+    async fn a_half_closed_relay_ends_after_the_half_close_timeout() {
+        let (mut a_user, a) = tokio::io::duplex(1024);
+        let (mut b_user, b) = tokio::io::duplex(1024);
+        let timeouts = Timeouts { idle: Duration::from_secs(600), half_close: Duration::from_secs(5) };
+        let started = Instant::now();
+        let relay = tokio::spawn(relay(a, b, timeouts));
+        a_user.shutdown().await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(b_user.read(&mut buf).await.unwrap(), 0, "the FIN crossed");
+        // Replies keep the half-open direction alive past 5 s...
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            b_user.write_all(b"tick").await.unwrap();
+            assert_eq!(a_user.read(&mut buf).await.unwrap(), 4);
+        }
+        // ...and 5 s of silence ends it.
+        let err = relay.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("half-close"), "{err}");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(14) && took < Duration::from_secs(16), "ended after {took:?}");
+    }
+
     #[tokio::test]
     async fn half_close_crosses_and_bytes_count() {
         let (a, mut a_peer) = tokio::io::duplex(1024);
@@ -403,7 +474,7 @@ mod tests {
         let (a, _) = listener.accept().await.unwrap();
         let server_side = TcpStream::connect(addr).await.unwrap();
         let (b, _) = listener.accept().await.unwrap();
-        let relay = tokio::spawn(async move { splice_sockets_with(pool, &a, &b, idle).await });
+        let relay = tokio::spawn(async move { splice_sockets_with(pool, &a, &b, idle.into()).await });
         (client, server_side, relay)
     }
 

@@ -56,6 +56,9 @@ counters! {
     tcp_rejected,
     /// TCP flows currently tracked by the stack.
     tcp_active,
+    /// TCP flows reset to make room for a new one under the session limit
+    /// (`--max-sessions`): the least recently active, RST both ways.
+    tcp_evicted,
     /// Bytes of storage the flows' rings between stack and handler hold now.
     ring_bytes,
     /// Times a ring would have grown but the memory limit (`--max-memory`) was reached.
@@ -66,6 +69,13 @@ counters! {
     udp_tx,
     /// UDP datagrams dropped (queue full, too large for the MTU, socket error).
     udp_dropped,
+    /// UDP sessions opened (the first datagram of a client to a destination).
+    udp_sessions,
+    /// UDP sessions open now.
+    udp_active,
+    /// UDP sessions closed to make room for a new one under the session limit
+    /// (`--max-sessions`): the least recently active.
+    udp_evicted,
     /// Fragmented datagrams (FRAG ≠ 0) from a SOCKS5 UDP relay (dropped: not reassembled).
     udp_fragments,
     /// Flows the upstream could not carry (a proxy's refusal, a failed dial, UDP the
@@ -85,7 +95,7 @@ counters! {
 
 impl StatsSnapshot {
     /// The counters that go down as well as up (levels, not totals).
-    pub const GAUGES: &'static [&'static str] = &["tcp_active", "ring_bytes"];
+    pub const GAUGES: &'static [&'static str] = &["tcp_active", "udp_active", "ring_bytes"];
 }
 
 impl Stats {

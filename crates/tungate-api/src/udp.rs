@@ -8,10 +8,11 @@
 //! full-cone, from any address. The NAT table, the idle timer and the return path live
 //! here, once, for every handler.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::handler::UdpHandler;
+use crate::recency::Recency;
 use crate::stats::Stats;
 use crate::target::Endpoints;
 #[cfg(test)]
@@ -93,6 +95,9 @@ struct SessionShared {
     epoch: Instant,
     /// Last datagram either way, in ms since `epoch`.
     last_ms: AtomicU64,
+    /// Sessions of its table still open (this one included until it closes).
+    open: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
 }
 
 impl SessionShared {
@@ -110,10 +115,19 @@ impl SessionShared {
 
     fn close(&self) {
         let mut inbox = lock(&self.inbox);
-        inbox.closed = true;
+        self.mark_closed(&mut inbox);
         inbox.datagrams.clear();
         if let Some(w) = inbox.waker.take() {
             w.wake();
+        }
+    }
+
+    /// The one place a session becomes closed (and stops counting as open).
+    fn mark_closed(&self, inbox: &mut Inbox) {
+        if !inbox.closed {
+            inbox.closed = true;
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            Stats::dec(&self.stats.udp_active);
         }
     }
 
@@ -128,7 +142,7 @@ impl SessionShared {
         if !inbox.datagrams.is_empty() {
             return false;
         }
-        inbox.closed = true;
+        self.mark_closed(&mut inbox);
         true
     }
 }
@@ -241,9 +255,13 @@ pub struct UdpSessions {
     handler: Arc<dyn UdpHandler>,
     sender: UdpSender,
     stats: Arc<Stats>,
-    table: HashMap<(SocketAddr, SocketAddr), Arc<SessionShared>>,
+    /// By (client, destination), the least recently active first.
+    table: Recency<(SocketAddr, SocketAddr), Arc<SessionShared>>,
     /// Closed sessions are removed when the table has grown past this.
     sweep_at: usize,
+    /// Sessions open now (the table also holds closed ones until they are swept).
+    open: Arc<AtomicUsize>,
+    max_open: Option<NonZeroUsize>,
 }
 
 impl fmt::Debug for UdpSessions {
@@ -254,7 +272,22 @@ impl fmt::Debug for UdpSessions {
 
 impl UdpSessions {
     pub fn new(handler: Arc<dyn UdpHandler>, sender: UdpSender, stats: Arc<Stats>) -> Self {
-        UdpSessions { handler, sender, stats, table: HashMap::new(), sweep_at: 64 }
+        UdpSessions {
+            handler,
+            sender,
+            stats,
+            table: Recency::default(),
+            sweep_at: 64,
+            open: Arc::default(),
+            max_open: None,
+        }
+    }
+
+    /// At most `max` sessions open at once: a new session closes the least recently
+    /// active one (counted in `udp_evicted`) rather than being refused.
+    pub fn with_max_sessions(mut self, max: Option<NonZeroUsize>) -> Self {
+        self.max_open = max;
+        self
     }
 
     /// Sessions in the table, closed ones not yet swept included.
@@ -272,7 +305,7 @@ impl UdpSessions {
     pub fn datagram(&mut self, now: std::time::Instant, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
         let now = Instant::from_std(now);
         Stats::inc(&self.stats.udp_rx);
-        if let Some(shared) = self.table.get(&(src, dst)) {
+        if let Some(shared) = self.table.touch(&(src, dst)) {
             let mut inbox = lock(&shared.inbox);
             if !inbox.closed {
                 if inbox.datagrams.len() >= SESSION_QUEUE {
@@ -288,11 +321,28 @@ impl UdpSessions {
                 return;
             }
         }
+        if let Some(max) = self.max_open {
+            // Taken from the least recently active end: closed sessions on the way are
+            // only removed; the first open one is evicted.
+            while self.open.load(Ordering::Relaxed) >= max.get() {
+                let Some((_, oldest)) = self.table.pop_oldest() else { break };
+                if !oldest.is_closed() {
+                    oldest.close();
+                    Stats::inc(&self.stats.udp_evicted);
+                    tracing::debug!("udp session evicted (--max-sessions {max})");
+                }
+            }
+        }
         let shared = Arc::new(SessionShared {
             inbox: Mutex::new(Inbox { datagrams: VecDeque::from([payload.to_vec()]), waker: None, closed: false }),
             epoch: now,
             last_ms: AtomicU64::new(0),
+            open: self.open.clone(),
+            stats: self.stats.clone(),
         });
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Stats::inc(&self.stats.udp_sessions);
+        Stats::inc(&self.stats.udp_active);
         self.table.insert((src, dst), shared.clone());
         if self.table.len() >= self.sweep_at {
             self.table.retain(|_, s| !s.is_closed());

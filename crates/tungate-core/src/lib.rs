@@ -71,7 +71,7 @@ pub use tungate_api::{
 /// handler's side).
 pub mod flow {
     pub use tungate_api::tcp::{
-        DEFAULT_RING_CAPACITY, Decision, FlowIo, FlowLink, FlowPort, FlowProgress, FlowSignals, new_flow,
+        DEFAULT_RING_CAPACITY, Decision, FlowHandle, FlowIo, FlowLink, FlowPort, FlowProgress, FlowSignals, new_flow,
     };
     pub use tungate_api::udp::UdpSessions;
     pub use tungate_api::{FlowId, WakeQueue};

@@ -623,3 +623,88 @@ pub async fn closed_connections_are_forgotten<B: Backend>(backend: B, _: Limits)
     assert_eq!((stats.tcp_requests, stats.tcp_active), (20, 0), "flows left behind 10 s after closing: {stats:?}");
     h.stop().await;
 }
+
+/// The session limit (`Dispatch::max_sessions`, `--max-sessions`): with room for 100,
+/// 150 TCP connections opened one after another leave the newest 100 echoing and the
+/// oldest 50 reset (a RST reached each of their clients and only theirs; counted in
+/// `tcp_evicted`); 150 UDP sessions leave the newest 100 open (a datagram on one is
+/// echoed on the same session) and the oldest 50 closed (a datagram on one opens a new
+/// session, which evicts the least recently active again). Then, with the newest 100
+/// used again newest first, one more flow or session evicts the least recently active
+/// one (149), not the oldest (50).
+pub async fn session_limit_evicts_the_least_recently_active<B: Backend>(backend: B, limits: Limits) {
+    let services = Services::default();
+    let mut handlers = Dispatch::new(Arc::new(services.clone()), Arc::new(services.clone()));
+    handlers.max_sessions = std::num::NonZeroUsize::new(100);
+    let h = Harness::start_with_handlers(backend, Mtu::DEFAULT, Faults::default(), handlers, services);
+    // Between flows, time for the last delayed ACK, so each flow's last packet comes
+    // before the next flow's first (activity is what the client sends).
+    let settle = if limits.wall_clock { Duration::from_millis(20) } else { Duration::from_millis(100) };
+    let mut streams = Vec::new();
+    for i in 0..150usize {
+        let mut s = step("connect", h.peer.connect(dst_v4(services::ECHO))).await.expect("connect");
+        echo_once(&mut s, i).await;
+        streams.push(s);
+        tokio::time::sleep(settle).await;
+    }
+    for (i, s) in streams.iter_mut().enumerate().take(50) {
+        let mut buf = [0u8; 16];
+        let read = step("read an evicted flow", s.read(&mut buf)).await;
+        assert_eq!(read.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::ConnectionReset), "flow {i} was reset");
+    }
+    // Newest first: flow 149 is now the least recently active, not flow 50.
+    for (i, s) in streams.iter_mut().enumerate().skip(50).rev() {
+        echo_once(s, i).await;
+        tokio::time::sleep(settle).await;
+    }
+    let reset: std::collections::HashSet<u16> = h.peer.resets().iter().map(|r| r.dst.port()).collect();
+    for (i, s) in streams.iter().enumerate() {
+        assert_eq!(reset.contains(&s.local_addr().port()), i < 50, "flow {i}: a RST reached it iff it was evicted");
+    }
+    let stats = h.stats();
+    assert_eq!((stats.tcp_requests, stats.tcp_evicted), (150, 50), "{stats:?}");
+    let mut newest = step("connect", h.peer.connect(dst_v4(services::ECHO))).await.expect("connect");
+    echo_once(&mut newest, 150).await;
+    let read = step("read an evicted flow", streams[149].read(&mut [0u8; 16])).await;
+    assert_eq!(read.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::ConnectionReset), "flow 149 was reset");
+    echo_once(&mut streams[50], 50).await;
+    assert_eq!(h.stats().tcp_evicted, 51);
+    drop((streams, newest));
+
+    for i in 0..150 {
+        echo_datagram(&h, i).await;
+    }
+    let stats = h.stats();
+    assert_eq!((stats.udp_sessions, stats.udp_evicted, stats.udp_active), (150, 50, 100), "{stats:?}");
+    for i in (50..150).rev() {
+        echo_datagram(&h, i).await;
+    }
+    assert_eq!(h.stats().udp_sessions, 150, "the newest 100 sessions were still open");
+    // Session 0 opens anew and evicts the least recently active: 149, not 50.
+    echo_datagram(&h, 0).await;
+    let stats = h.stats();
+    assert_eq!((stats.udp_sessions, stats.udp_evicted, stats.udp_active), (151, 51, 100), "{stats:?}");
+    echo_datagram(&h, 50).await;
+    assert_eq!(h.stats().udp_sessions, 151, "session 50 was still open");
+    echo_datagram(&h, 149).await;
+    assert_eq!(h.stats().udp_sessions, 152, "session 149 had been evicted");
+    h.stop().await;
+}
+
+/// Sends a datagram naming session `i` from its own client port and checks the echo.
+async fn echo_datagram(h: &Harness, i: u16) {
+    let client = SocketAddr::new(IpAddr::V4(PEER_V4), 30_000 + i);
+    let payload = format!("datagram {i}").into_bytes();
+    h.peer.send_udp(client, dst_v4(53), &payload).await;
+    let reply = step("udp echo", h.peer.recv_udp()).await.expect("reply");
+    assert_eq!((reply.dst, reply.payload), (client, payload), "session {i} echoed");
+}
+
+/// Writes a line naming flow `i` and reads it back from ECHO.
+async fn echo_once(s: &mut crate::peer::PeerStream, i: usize) {
+    let line = format!("flow {i}\n");
+    step("write", s.write_all(line.as_bytes())).await.expect("write");
+    let mut got = vec![0; line.len()];
+    step("echo", s.read_exact(&mut got)).await.expect("echo");
+    assert_eq!(got, line.as_bytes(), "flow {i} echoed");
+}

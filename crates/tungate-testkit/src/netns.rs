@@ -517,6 +517,24 @@ pub fn netns_metrics(bin: &str) {
     assert!(stats["rx_bytes"] >= rx_bytes, "the exit event counts what the scrape saw and more: {stats:?}");
 }
 
+/// `--max-sessions 100`: 150 connections opened one after another leave the newest 100
+/// echoing and the oldest 50 reset (RST, not FIN); used again newest first, one more
+/// connection resets the least recently active (the newest), not the oldest survivor.
+/// The same for UDP sessions, told apart by their upstream port (a kept session keeps
+/// its socket, an evicted one comes back on a new one). The counters say so.
+pub fn netns_session_limit(bin: &str) {
+    let mut t = Topology::start(&format!("{bin} --max-sessions 100"), 1500);
+    t.peer_server(&["serve-echo", "10.77.0.2", "7000"]);
+    t.peer_server(&["serve-udp-whoami", "10.77.0.2", "7001"]);
+    let out = t.peer_client(&["session-limit", "10.77.0.2", "7000", "7001", "150", "100"]);
+    assert!(out.starts_with("ok session-limit"), "{out}");
+    let stats = t.stop_gateway();
+    let got = |k: &str| stats.get(k).copied().unwrap_or(0);
+    assert_eq!((got("tcp_requests"), got("tcp_evicted")), (151, 51), "{stats:?}");
+    // 150 sessions, then sessions 0 and 149 again as new ones.
+    assert_eq!((got("udp_sessions"), got("udp_evicted")), (152, 52), "{stats:?}");
+}
+
 /// `--pcap`: tcpdump reads the capture of a 1 MiB upload and finds the connection's SYN,
 /// data and FIN in both directions, every byte the client sent, and as many records as
 /// the gateway counted (`pcap_packets`).

@@ -64,6 +64,9 @@ pub struct RouterConfig {
     pub connect_timeout: Duration,
     /// Close a TCP relay after this long without a byte either way.
     pub tcp_idle_timeout: Duration,
+    /// Once one direction of a TCP relay has ended (its FIN passed), close it after this
+    /// long without a byte.
+    pub tcp_half_close_timeout: Duration,
     /// End a UDP session after this long without a datagram either way.
     pub udp_idle_timeout: Duration,
     /// `--sniff`: read a name from each TCP flow's first bytes (TLS SNI, HTTP Host),
@@ -81,6 +84,8 @@ impl Default for RouterConfig {
             connect_timeout: Duration::from_secs(15),
             // As common NATs do: long for TCP, short for UDP.
             tcp_idle_timeout: Duration::from_secs(600),
+            // Linux conntrack's FIN-WAIT timeout.
+            tcp_half_close_timeout: Duration::from_secs(120),
             udp_idle_timeout: tungate_api::udp::DEFAULT_IDLE_TIMEOUT,
             sniff: None,
             dns: DnsConfig::default(),
@@ -388,7 +393,11 @@ impl TcpHandler for Router {
                 }
             };
             let client = request.accept().await;
-            match client.relay(upstream, inner.config.tcp_idle_timeout).await {
+            let timeouts = tungate_api::relay::Timeouts {
+                idle: inner.config.tcp_idle_timeout,
+                half_close: inner.config.tcp_half_close_timeout,
+            };
+            match client.relay(upstream, timeouts).await {
                 Ok(s) => tracing::debug!(%src, %target, up = s.a_to_b, down = s.b_to_a, "tcp relay done"),
                 Err(e) => tracing::debug!(%src, %target, error = %e, "tcp relay failed; both sides reset"),
             }

@@ -155,15 +155,17 @@ impl TcpConn {
     }
 
     /// Carries the connection to `upstream` both ways, with half-close, until both sides
-    /// finished or nothing moved for `idle`; picks the fastest copy the backend allows
+    /// finished or nothing moved for the idle timeout (the half-close timeout once one
+    /// side finished; a [`Duration`] is the idle timeout for both); picks the fastest copy the backend allows
     /// (ring ⇄ socket with no bounce buffer, or `splice(2)` between two kernel sockets).
     ///
     /// A reset or timeout on either side resets both, rather than ending with a FIN that
     /// would pass for a complete response.
-    pub async fn relay(self, upstream: TcpStream, idle: Duration) -> io::Result<RelayStats> {
+    pub async fn relay(self, upstream: TcpStream, timeouts: impl Into<relay::Timeouts>) -> io::Result<RelayStats> {
+        let timeouts = timeouts.into();
         let result = match &self.io {
-            Io::Ring(ring) => relay::ring_to_socket(ring, &upstream, idle).await,
-            Io::Socket(client) => relay::splice_sockets(client, &upstream, idle).await,
+            Io::Ring(ring) => relay::ring_to_socket(ring, &upstream, timeouts).await,
+            Io::Socket(client) => relay::splice_sockets(client, &upstream, timeouts).await,
         };
         if result.is_err() {
             // Linger 0: dropping the socket sends RST, so the destination does not take a

@@ -200,11 +200,54 @@ impl FlowLink {
         self.shared.state().socket_capable = true;
     }
 
+    /// A handle the flow table keeps to evict the flow later, whoever holds the link.
+    pub fn handle(&self) -> FlowHandle {
+        FlowHandle { shared: self.shared.clone() }
+    }
+
     /// Turns this link into an async [`FlowPort`], for stacks that hand out connections
     /// as byte streams. From then on the flow wakes the port's task, not the wake queue.
     pub fn into_port(self) -> FlowPort {
         self.shared.state().queued = true;
         FlowPort { link: self }
+    }
+}
+
+/// The flow table's handle on a flow ([`FlowLink::handle`]).
+#[derive(Debug, Clone)]
+pub struct FlowHandle {
+    shared: Arc<Shared>,
+}
+
+impl FlowHandle {
+    /// Evicts the flow (a session limit made room for a new one): the handler's reads
+    /// and writes fail with `ConnectionReset` from now on (its relay then resets the
+    /// upstream), and the stack is asked, as for a handler's abort, to send the client a
+    /// RST; the flow is queued on the wake queue, and its port's task woken, for that.
+    pub fn evict(&self) {
+        let mut st = self.shared.state();
+        st.evicted = true;
+        st.abort_requested = true;
+        st.reset = true;
+        if let Some(w) = st.reader.take() {
+            w.wake();
+        }
+        if let Some(w) = st.writer.take() {
+            w.wake();
+        }
+        if let Some(w) = st.stack_waker.take() {
+            w.wake();
+        }
+        // Queued whatever the mark says: a flow served as a port (or handed over as a
+        // kernel socket) is otherwise never queued again, and its stack must still hear.
+        st.queued = true;
+        self.shared.wake.push(self.shared.id);
+    }
+
+    /// Whether [`evict`](Self::evict) was called (for a stack whose handler holds the
+    /// kernel socket itself, which must then reset both ends of its own accord).
+    pub fn evicted(&self) -> bool {
+        self.shared.state().evicted
     }
 }
 

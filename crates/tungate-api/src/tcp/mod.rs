@@ -21,7 +21,7 @@ mod state;
 
 pub(crate) use conn::RingConn;
 pub use conn::TcpConn;
-pub use link::{DEFAULT_RING_CAPACITY, FlowIo, FlowLink, FlowPort, FlowProgress, FlowSignals, new_flow};
+pub use link::{DEFAULT_RING_CAPACITY, FlowHandle, FlowIo, FlowLink, FlowPort, FlowProgress, FlowSignals, new_flow};
 pub use request::{TcpRequest, now_or_never};
 pub use state::Decision;
 

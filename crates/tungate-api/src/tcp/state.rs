@@ -34,6 +34,8 @@ pub(crate) struct State {
     pub(crate) abort_requested: bool,
     /// The client reset the connection, seen by a layer in front of a stream stack.
     pub(crate) client_reset: bool,
+    /// Evicted by the flow table to make room under a session limit.
+    pub(crate) evicted: bool,
     /// The stack is done with the flow; no more bytes move.
     pub(crate) closed: bool,
     /// The handler dropped its connection.
@@ -89,6 +91,7 @@ impl Shared {
                 reset: false,
                 abort_requested: false,
                 client_reset: false,
+                evicted: false,
                 closed: false,
                 handler_gone: false,
                 queued: false,

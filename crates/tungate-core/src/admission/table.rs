@@ -2,15 +2,17 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
 use slab::Slab;
 
 use crate::api::RingBudget;
+use crate::api::recency::Recency;
 use crate::config::Mtu;
 use crate::device::PacketBuf;
-use crate::flow::{self, Decision, FlowId, FlowLink, UdpSessions, WakeQueue};
+use crate::flow::{self, Decision, FlowHandle, FlowId, FlowLink, UdpSessions, WakeQueue};
 use crate::outbound::Outbound;
 use crate::packet::{self, Classified, Stranger, TcpSummary};
 use crate::stats::Stats;
@@ -40,6 +42,10 @@ enum Stage<T> {
 struct Slot<T> {
     key: FlowKey,
     stage: Stage<T>,
+    /// Reaches the flow whoever holds its link (to evict it).
+    handle: FlowHandle,
+    /// Evicted, waiting for the backend to reset and remove it.
+    evicting: bool,
 }
 
 /// How the table saw a client TCP segment ([`FlowTable::segment`]).
@@ -119,7 +125,12 @@ pub fn give_back_growth<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(m
 /// TUN itself (RSTs, released SYNs a backend queues, UDP replies) and the UDP sessions.
 pub struct FlowTable<T> {
     slots: Slab<Slot<T>>,
-    by_key: HashMap<FlowKey, FlowId>,
+    /// The least recently active flow first (a client segment makes its flow the most
+    /// recent), for the session limit.
+    by_key: Recency<FlowKey, FlowId>,
+    /// At most this many flows at once (`--max-sessions`); `evicting` are on their way out.
+    max_flows: Option<NonZeroUsize>,
+    evicting: usize,
     handler: Arc<dyn TcpHandler>,
     stats: Arc<Stats>,
     rings: RingBudget,
@@ -140,10 +151,13 @@ impl<T> FlowTable<T> {
     pub fn new(handlers: &Dispatch, mtu: Mtu, ring_capacity: usize) -> Self {
         let wake = WakeQueue::new();
         let outbound = Outbound::new(mtu, wake.clone(), handlers.stats.clone());
-        let udp = UdpSessions::new(handlers.udp.clone(), outbound.udp_sender(), handlers.stats.clone());
+        let udp = UdpSessions::new(handlers.udp.clone(), outbound.udp_sender(), handlers.stats.clone())
+            .with_max_sessions(handlers.max_sessions);
         FlowTable {
             slots: Slab::new(),
-            by_key: HashMap::new(),
+            by_key: Recency::default(),
+            max_flows: handlers.max_sessions,
+            evicting: 0,
             handler: handlers.tcp.clone(),
             stats: handlers.stats.clone(),
             rings: handlers.ring_budget(ring_capacity),
@@ -202,7 +216,7 @@ impl<T> FlowTable<T> {
     /// for no flow is verified unless it is still partial ([`packet::stranger`]).
     pub fn segment(&mut self, packet: &PacketBuf, seg: &TcpSummary, opening: Opening) -> Seen {
         let key = (seg.src, seg.dst);
-        if let Some(&id) = self.by_key.get(&key) {
+        if let Some(&id) = self.by_key.touch(&key) {
             return match self.slots[id.0].stage {
                 Stage::Held(_) => {
                     if seg.is_bare_syn() {
@@ -234,6 +248,11 @@ impl<T> FlowTable<T> {
     }
 
     fn open(&mut self, packet: &PacketBuf, seg: &TcpSummary) {
+        if let Some(max) = self.max_flows {
+            if self.slots.len() - self.evicting >= max.get() {
+                self.evict_oldest();
+            }
+        }
         let entry = self.slots.vacant_entry();
         let id = FlowId(entry.key());
         let (link, request) = flow::new_flow(id, seg.src, seg.dst, &self.rings, self.wake.clone());
@@ -243,12 +262,42 @@ impl<T> FlowTable<T> {
         let mut syn = PacketBuf::from_slice(packet.packet());
         syn.meta = packet.meta;
         let key = (seg.src, seg.dst);
-        entry.insert(Slot { key, stage: Stage::Held(Held { link, syn, summary: *seg }) });
+        let handle = link.handle();
+        entry.insert(Slot { key, stage: Stage::Held(Held { link, syn, summary: *seg }), handle, evicting: false });
         self.by_key.insert(key, id);
         Stats::inc(&self.stats.tcp_requests);
         Stats::inc(&self.stats.tcp_active);
         tracing::debug!(src = %seg.src, dst = %seg.dst, "tcp request");
         self.handler.handle_tcp(request);
+    }
+
+    /// Makes room for a new flow under the session limit: the least recently active flow
+    /// not already on its way out is reset. One still held gets its RST here and goes;
+    /// an admitted one is evicted through its handle (the handler sees a reset, and the
+    /// backend, woken for it as for a handler's abort, resets the client and removes it).
+    fn evict_oldest(&mut self) {
+        let slots = &self.slots;
+        let Some(id) = self.by_key.oldest_first().map(|(_, &id)| id).find(|id| !slots[id.0].evicting) else {
+            return;
+        };
+        Stats::inc(&self.stats.tcp_evicted);
+        let slot = &mut self.slots[id.0];
+        tracing::debug!(src = %slot.key.0, dst = %slot.key.1, "tcp flow evicted (--max-sessions)");
+        if let Stage::Held(held) = &slot.stage {
+            let summary = held.summary;
+            self.outbound.send_rst(&summary);
+            self.remove(id, Close::Reset);
+        } else {
+            slot.evicting = true;
+            self.evicting += 1;
+            slot.handle.evict();
+        }
+    }
+
+    /// Whether the flow was evicted ([`evict_oldest`](Self::evict_oldest)): for a backend
+    /// whose handler holds the kernel socket, which must reset both ends itself.
+    pub fn is_evicted(&self, id: FlowId) -> bool {
+        self.slots.get(id.0).is_some_and(|s| s.evicting)
     }
 
     /// Acts on a woken flow's decision (see [`Decided`]).
@@ -304,7 +353,7 @@ impl<T> FlowTable<T> {
     }
 
     pub fn id(&self, key: &FlowKey) -> Option<FlowId> {
-        self.by_key.get(key).copied()
+        self.by_key.peek(key).copied()
     }
 
     /// Every admitted flow.
@@ -323,11 +372,15 @@ impl<T> FlowTable<T> {
         }
         let slot = self.slots.remove(id.0);
         self.by_key.remove(&slot.key);
+        if slot.evicting {
+            self.evicting -= 1;
+        }
         Stats::dec(&self.stats.tcp_active);
-        // After a burst, give back what the table grew to. The slab can only drop a
-        // vacant tail (flow ids must not move), which a burst's last flows still hold
-        // while the map shrinks: it is shrunk when it empties.
-        if give_back_growth(&mut self.by_key) {
+        // After a burst, give back what the table grew to (the index does so itself). The
+        // slab can only drop a vacant tail (flow ids must not move), which a burst's last
+        // flows may still hold: it is shrunk once at most a quarter is in use, and when it
+        // empties.
+        if self.slots.capacity() > 1024 && self.slots.len() * 4 < self.slots.capacity() {
             self.slots.shrink_to_fit();
         }
         if self.slots.is_empty() && self.slots.capacity() > 1024 {
@@ -422,15 +475,15 @@ mod tests {
                 t.id(&(src, dst)).expect("held")
             })
             .collect();
-        let grown = (t.by_key.capacity(), t.slots.capacity());
+        let grown = (t.by_key.sized_for(), t.slots.capacity());
         assert!(grown.0 >= 4000 && grown.1 >= 4000, "{grown:?}");
         for id in ids {
             t.remove(id, Close::Reset);
         }
         assert!(
-            t.by_key.capacity() <= 1024 && t.slots.capacity() <= 1024,
+            t.by_key.sized_for() <= 1024 && t.slots.capacity() <= 1024,
             "kept {:?} of {grown:?}",
-            (t.by_key.capacity(), t.slots.capacity())
+            (t.by_key.sized_for(), t.slots.capacity())
         );
     }
 
