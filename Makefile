@@ -6,6 +6,8 @@
 #   make test     all + the whole workspace test suite, including the ignored (netns) tests
 #   make bench    all + scripts/bench.sh (results/latest.md, results/latest.json)
 #   make lint     rustfmt check + clippy -D warnings + rustdoc -D warnings
+#   make soak     every TUN variant under mixed load for SOAK_MINUTES (30) each, RSS/fds/
+#                 flows sampled every 10 s into results/soak-<date>/; fails on growth > 10 %
 #   make fuzz     every cargo-fuzz target for FUZZ_SECONDS (600) or FUZZ_RUNS (10 M) each,
 #                 corpora minimised, results/fuzz-<date>.md (nightly; `make test` replays
 #                 the committed corpora on stable)
@@ -27,7 +29,7 @@ VARIANTS ?= smoltcp lwip ipstack netstack-smoltcp system redirect
 BENCH_VARIANTS ?=
 RELEASE_DIR := $(CURDIR)/target/release
 
-.PHONY: all build deps test bench fuzz lint fmt-check clippy doc sizes clean
+.PHONY: all build deps test bench soak fuzz lint fmt-check clippy doc sizes clean
 
 all: deps
 	@$(MAKE) --no-print-directory build
@@ -55,6 +57,13 @@ test: deps all
 
 bench: deps all
 	scripts/bench.sh $(BENCH_VARIANTS)
+
+# SOAK_VARIANTS: a subset of the TUN variants (default: all five).
+SOAK_MINUTES ?= 30
+SOAK_VARIANTS ?=
+soak: deps all
+	$(CARGO) build --release --locked -p tungate-testkit --bin tungate-soak
+	TUNGATE_BIN_DIR=$(RELEASE_DIR) $(RELEASE_DIR)/tungate-soak --minutes $(SOAK_MINUTES) $(SOAK_VARIANTS)
 
 # FUZZ_TARGETS: a subset of fuzz/fuzz_targets (default: all).
 FUZZ_TARGETS ?=

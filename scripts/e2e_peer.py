@@ -11,6 +11,8 @@ mismatch they print the reason and exit 1.
   serve-sink-counted HOST PORT  TCP: read "N\\n" then N bytes, answer the hex SHA-256 (no FIN needed)
   serve-udp-echo HOST PORT  UDP: echo every datagram to its sender
   serve-udp-whoami HOST PORT  UDP: answer every datagram with its sender's port
+  soak HOST PORT UDPPORT RESOLVER SECONDS
+                            mixed load (bulk, short connections, UDP, DNS by fake-IP)
   session-limit HOST PORT UDPPORT N KEEP
                             through a gateway with --max-sessions KEEP: N connections to
                             an echo server and N UDP sessions to a whoami server; the
@@ -674,6 +676,100 @@ def session_limit(host, port, udp_port, n, keep):
     print(f"ok session-limit {n} opened, {n - keep + 1} reset each way", flush=True)
 
 
+def dns_a(resolver, name):
+    """One A query over UDP (built by hand: a 12-byte header, one question); the first
+    A record's address."""
+    qid = random.randrange(1 << 16)
+    question = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    query = qid.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + question + b"\x00\x01\x00\x01"
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    try:
+        s.sendto(query, (resolver, 53))
+        reply = s.recv(512)
+    finally:
+        s.close()
+    if int.from_bytes(reply[:2], "big") != qid or int.from_bytes(reply[6:8], "big") < 1:
+        raise OSError(f"no answer for {name}")
+    # The answer follows the echoed question; its RDATA is the last 4 bytes of the reply.
+    return socket.inet_ntoa(reply[-4:])
+
+
+def soak(host, port, udp_port, resolver, seconds):
+    """Mixed load for SECONDS through the gateway: bulk both ways (4 MiB echoed through
+    the echo server at HOST:PORT, digest checked), short connections (4 at a time, each 50 ms apart, 100
+    bytes echoed), UDP sessions (a new client socket every 50 ms, 3 datagrams each,
+    echoed by the UDP echo server at UDPPORT) and DNS by fake-IP (an A query for
+    soak-N.test to RESOLVER, then a connection to the fake address, echoed). Any failure
+    ends the run (exit 1). Prints progress every 10 s and "ok soak ..." at the end."""
+    raise_fd_limit()
+    seconds = float(seconds)
+    counts = {"bulk": 0, "short": 0, "udp": 0, "dns": 0}
+    deadline = time.monotonic() + seconds
+
+    async def echo(h, data):
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(h, int(port)), 30)
+        try:
+            async def send():
+                writer.write(data)
+                await writer.drain()
+                writer.write_eof()
+            sender = asyncio.create_task(send())
+            got = await asyncio.wait_for(reader.read(-1), 120)
+            await sender
+        finally:
+            writer.close()
+        if hashlib.sha256(got).digest() != hashlib.sha256(data).digest():
+            raise OSError(f"echo of {len(data)} bytes came back as {len(got)} different bytes")
+
+    async def loop(kind, body, pause=0.0):
+        i = 0
+        while time.monotonic() < deadline:
+            try:
+                await body(i)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+                fail(f"soak: {kind} #{i} failed after {counts}: {e!r}")
+            counts[kind] += 1
+            i += 1
+            if pause:
+                await asyncio.sleep(pause)
+
+    bulk = random.randbytes(4 << 20)
+
+    async def udp_session(i):
+        s = socket.socket(family(host), socket.SOCK_DGRAM)
+        s.setblocking(False)
+        loop_ = asyncio.get_running_loop()
+        try:
+            for k in range(3):
+                payload = f"{i}:{k}".encode()
+                await loop_.sock_sendto(s, payload, (host, int(udp_port)))
+                got = await asyncio.wait_for(loop_.sock_recv(s, 64), 10)
+                if got != payload:
+                    raise OSError(f"udp echo {got!r} for {payload!r}")
+        finally:
+            s.close()
+
+    async def dns(i):
+        address = await asyncio.get_running_loop().run_in_executor(None, dns_a, resolver, f"soak-{i % 50}.test")
+        await echo(address, f"dns {i}".encode())
+
+    async def progress():
+        start = time.monotonic()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(10)
+            print(f"[soak] {time.monotonic() - start:.0f}s {counts}", file=sys.stderr, flush=True)
+
+    async def main():
+        tasks = [loop("bulk", lambda i: echo(host, bulk))]
+        tasks += [loop("short", lambda i: echo(host, b"x" * 100), 0.05) for _ in range(4)]
+        tasks += [loop("udp", udp_session, 0.05), loop("dns", dns, 0.2), progress()]
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    print(f"ok soak {seconds:.0f}s {counts}", flush=True)
+
+
 COMMANDS = {
     "churn": churn,
     "churn-server-closes": churn_server_closes,
@@ -693,6 +789,7 @@ COMMANDS = {
     "serve-udp-echo": serve_udp_echo,
     "serve-udp-whoami": serve_udp_whoami,
     "session-limit": session_limit,
+    "soak": soak,
     "serve-http": serve_http,
     "upload": upload,
     "download": download,

@@ -24,6 +24,7 @@ pub mod peer;
 pub mod proxies;
 pub mod rawtcp;
 pub mod services;
+pub mod soak;
 
 pub use cli::{cli_bad_flags, cli_sigterm_exits_cleanly, cli_tun_busy_and_permission};
 pub use netns::{

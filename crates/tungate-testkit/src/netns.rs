@@ -36,7 +36,7 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-fn peer_script() -> PathBuf {
+pub(crate) fn peer_script() -> PathBuf {
     repo_root().join("scripts/e2e_peer.py")
 }
 

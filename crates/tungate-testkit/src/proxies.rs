@@ -308,7 +308,7 @@ fn dig(t: &Topology, args: &[&str]) -> Vec<String> {
 
 /// Routes the default fake-IP pools into the TUN (after each gateway start: the routes
 /// go with the TUN).
-fn route_fake_pools(t: &Topology) {
+pub(crate) fn route_fake_pools(t: &Topology) {
     for (family, pool) in [("-4", "198.19.0.0/16"), ("-6", "fd19:f4e1::/64")] {
         let out = t.client(&["ip", family, "route", "replace", pool, "dev", "tun0"]);
         assert!(out.status.success(), "route {pool}: {}", String::from_utf8_lossy(&out.stderr));
