@@ -159,13 +159,14 @@ where
 /// memory back after bursts, serves until `serve` ends, then reports the counters.
 async fn serve_and_report(
     process: &ProcessArgs,
+    upstream: &ProxySpec,
     ready: Ready,
     stats: Arc<tungate_core::Stats>,
     flows: tungate_core::os::FlowCount,
     serve: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     if let Some(addr) = process.stats_addr {
-        metrics::serve(addr, &ready.backend, stats.clone()).await?;
+        metrics::serve(addr, &ready.backend, upstream.kind(), stats.clone()).await?;
     }
     emit_event(Event::Ready(ready));
     tokio::spawn(tungate_core::os::release_memory_after_bursts(stats.clone(), flows));
@@ -512,7 +513,7 @@ fn run<'a, B: Backend>(
             }
             served.context("backend stopped")
         };
-        serve_and_report(process, ready, stats, tungate_core::os::FlowCount::Known, serve).await
+        serve_and_report(process, &args.upstream.proxy, ready, stats, tungate_core::os::FlowCount::Known, serve).await
     })
 }
 
@@ -696,7 +697,8 @@ pub mod redirect {
                     .await?;
                 Ok(())
             };
-            super::serve_and_report(process, ready, stats.clone(), tungate_core::os::FlowCount::Unknown, serve).await
+            let flows = tungate_core::os::FlowCount::Unknown;
+            super::serve_and_report(process, &args.upstream.proxy, ready, stats.clone(), flows, serve).await
         })
     }
 }

@@ -4,7 +4,8 @@
 //! ([`Stats`]), so the hot path pays nothing for it (a scrape encodes a few dozen numbers). Encoding is prometheus-client's
 //! (OpenMetrics text, which Prometheus reads): every counter becomes
 //! `tungate_<name>_total`, the levels in [`StatsSnapshot::GAUGES`] `tungate_<name>`, each
-//! labelled with the variant's backend.
+//! labelled with the variant's backend and the kind of upstream (`direct`, `socks5`,
+//! `http`), so the `upstream_*` counters read as errors per upstream.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,9 +43,13 @@ impl Collector for Counters {
 }
 
 /// The registry a scrape encodes: `stats` under the `tungate_` prefix, labelled
-/// `backend="NAME"`.
-fn registry(backend: &str, stats: Arc<Stats>) -> Registry {
-    let labels = [(std::borrow::Cow::Borrowed("backend"), std::borrow::Cow::Owned(backend.to_owned()))];
+/// `backend="NAME"` and `upstream="KIND"`.
+fn registry(backend: &str, upstream: &str, stats: Arc<Stats>) -> Registry {
+    use std::borrow::Cow;
+    let labels = [
+        (Cow::Borrowed("backend"), Cow::Owned(backend.to_owned())),
+        (Cow::Borrowed("upstream"), Cow::Owned(upstream.to_owned())),
+    ];
     let mut registry = Registry::with_prefix_and_labels("tungate", labels.into_iter());
     registry.register_collector(Box::new(Counters(stats)));
     registry
@@ -64,16 +69,16 @@ fn render(registry: &Registry) -> String {
 /// The server is a few lines on tokio and httparse (both already linked) rather than an
 /// HTTP server crate: with tiny_http, `/metrics` added 276 KB to the stripped smoltcp
 /// variant (3.85 MB before); this way it adds 71 KB, for one fixed route.
-pub(crate) async fn serve(addr: SocketAddr, backend: &str, stats: Arc<Stats>) -> anyhow::Result<()> {
+pub(crate) async fn serve(addr: SocketAddr, backend: &str, upstream: &str, stats: Arc<Stats>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--stats-addr {addr}"))?;
-    serve_on(listener, backend, stats);
+    serve_on(listener, backend, upstream, stats);
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
     Ok(())
 }
 
 /// Answers scrapes on `listener` from a task of its own.
-fn serve_on(listener: tokio::net::TcpListener, backend: &str, stats: Arc<Stats>) {
-    let registry = Arc::new(registry(backend, stats));
+fn serve_on(listener: tokio::net::TcpListener, backend: &str, upstream: &str, stats: Arc<Stats>) {
+    let registry = Arc::new(registry(backend, upstream, stats));
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -181,10 +186,10 @@ mod tests {
         let stats = Arc::new(Stats::default());
         stats.rx_bytes.store(123_456, Ordering::Relaxed);
         stats.tcp_active.store(7, Ordering::Relaxed);
-        let text = render(&registry("smoltcp", stats.clone()));
-        assert!(text.contains("tungate_rx_bytes_total{backend=\"smoltcp\"} 123456\n"), "{text}");
+        let text = render(&registry("smoltcp", "socks5", stats.clone()));
+        assert!(text.contains("tungate_rx_bytes_total{backend=\"smoltcp\",upstream=\"socks5\"} 123456\n"), "{text}");
         assert!(text.contains("# TYPE tungate_tcp_active gauge\n"), "{text}");
-        assert!(text.contains("tungate_tcp_active{backend=\"smoltcp\"} 7\n"), "{text}");
+        assert!(text.contains("tungate_tcp_active{backend=\"smoltcp\",upstream=\"socks5\"} 7\n"), "{text}");
         assert!(text.contains("# HELP tungate_rx_packets Packets read from the device.\n"), "{text}");
         for (name, _) in stats.snapshot().fields() {
             assert!(text.contains(&format!("tungate_{name}")), "{name} missing:\n{text}");
@@ -199,7 +204,7 @@ mod tests {
         stats.tx_packets.store(42, Ordering::Relaxed);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        serve_on(listener, "lwip", stats);
+        serve_on(listener, "lwip", "direct", stats);
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /nothing HTTP/1.1\r\nConnection: close\r\n\r\n")
             .await
@@ -207,7 +212,7 @@ mod tests {
         let mut text = String::new();
         s.read_to_string(&mut text).await.expect("read");
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-        assert!(text.contains("tungate_tx_packets_total{backend=\"lwip\"} 42\n"), "{text}");
+        assert!(text.contains("tungate_tx_packets_total{backend=\"lwip\",upstream=\"direct\"} 42\n"), "{text}");
         assert!(text.contains("HTTP/1.1 404 Not Found\r\n"), "{text}");
     }
 }

@@ -108,6 +108,13 @@ pub(crate) struct Ring {
 pub(crate) const MIN_STORAGE: usize = 4096;
 
 impl Ring {
+    /// The counters its budget reports to.
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.budget.0.stats
+    }
+}
+
+impl Ring {
     pub(crate) fn new(budget: RingBudget) -> Self {
         Ring { buf: Vec::new(), cap: budget.capacity(), budget, head: 0, len: 0, lent: 0, grow: false }
     }

@@ -61,6 +61,9 @@ counters! {
     tcp_evicted,
     /// Bytes of storage the flows' rings between stack and handler hold now.
     ring_bytes,
+    /// Times a flow's ring to the handler filled up, so the stack's receive window closed
+    /// until the handler read (back-pressure from a slow upstream or handler).
+    tcp_window_stalls,
     /// Times a ring would have grown but the memory limit (`--max-memory`) was reached.
     ring_growth_refused,
     /// UDP datagrams delivered to the UDP handler.
@@ -79,8 +82,33 @@ counters! {
     /// Fragmented datagrams (FRAG ≠ 0) from a SOCKS5 UDP relay (dropped: not reassembled).
     udp_fragments,
     /// Flows the upstream could not carry (a proxy's refusal, a failed dial, UDP the
-    /// upstream does not carry under `--udp proxy`).
+    /// upstream does not carry under `--udp proxy`); by cause in the five below.
     upstream_failed,
+    /// Flows the upstream refused: the destination refused or cannot be reached (a
+    /// SOCKS5 reply code, an HTTP status, a name that does not resolve).
+    upstream_refused,
+    /// Flows refused because the proxy rejected the gateway's credentials.
+    upstream_auth_failed,
+    /// Flows whose upstream (the proxy, or the destination when direct) could not be
+    /// reached in time (`--connect-timeout`).
+    upstream_timeouts,
+    /// Flows whose upstream failed otherwise: unreachable, broke the protocol, I/O.
+    upstream_io_errors,
+    /// UDP sessions dropped because the upstream carries no UDP (`--udp proxy`), or
+    /// flows to a fake-IP address that is no longer mapped.
+    upstream_unroutable,
+    /// Flows to a fake-IP address renamed to the name it stands for.
+    fake_ip_hits,
+    /// DNS queries answered from the fake-IP pools (A and AAAA).
+    dns_fake_answers,
+    /// DNS queries forwarded to a resolver (other types; `--dns hijack`).
+    dns_forwarded,
+    /// TCP flows named by their TLS ClientHello's server name (`--sniff`).
+    sniffed_tls,
+    /// TCP flows named by their HTTP Host header (`--sniff`).
+    sniffed_http,
+    /// TCP flows `--sniff` found no name in (not TLS or HTTP, no name, or nothing in time).
+    sniffed_nothing,
     /// Times a stream stack (ipstack, netstack-smoltcp) was rebuilt once idle after
     /// holding many connections, to give back the tables its crate never shrinks.
     stack_idle_rebuilds,

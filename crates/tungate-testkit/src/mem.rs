@@ -236,7 +236,8 @@ pub async fn half_close_client_first<B: Backend>(backend: B, _: Limits) {
 /// server's answer (a digest of every byte): nothing the client was told was delivered
 /// may be lost, and the answer must come back after the client's FIN. ipstack reported
 /// the end before the bytes it still queued (2-12 % of 3 MB lost) and answered the FIN
-/// with its own before the server could reply, until its FIN hold.
+/// with its own before the server could reply, until its FIN hold. The stall is counted
+/// (`tcp_window_stalls`).
 pub async fn upload_then_half_close_to_a_slow_reader<B: Backend>(backend: B, _: Limits) {
     let h = Harness::start(backend);
     for (dst, len) in [(dst_v4(services::SLOW_SINK), 3_000_000), (dst_v6(services::SLOW_SINK), 1_000_001)] {
@@ -248,6 +249,8 @@ pub async fn upload_then_half_close_to_a_slow_reader<B: Backend>(backend: B, _: 
         step("digest after the client's FIN", s.read_to_end(&mut digest)).await.expect("read digest");
         assert_eq!(digest, Sha256::digest(&data).to_vec(), "the server's SHA-256 of {len} bytes differs: bytes lost");
     }
+    // The slow reader filled its flow's ring: the stack's window closed, and was counted.
+    assert!(h.stats().tcp_window_stalls > 0, "{:?}", h.stats());
     h.stop().await;
 }
 

@@ -268,6 +268,13 @@ pub fn netns_sniff(bin: &str) {
     t.stop_daemons();
     let reset = t.peer_client(&["reset", "10.77.0.2", "8080"]);
     assert!(reset.starts_with("ok reset"), "{reset}");
+    // One name from the ClientHello, one from the Host header; the banner service and the
+    // two resets named nothing; dante refused port 9; then the proxy was gone.
+    let stats = t.stop_gateway();
+    let got = |k: &str| stats.get(k).copied().unwrap_or(0);
+    assert_eq!((got("sniffed_tls"), got("sniffed_http")), (1, 1), "{stats:?}");
+    assert!(got("sniffed_nothing") >= 2, "{stats:?}");
+    assert!(got("upstream_refused") >= 1 && got("upstream_io_errors") >= 1, "{stats:?}");
 }
 
 /// dnsmasq on 10.77.0.53:53 (UDP and TCP) in the server namespace: `real.test` is
@@ -331,7 +338,7 @@ pub fn netns_dns(bin: &str) {
     resolver(&mut t);
     let body = servers(&mut t);
 
-    t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1080", "--dns", "fake-ip"]);
+    t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1080", "--dns", "fake-ip", "--stats-addr", "127.0.0.1:9464"]);
     route_fake_pools(&t);
     let v4 = dig(&t, &["@10.77.0.53", "web.test", "A"]);
     let v4: std::net::Ipv4Addr = v4.first().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("A: {v4:?}"));
@@ -348,6 +355,15 @@ pub fn netns_dns(bin: &str) {
     assert!(udp.starts_with("ok udp 5"), "{udp}");
     let unmapped = t.peer_client(&["refused", "198.19.255.254", "8080"]);
     assert!(unmapped.starts_with("ok refused"), "{unmapped}");
+    // What the gateway counted: two pool answers (A, AAAA; curl asked again), the TXT
+    // query forwarded, the flows to fake addresses renamed, the unmapped one refused.
+    let m = t.scrape(9464);
+    let got = |k: &str| m.get(k).copied().unwrap_or(0);
+    assert!(got("dns_fake_answers_total") >= 2, "{m:?}");
+    assert!(got("dns_forwarded_total") >= 1, "{m:?}");
+    // curl to the name and to the address, and the UDP session to it.
+    assert!(got("fake_ip_hits_total") >= 3, "{m:?}");
+    assert_eq!(got("upstream_unroutable_total"), 1, "the unmapped fake address: {m:?}");
 
     t.restart_gateway(&["--proxy", "socks5://10.78.0.2:1080", "--dns", "hijack=10.77.0.53:53"]);
     // Nothing answers DNS on 10.77.0.2: only the hijack does.

@@ -144,15 +144,8 @@ pub fn soak(variant: &str, duration: Duration, csv: &Path) -> SoakReport {
 }
 
 fn sample(t: &Topology, seconds: u64) -> Sample {
-    let scrape = t.client(&["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9464/metrics"]);
-    let text = String::from_utf8_lossy(&scrape.stdout);
-    let metric = |name: &str| -> u64 {
-        text.lines()
-            .find(|l| l.starts_with(&format!("tungate_{name}{{")))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let scrape = t.scrape(9464);
+    let metric = |name: &str| scrape.get(name).copied().unwrap_or(0);
     Sample {
         seconds,
         rss_kib: t.gateway_rss_kib(),

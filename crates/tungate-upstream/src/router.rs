@@ -150,6 +150,14 @@ impl Inner {
     /// destination per flow at debug, as a direct refusal would be.
     fn failed(&self, src: std::net::SocketAddr, e: &ConnectError) {
         Stats::inc(&self.stats.upstream_failed);
+        let s = &self.stats;
+        Stats::inc(match e {
+            ConnectError::Refused { .. } | ConnectError::Target { .. } => &s.upstream_refused,
+            ConnectError::Auth { .. } => &s.upstream_auth_failed,
+            ConnectError::NoUdp { .. } => &s.upstream_unroutable,
+            ConnectError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => &s.upstream_timeouts,
+            ConnectError::Io { .. } => &s.upstream_io_errors,
+        });
         match e {
             ConnectError::Auth { .. } => {
                 if !self.auth_logged.swap(true, Ordering::Relaxed) {
@@ -181,8 +189,10 @@ impl Inner {
             let Some(name) = fake.lookup(dst.ip()) else {
                 tracing::debug!(src = %flow.src(), %dst, "fake address not mapped (expired?); refused");
                 Stats::inc(&self.stats.upstream_failed);
+                Stats::inc(&self.stats.upstream_unroutable);
                 return Err(());
             };
+            Stats::inc(&self.stats.fake_ip_hits);
             flow.set_target(Target::Domain { name: name.to_string(), port: dst.port() }, NameSource::FakeIp);
         }
         if let (53, Some(resolver)) = (dst.port(), self.config.dns.hijack) {
@@ -204,13 +214,18 @@ impl Inner {
             match sniff(&buf[..n]) {
                 Sniffed::Name(name, source) => {
                     tracing::debug!(src = %request.src(), dst = %request.dst(), %name, %source, "sniffed");
+                    let s = &self.stats;
+                    Stats::inc(if source == NameSource::TlsSni { &s.sniffed_tls } else { &s.sniffed_http });
                     let port = request.dst().port();
                     request.set_target(Target::Domain { name, port }, source);
                     return Ok(());
                 }
                 // Timed out (fewer bytes than asked for), or the client half-closed.
                 Sniffed::NeedMore(more) if n >= need && more > n => need = more,
-                _ => return Ok(()),
+                _ => {
+                    Stats::inc(&self.stats.sniffed_nothing);
+                    return Ok(());
+                }
             }
         }
     }
@@ -279,6 +294,7 @@ impl Inner {
         }
         if self.config.udp != UdpPolicy::Direct {
             Stats::inc(&self.stats.upstream_failed);
+            Stats::inc(&self.stats.upstream_unroutable);
             return None;
         }
         match self.open_udp(&self.direct, target).await {
@@ -314,10 +330,12 @@ impl Inner {
                     let Some(query) = query else { return };
                     if let Some(fake) = &self.config.dns.fake_ip {
                         if let Answer::Reply(reply) = answer(&query, fake, self.config.dns.fake_ip_ttl) {
+                            Stats::inc(&self.stats.dns_fake_answers);
                             let _ = session.send(&reply);
                             continue;
                         }
                     }
+                    Stats::inc(&self.stats.dns_forwarded);
                     if forward.is_none() {
                         forward = self.dns_path(src, &target).await;
                     }

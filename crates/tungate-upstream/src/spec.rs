@@ -22,6 +22,17 @@ pub enum ProxySpec {
     Http { host: String, port: u16, credentials: Option<(String, String)> },
 }
 
+impl ProxySpec {
+    /// The kind of upstream: `direct`, `socks5` or `http` (a metrics label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxySpec::Direct => "direct",
+            ProxySpec::Socks5 { .. } => "socks5",
+            ProxySpec::Http { .. } => "http",
+        }
+    }
+}
+
 impl fmt::Debug for ProxySpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The password never reaches a log line.

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::request::TcpRequest;
 use super::state::{Decision, Shared, State};
 use crate::ring::RingBudget;
+use crate::stats::Stats;
 use crate::wake::{FlowId, WakeQueue};
 
 /// The default capacity of each direction's ring between stack and handler.
@@ -90,8 +91,9 @@ impl FlowIo<'_> {
         }
         let n = self.st.rx.push(data);
         self.got += n;
-        if n < data.len() {
+        if n < data.len() && !self.st.rx_blocked {
             self.st.rx_blocked = true;
+            Stats::inc(&self.st.rx.stats().tcp_window_stalls);
         }
         n
     }

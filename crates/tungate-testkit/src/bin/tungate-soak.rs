@@ -59,6 +59,16 @@ fn main() -> ExitCode {
         eprintln!("tungate-soak: {}: {e}", out.display());
         return ExitCode::FAILURE;
     }
+    // Recorded before the soaks: the binaries under test are the tree's at this point.
+    let revision = format!(
+        "{}{}",
+        run("git", &["rev-parse", "--short", "HEAD"]),
+        if run("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+            ""
+        } else {
+            " (with uncommitted changes)"
+        }
+    );
     let duration = Duration::from_secs_f64(minutes * 60.0);
     let mut failed = false;
     for (i, variant) in variants.iter().enumerate() {
@@ -122,7 +132,7 @@ fn main() -> ExitCode {
         run("nproc", &[]),
         run("uname", &["-r"]),
         run("rustc", &["--version"]),
-        run("git", &["rev-parse", "--short", "HEAD"]),
+        revision,
         std::env::args().collect::<Vec<_>>().join(" "),
         rows.join("\n")
     );
