@@ -294,7 +294,7 @@ impl<T> FlowTable<T> {
         }
     }
 
-    /// Whether the flow was evicted ([`evict_oldest`](Self::evict_oldest)): for a backend
+    /// Whether the flow was evicted under the session limit: for a backend
     /// whose handler holds the kernel socket, which must reset both ends itself.
     pub fn is_evicted(&self, id: FlowId) -> bool {
         self.slots.get(id.0).is_some_and(|s| s.evicting)
