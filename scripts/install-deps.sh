@@ -34,6 +34,7 @@ need_cmd clang clang
 need_cmd strip binutils
 need_cmd openssl openssl
 need_cmd tcpdump tcpdump
+need_cmd ping iputils-ping
 # Proxies and a resolver the namespace tests run in the server namespace.
 need_cmd danted dante-server
 need_cmd microsocks microsocks

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use tungate_core::device::capture::Capture;
 use tungate_core::device::offload::Offload;
 use tungate_core::device::tun::{TunConfig, TunDevice};
+use tungate_core::icmp::IcmpMode;
 use tungate_core::{Backend, Dispatch, Mtu};
 use tungate_upstream::dns::{DnsConfig, FakeIp};
 use tungate_upstream::{Dialer, ProxySpec, Router, RouterConfig, UdpPolicy};
@@ -75,6 +76,14 @@ pub struct Args {
     /// limit (then memory and --max-memory bound what a flood of flows costs).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub max_sessions: Option<u64>,
+
+    /// Pings (ICMP echo) through the TUN: `direct` pings the destination from the gateway
+    /// (with --mark; an unprivileged ICMP socket where net.ipv4.ping_group_range allows,
+    /// else a raw socket, which needs CAP_NET_RAW) and answers with the real reply or
+    /// "destination unreachable"; `reply` answers every ping itself; `drop` drops them.
+    /// Default: `direct` with --proxy direct, `reply` with a proxy (which carries no ICMP).
+    #[arg(long, value_name = "MODE", value_parser = ["direct", "reply", "drop"])]
+    pub icmp: Option<String>,
 
     /// Stack backend to use; each variant binary contains exactly one.
     #[arg(long, value_name = "NAME")]
@@ -472,6 +481,12 @@ fn run<'a, B: Backend>(
             }
             None => (None, None),
         };
+        let icmp = match (args.icmp.as_deref(), &args.upstream.proxy) {
+            (Some("drop"), _) => IcmpMode::Drop,
+            (Some("reply"), _) => IcmpMode::Reply,
+            (Some(_), _) | (None, ProxySpec::Direct) => IcmpMode::Direct { mark: process.mark },
+            (None, _) => IcmpMode::Reply,
+        };
         let router = router(&args.upstream, dns, process.mark, &stats).await?;
         let handlers = Dispatch {
             tcp: Arc::new(router.clone()),
@@ -494,6 +509,7 @@ fn run<'a, B: Backend>(
             dns = ?args.upstream.dns,
             max_memory = ?process.max_memory,
             max_sessions = ?args.max_sessions,
+            icmp = ?icmp,
             "ready"
         );
         let ready = Ready {
@@ -505,7 +521,7 @@ fn run<'a, B: Backend>(
             listen: None,
         };
         let serve = async {
-            let options = tungate_core::ServeOptions::default().capture(capture).faults(faults);
+            let options = tungate_core::ServeOptions::default().capture(capture).faults(faults).icmp(icmp);
             let served = tungate_core::serve_with(backend, device, handlers, shutdown, options).await;
             // The capture's queue closed with the device: what it held is written now.
             if let Some(writer) = writer {

@@ -112,6 +112,15 @@ counters! {
     /// Times a stream stack (ipstack, netstack-smoltcp) was rebuilt once idle after
     /// holding many connections, to give back the tables its crate never shrinks.
     stack_idle_rebuilds,
+    /// ICMP echo requests (pings) the gateway answered or sent on (`--icmp reply|direct`).
+    icmp_echo_requests,
+    /// ICMP echo replies written to clients.
+    icmp_echo_replies,
+    /// ICMP "destination unreachable" written to clients (`--icmp direct`: the route or
+    /// the destination failed).
+    icmp_unreachable,
+    /// Pings dropped: a session's queue was full, or sending failed for another reason.
+    icmp_dropped,
     /// Packets written to the capture file (`--pcap`).
     pcap_packets,
     /// Packets not captured: the capture queue was full, or the file reached its size bound.

@@ -11,6 +11,7 @@ use crate::device::PacketDevice;
 use crate::device::capture::{Capture, Captured};
 use crate::device::fault::{Faults, Faulty};
 use crate::engine::{Engine, run_engine};
+use crate::icmp::{Icmp, IcmpMode};
 
 /// Why a backend stopped.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +71,8 @@ pub struct ServeOptions {
     pub capture: Option<Capture>,
     /// Faults injected between the device and the stack: for tests only ([`Faults`]).
     pub faults: Option<Faults>,
+    /// What becomes of ICMP echo requests ([`IcmpMode`]; dropped by default).
+    pub icmp: IcmpMode,
 }
 
 impl ServeOptions {
@@ -85,6 +88,11 @@ impl ServeOptions {
 
     pub fn faults(mut self, faults: Option<Faults>) -> Self {
         self.faults = faults;
+        self
+    }
+
+    pub fn icmp(mut self, icmp: IcmpMode) -> Self {
+        self.icmp = icmp;
         self
     }
 }
@@ -104,8 +112,10 @@ pub async fn serve_with<B: Backend, D: PacketDevice>(
     let device = Faulty::new(device, options.faults.unwrap_or_default()).counting(handlers.stats.clone());
     let device = crate::device::Counted::new(device, handlers.stats.clone());
     let start = Start { now: crate::engine::clock(), seed: options.seed.unwrap_or_else(rand::random) };
+    let stats = handlers.stats.clone();
     let engine = backend.engine(DeviceInfo::of(&device), handlers, start)?;
-    run_engine(engine, device, shutdown).await?;
+    let icmp = Icmp::new(options.icmp, stats, engine.wake_queue());
+    run_engine(engine, device, shutdown, Some(icmp)).await?;
     Ok(())
 }
 

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use crate::device::{PacketBuf, PacketDevice};
 use crate::flow::WakeQueue;
+use crate::icmp::Icmp;
 
 /// What became of a packet an engine was given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,11 +107,14 @@ pub fn clock() -> Instant {
 pub const RX_BATCH: usize = 64;
 
 /// Runs `engine` on `device` until `shutdown` completes or the device (or the engine's
-/// own I/O) fails. The only driver loop in the tree.
+/// own I/O) fails. The only driver loop in the tree. `icmp` takes the echo requests it
+/// answers out of the packets read before the engine sees them (`None`: all go to the
+/// engine), and its replies are written with the engine's output.
 pub async fn run_engine<E: Engine, D: PacketDevice>(
     mut engine: E,
     mut device: D,
     shutdown: impl Future<Output = ()>,
+    mut icmp: Option<Icmp>,
 ) -> io::Result<()> {
     let wake = engine.wake_queue();
     let capacity = device.max_packet_len();
@@ -124,6 +128,9 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
         engine.handle_wakeups(now);
         engine.handle_timeout(now);
         while let Some(packet) = engine.poll_transmit() {
+            device.send(&packet).await?;
+        }
+        while let Some(packet) = icmp.as_mut().and_then(Icmp::poll_transmit) {
             device.send(&packet).await?;
         }
         let deadline = engine.poll_timeout();
@@ -147,6 +154,9 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
                 while read < RX_BATCH {
                     let n = device.try_recv_batch(&mut batch)?;
                     for packet in &mut batch[..n] {
+                        if icmp.as_mut().is_some_and(|i| i.intercept(packet)) {
+                            continue;
+                        }
                         if engine.handle_packet(now, packet) == Handled::Transmit {
                             device.send(packet).await?;
                         }
@@ -214,7 +224,7 @@ mod tests {
             wake: WakeQueue::new(),
         };
         let (device, _peer) = crate::device::mem::pair(Mtu::DEFAULT, 4);
-        run_engine(engine, device, tokio::time::sleep(Duration::from_millis(300))).await.unwrap();
+        run_engine(engine, device, tokio::time::sleep(Duration::from_millis(300)), None).await.unwrap();
         // One pass at start, one when the timer fires, one at shutdown; a spinning loop
         // would make millions.
         let n = calls.load(Ordering::Relaxed);

@@ -54,6 +54,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod events;
+pub mod icmp;
 pub mod os;
 pub mod outbound;
 pub mod packet;

@@ -502,9 +502,10 @@ mod tests {
         let delivered = stack.delivered.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let engine = StreamEngine::new(stack, admission, device.max_packet_len());
-        let driver = tokio::spawn(crate::engine::run_engine(engine, device, async move {
+        let shutdown = async move {
             let _ = stopped.await;
-        }));
+        };
+        let driver = tokio::spawn(crate::engine::run_engine(engine, device, shutdown, None));
         let client = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 40000));
         let dst = SocketAddr::from((Ipv4Addr::new(10, 77, 0, 2), 80));
         let packet = syn(client, dst);
