@@ -1,10 +1,8 @@
 //! The shared conformance suite on backend-netstack-smoltcp.
 
-tungate_testkit::conformance_suite!(
-    wall_clock,
-    backend_netstack_smoltcp::NetstackSmoltcp::default(),
-    "tungate-netstack-smoltcp"
-);
+tungate_testkit::conformance_suite!(@suite [false]
+    [tungate_testkit::mem::Limits { wall_clock: true, resends_fin: false, ..tungate_testkit::mem::Limits::NONE }]
+    backend_netstack_smoltcp::NetstackSmoltcp::default(), "tungate-netstack-smoltcp");
 
 /// Behind a slow reader netstack-smoltcp's window closes: the upload completes (no
 /// stack rebuild), a new connection is served, and memory stays under 96 MiB over idle.

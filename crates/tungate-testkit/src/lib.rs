@@ -30,7 +30,7 @@ pub use cli::{cli_bad_flags, cli_sigterm_exits_cleanly, cli_tun_busy_and_permiss
 pub use netns::{
     netns_256mib_each_way, netns_bulk_under_a_memory_cap, netns_bulk_under_faults, netns_churn,
     netns_churn_server_closes, netns_closed_port_refused, netns_counters_match_the_tun, netns_hold_10k, netns_http_get,
-    netns_iperf3_short, netns_metrics, netns_pcap, netns_session_limit, netns_udp_echo,
+    netns_iperf3_short, netns_metrics, netns_pcap, netns_ping, netns_session_limit, netns_udp_echo,
 };
 pub use proxies::{
     netns_dns, netns_http_connect_tinyproxy, netns_sniff, netns_socks5_dante, netns_socks5_dante_auth,
@@ -80,7 +80,7 @@ macro_rules! conformance_suite {
             malformed_burst, unknown_segment_gets_rst, survives_loss_and_duplication, corruption_is_detected,
             gate_peeks_then_relays_or_aborts, gate_udp_sessions_relay_or_drop, furthest_window_edge_sender, closed_connections_are_forgotten,
             repeated_syn_before_another_client, upload_then_half_close_to_a_slow_reader,
-            session_limit_evicts_the_least_recently_active);
+            session_limit_evicts_the_least_recently_active, duplicates_are_acknowledged, fin_is_sent_again);
         $crate::conformance_suite!(@netns conformance_netns $bin);
     };
     // The namespace half, the same list for every instantiation.
@@ -92,7 +92,7 @@ macro_rules! conformance_suite {
             netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff, netns_dns,
             netns_churn, netns_churn_server_closes, netns_hold_10k, netns_bulk_under_a_memory_cap,
             netns_counters_match_the_tun, netns_pcap, netns_metrics, netns_bulk_under_faults,
-            netns_session_limit);
+            netns_session_limit, netns_ping);
     };
     (@mem [$serial:literal] [$limits:expr] $backend:expr; $($name:ident),*) => {
         mod conformance_mem {

@@ -278,6 +278,119 @@ pub async fn window_edge_sender<B: Backend>(backend: B) -> EdgeReport {
     report
 }
 
+/// A client whose ACKs were lost: after 3 000 bytes acknowledged it sends the first
+/// segment again (wholly acknowledged), then one that overlaps the acknowledged end and
+/// carries 1 000 new bytes, then two segments in the wrong order, each once. RFC 9293
+/// §3.10.7.4: the duplicate is answered with an ACK of everything received (a client that
+/// got none would time out, double its timeout and send again, unanswered again), the new
+/// bytes of the overlap are taken, and a segment past a gap is kept and answered with a
+/// duplicate ACK. Then the upload ends: the handler's SHA-256 covers each byte once.
+pub async fn duplicates_are_acknowledged<B: Backend>(backend: B) {
+    const LEN: usize = 6000;
+    let gate = Arc::new(Semaphore::new(1));
+    let services = Services::default();
+    let handlers = Dispatch::new(Arc::new(GatedSink { gate, len: LEN }), Arc::new(services.clone()));
+    let h = Harness::start_with_handlers(backend, Mtu::DEFAULT, Faults::default(), handlers, services);
+    let data = pattern(LEN, 11);
+    let mut c = RawClient::connect(&h.peer, 61002, dst_v4(9)).await.expect("connect");
+    for range in [0..1000, 1000..2000, 2000..3000] {
+        c.peer.send_raw(c.segment(c.base.wrapping_add(range.start as u32), &data[range])).await;
+    }
+    c.snd_nxt = c.base.wrapping_add(3000);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.acked() < 3000 {
+        assert!(Instant::now() < deadline, "3 000 bytes not acknowledged: {} were", c.acked());
+        c.pump(Duration::from_millis(50)).await;
+    }
+    // The wholly acknowledged duplicate: answered with an ACK of all 3 000 bytes.
+    c.peer.send_raw(c.segment(c.base, &data[..1000])).await;
+    let answered = async {
+        loop {
+            let p = c.rx.recv().await.expect("tap open");
+            let Ok(Classified::Tcp(seg)) = packet::classify(&p) else { continue };
+            assert!(!seg.rst, "a duplicate segment was reset: {seg:?}");
+            if seg.ack && seg.ack_number == c.base.wrapping_add(3000) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), answered).await.expect("no ACK answered a duplicate segment");
+    // The overlap: 200 acknowledged bytes and 1 000 new ones.
+    c.peer.send_raw(c.segment(c.base.wrapping_add(2800), &data[2800..4000])).await;
+    c.snd_nxt = c.base.wrapping_add(4000);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.acked() < 4000 {
+        assert!(Instant::now() < deadline, "the overlap's new bytes: {} of 4000 acknowledged", c.acked());
+        c.pump(Duration::from_millis(50)).await;
+    }
+    // Out of order: 5000..6000 before 4000..5000, each sent once. The first is answered
+    // with a duplicate ACK (what makes a client retransmit the gap at once); once the gap
+    // fills, all 6 000 bytes are acknowledged.
+    c.peer.send_raw(c.segment(c.base.wrapping_add(5000), &data[5000..])).await;
+    let dup_ack = async {
+        loop {
+            let p = c.rx.recv().await.expect("tap open");
+            let Ok(Classified::Tcp(seg)) = packet::classify(&p) else { continue };
+            if seg.ack && seg.ack_number == c.base.wrapping_add(4000) && seg.payload_len() == 0 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), dup_ack).await.expect("no duplicate ACK for a segment past a gap");
+    c.peer.send_raw(c.segment(c.base.wrapping_add(4000), &data[4000..5000])).await;
+    c.snd_nxt = c.base.wrapping_add(LEN as u32);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.acked() < LEN || c.received.len() < 32 {
+        assert!(
+            Instant::now() < deadline,
+            "the segment past the gap was not kept: {} of {LEN} acknowledged",
+            c.acked()
+        );
+        c.pump(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.received[..32], Sha256::digest(&data)[..], "the handler's SHA-256 of the upload differs");
+    assert_eq!(c.resets, 0);
+    h.stop().await;
+}
+
+/// A client that sends its bytes and FIN to the echo service and then acknowledges the
+/// echo but never the gateway's FIN: the FIN must come again (a client whose copy was lost waits for the
+/// end of the stream forever otherwise; ipstack sent its FIN once). `copies`: how many
+/// FINs to wait for (1 for a stack declared not to send it again).
+pub async fn fin_is_sent_again<B: Backend>(backend: B, copies: usize) {
+    let h = Harness::start(backend);
+    let c = RawClient::connect(&h.peer, 61004, dst_v4(crate::services::ECHO)).await.expect("connect");
+    let mut bye = SegmentFields::new(c.local, c.remote, TcpControl::Fin, c.snd_nxt, Some(c.rcv_nxt));
+    bye.payload = b"bye";
+    c.peer.send_raw(bye.build()).await;
+    let mut rx = c.rx;
+    let mut fins = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fins.len() < copies {
+        let p = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the gateway's FIN came {} times in 60 s, unacknowledged", fins.len()))
+            .expect("tap open");
+        let Ok(Classified::Tcp(seg)) = packet::classify(&p) else { continue };
+        assert!(!seg.rst, "reset instead of a FIN: {seg:?}");
+        if seg.fin {
+            fins.push(seg.seq.wrapping_add(seg.segment_len as u32));
+        }
+        if seg.payload_len() > 0 {
+            // The echo's bytes are acknowledged (a stack may hold its FIN until they are),
+            // the FIN never.
+            let data_end = seg.seq.wrapping_add(seg.payload_len() as u32);
+            let ack =
+                SegmentFields::new(c.local, c.remote, TcpControl::None, c.snd_nxt.wrapping_add(4), Some(data_end));
+            c.peer.send_raw(ack.build()).await;
+        }
+    }
+    assert!(fins.iter().all(|&f| f == fins[0]), "the same FIN each time: {fins:?}");
+    let ack = SegmentFields::new(c.local, c.remote, TcpControl::None, c.snd_nxt.wrapping_add(4), Some(fins[0]));
+    c.peer.send_raw(ack.build()).await;
+    h.stop().await;
+}
+
 /// Two hand-driven clients to the echo service: A's SYN, answered, then A's SYN again
 /// (what a kernel sends when the SYN-ACK is late) right before B's SYN. Each connection
 /// must echo its own bytes to its own client.

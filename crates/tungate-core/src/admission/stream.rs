@@ -84,6 +84,14 @@ pub trait StreamQuirks: Send + 'static {
         let _ = (now, key, flow);
     }
 
+    /// Whether the flow still has work here after its bridge ended (a segment of the
+    /// stack's to send again until the client acknowledges it): admission keeps it,
+    /// segments and timer included, until this turns false.
+    fn outlives_bridge(&self, flow: &Self::Flow) -> bool {
+        let _ = flow;
+        false
+    }
+
     /// A client segment of an admitted flow, on its way to the stack; `packet` and `seg`
     /// may be rewritten together.
     fn client_segment(
@@ -124,6 +132,7 @@ impl StreamQuirks for NoQuirks {
 pub struct QuirkCx<'a> {
     now: Instant,
     to_stack: &'a mut VecDeque<PacketBuf>,
+    to_client: &'a mut VecDeque<PacketBuf>,
     timer: &'a mut Option<Instant>,
     stats: &'a Stats,
 }
@@ -143,6 +152,12 @@ impl QuirkCx<'_> {
     /// Gives the stack `packet`, after whatever was queued before it.
     pub fn forward(&mut self, packet: PacketBuf) {
         self.to_stack.push_back(packet);
+    }
+
+    /// Writes `packet` to the TUN, for the client: a segment the stack should have sent
+    /// and did not (see backend-ipstack's ACK of a duplicate).
+    pub fn answer(&mut self, packet: PacketBuf) {
+        self.to_client.push_back(packet);
     }
 
     /// Calls [`StreamQuirks::timer`] for this flow at `at` (replacing the time set
@@ -172,6 +187,8 @@ struct Entry<F> {
     timer: Option<Instant>,
     queued: Option<Instant>,
     quirks: F,
+    /// The bridge ended while the quirks still had work ([`StreamQuirks::outlives_bridge`]).
+    bridge_ended: bool,
 }
 
 /// The admission layer. See the module docs.
@@ -183,6 +200,9 @@ pub struct Admission<Q: StreamQuirks = NoQuirks> {
     timers: BinaryHeap<Reverse<(Instant, FlowKey)>>,
     /// Packets made here for the stack, taken by [`poll_forward`](Self::poll_forward).
     to_stack: VecDeque<PacketBuf>,
+    /// Packets the quirks made for the client ([`QuirkCx::answer`]), sent first by
+    /// [`poll_transmit`](Self::poll_transmit).
+    to_client: VecDeque<PacketBuf>,
     handshake_timeout: Duration,
     woken: Vec<crate::FlowId>,
     released: VecDeque<(Instant, FlowKey)>,
@@ -248,6 +268,7 @@ impl<Q: StreamQuirks> Admission<Q> {
             quirks,
             timers: BinaryHeap::new(),
             to_stack: VecDeque::new(),
+            to_client: VecDeque::new(),
             handshake_timeout,
             woken: Vec::new(),
             released: VecDeque::new(),
@@ -310,9 +331,16 @@ impl<Q: StreamQuirks> Admission<Q> {
             entry.progress.client_reset();
             return Verdict::Forward;
         }
-        let mut cx = QuirkCx { now, to_stack: &mut self.to_stack, timer: &mut entry.timer, stats: &self.stats };
+        let mut cx = QuirkCx {
+            now,
+            to_stack: &mut self.to_stack,
+            to_client: &mut self.to_client,
+            timer: &mut entry.timer,
+            stats: &self.stats,
+        };
         let pass = self.quirks.client_segment(&mut cx, &mut entry.quirks, packet, &mut seg);
         arm(&mut self.timers, (seg.src, seg.dst), entry);
+        self.end_if_done(now, (seg.src, seg.dst));
         match pass {
             Pass::Forward => Verdict::Forward,
             Pass::Withhold => Verdict::Consumed,
@@ -334,10 +362,24 @@ impl<Q: StreamQuirks> Admission<Q> {
             let port = held.link.into_port();
             let progress = port.progress();
             let mut timer = None;
-            let mut cx = QuirkCx { now, to_stack: &mut self.to_stack, timer: &mut timer, stats: &self.stats };
+            let mut cx = QuirkCx {
+                now,
+                to_stack: &mut self.to_stack,
+                to_client: &mut self.to_client,
+                timer: &mut timer,
+                stats: &self.stats,
+            };
             let quirks = self.quirks.admitted(&mut cx, &held.summary, progress.clone());
             self.to_stack.push_back(held.syn);
-            let entry = Entry { waiting: Some((port, deadline)), progress, last: None, timer, queued: None, quirks };
+            let entry = Entry {
+                waiting: Some((port, deadline)),
+                progress,
+                last: None,
+                timer,
+                queued: None,
+                quirks,
+                bridge_ended: false,
+            };
             self.table.admit(id, entry);
             if let Some(entry) = self.table.get_mut(id) {
                 arm(&mut self.timers, key, entry);
@@ -375,11 +417,18 @@ impl<Q: StreamQuirks> Admission<Q> {
             entry.queued = None;
             if entry.timer.is_some_and(|due| due <= now) {
                 entry.timer = None;
-                let mut cx = QuirkCx { now, to_stack: &mut self.to_stack, timer: &mut entry.timer, stats: &self.stats };
+                let mut cx = QuirkCx {
+                    now,
+                    to_stack: &mut self.to_stack,
+                    to_client: &mut self.to_client,
+                    timer: &mut entry.timer,
+                    stats: &self.stats,
+                };
                 self.quirks.timer(&mut cx, &mut entry.quirks);
             }
             // Re-queued for the time set now (later if the flow was heard from since).
             arm(&mut self.timers, key, entry);
+            self.end_if_done(now, key);
         }
         while let Some(packet) = self.to_stack.pop_front() {
             forward(packet);
@@ -455,8 +504,13 @@ impl<Q: StreamQuirks> Admission<Q> {
                 let key = (seg.dst, seg.src);
                 if let Some(entry) = self.table.id(&key).and_then(|id| self.table.get_mut(id)) {
                     if Q::WATCHES_OUTPUT {
-                        let mut cx =
-                            QuirkCx { now, to_stack: &mut self.to_stack, timer: &mut entry.timer, stats: &self.stats };
+                        let mut cx = QuirkCx {
+                            now,
+                            to_stack: &mut self.to_stack,
+                            to_client: &mut self.to_client,
+                            timer: &mut entry.timer,
+                            stats: &self.stats,
+                        };
                         self.quirks.stack_segment(&mut cx, &mut entry.quirks, packet.packet(), &seg);
                         arm(&mut self.timers, key, entry);
                     }
@@ -501,13 +555,25 @@ impl<Q: StreamQuirks> Admission<Q> {
     pub fn finished(&mut self, now: Instant, key: FlowKey) {
         self.take_aborts(now);
         let Some(id) = self.table.id(&key) else { return };
-        if matches!(self.table.get(id), Some(Entry { waiting: None, .. })) {
+        if let Some(entry @ Entry { waiting: None, .. }) = self.table.get_mut(id) {
+            if self.quirks.outlives_bridge(&entry.quirks) {
+                entry.bridge_ended = true;
+                return;
+            }
             self.remove(now, id, Close::Clean);
             if !Q::LINGER.is_zero() && !self.aborted.contains_key(&key) {
                 let until = now + Q::LINGER;
                 self.lingering.insert(key, until);
                 self.linger_expiry.push_back((until, key));
             }
+        }
+    }
+
+    /// Forgets a flow kept past its bridge's end once the quirks are done with it.
+    fn end_if_done(&mut self, now: Instant, key: FlowKey) {
+        let Some(id) = self.table.id(&key) else { return };
+        if self.table.get(id).is_some_and(|e| e.bridge_ended && !self.quirks.outlives_bridge(&e.quirks)) {
+            self.finished(now, key);
         }
     }
 
@@ -544,7 +610,7 @@ impl<Q: StreamQuirks> Admission<Q> {
 
     /// The next packet this layer wants written to the TUN (RSTs, UDP replies).
     pub fn poll_transmit(&mut self) -> Option<PacketBuf> {
-        self.table.poll_transmit()
+        self.to_client.pop_front().or_else(|| self.table.poll_transmit())
     }
 }
 
