@@ -698,7 +698,7 @@ def dns_a(resolver, name):
 def soak(host, port, udp_port, resolver, seconds):
     """Mixed load for SECONDS through the gateway: bulk both ways (4 MiB echoed through
     the echo server at HOST:PORT, digest checked), short connections (4 at a time, each 50 ms apart, 100
-    bytes echoed), UDP sessions (a new client socket every 50 ms, 3 datagrams each,
+    bytes echoed), UDP sessions (a new client socket every 100 ms on a fixed schedule, 3 datagrams each,
     echoed by the UDP echo server at UDPPORT) and DNS by fake-IP (an A query for
     soak-N.test to RESOLVER, then a connection to the fake address, echoed). Any failure
     ends the run (exit 1). Prints progress every 10 s and "ok soak ..." at the end."""
@@ -722,8 +722,12 @@ def soak(host, port, udp_port, resolver, seconds):
         if hashlib.sha256(got).digest() != hashlib.sha256(data).digest():
             raise OSError(f"echo of {len(data)} bytes came back as {len(got)} different bytes")
 
-    async def loop(kind, body, pause=0.0):
-        i = 0
+    async def loop(kind, body, pause=0.0, period=0.0):
+        # PERIOD: the i-th run starts at start + i * PERIOD (late runs catch up), so the
+        # rate does not follow the latency of the moment: the gateway then holds a steady
+        # number of live UDP sessions (rate x its idle timeout), and the soak's RSS and fd
+        # samples measure leaks, not how busy the machine happened to be.
+        i, start = 0, time.monotonic()
         while time.monotonic() < deadline:
             try:
                 await body(i)
@@ -731,7 +735,9 @@ def soak(host, port, udp_port, resolver, seconds):
                 fail(f"soak: {kind} #{i} failed after {counts}: {e!r}")
             counts[kind] += 1
             i += 1
-            if pause:
+            if period:
+                await asyncio.sleep(max(0.0, start + i * period - time.monotonic()))
+            elif pause:
                 await asyncio.sleep(pause)
 
     bulk = random.randbytes(4 << 20)
@@ -763,7 +769,7 @@ def soak(host, port, udp_port, resolver, seconds):
     async def main():
         tasks = [loop("bulk", lambda i: echo(host, bulk))]
         tasks += [loop("short", lambda i: echo(host, b"x" * 100), 0.05) for _ in range(4)]
-        tasks += [loop("udp", udp_session, 0.05), loop("dns", dns, 0.2), progress()]
+        tasks += [loop("udp", udp_session, period=0.1), loop("dns", dns, period=0.2), progress()]
         await asyncio.gather(*tasks)
 
     asyncio.run(main())

@@ -122,7 +122,7 @@ fn main() -> ExitCode {
         "# Soak {date}\n\n\
          - machine: {cpu}, {} cores; kernel {}\n- rustc: {}\n- revision: {}\n- command: {}\n\
          - load (scripts/e2e_peer.py soak): 4 MiB echoed both ways back to back, 4 loops of short \
-         connections (100 bytes echoed, 50 ms apart), a new UDP session every 50 ms (3 datagrams \
+         connections (100 bytes echoed, 50 ms apart), a new UDP session every 100 ms on a fixed schedule (3 datagrams \
          echoed), a fake-IP DNS lookup and a connection to the fake address every 200 ms\n\
          - sampled every 10 s (DIR/VARIANT.csv); start = median of the first minute after the \
          warm-up (max(2 min, 10 %)), end = median of the last minute; flat = neither RSS nor fds \
