@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use tokio::net::{TcpStream, UdpSocket};
 use tungate_api::Target;
 
-use crate::connector::{BoxFuture, ConnectError, Connector, Dialer, UdpPath};
+use crate::connector::{BoxFuture, ConnectError, Connector, Dialer, UdpPath, with_scratch};
 
 /// Dials every flow's destination from the gateway's own (marked) sockets. A name (from
 /// fake-IP DNS or sniffing) is resolved with the system resolver; that resolver's own
@@ -106,10 +106,17 @@ impl UdpPath for DirectUdp {
         })
     }
 
-    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<Option<(SocketAddr, usize)>>> {
+    fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<(SocketAddr, Vec<u8>)>>> {
         Box::pin(async move {
-            let (n, from) = self.socket.recv_from(buf).await?;
-            Ok(Some((from, n)))
+            loop {
+                self.socket.readable().await?;
+                let got = with_scratch(|buf| self.socket.try_recv_from(buf).map(|(n, from)| (from, buf[..n].to_vec())));
+                match got {
+                    Ok(datagram) => return Ok(Some(datagram)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
         })
     }
 }

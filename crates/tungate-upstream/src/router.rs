@@ -317,11 +317,10 @@ impl Inner {
         session.set_idle_timeout(DNS_IDLE_TIMEOUT);
         let (src, target) = (session.src(), session.target().clone());
         let mut forward: Option<Box<dyn UdpPath>> = None;
-        let mut buf = vec![0u8; 65536];
         loop {
             let response = async {
                 match &forward {
-                    Some(path) => path.recv_from(&mut buf).await,
+                    Some(path) => path.recv_from().await,
                     None => std::future::pending().await,
                 }
             };
@@ -351,7 +350,7 @@ impl Inner {
                     }
                 }
                 response = response => match response {
-                    Ok(Some((_, n))) => { let _ = session.send(&buf[..n]); }
+                    Ok(Some((_, response))) => { let _ = session.send(&response); }
                     // The resolver (or proxy) closed the TCP connection: reopen on demand.
                     Ok(None) => forward = None,
                     Err(e) => tracing::trace!(%src, %target, error = %e, "dns recv"),
@@ -451,7 +450,6 @@ impl UdpHandler for Router {
             // the client: its replies must come from there, whatever the name resolved
             // to. Otherwise full cone: from whoever answered.
             let renamed = target != Target::Addr(session.dst());
-            let mut buf = vec![0u8; 65536];
             loop {
                 tokio::select! {
                     datagram = session.recv() => match datagram {
@@ -461,10 +459,10 @@ impl UdpHandler for Router {
                         },
                         None => return,
                     },
-                    reply = path.recv_from(&mut buf) => match reply {
+                    reply = path.recv_from() => match reply {
                         // Full cone: a reply from any address reaches the client as from that address.
-                        Ok(Some((from, n))) => {
-                            let _ = if renamed { session.send(&buf[..n]) } else { session.send_from(from, &buf[..n]) };
+                        Ok(Some((from, reply))) => {
+                            let _ = if renamed { session.send(&reply) } else { session.send_from(from, &reply) };
                         }
                         Ok(None) => {
                             tracing::debug!(%src, %target, "the upstream ended the UDP association");

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use tokio::net::TcpStream;
 use tungate_api::Target;
 
-use crate::connector::{BoxFuture, UdpPath};
+use crate::connector::{BoxFuture, UdpPath, with_scratch};
 
 /// One TCP connection carrying a session's queries; see the module docs.
 #[derive(Debug)]
@@ -48,26 +48,29 @@ impl UdpPath for TcpDns {
         })
     }
 
-    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<Option<(SocketAddr, usize)>>> {
+    fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<(SocketAddr, Vec<u8>)>>> {
         Box::pin(async move {
-            let mut chunk = [0u8; 4096];
             loop {
                 {
                     let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
                     if let [hi, lo, ..] = rx[..] {
                         let len = usize::from(u16::from_be_bytes([hi, lo]));
                         if rx.len() >= 2 + len {
-                            let n = len.min(buf.len());
-                            buf[..n].copy_from_slice(&rx[2..2 + n]);
+                            let response = rx[2..2 + len].to_vec();
                             rx.drain(..2 + len);
-                            return Ok(Some((self.from, n)));
+                            return Ok(Some((self.from, response)));
                         }
                     }
                 }
                 self.stream.readable().await?;
-                match self.stream.try_read(&mut chunk) {
+                let read = with_scratch(|chunk| {
+                    let n = self.stream.try_read(chunk)?;
+                    self.rx.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&chunk[..n]);
+                    Ok::<_, io::Error>(n)
+                });
+                match read {
                     Ok(0) => return Ok(None),
-                    Ok(n) => self.rx.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&chunk[..n]),
+                    Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }

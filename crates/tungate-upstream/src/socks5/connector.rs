@@ -10,7 +10,7 @@ use tungate_api::{Stats, Target};
 
 use super::client::{HandshakeError, handshake};
 use super::codec::{self, Auth, Command, RelayDatagram, Socks5Error};
-use crate::connector::{BoxFuture, ConnectError, Connector, Dialer, UdpPath};
+use crate::connector::{BoxFuture, ConnectError, Connector, Dialer, UdpPath, with_scratch};
 
 /// A SOCKS5 proxy at a fixed address (a host name was resolved at start).
 #[derive(Debug)]
@@ -130,28 +130,36 @@ impl UdpPath for Association {
         })
     }
 
-    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<Option<(SocketAddr, usize)>>> {
+    fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<(SocketAddr, Vec<u8>)>>> {
         Box::pin(async move {
             loop {
-                let n = tokio::select! {
-                    n = self.socket.recv(buf) => n?,
+                tokio::select! {
+                    ready = self.socket.readable() => ready?,
                     () = self.closed() => return Ok(None),
                 };
-                let (from, len) = match codec::parse_udp(&buf[..n]) {
-                    Ok(RelayDatagram::Whole { from: Target::Addr(from), payload }) => (from, payload.len()),
-                    Ok(RelayDatagram::Fragment) => {
-                        Stats::inc(&self.stats.udp_fragments);
-                        continue;
-                    }
-                    // A relay that names the sender, or garbage: nothing to deliver it as.
-                    Ok(RelayDatagram::Whole { .. }) | Err(_) => {
-                        Stats::inc(&self.stats.udp_dropped);
-                        continue;
-                    }
-                };
-                // The payload is the datagram's tail; move it to the front.
-                buf.copy_within(n - len..n, 0);
-                return Ok(Some((from, len)));
+                let got = with_scratch(|buf| {
+                    let n = self.socket.try_recv(buf)?;
+                    Ok::<_, io::Error>(match codec::parse_udp(&buf[..n]) {
+                        Ok(RelayDatagram::Whole { from: Target::Addr(from), payload }) => {
+                            Some((from, payload.to_vec()))
+                        }
+                        Ok(RelayDatagram::Fragment) => {
+                            Stats::inc(&self.stats.udp_fragments);
+                            None
+                        }
+                        // A relay that names the sender, or garbage: nothing to deliver it as.
+                        Ok(RelayDatagram::Whole { .. }) | Err(_) => {
+                            Stats::inc(&self.stats.udp_dropped);
+                            None
+                        }
+                    })
+                });
+                match got {
+                    Ok(Some(datagram)) => return Ok(Some(datagram)),
+                    Ok(None) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
             }
         })
     }
@@ -203,15 +211,14 @@ mod tests {
         let target = Target::Domain { name: "dns.test".into(), port: 53 };
         let path = socks.open_udp(&target).await.unwrap();
         path.send_to(&target, b"query").await.unwrap();
-        let mut buf = vec![0u8; 2048];
-        let (from, n) = path.recv_from(&mut buf).await.unwrap().expect("a datagram");
+        let (from, payload) = path.recv_from().await.unwrap().expect("a datagram");
         assert_eq!(
-            (from, &buf[..n]),
+            (from, &payload[..]),
             ("192.0.2.9:53".parse().unwrap(), &b"answer"[..]),
             "from the remote, not the relay"
         );
         assert_eq!(stats.udp_fragments.load(std::sync::atomic::Ordering::Relaxed), 1, "the fragment was counted");
         close_tx.send(()).unwrap();
-        assert!(path.recv_from(&mut buf).await.unwrap().is_none(), "the association ended with its TCP connection");
+        assert!(path.recv_from().await.unwrap().is_none(), "the association ended with its TCP connection");
     }
 }
