@@ -116,38 +116,49 @@ const HOP_LIMIT: u8 = 64;
 
 /// The echo reply to `request` carrying `data`, from the address pinged.
 pub fn echo_reply(request: &EchoRequest, data: &[u8]) -> Option<Vec<u8>> {
-    let caps = ChecksumCapabilities::default();
     match (request.dst, request.src) {
         (IpAddr::V4(src_addr), IpAddr::V4(dst_addr)) => {
             let icmp = Icmpv4Repr::EchoReply { ident: request.ident, seq_no: request.seq, data };
-            let ip = Ipv4Repr {
-                src_addr,
-                dst_addr,
-                next_header: IpProtocol::Icmp,
-                payload_len: icmp.buffer_len(),
-                hop_limit: HOP_LIMIT,
-            };
-            let mut out = vec![0; ip.buffer_len() + icmp.buffer_len()];
-            ip.emit(&mut Ipv4Packet::new_unchecked(&mut out[..]), &caps);
-            icmp.emit(&mut Icmpv4Packet::new_unchecked(&mut out[ip.buffer_len()..]), &caps);
-            Some(out)
+            Some(emit_v4(src_addr, dst_addr, &icmp))
         }
         (IpAddr::V6(src_addr), IpAddr::V6(dst_addr)) => {
             let icmp = Icmpv6Repr::EchoReply { ident: request.ident, seq_no: request.seq, data };
-            let ip = Ipv6Repr {
-                src_addr,
-                dst_addr,
-                next_header: IpProtocol::Icmpv6,
-                payload_len: icmp.buffer_len(),
-                hop_limit: HOP_LIMIT,
-            };
-            let mut out = vec![0; ip.buffer_len() + icmp.buffer_len()];
-            ip.emit(&mut Ipv6Packet::new_unchecked(&mut out[..]));
-            icmp.emit(&src_addr, &dst_addr, &mut Icmpv6Packet::new_unchecked(&mut out[ip.buffer_len()..]), &caps);
-            Some(out)
+            Some(emit_v6(src_addr, dst_addr, &icmp))
         }
         _ => None,
     }
+}
+
+/// `icmp` in an IPv4 packet from `src_addr` to `dst_addr`, checksums filled.
+fn emit_v4(src_addr: std::net::Ipv4Addr, dst_addr: std::net::Ipv4Addr, icmp: &Icmpv4Repr<'_>) -> Vec<u8> {
+    let caps = ChecksumCapabilities::default();
+    let ip = Ipv4Repr {
+        src_addr,
+        dst_addr,
+        next_header: IpProtocol::Icmp,
+        payload_len: icmp.buffer_len(),
+        hop_limit: HOP_LIMIT,
+    };
+    let mut out = vec![0; ip.buffer_len() + icmp.buffer_len()];
+    ip.emit(&mut Ipv4Packet::new_unchecked(&mut out[..]), &caps);
+    icmp.emit(&mut Icmpv4Packet::new_unchecked(&mut out[ip.buffer_len()..]), &caps);
+    out
+}
+
+/// `icmp` in an IPv6 packet from `src_addr` to `dst_addr`, checksum filled.
+fn emit_v6(src_addr: std::net::Ipv6Addr, dst_addr: std::net::Ipv6Addr, icmp: &Icmpv6Repr<'_>) -> Vec<u8> {
+    let caps = ChecksumCapabilities::default();
+    let ip = Ipv6Repr {
+        src_addr,
+        dst_addr,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: icmp.buffer_len(),
+        hop_limit: HOP_LIMIT,
+    };
+    let mut out = vec![0; ip.buffer_len() + icmp.buffer_len()];
+    ip.emit(&mut Ipv6Packet::new_unchecked(&mut out[..]));
+    icmp.emit(&src_addr, &dst_addr, &mut Icmpv6Packet::new_unchecked(&mut out[ip.buffer_len()..]), &caps);
+    out
 }
 
 /// Why a destination could not be reached.
@@ -190,17 +201,7 @@ pub fn unreachable(request_packet: &[u8], why: Unreachable) -> Option<Vec<u8>> {
                 Unreachable::Prohibited => Icmpv4DstUnreachable::HostProhibited,
             };
             let icmp = Icmpv4Repr::DstUnreachable { reason, header: inner, data: rest };
-            let ip = Ipv4Repr {
-                src_addr,
-                dst_addr,
-                next_header: IpProtocol::Icmp,
-                payload_len: icmp.buffer_len(),
-                hop_limit: HOP_LIMIT,
-            };
-            let mut out = vec![0; ip.buffer_len() + icmp.buffer_len()];
-            ip.emit(&mut Ipv4Packet::new_unchecked(&mut out[..]), &caps);
-            icmp.emit(&mut Icmpv4Packet::new_unchecked(&mut out[ip.buffer_len()..]), &caps);
-            Some(out)
+            Some(emit_v4(src_addr, dst_addr, &icmp))
         }
         (IpAddr::V6(src_addr), IpAddr::V6(dst_addr)) => {
             let inner_packet = Ipv6Packet::new_checked(request_packet).ok()?;
@@ -213,17 +214,7 @@ pub fn unreachable(request_packet: &[u8], why: Unreachable) -> Option<Vec<u8>> {
                 Unreachable::Prohibited => Icmpv6DstUnreachable::AdminProhibit,
             };
             let icmp = Icmpv6Repr::DstUnreachable { reason, header: inner, data: rest };
-            let ip = Ipv6Repr {
-                src_addr,
-                dst_addr,
-                next_header: IpProtocol::Icmpv6,
-                payload_len: icmp.buffer_len(),
-                hop_limit: HOP_LIMIT,
-            };
-            let mut out = vec![0; ip.buffer_len() + icmp.buffer_len()];
-            ip.emit(&mut Ipv6Packet::new_unchecked(&mut out[..]));
-            icmp.emit(&src_addr, &dst_addr, &mut Icmpv6Packet::new_unchecked(&mut out[ip.buffer_len()..]), &caps);
-            Some(out)
+            Some(emit_v6(src_addr, dst_addr, &icmp))
         }
         _ => None,
     }
