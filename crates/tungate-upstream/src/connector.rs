@@ -40,8 +40,11 @@ pub trait UdpPath: Send + Sync {
     /// life, and a waiting future that held a 64 KiB buffer cost every live UDP session
     /// that much (57 KiB of RSS each in the soak). Implementations wait for readiness
     /// and read into [`with_scratch`]'s per-thread buffer.
-    fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<(SocketAddr, Vec<u8>)>>>;
+    fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<Datagram>>>;
 }
+
+/// A datagram that came back on a [`UdpPath`]: who sent it, and its payload.
+pub type Datagram = (SocketAddr, Vec<u8>);
 
 /// Runs `f` with this thread's 64 KiB receive buffer (the largest UDP datagram fits):
 /// one per worker thread instead of one per waiting session. `f` must not wait.

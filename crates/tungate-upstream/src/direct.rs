@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use tokio::net::{TcpStream, UdpSocket};
 use tungate_api::Target;
 
-use crate::connector::{BoxFuture, ConnectError, Connector, Dialer, UdpPath, with_scratch};
+use crate::connector::{BoxFuture, ConnectError, Connector, Datagram, Dialer, UdpPath, with_scratch};
 
 /// Dials every flow's destination from the gateway's own (marked) sockets. A name (from
 /// fake-IP DNS or sniffing) is resolved with the system resolver; that resolver's own
@@ -106,7 +106,7 @@ impl UdpPath for DirectUdp {
         })
     }
 
-    fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<(SocketAddr, Vec<u8>)>>> {
+    fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<Datagram>>> {
         Box::pin(async move {
             loop {
                 self.socket.readable().await?;

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use tokio::net::TcpStream;
 use tungate_api::Target;
 
-use crate::connector::{BoxFuture, UdpPath, with_scratch};
+use crate::connector::{BoxFuture, Datagram, UdpPath, with_scratch};
 
 /// One TCP connection carrying a session's queries; see the module docs.
 #[derive(Debug)]
@@ -48,7 +48,7 @@ impl UdpPath for TcpDns {
         })
     }
 
-    fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<(SocketAddr, Vec<u8>)>>> {
+    fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<Datagram>>> {
         Box::pin(async move {
             loop {
                 {

@@ -10,7 +10,7 @@ use tungate_api::{Stats, Target};
 
 use super::client::{HandshakeError, handshake};
 use super::codec::{self, Auth, Command, RelayDatagram, Socks5Error};
-use crate::connector::{BoxFuture, ConnectError, Connector, Dialer, UdpPath, with_scratch};
+use crate::connector::{BoxFuture, ConnectError, Connector, Datagram, Dialer, UdpPath, with_scratch};
 
 /// A SOCKS5 proxy at a fixed address (a host name was resolved at start).
 #[derive(Debug)]
@@ -130,7 +130,7 @@ impl UdpPath for Association {
         })
     }
 
-    fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<(SocketAddr, Vec<u8>)>>> {
+    fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<Datagram>>> {
         Box::pin(async move {
             loop {
                 tokio::select! {
