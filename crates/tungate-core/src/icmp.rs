@@ -11,8 +11,8 @@
 //!   with what came back: the real reply (so the round-trip time is the real one), or
 //!   "destination unreachable" when the route or the destination failed.
 //!
-//! The wire side ([`echo_request`], [`echo_reply`], [`unreachable`]) is I/O-free; the
-//! sockets live in [`Pinger`]'s tasks, one per (client, destination, identifier), each
+//! The wire side ([`echo_request`], [`echo_reply`], [`unreachable()`]) is I/O-free; the
+//! sockets live in [`Icmp`]'s session tasks, one per (client, destination, identifier), each
 //! ending after a minute without a request.
 
 use std::collections::{HashMap, VecDeque};
