@@ -104,8 +104,14 @@ impl LwipEngine {
         }
     }
 
-    /// Feeds a packet to lwIP and collects what it reported.
+    /// Feeds a packet to lwIP and collects what it reported. A TCP segment whose options
+    /// run past its header is dropped and counted as malformed instead: lwIP's parser
+    /// would read past the packet ([`tungate_core::packet::tcp_options_well_formed`]).
     fn input(&mut self, packet: &[u8]) {
+        if !tungate_core::packet::tcp_options_well_formed(packet) {
+            tungate_core::api::Stats::inc(&self.flows.stats().malformed);
+            return;
+        }
         if !self.stack.input(packet) {
             tracing::debug!(len = packet.len(), "lwIP refused a packet");
         }

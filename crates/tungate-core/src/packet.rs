@@ -217,6 +217,32 @@ pub fn tcp_checksum_ok(packet: &[u8], summary: &TcpSummary) -> bool {
     TcpPacket::new_unchecked(l4).verify_checksum(&summary.src.ip().into(), &summary.dst.ip().into())
 }
 
+/// Whether the options of the TCP segment in `packet` are well formed: each option but
+/// end-of-list and no-op has a length byte inside the header, of at least 2, that keeps
+/// the option inside the header. `true` for a packet that is not TCP.
+///
+/// lwIP's option parser reads an option's length byte without checking that it is inside
+/// the header: a SYN whose last option byte is a kind read one byte past its buffer
+/// (AddressSanitizer, `make fuzz`'s engine_lwip). Such segments are dropped before lwIP.
+/// (A hand-written walk: smoltcp's `TcpPacket::options` gives the raw bytes, and its
+/// option parser accepts what lwIP's does not need to see.)
+pub fn tcp_options_well_formed(packet: &[u8]) -> bool {
+    let Some(tcp) = tcp_segment(packet) else { return true };
+    let options = tcp.options();
+    let mut i = 0;
+    while i < options.len() {
+        match options[i] {
+            0 => return true, // end of list: the rest is padding
+            1 => i += 1,      // no-op
+            _ => match options.get(i + 1) {
+                Some(&len) if len >= 2 && i + usize::from(len) <= options.len() => i += usize::from(len),
+                _ => return false,
+            },
+        }
+    }
+    true
+}
+
 /// The window-scale option of the SYN or SYN-ACK in `packet` (RFC 7323: the shift its
 /// sender applies to every later window it advertises), clamped to 14; `None` if the
 /// segment is not a SYN or does not carry the option.
@@ -547,6 +573,39 @@ impl<'a> SegmentFields<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_options_that_run_past_the_header_are_malformed() {
+        let syn = |options: &[u8]| {
+            let mut p = SegmentFields::new(
+                "198.18.0.2:40000".parse().unwrap(),
+                "10.77.0.2:80".parse().unwrap(),
+                TcpControl::Syn,
+                1,
+                None,
+            );
+            p.mss = None;
+            let packet = p.build();
+            // Grow the header by `options` (a multiple of 4): data offset and IP length.
+            assert_eq!(options.len() % 4, 0);
+            let mut grown = packet[..40].to_vec();
+            grown.extend_from_slice(options);
+            let total = grown.len() as u16;
+            grown[2..4].copy_from_slice(&total.to_be_bytes());
+            grown[32] = ((20 + options.len() as u8) / 4) << 4;
+            grown
+        };
+        assert!(tcp_options_well_formed(&syn(&[2, 4, 5, 180])), "MSS");
+        assert!(tcp_options_well_formed(&syn(&[1, 1, 1, 0])), "no-ops, end of list");
+        assert!(tcp_options_well_formed(&syn(&[1, 3, 3, 7])), "no-op, window scale");
+        assert!(
+            !tcp_options_well_formed(&syn(&[1, 1, 1, 2])),
+            "a kind as the last byte: its length is past the header"
+        );
+        assert!(!tcp_options_well_formed(&syn(&[2, 8, 5, 180])), "a length past the header");
+        assert!(!tcp_options_well_formed(&syn(&[2, 1, 5, 180])), "a length under 2");
+        assert!(tcp_options_well_formed(b"not a packet"));
+    }
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
