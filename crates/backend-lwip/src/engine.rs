@@ -104,14 +104,8 @@ impl LwipEngine {
         }
     }
 
-    /// Feeds a packet to lwIP and collects what it reported. A TCP segment whose options
-    /// run past its header is dropped and counted as malformed instead: lwIP's parser
-    /// would read past the packet ([`tungate_core::packet::tcp_options_well_formed`]).
+    /// Feeds a packet to lwIP and collects what it reported.
     fn input(&mut self, packet: &[u8]) {
-        if !tungate_core::packet::tcp_options_well_formed(packet) {
-            tungate_core::api::Stats::inc(&self.flows.stats().malformed);
-            return;
-        }
         if !self.stack.input(packet) {
             tracing::debug!(len = packet.len(), "lwIP refused a packet");
         }
@@ -288,6 +282,14 @@ fn mark_dirty(dirty: &mut Vec<FlowId>, flow: &mut Flow, id: FlowId) {
 impl Engine for LwipEngine {
     fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
         self.now = now;
+        // lwIP's option parser reads an option's length byte without checking that it is
+        // inside the header (one byte past a SYN whose last option byte is a kind:
+        // AddressSanitizer, `make fuzz` engine_lwip): such a segment is malformed here,
+        // before the flow table or lwIP sees it.
+        if !tungate_core::packet::tcp_options_well_formed(packet.packet()) {
+            tungate_core::api::Stats::inc(&self.flows.stats().malformed);
+            return Handled::Consumed;
+        }
         match self.flows.inbound(now, packet) {
             Inbound::Tcp(seg, Seen::Admitted(id)) => self.admitted_segment(id, packet, seg.rst),
             // Not ours — but lwIP may still hold the connection after the engine handed it
