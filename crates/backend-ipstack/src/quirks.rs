@@ -44,10 +44,10 @@
 //!   output.
 //!
 //! * **A FIN sent once**: ipstack retransmits data, never its FIN; a lost FIN left the
-//!   client waiting for the end of a stream whose every byte it had (one namespace fault
-//!   run in fifteen). Its FIN is kept here and sent again, after [`FIN_RESEND_FIRST`] and
-//!   then twice as long each time, until the client acknowledges it; the flow stays in
-//!   admission that long after its bridge ended.
+//!   client waiting for the end of a stream whose every byte it had (seen by capture in
+//!   one of 26 namespace fault runs). Its FIN is kept here and sent again, after
+//!   [`FIN_RESEND_FIRST`] and then twice as long each time, until the client acknowledges
+//!   it; the flow stays in admission that long after its bridge ended.
 //!
 //! Limit: without SACK or timestamps, and with these answers a moment behind ipstack
 //! (which runs on its own tasks), a Linux client under loss takes the duplicate ACKs for
