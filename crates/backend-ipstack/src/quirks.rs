@@ -30,9 +30,9 @@
 //!   the network's), that segment's key falls behind the next expected byte and the flow
 //!   never moves again (uploads stalled until the test's 60 s timeout in about one suite
 //!   run in eight). So ipstack gets client data in order only: a segment that starts past
-//!   the end of what it was given is kept here ([`OUT_OF_ORDER_LIMIT`] per flow) and
-//!   given to it, cut to its new bytes, once the client's retransmission fills the gap;
-//!   each such segment is answered with the duplicate ACK ipstack does not send.
+//!   the end of what it was given is withheld, and answered with the duplicate ACK
+//!   ipstack does not send; the client's retransmissions fill the gap. (Keeping such
+//!   segments here until the gap filled stalled the in-memory loss test: tried, removed.)
 //! * **Silence on a duplicate**: ipstack drops a data segment that starts before the next
 //!   byte it expects without acknowledging anything, against RFC 9293 §3.10.7.4, and all
 //!   of it when it also carries new bytes. So when an ACK is lost, the client's
@@ -54,7 +54,6 @@
 //! reordering, raises its duplicate threshold and recovers by retransmission timeouts
 //! (see the namespace fault test).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tungate_core::PacketBuf;
@@ -100,10 +99,6 @@ pub struct Flow {
     forwarded: u64,
     /// What ipstack last told the client, for answering a duplicate (see the module docs).
     stack: Option<StackSaid>,
-    /// Client segments past a gap, by the offset of their first byte, until the gap
-    /// fills (see the module docs); and their size.
-    out_of_order: BTreeMap<u64, PacketBuf>,
-    out_of_order_bytes: usize,
     /// ipstack's FIN until the client acknowledges it, with when to send it again and
     /// the gap to the time after (see the module docs).
     stack_fin_segment: Option<(PacketBuf, u32)>,
@@ -113,9 +108,6 @@ pub struct Flow {
 /// First resend of ipstack's unacknowledged FIN; each later one waits twice as long, and
 /// none is sent once the gap would exceed [`REPLAY_LAST`].
 pub const FIN_RESEND_FIRST: Duration = Duration::from_secs(1);
-
-/// The most a flow keeps past a gap: ipstack's window (65 535, unscaled) holds no more.
-pub const OUT_OF_ORDER_LIMIT: usize = 64 * 1024;
 
 /// The furthest acknowledgment, the next sequence number and the window ipstack sent.
 #[derive(Debug, Clone, Copy)]
@@ -185,54 +177,6 @@ impl Flow {
         }
         if packet::seq_lt(said.next, next) {
             said.next = next;
-        }
-    }
-
-    /// Keeps a data segment that starts past the end of what ipstack was given, while
-    /// there is room; the client's retransmission of the gap then releases it. (A FIN
-    /// is not kept: the client sends it again.)
-    fn keep_out_of_order(&mut self, packet: &PacketBuf, seg: &TcpSummary) {
-        if seg.fin || seg.syn || seg.payload_len() == 0 {
-            return;
-        }
-        let Some(start) = self.offset(seg.seq) else { return };
-        if self.out_of_order_bytes + packet.len() > OUT_OF_ORDER_LIMIT || self.out_of_order.contains_key(&start) {
-            return;
-        }
-        self.out_of_order_bytes += packet.len();
-        self.out_of_order.insert(start, PacketBuf::from_slice(packet.packet()));
-    }
-
-    /// Gives ipstack the kept segments that now follow what it was given, in order, each
-    /// cut to its bytes ipstack does not have; stops (and forgets the rest, which the
-    /// client sends again) at one the unread cap withholds.
-    fn release_in_order(&mut self, cx: &mut QuirkCx<'_>, unread_limit: u64) {
-        while let Some(entry) = self.out_of_order.first_entry() {
-            let start = *entry.key();
-            if start > self.forwarded {
-                return;
-            }
-            let mut packet = entry.remove();
-            self.out_of_order_bytes -= packet.len();
-            let Ok(packet::Classified::Tcp(mut seg)) = packet::classify(packet.packet()) else { continue };
-            let payload = seg.payload_len();
-            let cut = (self.forwarded - start) as usize;
-            if cut >= payload {
-                continue;
-            }
-            if cut > 0 {
-                let Some(len) = packet::reshape_tcp_segment(packet.packet_mut(), cut..payload, false) else { continue };
-                packet.set_len(len);
-                seg.seq = seg.seq.wrapping_add(cut as u32);
-                seg.segment_len -= cut;
-            }
-            if self.exceeds(&seg, unread_limit) {
-                self.out_of_order.clear();
-                self.out_of_order_bytes = 0;
-                return;
-            }
-            self.forwarding(&seg);
-            cx.forward(packet);
         }
     }
 
@@ -341,8 +285,6 @@ impl StreamQuirks for IpstackQuirks {
             stack_fin: false,
             forwarded: 0,
             stack: None,
-            out_of_order: BTreeMap::new(),
-            out_of_order_bytes: 0,
             stack_fin_segment: None,
             fin_resend: None,
         }
@@ -359,9 +301,7 @@ impl StreamQuirks for IpstackQuirks {
             return Pass::Withhold;
         }
         if flow.leaves_a_gap(seg) {
-            // Kept until the gap fills, and the duplicate ACK ipstack does not send (see
-            // the module docs).
-            flow.keep_out_of_order(packet, seg);
+            // The duplicate ACK ipstack does not send (see the module docs).
             if let Some(ack) = flow.stack_ack(seg) {
                 cx.answer(ack);
             }
@@ -380,7 +320,6 @@ impl StreamQuirks for IpstackQuirks {
             }
         }
         let pass = if seg.fin && !seg.syn { hold_fin(cx, flow, packet, seg) } else { Pass::Forward };
-        flow.release_in_order(cx, self.unread_limit);
         cx.set_timer(flow.next_timer(now));
         pass
     }
