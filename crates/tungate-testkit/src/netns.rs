@@ -477,7 +477,7 @@ pub fn netns_bulk_under_faults(bin: &str) {
     // client then takes the duplicate ACKs for reordering (`ss`: reordering 46,
     // reord_seen 191), stops retransmitting fast, and recovers by timeouts that double
     // while its RTT samples wait on kept segments: 2 MiB missed the client's 60 s in
-    // two runs of five (before admission kept segments past a gap and answered
+    // two runs of five (before admission answered gaps and
     // duplicates, in three of three: the flow stalled). It moves 256 KiB each way
     // through the same faults.
     let n = if bin.starts_with("tungate-ipstack") { 256u64 << 10 } else { 2u64 << 20 }.to_string();
