@@ -603,6 +603,12 @@ pub async fn duplicates_are_acknowledged<B: Backend>(backend: B, _: Limits) {
     crate::rawtcp::duplicates_are_acknowledged(backend).await;
 }
 
+/// A segment kept past a gap counts though its acknowledgment is older than one seen
+/// since (see [`crate::rawtcp::late_segment_with_an_older_ack`]).
+pub async fn late_segment_with_an_older_ack<B: Backend>(backend: B, _: Limits) {
+    crate::rawtcp::late_segment_with_an_older_ack(backend).await;
+}
+
 /// The gateway's FIN comes again while the client does not acknowledge it (see
 /// [`crate::rawtcp::fin_is_sent_again`]).
 pub async fn fin_is_sent_again<B: Backend>(backend: B, limits: Limits) {

@@ -477,7 +477,8 @@ pub fn netns_bulk_under_faults(bin: &str) {
     // client then takes the duplicate ACKs for reordering (`ss`: reordering 46,
     // reord_seen 191), stops retransmitting fast, and recovers by timeouts that double:
     // 2 MiB missed the client's 60 s in some runs (every run before admission answered
-    // duplicates; the flow stalled). It moves 256 KiB each way through the same faults.
+    // duplicates; the flow stalled; 1 of 5 once admission kept segments past a gap).
+    // It moves 256 KiB each way through the same faults.
     let n = if bin.starts_with("tungate-ipstack") { 256u64 << 10 } else { 2u64 << 20 }.to_string();
     for host in ["10.77.0.2", "fd77::2"] {
         let up = t.peer_client(&["upload", host, "9000", &n]);
