@@ -21,7 +21,7 @@
 #   netns_start_gateway ID BIN MTU [ARG...]   start BIN in the cli ns, wait for tun0, add routes
 #                                        (tungate-redirect: baseline route + an nftables
 #                                        REDIRECT rule in the cli ns instead of a TUN)
-#   netns_stop_gateway ID                remove routes, SIGTERM (5 s) then SIGKILL
+#   netns_stop_gateway ID                remove routes, SIGTERM (15 s) then SIGKILL
 #   netns_start_iperf_server ID [PORT]   iperf3 -s -B 10.77.0.2 in the srv ns (tracked pid)
 #   netns_stop_iperf_server ID
 #   netns_down ID                        kill everything, delete both namespaces (idempotent,
@@ -33,7 +33,9 @@
 # Tunables (set before sourcing or before calling): NETNS_RUNDIR, NETNS_IPV6 (1),
 # NETNS_MARK (0x100), NETNS_TABLE (100), NETNS_GATEWAY_TIMEOUT (5), NETNS_GATEWAY_OWN (0: pass
 # --proxy/--log-level too; 1: only --tun/--mtu/--address/--mark), NETNS_GATEWAY_LOG_LEVEL
-# (info), NETNS_TUN_TXQUEUELEN (10000), NETNS_KEEP_STATE (0: state dir removed by netns_down).
+# (info), NETNS_TUN_TXQUEUELEN (10000), NETNS_KEEP_STATE (0: state dir removed by netns_down),
+# NETNS_GATEWAY_SETUP (0; 1: the gateway runs with --setup, netns_start_gateway adds no routes),
+# NETNS_GATEWAY_WRAP (a command the gateway runs under, e.g. `setpriv …` for another user).
 
 if [[ -n "${_TUNGATE_NETNS_SH_LOADED:-}" ]]; then
   return 0
@@ -286,7 +288,8 @@ _nns_spawn_gateway() {
   : >"$log"
   rm -f "$dir/gateway.error"
   printf '# %s %s\n' "$bin" "$*" >>"$log"
-  ip netns exec "$(netns_cli "$id")" "$bin" "$@" </dev/null >>"$log" 2>&1 &
+  # shellcheck disable=SC2086 # NETNS_GATEWAY_WRAP is a command prefix, split on purpose
+  ip netns exec "$(netns_cli "$id")" ${NETNS_GATEWAY_WRAP:-} "$bin" "$@" </dev/null >>"$log" 2>&1 &
   NNS_GATEWAY_PID=$!
   printf '%s\n' "$NNS_GATEWAY_PID" >"$dir/gateway.pid"
   _nns_record_pid "$id" "$NNS_GATEWAY_PID"
@@ -389,6 +392,12 @@ netns_start_gateway() {
   ip -n "$cli" link set "$NETNS_TUN" txqueuelen "$NETNS_TUN_TXQUEUELEN" ||
     _nns_log "warning: could not set $NETNS_TUN txqueuelen $NETNS_TUN_TXQUEUELEN"
 
+  # The gateway routes for itself (--setup): nothing to add here.
+  if [[ "${NETNS_GATEWAY_SETUP:-0}" == 1 ]]; then
+    _nns_log "gateway $(basename "$bin") up in $cli (pid $pid, mtu $mtu, its own --setup)"
+    return 0
+  fi
+
   # Marked (gateway-own) dials bypass the TUN: rule + table first, then the TUN route.
   ip -n "$cli" rule del pref "$NETNS_RULE_PREF" 2>/dev/null || true
   _nns_do ip -n "$cli" rule add pref "$NETNS_RULE_PREF" fwmark "$NETNS_MARK" lookup "$NETNS_TABLE" ||
@@ -410,7 +419,7 @@ netns_start_gateway() {
   return 0
 }
 
-# netns_stop_gateway ID : remove TUN/policy routes, SIGTERM, 5 s, SIGKILL. Never fails.
+# netns_stop_gateway ID : remove TUN/policy routes, SIGTERM, 15 s, SIGKILL. Never fails.
 netns_stop_gateway() {
   local id=${1:-} cli dir pid i
   cli=$(netns_cli "$id")
@@ -426,7 +435,8 @@ netns_stop_gateway() {
   fi
   pid=$(netns_gateway_pid "$id" 2>/dev/null || true)
   if [[ -n "$pid" ]]; then
-    _nns_kill_wait 5 "$pid"
+    # Past the gateway's default drain (5 s) and the resets after it.
+    _nns_kill_wait 15 "$pid"
     rm -f "$dir/gateway.pid"
   fi
   # A non-persistent TUN disappears when its fd closes; give the kernel a moment.

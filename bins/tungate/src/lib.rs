@@ -11,6 +11,7 @@ use tungate_core::events::{Event, Ready};
 use anyhow::{Context, bail};
 
 mod metrics;
+pub mod setup;
 use clap::Parser;
 use ipnet::IpNet;
 use tungate_core::device::capture::Capture;
@@ -24,9 +25,10 @@ use tungate_upstream::{Dialer, ProxySpec, Router, RouterConfig, UdpPolicy};
 /// A TUN gateway: terminates every TCP connection and UDP flow that enters the TUN and
 /// hands it, with its real source and original destination, to an upstream.
 ///
-/// The program creates (or adopts) the TUN and assigns its addresses; it never touches
-/// routes. Route the traffic to capture into the TUN yourself, and give the gateway's own
-/// upstream sockets a mark (--mark) that policy routing sends around the TUN.
+/// The program creates (or adopts) the TUN and assigns its addresses. With --setup it also
+/// routes traffic into the TUN (a table and a policy rule of its own, loop-free: its own
+/// sockets carry --mark and skip them) and removes all of it on exit; without, route the
+/// traffic yourself (see the example below).
 #[derive(Debug, Parser)]
 #[command(version, after_help = EXAMPLE)]
 pub struct Args {
@@ -77,6 +79,13 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub max_sessions: Option<u64>,
 
+    /// On SIGINT/SIGTERM, new connections are refused at once (RST) and open ones may
+    /// finish for up to SECS; those still open then are reset both ways (never closed
+    /// with a FIN, which would tell a client its data was complete). Then --setup is
+    /// undone and the exit event printed. 0: stop at once.
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub drain_timeout: u64,
+
     /// Pings (ICMP echo) through the TUN: `direct` pings the destination from the gateway
     /// (with --mark; an unprivileged ICMP socket where net.ipv4.ping_group_range allows,
     /// else a raw socket, which needs CAP_NET_RAW) and answers with the real reply or
@@ -90,7 +99,48 @@ pub struct Args {
     pub backend: Option<String>,
 
     #[command(flatten)]
+    pub setup: SetupArgs,
+
+    #[command(flatten)]
     pub process: ProcessArgs,
+}
+
+/// Host set-up (`--setup`, `--cleanup`): see the `setup` module.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Host set-up (Linux, needs CAP_NET_ADMIN)")]
+pub struct SetupArgs {
+    /// Route traffic into the TUN, and remove that on exit: a route into the TUN for each
+    /// --route in table --table, throw routes (the host's usual routing) for each
+    /// --exclude, the proxy's address and the TUN's own prefixes, the rule
+    /// `not fwmark MARK lookup TABLE` at --rule-priority (the gateway's sockets carry MARK,
+    /// so nothing it sends can enter the TUN), and rp_filter loosened (1 -> 2) where it is
+    /// strict. Recorded first in /run/tungate/ ($RUNTIME_DIRECTORY under systemd); after a
+    /// crash the next start with the same --tun, or --cleanup, removes what is left.
+    /// --mark defaults to 0x7467 with it.
+    #[arg(long, requires = "tun", conflicts_with = "tun_fd")]
+    pub setup: bool,
+
+    /// Remove what an earlier run with --setup on this --tun left installed, and exit.
+    #[arg(long, requires = "tun", conflicts_with = "setup")]
+    pub cleanup: bool,
+
+    /// Destination to route into the TUN with --setup; repeatable. Default: 0.0.0.0/0 and ::/0.
+    #[arg(long = "route", value_name = "CIDR", requires = "setup", value_parser = parse_cidr)]
+    pub routes: Vec<IpNet>,
+
+    /// Destination to leave on the host's usual routes with --setup; repeatable.
+    #[arg(long = "exclude", value_name = "CIDR", requires = "setup", value_parser = parse_cidr)]
+    pub exclude: Vec<IpNet>,
+
+    /// The routing table of --setup.
+    #[arg(long, value_name = "N", default_value_t = setup::DEFAULT_TABLE,
+          value_parser = clap::value_parser!(u32).range(1..=0xfffe_ffff))]
+    pub table: u32,
+
+    /// The priority of --setup's policy rule: after `local` (0), ahead of `main` (32766).
+    #[arg(long, value_name = "N", default_value_t = setup::DEFAULT_RULE_PRIORITY,
+          value_parser = clap::value_parser!(u32).range(1..=32765))]
+    pub rule_priority: u32,
 }
 
 /// The flags of the process around the stack: shared by every variant, the redirect
@@ -309,7 +359,12 @@ impl UpstreamArgs {
     }
 }
 
-const EXAMPLE: &str = r#"Example (a namespace or host where 10.77.0.0/24 should go through the gateway):
+const EXAMPLE: &str = r#"Example (all of a host's traffic through a SOCKS5 proxy, undone on exit):
+  tungate-smoltcp --tun tun0 --address 198.18.0.1/24 --proxy socks5://192.0.2.10:1080 --setup
+After a crash (SIGKILL), the next start on tun0 removes what is left, or:
+  tungate-smoltcp --tun tun0 --cleanup
+
+The same routing by hand, for 10.77.0.0/24 only:
   tungate-smoltcp --tun tun0 --address 198.18.0.1/24 --mark 0x100 &
   ip route add 10.77.0.0/24 dev tun0
   ip rule add fwmark 0x100 lookup 100
@@ -454,7 +509,18 @@ fn run<'a, B: Backend>(
     let settings = StackSettings { mtu: args.mtu, addresses: args.addresses.clone() };
     let backend = make_backend(&settings);
     let process = &args.process;
+    // With --setup the gateway's sockets must carry a mark: its rule routes by it.
+    let mark = process.mark.or(args.setup.setup.then_some(setup::DEFAULT_MARK));
     Ok(async move {
+        if let Some(tun) = args.tun.as_deref().filter(|_| args.setup.cleanup) {
+            let dir = setup::state_dir();
+            let removed = match setup::State::load(&setup::state_path(&dir, tun)?)? {
+                Some(_) => setup::Installer::open(&dir, tun).await?.1,
+                None => 0,
+            };
+            tracing::info!(tun, removed, "--cleanup: done");
+            return Ok(());
+        }
         let device = match (&args.tun, args.tun_fd) {
             (_, Some(fd)) => TunDevice::adopt_fd(fd, args.mtu).with_context(|| format!("--tun-fd {fd}"))?,
             (Some(name), None) => {
@@ -470,7 +536,92 @@ fn run<'a, B: Backend>(
         };
         // After the device (whose errors come first), before "ready".
         backend.validate()?;
+        // Before the set-up: a signal from here on ends the serving, never the process
+        // with its set-up in place.
         let shutdown = shutdown_signal();
+        let mut installer = match &args.tun {
+            Some(tun) => set_up_host(args, tun, device.name(), mark).await?,
+            None => None,
+        };
+        let served = serve_tun(args, backend, device, dns, mark, shutdown).await;
+        let undone = match installer.as_mut() {
+            Some(installer) => installer.undo().await,
+            None => Ok(()),
+        };
+        served.and(undone)
+    })
+}
+
+/// With --setup: removes what an earlier run left, then installs the routes and rules
+/// (undoing what it installed if that fails). Without: only the removal, if an earlier
+/// run with --setup on this TUN left a state file.
+async fn set_up_host(
+    args: &Args,
+    tun: &str,
+    device_name: &str,
+    mark: Option<u32>,
+) -> anyhow::Result<Option<setup::Installer>> {
+    let dir = setup::state_dir();
+    if !args.setup.setup {
+        if setup::State::load(&setup::state_path(&dir, tun)?)?.is_some() {
+            setup::Installer::open(&dir, tun).await?;
+        }
+        return Ok(None);
+    }
+    let (mut installer, _) = setup::Installer::open(&dir, tun).await?;
+    let proxy = match &args.upstream.proxy {
+        ProxySpec::Direct => Vec::new(),
+        ProxySpec::Socks5 { host, port, .. } | ProxySpec::Http { host, port, .. } => {
+            let found = tokio::net::lookup_host((host.as_str(), *port))
+                .await
+                .with_context(|| format!("--setup: resolving the proxy {host}"))?;
+            found.map(|a| a.ip()).collect()
+        }
+    };
+    let mut routes = if args.setup.routes.is_empty() {
+        vec!["0.0.0.0/0".parse().expect("literal"), "::/0".parse().expect("literal")]
+    } else {
+        args.setup.routes.clone()
+    };
+    // Fake addresses exist only inside the gateway: they always go into the TUN.
+    if let Some(pools) = args.upstream.dns(&args.addresses)?.fake_ip {
+        routes.extend(pools.ranges().iter().copied());
+    }
+    let request = setup::Request {
+        routes,
+        exclude: args.setup.exclude.clone(),
+        proxy,
+        tun_prefixes: args.addresses.clone(),
+        table: args.setup.table,
+        priority: args.setup.rule_priority,
+        mark: mark.unwrap_or(setup::DEFAULT_MARK),
+    };
+    let mut items = setup::plan(&request);
+    items.extend(setup::strict_rp_filters(std::path::Path::new("/proc/sys/net/ipv4/conf"), device_name)?);
+    let installed = async {
+        installer.attach(device_name).await?;
+        installer.install(items).await
+    };
+    if let Err(e) = installed.await {
+        if let Err(undo) = installer.undo().await {
+            tracing::error!("--setup: undoing after a failed set-up: {undo:#}");
+        }
+        return Err(e);
+    }
+    Ok(Some(installer))
+}
+
+/// Serves the TUN until SIGINT/SIGTERM, then reports.
+async fn serve_tun<B: Backend>(
+    args: &Args,
+    backend: B,
+    device: TunDevice,
+    dns: DnsConfig,
+    mark: Option<u32>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let process = &args.process;
+    {
         let stats = Arc::new(tungate_core::Stats::default());
         let faults = test_faults()?;
         let (capture, writer) = match &args.pcap {
@@ -484,10 +635,10 @@ fn run<'a, B: Backend>(
         let icmp = match (args.icmp.as_deref(), &args.upstream.proxy) {
             (Some("drop"), _) => IcmpMode::Drop,
             (Some("reply"), _) => IcmpMode::Reply,
-            (Some(_), _) | (None, ProxySpec::Direct) => IcmpMode::Direct { mark: process.mark },
+            (Some(_), _) | (None, ProxySpec::Direct) => IcmpMode::Direct { mark },
             (None, _) => IcmpMode::Reply,
         };
-        let router = router(&args.upstream, dns, process.mark, &stats).await?;
+        let router = router(&args.upstream, dns, mark, &stats).await?;
         let handlers = Dispatch {
             tcp: Arc::new(router.clone()),
             udp: Arc::new(router),
@@ -502,7 +653,7 @@ fn run<'a, B: Backend>(
             offload = device.offload().is_some(),
             mtu = %args.mtu,
             addresses = %addresses.join(","),
-            mark = ?process.mark,
+            mark = ?mark,
             proxy = ?args.upstream.proxy,
             udp = ?args.upstream.udp,
             sniff = args.upstream.sniff,
@@ -521,7 +672,11 @@ fn run<'a, B: Backend>(
             listen: None,
         };
         let serve = async {
-            let options = tungate_core::ServeOptions::default().capture(capture).faults(faults).icmp(icmp);
+            let options = tungate_core::ServeOptions::default()
+                .capture(capture)
+                .faults(faults)
+                .icmp(icmp)
+                .drain(std::time::Duration::from_secs(args.drain_timeout));
             let served = tungate_core::serve_with(backend, device, handlers, shutdown, options).await;
             // The capture's queue closed with the device: what it held is written now.
             if let Some(writer) = writer {
@@ -530,7 +685,7 @@ fn run<'a, B: Backend>(
             served.context("backend stopped")
         };
         serve_and_report(process, &args.upstream.proxy, ready, stats, tungate_core::os::FlowCount::Known, serve).await
-    })
+    }
 }
 
 /// The test-only fault stage, if `TUNGATE_TEST_FAULTS` asks for one (see `--help`).
@@ -633,6 +788,19 @@ mod tests {
         assert!(memory("512K").unwrap_err().to_string().contains("at least 1MiB"));
         assert!(memory("lots").unwrap_err().to_string().contains("\"lots\""));
         assert_eq!(args(&["--tun", "t"]).unwrap().process.max_memory, None, "no limit by default");
+
+        let setup = args(&["--tun", "t", "--setup", "--route", "10.0.0.0/8", "--exclude", "10.1.0.0/16"]).unwrap();
+        assert!(setup.setup.setup && setup.setup.routes.len() == 1 && setup.setup.exclude.len() == 1);
+        assert_eq!(
+            (setup.setup.table, setup.setup.rule_priority),
+            (setup::DEFAULT_TABLE, setup::DEFAULT_RULE_PRIORITY)
+        );
+        assert!(args(&["--tun", "t", "--route", "10.0.0.0/8"]).is_err(), "--route needs --setup");
+        assert!(args(&["--tun", "t", "--exclude", "10.0.0.0/8"]).is_err(), "--exclude needs --setup");
+        assert!(args(&["--tun-fd", "3", "--setup"]).is_err(), "--setup needs --tun");
+        assert!(args(&["--tun", "t", "--setup", "--cleanup"]).is_err());
+        assert!(args(&["--tun", "t", "--setup", "--rule-priority", "32766"]).is_err(), "not behind main");
+        assert!(args(&["--tun", "t", "--setup", "--route", "10.0.0.1"]).is_err(), "a CIDR");
     }
 }
 

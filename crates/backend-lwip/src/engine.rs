@@ -366,6 +366,10 @@ impl Engine for LwipEngine {
     fn wake_queue(&self) -> Arc<WakeQueue> {
         self.flows.wake_queue()
     }
+
+    fn flows(&mut self) -> Option<&mut dyn tungate_core::admission::Flows> {
+        Some(&mut self.flows)
+    }
 }
 
 #[cfg(test)]

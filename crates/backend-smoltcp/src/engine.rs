@@ -332,6 +332,10 @@ impl Engine for SmoltcpEngine {
     fn wake_queue(&self) -> Arc<WakeQueue> {
         self.flows.wake_queue()
     }
+
+    fn flows(&mut self) -> Option<&mut dyn tungate_core::admission::Flows> {
+        Some(&mut self.flows)
+    }
 }
 
 #[cfg(test)]

@@ -290,6 +290,10 @@ impl Engine for SystemEngine {
         self.nat.wake_queue()
     }
 
+    fn flows(&mut self) -> Option<&mut dyn tungate_core::admission::Flows> {
+        Some(self.nat.flows())
+    }
+
     fn poll_io(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<io::Result<()>> {
         let mut progress = false;
         while let Poll::Ready(Some(_)) = self.bridges.poll_join_next(cx) {

@@ -155,6 +155,11 @@ impl Nat {
         }
     }
 
+    /// The flows, for a drain at shutdown.
+    pub fn flows(&mut self) -> &mut dyn tungate_core::admission::Flows {
+        &mut self.entries
+    }
+
     /// Notified when a handler decided or a UDP reply is queued.
     pub fn wake_queue(&self) -> Arc<WakeQueue> {
         self.entries.wake_queue()

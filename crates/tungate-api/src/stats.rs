@@ -72,6 +72,9 @@ counters! {
     udp_tx,
     /// UDP datagrams dropped (queue full, too large for the MTU, socket error).
     udp_dropped,
+    /// ICMP port unreachable written to clients: the upstream's socket was refused by
+    /// the destination (the client's own socket then reports ECONNREFUSED).
+    udp_refused,
     /// UDP sessions opened (the first datagram of a client to a destination).
     udp_sessions,
     /// UDP sessions open now.

@@ -43,6 +43,9 @@ pub enum UdpSendError {
 /// for its device.
 pub trait UdpReturn: Send + Sync + 'static {
     fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Result<(), UdpSendError>;
+
+    /// Tells the client `to` that `from` refused its datagrams (an ICMP port unreachable).
+    fn refused(&self, from: SocketAddr, to: SocketAddr) -> Result<(), UdpSendError>;
 }
 
 /// Sends UDP datagrams back through the TUN with any source address. Cheap to clone;
@@ -69,6 +72,15 @@ impl UdpSender {
         match &result {
             Ok(()) => Stats::inc(&self.stats.udp_tx),
             Err(_) => Stats::inc(&self.stats.udp_dropped),
+        }
+        result
+    }
+
+    /// See [`UdpReturn::refused`]; counted in `udp_refused`.
+    pub fn refused(&self, from: SocketAddr, to: SocketAddr) -> Result<(), UdpSendError> {
+        let result = self.path.refused(from, to);
+        if result.is_ok() {
+            Stats::inc(&self.stats.udp_refused);
         }
         result
     }
@@ -234,6 +246,13 @@ impl UdpSession {
         self.reply.send(from, self.endpoints.src(), payload)
     }
 
+    /// Tells the client that the destination refused its datagrams: an ICMP port
+    /// unreachable from the original destination, which the client's socket reports as
+    /// ECONNREFUSED (as a refused TCP connect gets RST).
+    pub fn refused(&self) -> Result<(), UdpSendError> {
+        self.reply.refused(self.endpoints.dst(), self.endpoints.src())
+    }
+
     /// A sender for replies from another task (it does not keep the session alive).
     pub fn sender(&self) -> UdpSender {
         self.reply.clone()
@@ -368,6 +387,10 @@ mod tests {
     impl UdpReturn for Capture {
         fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Result<(), UdpSendError> {
             lock(&self.0).push((from, to, payload.to_vec()));
+            Ok(())
+        }
+
+        fn refused(&self, _: SocketAddr, _: SocketAddr) -> Result<(), UdpSendError> {
             Ok(())
         }
     }

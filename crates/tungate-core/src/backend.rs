@@ -73,6 +73,9 @@ pub struct ServeOptions {
     pub faults: Option<Faults>,
     /// What becomes of ICMP echo requests ([`IcmpMode`]; dropped by default).
     pub icmp: IcmpMode,
+    /// How long open connections may finish after `shutdown` (see [`run_engine`]; zero,
+    /// the default: none).
+    pub drain: std::time::Duration,
 }
 
 impl ServeOptions {
@@ -95,6 +98,11 @@ impl ServeOptions {
         self.icmp = icmp;
         self
     }
+
+    pub fn drain(mut self, drain: std::time::Duration) -> Self {
+        self.drain = drain;
+        self
+    }
 }
 
 /// [`serve`] with options. The device is wrapped once for every backend: the capture tap
@@ -115,7 +123,7 @@ pub async fn serve_with<B: Backend, D: PacketDevice>(
     let stats = handlers.stats.clone();
     let engine = backend.engine(DeviceInfo::of(&device), handlers, start)?;
     let icmp = Icmp::new(options.icmp, stats, engine.wake_queue());
-    run_engine(engine, device, shutdown, Some(icmp)).await?;
+    run_engine(engine, device, shutdown, Some(icmp), options.drain).await?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@
 //!   │   3. poll_transmit → device.send, until empty   (send waits, never drops; the
 //!   │                                                 buffer goes back to its pool on drop)
 //!   │   4. sleep until the first of (in this order of preference):
-//!   │        shutdown                          → return
+//!   │        shutdown                          → drain, then return (see run_engine)
 //!   │        poll_io(cx, now) ready            (a stream stack's output and accepts,
 //!   │                                           the kernel's accepts, ended bridges)
 //!   │        device readable (if wants_packets) → read up to RX_BATCH packets:
@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::admission::Flows;
 use crate::device::{PacketBuf, PacketDevice};
 use crate::flow::WakeQueue;
 use crate::icmp::Icmp;
@@ -86,6 +87,12 @@ pub trait Engine: Send + 'static {
         true
     }
 
+    /// The engine's TCP flows, for a drain at shutdown ([`run_engine`]); `None`: the
+    /// driver stops at once.
+    fn flows(&mut self) -> Option<&mut dyn Flows> {
+        None
+    }
+
     /// Advances the engine's asynchronous parts (a stream stack's tasks, a kernel
     /// listener, bridge tasks), registering `cx` for each. `Ready(Ok)` when it did
     /// something (the driver services and transmits again), `Pending` when nothing was
@@ -106,15 +113,25 @@ pub fn clock() -> Instant {
 /// while amortising the readiness check; larger batches measured no faster.
 pub const RX_BATCH: usize = 64;
 
-/// Runs `engine` on `device` until `shutdown` completes or the device (or the engine's
-/// own I/O) fails. The only driver loop in the tree. `icmp` takes the echo requests it
-/// answers out of the packets read before the engine sees them (`None`: all go to the
-/// engine), and its replies are written with the engine's output.
+/// How long a drain that ran out of time waits for its resets to go out.
+const RESET_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs `engine` on `device` until `shutdown` completes and the drain ends, or the device
+/// (or the engine's own I/O) fails. The only driver loop in the tree. `icmp` takes the
+/// echo requests it answers out of the packets read before the engine sees them (`None`:
+/// all go to the engine), and its replies are written with the engine's output.
+///
+/// The drain: once `shutdown` completes, a new connection is refused (RST to its SYN)
+/// while the open ones go on, for at most `drain`; those still open then are reset both
+/// ways (a flow cut mid-stream ends in a reset, never a FIN, which would tell its client
+/// the data was complete), and the driver returns once they are gone or after
+/// 2 s. A zero `drain`, or an engine without [`Engine::flows`], returns at once.
 pub async fn run_engine<E: Engine, D: PacketDevice>(
     mut engine: E,
     mut device: D,
     shutdown: impl Future<Output = ()>,
     mut icmp: Option<Icmp>,
+    drain: Duration,
 ) -> io::Result<()> {
     let wake = engine.wake_queue();
     let capacity = device.max_packet_len();
@@ -123,6 +140,8 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
     let sleep = tokio::time::sleep_until(far());
     tokio::pin!(shutdown, sleep);
     let mut armed: Option<Instant> = None;
+    // While draining: until when, and whether the flows left were reset.
+    let mut draining: Option<(Instant, bool)> = None;
     loop {
         let now = clock();
         engine.handle_wakeups(now);
@@ -133,7 +152,24 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
         while let Some(packet) = icmp.as_mut().and_then(Icmp::poll_transmit) {
             device.send(&packet).await?;
         }
-        let deadline = engine.poll_timeout();
+        if let Some((until, reset)) = &mut draining {
+            let open = engine.flows().map_or(0, |f| f.open());
+            if open == 0 || (*reset && now >= *until) {
+                return Ok(());
+            }
+            if now >= *until {
+                tracing::info!(open, "drain time is up: resetting the connections still open");
+                if let Some(flows) = engine.flows() {
+                    flows.evict_all();
+                }
+                (*until, *reset) = (now + RESET_GRACE, true);
+                continue;
+            }
+        }
+        let deadline = match (engine.poll_timeout(), draining) {
+            (Some(d), Some((until, _))) => Some(d.min(until)),
+            (d, until) => d.or(until.map(|(u, _)| u)),
+        };
         if deadline != armed {
             armed = deadline;
             sleep.as_mut().reset(deadline.map(tokio::time::Instant::from_std).unwrap_or_else(far));
@@ -142,7 +178,12 @@ pub async fn run_engine<E: Engine, D: PacketDevice>(
         let io = poll_fn(|cx| engine.poll_io(cx, clock()));
         tokio::select! {
             biased;
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown, if draining.is_none() => {
+                let Some(flows) = engine.flows().filter(|_| !drain.is_zero()) else { return Ok(()) };
+                flows.drain();
+                tracing::info!(open = flows.open(), ?drain, "shutting down: new connections refused, open ones may finish");
+                draining = Some((clock() + drain, false));
+            }
             // The engine's own I/O before the device: a stream stack's output and accepts
             // must not wait behind a flood of packets that admission answers itself (UDP,
             // RSTs), which never fills the stack's input queue.
@@ -224,7 +265,7 @@ mod tests {
             wake: WakeQueue::new(),
         };
         let (device, _peer) = crate::device::mem::pair(Mtu::DEFAULT, 4);
-        run_engine(engine, device, tokio::time::sleep(Duration::from_millis(300)), None).await.unwrap();
+        run_engine(engine, device, tokio::time::sleep(Duration::from_millis(300)), None, Duration::ZERO).await.unwrap();
         // One pass at start, one when the timer fires, one at shutdown; a spinning loop
         // would make millions.
         let n = calls.load(Ordering::Relaxed);

@@ -170,6 +170,8 @@ pub enum Unreachable {
     Host,
     /// Refused by policy (the gateway cannot ping: no socket permission).
     Prohibited,
+    /// Nothing listens on the destination's UDP port (the upstream's socket was refused).
+    Port,
 }
 
 impl Unreachable {
@@ -187,9 +189,23 @@ impl Unreachable {
 /// "Destination unreachable" for `request` (the packet the client sent, as much of it
 /// as fits in a minimal MTU), from `request`'s destination.
 pub fn unreachable(request_packet: &[u8], why: Unreachable) -> Option<Vec<u8>> {
-    let caps = ChecksumCapabilities::default();
     let request = echo_request(request_packet)?;
-    match (request.dst, request.src) {
+    unreachable_from(request_packet, request.dst, request.src, why)
+}
+
+/// "Port unreachable" from `from` to the client `to`, carrying the header of a datagram
+/// `to` sent `from` (what the client's kernel matches to its socket, which then reports
+/// ECONNREFUSED).
+pub fn udp_port_unreachable(from: SocketAddr, to: SocketAddr) -> Option<Vec<u8>> {
+    let mut sent = [0u8; 48];
+    let len = crate::packet::build_udp(to, from, &[], &mut sent).ok()?;
+    unreachable_from(&sent[..len], from.ip(), to.ip(), Unreachable::Port)
+}
+
+/// "Destination unreachable" about `request_packet`, from `from` to `to`.
+fn unreachable_from(request_packet: &[u8], from: IpAddr, to: IpAddr, why: Unreachable) -> Option<Vec<u8>> {
+    let caps = ChecksumCapabilities::default();
+    match (from, to) {
         (IpAddr::V4(src_addr), IpAddr::V4(dst_addr)) => {
             let inner = Ipv4Repr::parse(&Ipv4Packet::new_checked(request_packet).ok()?, &caps).ok()?;
             let header = usize::from(request_packet[0] & 0x0f) * 4;
@@ -199,6 +215,7 @@ pub fn unreachable(request_packet: &[u8], why: Unreachable) -> Option<Vec<u8>> {
                 Unreachable::Net => Icmpv4DstUnreachable::NetUnreachable,
                 Unreachable::Host => Icmpv4DstUnreachable::HostUnreachable,
                 Unreachable::Prohibited => Icmpv4DstUnreachable::HostProhibited,
+                Unreachable::Port => Icmpv4DstUnreachable::PortUnreachable,
             };
             let icmp = Icmpv4Repr::DstUnreachable { reason, header: inner, data: rest };
             Some(emit_v4(src_addr, dst_addr, &icmp))
@@ -212,6 +229,7 @@ pub fn unreachable(request_packet: &[u8], why: Unreachable) -> Option<Vec<u8>> {
                 Unreachable::Net => Icmpv6DstUnreachable::NoRoute,
                 Unreachable::Host => Icmpv6DstUnreachable::AddrUnreachable,
                 Unreachable::Prohibited => Icmpv6DstUnreachable::AdminProhibit,
+                Unreachable::Port => Icmpv6DstUnreachable::PortUnreachable,
             };
             let icmp = Icmpv6Repr::DstUnreachable { reason, header: inner, data: rest };
             Some(emit_v6(src_addr, dst_addr, &icmp))
@@ -460,6 +478,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use smoltcp::wire::Icmpv6Message;
 
     /// An echo request as `ping` sends it, built with smoltcp.
     fn ping(src: IpAddr, dst: IpAddr, ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
@@ -534,6 +553,28 @@ mod tests {
         let icmp = Icmpv6Repr::parse(&d, &s, &Icmpv6Packet::new_checked(&out[40..]).unwrap(), &caps).unwrap();
         assert!(matches!(icmp, Icmpv6Repr::DstUnreachable { reason: Icmpv6DstUnreachable::NoRoute, .. }), "{icmp:?}");
         assert_eq!(Unreachable::of(&io::Error::from_raw_os_error(libc::EHOSTUNREACH)), Some(Unreachable::Host));
+        // A refused UDP destination: the client's datagram header (client -> server) inside.
+        let (server, client): (SocketAddr, SocketAddr) =
+            ("10.77.0.2:9".parse().unwrap(), "198.18.0.2:4000".parse().unwrap());
+        let out = udp_port_unreachable(server, client).expect("built");
+        let ip = Ipv4Packet::new_checked(&out[..]).unwrap();
+        assert_eq!((ip.src_addr(), ip.dst_addr()), ("10.77.0.2".parse().unwrap(), "198.18.0.2".parse().unwrap()));
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        let Icmpv4Repr::DstUnreachable { reason, header, data } =
+            Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()).unwrap()
+        else {
+            panic!("not destination unreachable")
+        };
+        assert_eq!(reason, Icmpv4DstUnreachable::PortUnreachable);
+        assert_eq!(
+            (header.src_addr.to_string(), header.dst_addr.to_string()),
+            ("198.18.0.2".into(), "10.77.0.2".into())
+        );
+        assert_eq!(&data[..4], &[0x0f, 0xa0, 0, 9], "the client's ports, as it sent them");
+        let v6 = udp_port_unreachable("[fd77::2]:9".parse().unwrap(), "[fd18::2]:4000".parse().unwrap()).expect("v6");
+        let icmp = Icmpv6Packet::new_checked(&v6[40..]).unwrap();
+        assert_eq!((icmp.msg_type(), icmp.msg_code()), (Icmpv6Message::DstUnreachable, 4));
         assert_eq!(Unreachable::of(&io::Error::from_raw_os_error(libc::ETIMEDOUT)), None);
     }
 }

@@ -69,10 +69,14 @@ impl UdpOutbox {
         let mut buf = self.pool.take();
         let len = packet::build_udp(from, to, payload, buf.spare_mut())?;
         buf.set_len(len);
+        self.enqueue(buf);
+        Ok(())
+    }
+
+    fn enqueue(&self, buf: PacketBuf) {
         lock(&self.queue).push_back(buf);
         self.queued.fetch_add(1, std::sync::atomic::Ordering::Release);
         self.wake.wake();
-        Ok(())
     }
 
     /// Takes the oldest queued reply.
@@ -89,6 +93,18 @@ impl UdpOutbox {
 impl UdpReturn for UdpOutbox {
     fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Result<(), UdpSendError> {
         self.queue(from, to, payload)
+    }
+
+    fn refused(&self, from: SocketAddr, to: SocketAddr) -> Result<(), UdpSendError> {
+        let icmp = crate::icmp::udp_port_unreachable(from, to).ok_or(UdpSendError::FamilyMismatch)?;
+        if lock(&self.queue).len() >= self.limit {
+            return Err(UdpSendError::QueueFull);
+        }
+        let mut buf = self.pool.take();
+        buf.spare_mut()[..icmp.len()].copy_from_slice(&icmp);
+        buf.set_len(icmp.len());
+        self.enqueue(buf);
+        Ok(())
     }
 }
 

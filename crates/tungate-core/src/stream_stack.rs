@@ -252,6 +252,10 @@ impl<S: StreamStack, Q: StreamQuirks> Engine for StreamEngine<S, Q> {
         self.admission.wake_queue()
     }
 
+    fn flows(&mut self) -> Option<&mut dyn crate::admission::Flows> {
+        Some(self.admission.flows())
+    }
+
     /// Stop reading the TUN while the stack is behind: the kernel queues, then drops.
     fn wants_packets(&self) -> bool {
         self.to_stack.len() < RX_BATCH
@@ -505,7 +509,7 @@ mod tests {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        let driver = tokio::spawn(crate::engine::run_engine(engine, device, shutdown, None));
+        let driver = tokio::spawn(crate::engine::run_engine(engine, device, shutdown, None, std::time::Duration::ZERO));
         let client = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 40000));
         let dst = SocketAddr::from((Ipv4Addr::new(10, 77, 0, 2), 80));
         let packet = syn(client, dst);

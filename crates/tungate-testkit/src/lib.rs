@@ -17,6 +17,7 @@
 pub mod cli;
 pub mod engine;
 pub mod gate;
+pub mod hostsetup;
 pub mod mem;
 pub mod mutation;
 pub mod netns;
@@ -27,10 +28,11 @@ pub mod services;
 pub mod soak;
 
 pub use cli::{cli_bad_flags, cli_sigterm_exits_cleanly, cli_tun_busy_and_permission};
+pub use hostsetup::{netns_drain, netns_setup, netns_setup_unprivileged};
 pub use netns::{
     netns_256mib_each_way, netns_bulk_under_a_memory_cap, netns_bulk_under_faults, netns_churn,
     netns_churn_server_closes, netns_closed_port_refused, netns_counters_match_the_tun, netns_hold_10k, netns_http_get,
-    netns_iperf3_short, netns_metrics, netns_pcap, netns_ping, netns_session_limit, netns_udp_echo,
+    netns_iperf3_short, netns_metrics, netns_pcap, netns_ping, netns_session_limit, netns_udp_echo, netns_udp_refused,
 };
 pub use proxies::{
     netns_dns, netns_http_connect_tinyproxy, netns_sniff, netns_socks5_dante, netns_socks5_dante_auth,
@@ -93,7 +95,8 @@ macro_rules! conformance_suite {
             netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff, netns_dns,
             netns_churn, netns_churn_server_closes, netns_hold_10k, netns_bulk_under_a_memory_cap,
             netns_counters_match_the_tun, netns_pcap, netns_metrics, netns_bulk_under_faults,
-            netns_session_limit, netns_ping);
+            netns_session_limit, netns_ping, netns_setup, netns_setup_unprivileged, netns_drain,
+            netns_udp_refused);
     };
     (@mem [$serial:literal] [$limits:expr] $backend:expr; $($name:ident),*) => {
         mod conformance_mem {

@@ -114,6 +114,93 @@ impl Topology {
         topo
     }
 
+    /// Creates the namespaces only; the gateway (`bin` and its flags) is started later by
+    /// [`Topology::start_gateway`].
+    pub fn bare(bin: &str, mtu: u32) -> Topology {
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let id = format!("t{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let topo = Topology {
+            srv: format!("tg-srv-{id}"),
+            cli: format!("tg-cli-{id}"),
+            id,
+            bin: binary(bin),
+            flags: bin.split_whitespace().skip(1).map(str::to_owned).collect(),
+            mtu,
+            servers: Vec::new(),
+            daemons: Vec::new(),
+            _serial: serial,
+        };
+        assert!(netns_lib(&format!("netns_up {} {mtu}", topo.id)).success(), "setting up namespaces failed");
+        topo
+    }
+
+    /// Starts the gateway with its flags and `extra`, `env` (`NAME=VALUE …`) in the
+    /// environment of `netns_start_gateway`; panics if it does not come up.
+    pub fn start_gateway(&self, env: &str, extra: &[&str]) {
+        let all = self.flags.iter().map(String::as_str).chain(extra.iter().copied());
+        let quoted: Vec<String> = all.map(|a| format!("'{a}'")).collect();
+        let status = netns_lib(&format!(
+            "{env} netns_start_gateway {id} '{bin}' {mtu} {extra}",
+            id = self.id,
+            bin = self.bin.display(),
+            mtu = self.mtu,
+            extra = quoted.join(" ")
+        ));
+        assert!(status.success(), "starting the gateway with {extra:?} failed:\n{}", self.gateway_log());
+    }
+
+    /// Kills the gateway with SIGKILL (no clean-up of its own) and waits until its TUN is gone.
+    pub fn kill_gateway(&self) {
+        let status = netns_lib(&format!(
+            "pid=$(netns_gateway_pid {id}); kill -KILL \"$pid\"; while kill -0 \"$pid\" 2>/dev/null; do sleep 0.05; done; \
+             for i in $(seq 100); do ip -n {cli} link show {tun} >/dev/null 2>&1 || break; sleep 0.05; done",
+            id = self.id,
+            cli = self.cli,
+            tun = "tun0"
+        ));
+        assert!(status.success(), "killing the gateway failed");
+    }
+
+    /// The gateway binary's path.
+    pub fn run_gateway_binary_path(&self) -> String {
+        self.bin.to_str().expect("utf-8 path").to_owned()
+    }
+
+    /// Runs the gateway binary once in the client namespace with `args` (e.g.
+    /// `--cleanup`) and returns its output.
+    pub fn run_gateway_binary(&self, args: &[&str]) -> Output {
+        let bin = self.bin.to_str().expect("utf-8 path");
+        let mut full = vec![bin];
+        full.extend_from_slice(args);
+        self.client(&full)
+    }
+
+    /// The client namespace's routing state, as `ip` and `nft` print it: rules and every
+    /// table (v4 and v6), the nftables ruleset, every interface's IPv4 rp_filter. IPv6
+    /// link-local and multicast routes, which the kernel adds by itself, are left out.
+    pub fn host_state(&self) -> String {
+        let mut state = String::new();
+        for cmd in [
+            &["ip", "rule"][..],
+            &["ip", "-6", "rule"],
+            &["ip", "route", "show", "table", "all"],
+            &["ip", "-6", "route", "show", "table", "all"],
+            &["nft", "list", "ruleset"],
+            &["sh", "-c", "grep -r . /proc/sys/net/ipv4/conf/*/rp_filter"],
+        ] {
+            let out = self.client(cmd);
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+            state.push_str(&format!("# {}\n", cmd.join(" ")));
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if !(line.contains("fe80::") || line.starts_with("multicast ff00::") || line.contains(" ff00::/8")) {
+                    state.push_str(line);
+                    state.push('\n');
+                }
+            }
+        }
+        state
+    }
+
     /// Starts a long-running command in the server namespace and waits for it to print
     /// "listening".
     pub fn server(&mut self, args: &[&str]) {
@@ -182,16 +269,8 @@ impl Topology {
     /// Stops the gateway and starts it again with `extra` flags (e.g. another --proxy);
     /// servers and namespaces stay.
     pub fn restart_gateway(&self, extra: &[&str]) {
-        let all = self.flags.iter().map(String::as_str).chain(extra.iter().copied());
-        let quoted: Vec<String> = all.map(|a| format!("'{a}'")).collect();
-        let status = netns_lib(&format!(
-            "netns_stop_gateway {id} && netns_start_gateway {id} '{bin}' {mtu} {extra}",
-            id = self.id,
-            bin = self.bin.display(),
-            mtu = self.mtu,
-            extra = quoted.join(" ")
-        ));
-        assert!(status.success(), "restarting the gateway with {extra:?} failed:\n{}", self.gateway_log());
+        netns_lib(&format!("netns_stop_gateway {}", self.id));
+        self.start_gateway("", extra);
     }
 
     /// Starts an `e2e_peer.py` server.
@@ -210,6 +289,19 @@ impl Topology {
             .stdin(Stdio::null())
             .output()
             .expect("run client")
+    }
+
+    /// Starts an `e2e_peer.py` client in the background, its output piped.
+    pub fn spawn_peer_client(&self, args: &[&str]) -> Child {
+        let script = peer_script();
+        Command::new("ip")
+            .args(["netns", "exec", &self.cli, "python3", script.to_str().expect("utf-8 path")])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn client")
     }
 
     /// Runs an `e2e_peer.py` client, asserting success; returns its stdout.
@@ -289,6 +381,31 @@ impl Topology {
         );
         assert_eq!(stdout.len(), body.len(), "{url}: length");
         assert_eq!(Sha256::digest(&stdout), Sha256::digest(body), "{url}: body corrupted");
+    }
+
+    /// Sends the gateway signal `sig` (`TERM`, `INT`) without waiting; returns its pid for
+    /// [`Topology::wait_gateway`].
+    pub fn signal_gateway(&self, sig: &str) -> u32 {
+        let pid = std::fs::read_to_string(self.state_file("gateway.pid")).expect("a running gateway");
+        let pid: u32 = pid.trim().parse().expect("a pid");
+        let status = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{sig} {pid}");
+        pid
+    }
+
+    /// Waits (up to 60 s) until the gateway `pid` exited and its TUN is gone; returns the
+    /// counters of its exit event.
+    pub fn wait_gateway(&self, pid: u32) -> std::collections::HashMap<String, u64> {
+        let status = netns_lib(&format!(
+            "for i in $(seq 1200); do _nns_alive {pid} || break; sleep 0.05; done; ! _nns_alive {pid} && \
+             for i in $(seq 100); do ip -n {cli} link show tun0 >/dev/null 2>&1 || break; sleep 0.05; done",
+            cli = self.cli
+        ));
+        assert!(status.success(), "the gateway did not exit within 60 s:\n{}", self.gateway_log());
+        let _ = std::fs::remove_file(self.state_file("gateway.pid"));
+        let log = self.gateway_log();
+        let exit = gateway_events(&log).into_iter().rev().find_map(|e| e.exit_counters());
+        exit.unwrap_or_else(|| panic!("the gateway printed no exit event:\n{log}"))
     }
 
     /// Stops the gateway (SIGTERM) and returns the counters of its exit event (the JSON
@@ -688,6 +805,19 @@ pub fn netns_udp_echo(bin: &str) {
     assert!(v4.starts_with("ok udp 20"), "{v4}");
     let v6 = t.peer_client(&["udp", "fd77::2", "5353", "20"]);
     assert!(v6.starts_with("ok udp 20"), "{v6}");
+}
+
+/// A datagram to a closed UDP port behind the gateway (direct): the client's connected
+/// socket gets ECONNREFUSED (the gateway answers with the ICMP port unreachable its own
+/// socket got), v4 and v6, and the gateway counts both.
+pub fn netns_udp_refused(bin: &str) {
+    let t = Topology::start(bin, 1500);
+    for host in ["10.77.0.2", "fd77::2"] {
+        let out = t.peer_client(&["udp-refused", host, "9"]);
+        assert!(out.starts_with("ok udp refused"), "{host}: {out}");
+    }
+    let stats = t.stop_gateway();
+    assert!(stats["udp_refused"] >= 2, "{stats:?}");
 }
 
 pub fn netns_closed_port_refused(bin: &str) {

@@ -21,7 +21,7 @@ fn dante(t: &mut Topology, port: u16, method: &str) {
 }
 
 /// Starts dante on `host`:`port`.
-fn dante_on(t: &mut Topology, host: &str, port: u16, method: &str) {
+pub(crate) fn dante_on(t: &mut Topology, host: &str, port: u16, method: &str) {
     let conf = format!(
         "logoutput: stderr\n\
          internal: {host} port = {port}\n\
@@ -67,7 +67,7 @@ fn tinyproxy(t: &mut Topology, port: u16, auth: bool) {
 
 /// The servers every proxy test talks to: HTTP (v4, v6), a sink and a source for the
 /// 64 MiB transfers, a UDP echo. Returns the served file's bytes.
-fn servers(t: &mut Topology) -> Vec<u8> {
+pub(crate) fn servers(t: &mut Topology) -> Vec<u8> {
     let body = crate::services::pattern(2 * 1024 * 1024 + 3, 12);
     t.serve_file("file.bin", &body);
     t.peer_server(&["serve-sink", "10.77.0.2", "9000"]);
@@ -81,7 +81,7 @@ fn servers(t: &mut Topology) -> Vec<u8> {
 /// with a half-close (FIN, then the server's digest) where the proxy carries one
 /// (microsocks and tinyproxy close both ways on the first FIN); otherwise it is
 /// length-delimited.
-fn each_way_64mib(t: &Topology, proxy_half_closes: bool) {
+pub(crate) fn each_way_64mib(t: &Topology, proxy_half_closes: bool) {
     let n = (64u64 << 20).to_string();
     let (command, port) = if proxy_half_closes { ("upload", "9000") } else { ("upload-counted", "9002") };
     let up = t.peer_client(&[command, "10.77.0.2", port, &n]);
@@ -91,7 +91,7 @@ fn each_way_64mib(t: &Topology, proxy_half_closes: bool) {
 }
 
 /// A closed port behind the proxy: the client's connect is refused within 1 s.
-fn refused(t: &Topology) {
+pub(crate) fn refused(t: &Topology) {
     let out = t.peer_client(&["refused", "10.77.0.2", "9"]);
     assert!(out.starts_with("ok refused"), "{out}\n{}", t.gateway_log());
 }

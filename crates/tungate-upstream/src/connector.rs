@@ -126,6 +126,8 @@ impl Dialer {
         } else {
             let any: SocketAddr = if peer.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
             socket.bind(&any.into())?;
+            // Unconnected, the kernel would keep a port unreachable to itself.
+            crate::os::report_errors(std::os::fd::AsFd::as_fd(&socket), peer.is_ipv6())?;
         }
         UdpSocket::from_std(socket.into())
     }

@@ -108,13 +108,31 @@ impl UdpPath for DirectUdp {
 
     fn recv_from(&self) -> BoxFuture<'_, io::Result<Option<Datagram>>> {
         Box::pin(async move {
+            use std::os::fd::AsFd;
+            use tokio::io::Interest;
             loop {
-                self.socket.readable().await?;
+                // An ICMP error (see `Dialer::udp`) makes the socket ready with an error,
+                // not readable.
+                let ready = self.socket.ready(Interest::READABLE | Interest::ERROR).await?;
+                if ready.is_error() {
+                    match self.socket.try_io(Interest::ERROR, || crate::os::take_error(self.socket.as_fd())) {
+                        Ok(errno) => return Err(io::Error::from_raw_os_error(errno)),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !ready.is_readable() {
+                    continue;
+                }
                 let got = with_scratch(|buf| self.socket.try_recv_from(buf).map(|(n, from)| (from, buf[..n].to_vec())));
                 match got {
                     Ok(datagram) => return Ok(Some(datagram)),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        // The receive reported the error itself: its queued copy goes.
+                        crate::os::discard_errors(self.socket.as_fd());
+                        return Err(e);
+                    }
                 }
             }
         })

@@ -10,6 +10,7 @@ mod connector;
 mod direct;
 pub mod dns;
 pub mod http;
+mod os;
 mod router;
 pub mod sniff;
 pub mod socks5;

@@ -468,8 +468,13 @@ impl UdpHandler for Router {
                             tracing::debug!(%src, %target, "the upstream ended the UDP association");
                             return;
                         }
-                        // ICMP errors (port unreachable) surface as recv errors; they do
-                        // not end the session.
+                        // The destination refused (an ICMP port unreachable to the
+                        // upstream's socket): the client is told the same way. Other
+                        // ICMP errors surface as recv errors too; none ends the session.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            tracing::debug!(%src, %target, "udp destination refused");
+                            let _ = session.refused();
+                        }
                         Err(e) => tracing::trace!(%src, %target, error = %e, "udp recv"),
                     },
                 }

@@ -19,4 +19,4 @@ mod stream;
 mod table;
 
 pub use stream::{Aborts, Admission, NoQuirks, Pass, QuirkCx, StreamQuirks, Verdict};
-pub use table::{Close, Decided, FlowKey, FlowTable, Held, Inbound, Opening, Seen, give_back_growth};
+pub use table::{Close, Decided, FlowKey, FlowTable, Flows, Held, Inbound, Opening, Seen, give_back_growth};

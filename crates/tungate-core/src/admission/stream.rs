@@ -286,6 +286,11 @@ impl<Q: StreamQuirks> Admission<Q> {
         self.to_stack.pop_front()
     }
 
+    /// The flows, for a drain at shutdown.
+    pub fn flows(&mut self) -> &mut dyn super::Flows {
+        &mut self.table
+    }
+
     /// Notified when a handler decided, a UDP reply is queued, or a flow needs attention.
     pub fn wake_queue(&self) -> Arc<WakeQueue> {
         self.table.wake_queue()

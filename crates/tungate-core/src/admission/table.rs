@@ -131,6 +131,8 @@ pub struct FlowTable<T> {
     /// At most this many flows at once (`--max-sessions`); `evicting` are on their way out.
     max_flows: Option<NonZeroUsize>,
     evicting: usize,
+    /// Shutting down: no new flow opens ([`drain`](Self::drain)).
+    draining: bool,
     handler: Arc<dyn TcpHandler>,
     stats: Arc<Stats>,
     rings: RingBudget,
@@ -146,6 +148,30 @@ impl<T> std::fmt::Debug for FlowTable<T> {
     }
 }
 
+/// What the driver needs of an engine's flows when it shuts down ([`Engine::flows`]).
+///
+/// [`Engine::flows`]: crate::engine::Engine::flows
+pub trait Flows {
+    /// See [`FlowTable::drain`].
+    fn drain(&mut self);
+    /// TCP flows known (held, admitted, or closing in the stack).
+    fn open(&self) -> usize;
+    /// See [`FlowTable::evict_all`].
+    fn evict_all(&mut self);
+}
+
+impl<T> Flows for FlowTable<T> {
+    fn drain(&mut self) {
+        FlowTable::drain(self);
+    }
+    fn open(&self) -> usize {
+        self.len()
+    }
+    fn evict_all(&mut self) {
+        FlowTable::evict_all(self);
+    }
+}
+
 impl<T> FlowTable<T> {
     /// `ring_capacity`: each direction's ring between the stack and the handler.
     pub fn new(handlers: &Dispatch, mtu: Mtu, ring_capacity: usize) -> Self {
@@ -158,6 +184,7 @@ impl<T> FlowTable<T> {
             by_key: Recency::default(),
             max_flows: handlers.max_sessions,
             evicting: 0,
+            draining: false,
             handler: handlers.tcp.clone(),
             stats: handlers.stats.clone(),
             rings: handlers.ring_budget(ring_capacity),
@@ -248,6 +275,12 @@ impl<T> FlowTable<T> {
     }
 
     fn open(&mut self, packet: &PacketBuf, seg: &TcpSummary) {
+        if self.draining {
+            // Shutting down: refused, as a closed port would be.
+            Stats::inc(&self.stats.tcp_rejected);
+            self.outbound.send_rst(seg);
+            return;
+        }
         if let Some(max) = self.max_flows {
             if self.slots.len() - self.evicting >= max.get() {
                 self.evict_oldest();
@@ -272,17 +305,40 @@ impl<T> FlowTable<T> {
     }
 
     /// Makes room for a new flow under the session limit: the least recently active flow
-    /// not already on its way out is reset. One still held gets its RST here and goes;
-    /// an admitted one is evicted through its handle (the handler sees a reset, and the
-    /// backend, woken for it as for a handler's abort, resets the client and removes it).
+    /// not already on its way out is evicted.
     fn evict_oldest(&mut self) {
         let slots = &self.slots;
         let Some(id) = self.by_key.oldest_first().map(|(_, &id)| id).find(|id| !slots[id.0].evicting) else {
             return;
         };
         Stats::inc(&self.stats.tcp_evicted);
-        let slot = &mut self.slots[id.0];
+        let slot = &self.slots[id.0];
         tracing::debug!(src = %slot.key.0, dst = %slot.key.1, "tcp flow evicted (--max-sessions)");
+        self.evict(id);
+    }
+
+    /// Shutting down: from now on a new connection's SYN is answered with RST (counted in
+    /// `tcp_rejected`); the flows there are go on.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Resets every flow not already on its way out, both ways (see
+    /// `evict`): the end of a drain that ran out of time. A flow cut
+    /// mid-stream must end in a reset, never a FIN, which would tell its client the data
+    /// was complete.
+    pub fn evict_all(&mut self) {
+        let ids: Vec<FlowId> = self.slots.iter().filter(|(_, slot)| !slot.evicting).map(|(i, _)| FlowId(i)).collect();
+        for id in ids {
+            self.evict(id);
+        }
+    }
+
+    /// Resets flow `id`: one still held gets its RST here and goes; an admitted one is
+    /// evicted through its handle (the handler sees a reset, and the backend, woken for
+    /// it as for a handler's abort, resets the client and removes it).
+    fn evict(&mut self, id: FlowId) {
+        let Some(slot) = self.slots.get_mut(id.0) else { return };
         if let Stage::Held(held) = &slot.stage {
             let summary = held.summary;
             self.outbound.send_rst(&summary);

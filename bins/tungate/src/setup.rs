@@ -1,0 +1,531 @@
+//! `--setup`: the host routing that sends traffic through the TUN, installed once the
+//! TUN is up and removed when the gateway exits — or, after a crash, at the next start
+//! with the same `--tun`, or by `--cleanup`.
+//!
+//! What it installs, for each address family that a `--route` names:
+//!
+//! * **A table of the gateway's own** (`--table`, default [`DEFAULT_TABLE`]): one route
+//!   `ROUTE dev TUN` for each `--route`, and one *throw* route for each `--exclude`, for
+//!   the proxy server's address and for the TUN's own prefixes. A throw route ends the
+//!   lookup in this table, so those destinations take the host's usual routes.
+//! * **One policy rule** (`--rule-priority`, default [`DEFAULT_RULE_PRIORITY`]):
+//!   `not fwmark MARK lookup TABLE`. Every socket of the gateway carries MARK (`--mark`,
+//!   default [`DEFAULT_MARK`] with `--setup`), so nothing the gateway sends consults the
+//!   table: loop-free by construction, whatever the routes say. Unmarked packets consult
+//!   it first and, where it has no route or a throw route, go on to the host's other
+//!   rules (`local` at 0 stays ahead: the host's own addresses are not captured).
+//! * **`rp_filter` loosened** (IPv4), only where it is strict: a reply to the gateway's
+//!   marked socket arrives on the uplink, but the reverse-path check looks its source up
+//!   without the mark, finds the TUN and would drop it. Each interface whose effective
+//!   setting (the larger of `all` and its own) is 1 gets 2 (loose).
+//!
+//! Each item is written to the state file ([`State`], under [`STATE_DIR`], one per TUN
+//! and network namespace) *before* it is installed, and removed from the host in reverse
+//! order on exit; so after SIGKILL the next start finds and removes exactly what the dead
+//! run left. The dead run's TUN is gone with its process, and its routes with it; what
+//! remains (the rule, throw routes, sysctls) leaves the host routing as before: the rule
+//! finds no route to the TUN in the table and lookups go on to the host's tables.
+//!
+//! The plan ([`plan`]) is computed without I/O; [`Installer`] talks netlink
+//! (rtnetlink) and writes the sysctls.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The gateway's own routing table with `--setup`.
+pub const DEFAULT_TABLE: u32 = 7467;
+/// The priority of its policy rule: ahead of `main` (32766), after `local` (0).
+pub const DEFAULT_RULE_PRIORITY: u32 = 7467;
+/// The mark on the gateway's own sockets with `--setup` when `--mark` is not given.
+pub const DEFAULT_MARK: u32 = 0x7467;
+/// Where the state files live (a tmpfs: gone after a reboot, as is what they record),
+/// unless systemd names the service's runtime directory ([`state_dir`]).
+pub const STATE_DIR: &str = "/run/tungate";
+
+/// The state directory: `$RUNTIME_DIRECTORY` (its first entry) when systemd sets it for
+/// the service (`RuntimeDirectory=`, owned by the service's user), else [`STATE_DIR`].
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|dirs| dirs.to_str().and_then(|d| d.split(':').next()).map(PathBuf::from))
+        .filter(|d| d.is_absolute())
+        .unwrap_or_else(|| PathBuf::from(STATE_DIR))
+}
+
+/// What a route in the gateway's table does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteKind {
+    /// Into the TUN.
+    Tun,
+    /// Ends the lookup in the table: the host's own routes apply.
+    Throw,
+}
+
+/// One thing `--setup` changes on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "item", rename_all = "lowercase")]
+pub enum Item {
+    Route {
+        table: u32,
+        dst: IpNet,
+        kind: RouteKind,
+    },
+    /// `not fwmark MARK lookup TABLE` at `priority`, for IPv6 or IPv4.
+    Rule {
+        v6: bool,
+        priority: u32,
+        mark: u32,
+        table: u32,
+    },
+    /// A file under /proc/sys and the value it had.
+    Sysctl {
+        path: PathBuf,
+        previous: String,
+        value: String,
+    },
+}
+
+impl std::fmt::Display for Item {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Item::Route { table, dst, kind: RouteKind::Tun } => write!(f, "route {dst} dev TUN table {table}"),
+            Item::Route { table, dst, kind: RouteKind::Throw } => write!(f, "route throw {dst} table {table}"),
+            Item::Rule { v6, priority, mark, table } => {
+                let family = if *v6 { "-6 " } else { "" };
+                write!(f, "rule {family}priority {priority} not fwmark {mark:#x} lookup {table}")
+            }
+            Item::Sysctl { path, previous, value } => write!(f, "sysctl {} {previous} -> {value}", path.display()),
+        }
+    }
+}
+
+/// What the user asked `--setup` for.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub routes: Vec<IpNet>,
+    pub exclude: Vec<IpNet>,
+    /// The proxy server's addresses (empty with `--proxy direct`).
+    pub proxy: Vec<IpAddr>,
+    /// The TUN's own prefixes.
+    pub tun_prefixes: Vec<IpNet>,
+    pub table: u32,
+    pub priority: u32,
+    pub mark: u32,
+}
+
+/// The routes and rules for `request`, in the order they are installed: for each family
+/// a route names, the throw routes, then the routes into the TUN, then the rule (so the
+/// rule never points at a half-built table).
+pub fn plan(request: &Request) -> Vec<Item> {
+    let mut items = Vec::new();
+    for v6 in [false, true] {
+        let family = |net: &IpNet| matches!(net, IpNet::V6(_)) == v6;
+        let routes: Vec<IpNet> = request.routes.iter().filter(|n| family(n)).map(IpNet::trunc).collect();
+        if routes.is_empty() {
+            continue;
+        }
+        let proxy = request.proxy.iter().map(|&a| IpNet::from(a));
+        let mut throws: Vec<IpNet> = request
+            .exclude
+            .iter()
+            .chain(&request.tun_prefixes)
+            .copied()
+            .chain(proxy)
+            .filter(family)
+            .map(|n| n.trunc())
+            .collect();
+        throws.sort();
+        throws.dedup();
+        for dst in throws {
+            items.push(Item::Route { table: request.table, dst, kind: RouteKind::Throw });
+        }
+        let mut routes = routes;
+        routes.sort();
+        routes.dedup();
+        for dst in routes {
+            items.push(Item::Route { table: request.table, dst, kind: RouteKind::Tun });
+        }
+        items.push(Item::Rule { v6, priority: request.priority, mark: request.mark, table: request.table });
+    }
+    items
+}
+
+/// The effective IPv4 reverse-path filter of each interface whose setting is strict,
+/// loosened: `(path, previous, "2")`. `conf` is /proc/sys/net/ipv4/conf (a parameter for
+/// the tests); `all`, `default`, `lo` and the TUN are left alone.
+pub fn strict_rp_filters(conf: &Path, tun: &str) -> anyhow::Result<Vec<Item>> {
+    let read = |p: &Path| -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_owned())
+    };
+    let all: u32 = read(&conf.join("all/rp_filter"))?.parse().unwrap_or(0);
+    let mut items = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(conf)
+        .with_context(|| format!("reading {}", conf.display()))?
+        .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+        .collect();
+    names.sort();
+    for name in names {
+        if ["all", "default", "lo", tun].contains(&name.as_str()) {
+            continue;
+        }
+        let path = conf.join(&name).join("rp_filter");
+        let Ok(own) = read(&path) else { continue };
+        if all.max(own.parse().unwrap_or(0)) == 1 {
+            items.push(Item::Sysctl { path, previous: own, value: "2".into() });
+        }
+    }
+    Ok(items)
+}
+
+/// The state file: what a run installed, written before each item is installed.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub tun: String,
+    pub pid: u32,
+    pub items: Vec<Item>,
+}
+
+/// The state file of TUN `tun` in this process's network namespace.
+pub fn state_path(dir: &Path, tun: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino();
+    if tun.contains('/') || tun.is_empty() {
+        bail!("--tun {tun:?}: not an interface name");
+    }
+    Ok(dir.join(format!("{tun}.netns-{ns}.json")))
+}
+
+impl State {
+    pub fn load(path: &Path) -> anyhow::Result<Option<State>> {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let state = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{}: not a tungate state file (remove it by hand)", path.display()))?;
+                Ok(Some(state))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Writes the file whole (a temporary file renamed over it: a crash leaves the old
+    /// or the new one, never half of one).
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let dir = path.parent().context("state file has no directory")?;
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!("--setup: creating the state directory {} (see RUNTIME_DIRECTORY)", dir.display())
+        })?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// Installs items and removes them again, recording each in the state file first.
+pub struct Installer {
+    handle: rtnetlink::Handle,
+    connection: tokio::task::JoinHandle<()>,
+    path: PathBuf,
+    state: State,
+    /// The TUN's interface index, for the routes into it.
+    tun_index: u32,
+}
+
+impl std::fmt::Debug for Installer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Installer").field("path", &self.path).field("items", &self.state.items.len()).finish()
+    }
+}
+
+impl Drop for Installer {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+/// An item to install exists already: someone else's (another gateway with the same
+/// table and rule priority), so it is neither taken over nor later removed.
+#[derive(Debug, thiserror::Error)]
+#[error("--setup: {0}: exists already (another gateway with the same --table and --rule-priority? choose others)")]
+struct AlreadyThere(Item);
+
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const EEXIST: i32 = 17;
+const EPERM: i32 = 1;
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
+        _ => None,
+    }
+}
+
+/// A netlink error with what it was doing, and what is missing when it was refused.
+fn netlink_error(e: rtnetlink::Error, what: &Item) -> anyhow::Error {
+    let hint = match errno(&e) {
+        Some(EPERM) => " (--setup needs CAP_NET_ADMIN)",
+        _ => "",
+    };
+    anyhow::anyhow!("--setup: {what}: {e}{hint}")
+}
+
+impl Installer {
+    /// Connects to the kernel's routing netlink for the TUN `tun` and removes what a run
+    /// that died left (its state file under `dir`). Returns how many items that was.
+    pub async fn open(dir: &Path, tun: &str) -> anyhow::Result<(Installer, usize)> {
+        let path = state_path(dir, tun)?;
+        let (connection, handle, _) = rtnetlink::new_connection().context("--setup: opening a netlink socket")?;
+        let connection = tokio::spawn(connection);
+        let mut installer = Installer {
+            handle,
+            connection,
+            path,
+            state: State { tun: tun.into(), pid: std::process::id(), items: Vec::new() },
+            tun_index: 0,
+        };
+        let mut left = 0;
+        if let Some(old) = State::load(&installer.path)? {
+            left = old.items.len();
+            tracing::warn!(
+                state = %installer.path.display(),
+                pid = old.pid,
+                items = left,
+                "removing what an earlier run on this TUN left installed"
+            );
+            installer.state.items = old.items;
+            installer.undo().await?;
+        }
+        Ok((installer, left))
+    }
+
+    /// Looks up the TUN `name`, which the routes into it name by index.
+    pub async fn attach(&mut self, name: &str) -> anyhow::Result<()> {
+        use futures_util::TryStreamExt;
+        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        let link = links.try_next().await.with_context(|| format!("--setup: looking up {name}"))?;
+        self.tun_index = link.with_context(|| format!("--setup: no interface {name}"))?.header.index;
+        Ok(())
+    }
+
+    /// Installs `items` in order, each recorded in the state file first. On an error,
+    /// what was installed stays recorded: the caller undoes it.
+    pub async fn install(&mut self, items: Vec<Item>) -> anyhow::Result<()> {
+        for item in items {
+            // Recorded first: if the process dies between the two, the next start removes
+            // an item that may not exist, which is harmless.
+            self.state.items.push(item.clone());
+            if let Err(e) = self.state.save(&self.path) {
+                self.state.items.pop();
+                return Err(e);
+            }
+            if let Err(e) = self.apply(&item, true).await {
+                if e.downcast_ref::<AlreadyThere>().is_some() {
+                    // Not ours: never to be removed by us.
+                    self.state.items.pop();
+                    self.state.save(&self.path)?;
+                }
+                return Err(e);
+            }
+            tracing::info!("--setup: {item}");
+        }
+        Ok(())
+    }
+
+    /// Removes everything recorded, newest first, then the state file. An item already
+    /// gone (a route that left with the TUN) is not an error; the first other error is
+    /// returned after every item was tried.
+    pub async fn undo(&mut self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        while let Some(item) = self.state.items.pop() {
+            match self.apply(&item, false).await {
+                Ok(()) => tracing::info!("--setup: removed {item}"),
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                first_error.get_or_insert(anyhow::Error::new(e).context(format!("removing {}", self.path.display())));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn apply(&self, item: &Item, add: bool) -> anyhow::Result<()> {
+        let result = match item {
+            Item::Route { table, dst, kind } => {
+                let oif = (*kind == RouteKind::Tun).then_some(self.tun_index);
+                let message = route_message(*table, *dst, *kind, oif, !add);
+                if add {
+                    self.handle.route().add(message).execute().await
+                } else {
+                    self.handle.route().del(message).execute().await
+                }
+            }
+            Item::Rule { v6, priority, mark, table } => {
+                let message = rule_message(*v6, *priority, *mark, *table);
+                if add {
+                    let mut request = self.handle.rule().add();
+                    *request.message_mut() = message;
+                    request.execute().await
+                } else {
+                    self.handle.rule().del(message).execute().await
+                }
+            }
+            Item::Sysctl { path, previous, value } => {
+                let write = if add { value } else { previous };
+                return std::fs::write(path, write)
+                    .with_context(|| format!("--setup: writing {write} to {} (needs root)", path.display()));
+            }
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if add && errno(&e) == Some(EEXIST) => Err(AlreadyThere(item.clone()).into()),
+            // Already gone (a route that left with its TUN).
+            Err(e) if !add && matches!(errno(&e), Some(ENOENT | ESRCH)) => Ok(()),
+            Err(e) => Err(netlink_error(e, item)),
+        }
+    }
+}
+
+/// A route in `table`: into the interface `oif` (`RouteKind::Tun`) or a throw route. For
+/// a delete, protocol and scope match any.
+fn route_message(
+    table: u32,
+    dst: IpNet,
+    kind: RouteKind,
+    oif: Option<u32>,
+    delete: bool,
+) -> rtnetlink::packet_route::route::RouteMessage {
+    use rtnetlink::RouteMessageBuilder;
+    use rtnetlink::packet_route::route::{RouteProtocol, RouteScope, RouteType};
+    let kind = match kind {
+        RouteKind::Tun => RouteType::Unicast,
+        RouteKind::Throw => RouteType::Throw,
+    };
+    let mut message = match dst {
+        IpNet::V4(net) => {
+            let mut b = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(net.network(), net.prefix_len())
+                .table_id(table)
+                .kind(kind);
+            if let Some(oif) = oif {
+                b = b.output_interface(oif).scope(RouteScope::Link);
+            }
+            b.build()
+        }
+        IpNet::V6(net) => {
+            let mut b = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(net.network(), net.prefix_len())
+                .table_id(table)
+                .kind(kind);
+            if let Some(oif) = oif {
+                b = b.output_interface(oif);
+            }
+            b.build()
+        }
+    };
+    if delete {
+        message.header.protocol = RouteProtocol::Unspec;
+        if dst.addr().is_ipv4() {
+            message.header.scope = RouteScope::NoWhere;
+        }
+    }
+    message
+}
+
+/// `not fwmark MARK/0xffffffff lookup TABLE` at `priority`. (rtnetlink's rule builder
+/// has no invert flag or mask: the message is made here.)
+fn rule_message(v6: bool, priority: u32, mark: u32, table: u32) -> rtnetlink::packet_route::rule::RuleMessage {
+    use rtnetlink::packet_route::AddressFamily;
+    use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+    let mut m = RuleMessage::default();
+    m.header.family = if v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    m.header.action = RuleAction::ToTable;
+    m.header.flags = RuleFlags::Invert;
+    m.attributes.push(RuleAttribute::Table(table));
+    m.attributes.push(RuleAttribute::Priority(priority));
+    m.attributes.push(RuleAttribute::FwMark(mark));
+    m.attributes.push(RuleAttribute::FwMask(0xffff_ffff));
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Request {
+        Request {
+            routes: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+            exclude: vec!["192.168.1.7/24".parse().unwrap()],
+            proxy: vec!["10.78.0.2".parse().unwrap()],
+            tun_prefixes: vec!["198.18.0.1/24".parse().unwrap(), "fd18::1/64".parse().unwrap()],
+            table: 7467,
+            priority: 7467,
+            mark: 0x7467,
+        }
+    }
+
+    #[test]
+    fn plan_throws_excludes_proxy_and_tun_before_the_rule() {
+        let items = plan(&request());
+        let shown: Vec<String> = items.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "route throw 10.78.0.2/32 table 7467",
+                "route throw 192.168.1.0/24 table 7467",
+                "route throw 198.18.0.0/24 table 7467",
+                "route 0.0.0.0/0 dev TUN table 7467",
+                "rule priority 7467 not fwmark 0x7467 lookup 7467",
+                "route throw fd18::/64 table 7467",
+                "route ::/0 dev TUN table 7467",
+                "rule -6 priority 7467 not fwmark 0x7467 lookup 7467",
+            ]
+        );
+        let v4_only = Request { routes: vec!["10.77.0.0/24".parse().unwrap()], ..request() };
+        assert!(
+            plan(&v4_only).iter().all(|i| !matches!(i, Item::Rule { v6: true, .. })),
+            "no v6 rule without a v6 route"
+        );
+    }
+
+    #[test]
+    fn strict_rp_filters_are_found() {
+        let dir = std::env::temp_dir().join(format!("tungate-rp-{}", std::process::id()));
+        for (name, value) in [("all", "0"), ("default", "1"), ("lo", "1"), ("eth0", "1"), ("eth1", "2"), ("tun0", "1")]
+        {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            std::fs::write(dir.join(name).join("rp_filter"), format!("{value}\n")).unwrap();
+        }
+        let found = strict_rp_filters(&dir, "tun0").unwrap();
+        assert_eq!(found, [Item::Sysctl { path: dir.join("eth0/rp_filter"), previous: "1".into(), value: "2".into() }]);
+        std::fs::write(dir.join("all/rp_filter"), "1").unwrap();
+        let found = strict_rp_filters(&dir, "tun0").unwrap();
+        assert_eq!(found.len(), 1, "eth1 is loose already (the larger value counts): {found:?}");
+        std::fs::write(dir.join("eth1/rp_filter"), "0").unwrap();
+        assert_eq!(strict_rp_filters(&dir, "tun0").unwrap().len(), 2, "eth1 is strict through `all`");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let dir = std::env::temp_dir().join(format!("tungate-state-{}", std::process::id()));
+        let path = state_path(&dir, "tun7").unwrap();
+        assert!(State::load(&path).unwrap().is_none());
+        let state = State { tun: "tun7".into(), pid: 1, items: plan(&request()) };
+        state.save(&path).unwrap();
+        assert_eq!(State::load(&path).unwrap().unwrap().items, state.items);
+        assert!(state_path(&dir, "../x").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,210 @@
+//! `--setup` and `--cleanup` in a client namespace whose only way out is its default
+//! route: the gateway's own routes, rule and sysctls carry the traffic, and the
+//! namespace's routing state is what it was after every way the gateway can end.
+
+use crate::netns::Topology;
+use crate::proxies::{dante_on, each_way_64mib, refused, servers};
+
+/// The proxy listens on the server namespace's veth address, which --setup must leave
+/// on the host's route (a throw route); the test servers are on 10.77.0.2, which only
+/// the TUN reaches.
+const SETUP: [&str; 3] = ["--setup", "--proxy", "socks5://10.78.0.2:1080"];
+
+/// Makes the client namespace a host whose only way out is a default route to the server
+/// namespace, runs `extra` there, and returns its routing state once it settled (IPv6
+/// link-local routes come a moment after a link is up).
+fn host(t: &Topology, extra: &[&[&str]]) -> String {
+    let routes: [&[&str]; 2] = [
+        &["ip", "route", "add", "default", "via", "10.78.0.2"],
+        &["ip", "-6", "route", "add", "default", "via", "fd78::2"],
+    ];
+    for cmd in routes.iter().chain(extra) {
+        let out = t.client(cmd);
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    t.host_state()
+}
+
+/// Through dante with only --setup's routing: 64 MiB each way by digest, UDP echo, a
+/// refusal; the gateway saw exactly the client's connections (its own to the proxy
+/// never came back through the TUN); then directly (with strict rp_filter loosened on
+/// the uplink); routes, rules, nftables and rp_filter are as before after SIGTERM, after
+/// SIGKILL and the next start, and after SIGKILL and --cleanup.
+pub fn netns_setup(bin: &str) {
+    let mut t = Topology::bare(bin, 1500);
+    // Strict reverse-path filtering: a reply to the gateway's marked socket would be
+    // dropped unless --setup loosens it.
+    let before = host(
+        &t,
+        &[&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"], &["sysctl", "-qw", "net.ipv4.conf.c0.rp_filter=1"]],
+    );
+    dante_on(&mut t, "10.78.0.2", 1080, "none");
+    servers(&mut t);
+    let setup = SETUP;
+    let env = "NETNS_GATEWAY_SETUP=1";
+
+    // Served by --setup's routes alone, then SIGTERM.
+    t.start_gateway(env, &setup);
+    let during = t.host_state();
+    for expected in
+        ["not from all fwmark 0x100 lookup 7467", "throw 10.78.0.2 table 7467", "default dev tun0 table 7467"]
+    {
+        assert!(during.contains(expected), "no {expected:?} while the gateway runs:\n{during}");
+    }
+    // A second gateway with the same table and rule priority is refused, and touches
+    // nothing of the first one's.
+    let second = t.run_gateway_binary(&["--tun", "tun1", "--address", "198.18.1.1/24", "--setup"]);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && err.contains("exists already"), "a second --setup: {err}");
+    assert_eq!(t.host_state(), during, "a refused second gateway changed the host");
+    each_way_64mib(&t, true);
+    let udp = t.peer_client(&["udp", "10.77.0.2", "5353", "20"]);
+    assert!(udp.starts_with("ok udp 20"), "{udp}");
+    refused(&t);
+    let stats = t.stop_gateway();
+    // Upload, download, the refused connect: the gateway's own connections to dante
+    // (marked) never entered the TUN, or each would have been a flow of its own.
+    assert_eq!(stats["tcp_requests"], 3, "flows the TUN carried: {stats:?}");
+    assert!(stats["rx_bytes"] >= 64 << 20 && stats["tx_bytes"] >= 64 << 20, "{stats:?}");
+    assert_eq!(t.host_state(), before, "SIGTERM left the host changed");
+
+    // SIGKILL: what remains is removed by the next start, before it installs anything.
+    // That one dials directly: replies to its marked sockets come in on the uplink from
+    // an address the table routes into the TUN, which strict rp_filter would drop.
+    t.start_gateway(env, &setup);
+    t.kill_gateway();
+    let left = t.host_state();
+    assert_ne!(left, before, "a killed gateway cannot have removed its rule");
+    t.start_gateway(env, &["--setup"]);
+    let up = t.peer_client(&["upload", "10.77.0.2", "9000", "1048576"]);
+    assert!(up.starts_with("ok upload 1048576 bytes"), "{up}");
+    assert!(t.gateway_log().contains("removing what an earlier run on this TUN left installed"), "{}", t.gateway_log());
+    let stats = t.stop_gateway();
+    assert_eq!(stats["tcp_requests"], 1, "{stats:?}");
+    assert_eq!(t.host_state(), before, "the restart after SIGKILL left the host changed");
+
+    // SIGKILL, then --cleanup.
+    t.start_gateway(env, &setup);
+    t.kill_gateway();
+    let out = t.run_gateway_binary(&["--tun", "tun0", "--cleanup"]);
+    assert!(out.status.success(), "--cleanup: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(t.host_state(), before, "--cleanup left the host changed");
+    let out = t.run_gateway_binary(&["--tun", "tun0", "--cleanup"]);
+    assert!(out.status.success(), "--cleanup with nothing to do: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Runs its arguments as uid/gid 65534 with the capabilities `$TEST_CAPS` names (setpriv
+/// flags) and a usable TUN device. The machine's /dev/net/tun may be root-only (0600 here;
+/// distributions ship 0666): in the process's own mount namespace (`ip netns exec` made
+/// one, whose mounts do not reach the machine), a 0666 node on a fresh tmpfs is bound
+/// over it.
+const AS_NOBODY: &str = r#"#!/bin/sh
+set -e
+dev=$(mktemp -d)
+mount -t tmpfs -o mode=0755 tungate-test-dev "$dev"
+mknod -m 666 "$dev/tun" c 10 200
+mount --bind "$dev/tun" /dev/net/tun
+# shellcheck disable=SC2086 # setpriv flags, split on purpose
+exec setpriv --reuid 65534 --regid 65534 --clear-groups $TEST_CAPS -- "$@"
+"#;
+
+/// The capabilities `dist/systemd/tungate.service` gives the gateway.
+const SERVICE_CAPS: &str = "--inh-caps +net_admin,+net_raw --ambient-caps +net_admin,+net_raw";
+
+/// The gateway as an unprivileged user holding only CAP_NET_ADMIN and CAP_NET_RAW (what
+/// `dist/systemd/tungate.service` gives it), its state in the directory systemd would
+/// name (`RUNTIME_DIRECTORY`): --setup works, a direct upload crosses the TUN by digest,
+/// SIGTERM leaves the host as it was. Without the capability, and without a writable
+/// state directory, the one-line error says what is missing.
+pub fn netns_setup_unprivileged(bin: &str) {
+    let mut t = Topology::bare(bin, 1500);
+    let before = host(&t, &[]);
+    t.peer_server(&["serve-sink", "10.77.0.2", "9000"]);
+    let wrap = t.write_state("as-nobody.sh", AS_NOBODY.as_bytes());
+    let state = std::path::Path::new(&wrap).parent().expect("a directory").join("run");
+    std::fs::create_dir_all(&state).expect("mkdir the state directory");
+    let chown = std::process::Command::new("chown").args(["65534:65534", state.to_str().expect("utf-8")]).status();
+    assert!(chown.is_ok_and(|s| s.success()), "chown the state directory");
+    let env = format!(
+        "NETNS_GATEWAY_SETUP=1 RUNTIME_DIRECTORY={} TEST_CAPS='{SERVICE_CAPS}' NETNS_GATEWAY_WRAP='sh {wrap}'",
+        state.display()
+    );
+    t.start_gateway(&env, &["--setup"]);
+    let up = t.peer_client(&["upload", "10.77.0.2", "9000", "4194304"]);
+    assert!(up.starts_with("ok upload 4194304 bytes"), "{up}");
+    assert!(
+        std::fs::read_dir(&state).expect("the state directory").count() == 1,
+        "the state file is in RUNTIME_DIRECTORY"
+    );
+    let stats = t.stop_gateway();
+    assert_eq!(stats["tcp_requests"], 1, "the upload crossed the TUN: {stats:?}");
+    assert_eq!(t.host_state(), before, "SIGTERM left the host changed");
+
+    let bin_path = t.run_gateway_binary_path();
+    let run = |caps: &str, runtime: &str| {
+        let (caps, runtime) = (format!("TEST_CAPS={caps}"), format!("RUNTIME_DIRECTORY={runtime}"));
+        let args = ["--tun", "tun0", "--address", "198.18.0.1/24", "--setup"];
+        let out = t.client(&[&["env", &caps, &runtime, "sh", &wrap, &bin_path][..], &args].concat());
+        // Logs go to stderr too: the error is its last line.
+        let err = String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default().to_owned();
+        (out.status.success(), err)
+    };
+    // Without CAP_NET_ADMIN: the TUN cannot be made.
+    let (ok, err) = run("", state.to_str().expect("utf-8"));
+    assert!(!ok && err.contains("error: --tun tun0:") && err.contains("needs CAP_NET_ADMIN"), "no capability: {err}");
+    // With it, but a state directory the user cannot write.
+    let (ok, err) = run(SERVICE_CAPS, "/proc/tungate-nowhere");
+    assert!(
+        !ok && err.contains("error: --setup: creating the state directory /proc/tungate-nowhere"),
+        "no state directory: {err}"
+    );
+    assert_eq!(t.host_state(), before, "a failed start left the host changed");
+}
+
+/// SIGTERM with --setup while a download runs: one that ends within --drain-timeout
+/// completes by digest (and a new connection meanwhile is refused); one that does not is
+/// reset — the client sees ECONNRESET, never a clean end of a short stream. Either way the
+/// gateway exits and the host is as before.
+pub fn netns_drain(bin: &str) {
+    let mut t = Topology::bare(bin, 1500);
+    let before = host(&t, &[]);
+    // 1 MB/s: 2 MB take about 2 s, 30 MB about 30 s.
+    t.peer_server(&["serve-slow-source", "10.77.0.2", "9001", "1000000"]);
+    t.peer_server(&["serve-sink", "10.77.0.2", "9000"]);
+    let env = "NETNS_GATEWAY_SETUP=1";
+    let wait = |child: std::process::Child| {
+        let out = child.wait_with_output().expect("client ran");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+
+    // Ends within the drain: completes; a new connection meanwhile is refused.
+    t.start_gateway(env, &["--setup", "--drain-timeout", "20"]);
+    let download = t.spawn_peer_client(&["download", "10.77.0.2", "9001", "2000000"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let signal = t.signal_gateway("TERM");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let refused = t.peer_client(&["refused", "10.77.0.2", "9000"]);
+    assert!(refused.starts_with("ok refused"), "{refused}");
+    let (ok, out) = wait(download);
+    assert!(ok && out.starts_with("ok download 2000000 bytes"), "the download cut by the drain: {out}");
+    let stats = t.wait_gateway(signal);
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "the gateway waited past its last flow");
+    assert_eq!(stats["tcp_requests"], 1, "the refused connection never became a flow: {stats:?}");
+    assert_eq!(t.host_state(), before, "the drain left the host changed");
+
+    // Does not end within the drain: reset, not closed.
+    t.start_gateway(env, &["--setup", "--drain-timeout", "1"]);
+    let download = t.spawn_peer_client(&["download", "10.77.0.2", "9001", "30000000"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let signal = t.signal_gateway("TERM");
+    let (ok, out) = wait(download);
+    assert!(!ok && out.contains("ConnectionResetError"), "a download cut by the drain must be reset: {out}");
+    let stats = t.wait_gateway(signal);
+    assert_eq!(stats["tcp_requests"], 1, "{stats:?}");
+    assert_eq!(t.host_state(), before, "the reset drain left the host changed");
+}
