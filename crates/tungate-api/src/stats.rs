@@ -75,6 +75,9 @@ counters! {
     /// ICMP port unreachable written to clients: the upstream's socket was refused by
     /// the destination (the client's own socket then reports ECONNREFUSED).
     udp_refused,
+    /// TCP connections still open when the drain at shutdown (`--drain-timeout`) ran out:
+    /// reset both ways.
+    tcp_drain_resets,
     /// UDP sessions opened (the first datagram of a client to a destination).
     udp_sessions,
     /// UDP sessions open now.

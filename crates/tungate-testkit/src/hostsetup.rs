@@ -195,6 +195,7 @@ pub fn netns_drain(bin: &str) {
     let stats = t.wait_gateway(signal);
     assert!(started.elapsed() < std::time::Duration::from_secs(15), "the gateway waited past its last flow");
     assert_eq!(stats["tcp_requests"], 1, "the refused connection never became a flow: {stats:?}");
+    assert_eq!(stats["tcp_drain_resets"], 0, "{stats:?}");
     assert_eq!(t.host_state(), before, "the drain left the host changed");
 
     // Does not end within the drain: reset, not closed.
@@ -205,6 +206,6 @@ pub fn netns_drain(bin: &str) {
     let (ok, out) = wait(download);
     assert!(!ok && out.contains("ConnectionResetError"), "a download cut by the drain must be reset: {out}");
     let stats = t.wait_gateway(signal);
-    assert_eq!(stats["tcp_requests"], 1, "{stats:?}");
+    assert_eq!((stats["tcp_requests"], stats["tcp_drain_resets"]), (1, 1), "the gateway reset it: {stats:?}");
     assert_eq!(t.host_state(), before, "the reset drain left the host changed");
 }

@@ -330,6 +330,7 @@ impl<T> FlowTable<T> {
     pub fn evict_all(&mut self) {
         let ids: Vec<FlowId> = self.slots.iter().filter(|(_, slot)| !slot.evicting).map(|(i, _)| FlowId(i)).collect();
         for id in ids {
+            Stats::inc(&self.stats.tcp_drain_resets);
             self.evict(id);
         }
     }
