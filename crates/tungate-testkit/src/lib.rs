@@ -32,7 +32,8 @@ pub use hostsetup::{netns_drain, netns_setup, netns_setup_unprivileged};
 pub use netns::{
     netns_256mib_each_way, netns_bulk_under_a_memory_cap, netns_bulk_under_faults, netns_churn,
     netns_churn_server_closes, netns_closed_port_refused, netns_counters_match_the_tun, netns_hold_10k, netns_http_get,
-    netns_iperf3_short, netns_metrics, netns_pcap, netns_ping, netns_session_limit, netns_udp_echo, netns_udp_refused,
+    netns_iperf3_short, netns_metrics, netns_pcap, netns_ping, netns_session_limit, netns_tun_fd, netns_udp_echo,
+    netns_udp_refused,
 };
 pub use proxies::{
     netns_dns, netns_http_connect_tinyproxy, netns_sniff, netns_socks5_dante, netns_socks5_dante_auth,
@@ -96,7 +97,7 @@ macro_rules! conformance_suite {
             netns_churn, netns_churn_server_closes, netns_hold_10k, netns_bulk_under_a_memory_cap,
             netns_counters_match_the_tun, netns_pcap, netns_metrics, netns_bulk_under_faults,
             netns_session_limit, netns_ping, netns_setup, netns_setup_unprivileged, netns_drain,
-            netns_udp_refused);
+            netns_udp_refused, netns_tun_fd);
     };
     (@mem [$serial:literal] [$limits:expr] $backend:expr; $($name:ident),*) => {
         mod conformance_mem {

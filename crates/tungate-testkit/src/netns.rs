@@ -454,6 +454,13 @@ impl Topology {
         std::fs::read_dir(format!("/proc/{}/fd", pid.trim())).expect("gateway is running").count()
     }
 
+    /// The gateway's command line as the kernel has it (after any wrapper's exec).
+    pub fn gateway_cmdline(&self) -> String {
+        let pid = std::fs::read_to_string(self.state_file("gateway.pid")).expect("gateway pid file");
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).expect("gateway is running");
+        String::from_utf8_lossy(&cmdline).replace('\0', " ")
+    }
+
     /// The gateway's resident memory in KiB (VmRSS).
     pub fn gateway_rss_kib(&self) -> u64 {
         let pid = std::fs::read_to_string(self.state_file("gateway.pid")).expect("gateway pid file");
@@ -805,6 +812,28 @@ pub fn netns_udp_echo(bin: &str) {
     assert!(v4.starts_with("ok udp 20"), "{v4}");
     let v6 = t.peer_client(&["udp", "fd77::2", "5353", "20"]);
     assert!(v6.starts_with("ok udp 20"), "{v6}");
+}
+
+/// `--tun-fd`: a parent process makes the TUN, addresses it and hands the gateway the
+/// open descriptor (`scripts/tun_fd_parent.py`, as Android's VpnService does); 4 MiB up
+/// and down by digest over IPv4 and IPv6 cross it, and the gateway counts them.
+pub fn netns_tun_fd(bin: &str) {
+    let parent = repo_root().join("scripts/tun_fd_parent.py");
+    let mut t = Topology::start_env(bin, 1500, &format!("NETNS_GATEWAY_WRAP='python3 {}'", parent.display()));
+    let cmdline = t.gateway_cmdline();
+    assert!(cmdline.contains("--tun-fd") && !cmdline.contains("--tun tun0"), "not an inherited TUN: {cmdline}");
+    let n = (4u64 << 20).to_string();
+    for host in ["10.77.0.2", "fd77::2"] {
+        t.peer_server(&["serve-sink", host, "9000"]);
+        t.peer_server(&["serve-source", host, "9001"]);
+        let up = t.peer_client(&["upload", host, "9000", &n]);
+        assert!(up.starts_with("ok upload 4194304 bytes"), "{host}: {up}");
+        let down = t.peer_client(&["download", host, "9001", &n]);
+        assert!(down.starts_with("ok download 4194304 bytes"), "{host}: {down}");
+    }
+    let stats = t.stop_gateway();
+    assert_eq!(stats["tcp_requests"], 4, "{stats:?}");
+    assert!(stats["rx_bytes"] >= 8 << 20 && stats["tx_bytes"] >= 8 << 20, "{stats:?}");
 }
 
 /// A datagram to a closed UDP port behind the gateway (direct): the client's connected

@@ -347,6 +347,10 @@ pub fn netns_dns(bin: &str) {
     let v6: std::net::Ipv6Addr = v6.first().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("AAAA: {v6:?}"));
     assert_eq!(v6.segments()[..4], [0xfd19, 0xf4e1, 0, 0], "{v6} from the IPv6 pool");
     assert_eq!(dig(&t, &["@10.77.0.53", "txt.test", "TXT"]), ["\"hello tungate\""], "TXT forwarded to the resolver");
+    // A resolver address inside the pool is answered like any other (README: queries to
+    // any address).
+    let in_pool = dig(&t, &["@198.19.255.53", "web.test", "A"]);
+    assert_eq!(in_pool, [v4.to_string()], "a resolver address inside the fake pool");
     t.curl_get("http://web.test:8080/file.bin", &[], &body);
     t.curl_get(&format!("http://{v4}:8080/file.bin"), &[], &body);
     // UDP to the fake address: through dante to the name's echo server, and the echoes

@@ -185,7 +185,11 @@ impl Inner {
     /// sent to whatever host the address might be.
     fn name(&self, flow: &mut Endpoints) -> Result<(), ()> {
         let dst = flow.dst();
-        if let Some(fake) = self.config.dns.fake_ip.as_ref().filter(|f| f.contains(dst.ip())) {
+        let in_pool = self.config.dns.fake_ip.as_ref().filter(|f| f.contains(dst.ip()));
+        // A query to a resolver address inside the pool (`dig @198.19.255.53`) is answered
+        // here like one to any other address: it names nothing (see `serve_dns`).
+        let resolver_in_pool = dst.port() == 53 && self.config.dns.intercepts();
+        if let Some(fake) = in_pool.filter(|_| !resolver_in_pool) {
             let Some(name) = fake.lookup(dst.ip()) else {
                 tracing::debug!(src = %flow.src(), %dst, "fake address not mapped (expired?); refused");
                 Stats::inc(&self.stats.upstream_failed);
@@ -333,6 +337,14 @@ impl Inner {
                             let _ = session.send(&reply);
                             continue;
                         }
+                    }
+                    // A resolver address inside the fake pool exists only here: nowhere
+                    // to forward to.
+                    let fake_resolver = matches!(&target, Target::Addr(a)
+                        if self.config.dns.fake_ip.as_ref().is_some_and(|f| f.contains(a.ip())));
+                    if fake_resolver {
+                        Stats::inc(&self.stats.udp_dropped);
+                        continue;
                     }
                     Stats::inc(&self.stats.dns_forwarded);
                     if forward.is_none() {
