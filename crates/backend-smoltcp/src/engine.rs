@@ -266,7 +266,20 @@ fn queue_for_sending(socket: &mut tcp::Socket<'_>, io: &mut FlowIo<'_>) {
 impl Engine for SmoltcpEngine {
     fn handle_packet(&mut self, now: Instant, packet: &mut PacketBuf) -> Handled {
         match self.flows.inbound(now, packet) {
-            Inbound::Tcp(_, Seen::Admitted(id)) => self.ingress(id, now, packet.packet()),
+            // smoltcp 0.14 cuts a segment's data at the window edge of its last ACK but
+            // still takes the segment's FIN: a client whose view of the edge is further
+            // (the edge moved back by window-scale rounding) lost the bytes past it
+            // behind a clean end of stream (the last 8 bytes of a 16 MiB upload, under
+            // --max-memory). Data and FIN go in as two segments: a FIN after cut data
+            // then lies past what smoltcp has, which it ignores until the client sends
+            // the rest again.
+            Inbound::Tcp(seg, Seen::Admitted(id)) => match tungate_core::packet::split_fin(packet.packet(), &seg) {
+                Some((data, fin)) => {
+                    self.ingress(id, now, data.packet());
+                    self.ingress(id, now, fin.packet());
+                }
+                None => self.ingress(id, now, packet.packet()),
+            },
             Inbound::Tcp(seg, Seen::Unknown) => self.flows.reset(&seg),
             Inbound::Tcp(_, Seen::Consumed | Seen::UnknownRst) | Inbound::Done => {}
         }
