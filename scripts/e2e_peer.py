@@ -11,6 +11,8 @@ mismatch they print the reason and exit 1.
   serve-sink-counted HOST PORT  TCP: read "N\\n" then N bytes, answer the hex SHA-256 (no FIN needed)
   serve-udp-echo HOST PORT  UDP: echo every datagram to its sender
   serve-udp-whoami HOST PORT  UDP: answer every datagram with its sender's port
+  serve-whoami HOST PORT      TCP: send "peer ADDRESS\\n" (the connection's source), close
+  whoami HOST PORT            TCP: print the line the whoami server sends
   soak HOST PORT UDPPORT RESOLVER SECONDS
                             mixed load (bulk, short connections, UDP, DNS by fake-IP)
   session-limit HOST PORT UDPPORT N KEEP
@@ -648,6 +650,20 @@ def serve_udp_whoami(host, port):
         s.sendto(str(peer[1]).encode(), peer)
 
 
+class Whoami(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(f"peer {self.client_address[0]}\n".encode())
+
+
+def whoami(host, port):
+    """Prints the source address the server saw: the client's own when it went directly,
+    a proxy's when it went through one."""
+    line = read_line(connect(host, port))
+    if line is None or not line.startswith(b"peer "):
+        fail(f"whoami: got {line!r}")
+    print(line.decode().strip(), flush=True)
+
+
 def session_limit(host, port, udp_port, n, keep):
     """Through a gateway run with --max-sessions KEEP: opens N TCP connections to an echo
     server one after another and keeps them; the oldest N-KEEP must be reset (RST, not
@@ -845,6 +861,8 @@ COMMANDS = {
     "upload-counted": upload_counted,
     "serve-udp-echo": serve_udp_echo,
     "serve-udp-whoami": serve_udp_whoami,
+    "serve-whoami": lambda h, p: serve_tcp(h, p, Whoami),
+    "whoami": whoami,
     "session-limit": session_limit,
     "soak": soak,
     "serve-http": serve_http,

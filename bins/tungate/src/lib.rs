@@ -141,6 +141,46 @@ pub struct SetupArgs {
     #[arg(long, value_name = "N", default_value_t = setup::DEFAULT_RULE_PRIORITY,
           value_parser = clap::value_parser!(u32).range(1..=32765))]
     pub rule_priority: u32,
+
+    /// Capture only the traffic of local programs of this user (uid or name) and of
+    /// each --cgroup; repeatable. An nftables chain (table `inet tungate_TUN`) marks
+    /// their packets MARK+1 and the rule becomes `fwmark MARK+1 lookup TABLE`.
+    #[arg(long = "uid", value_name = "UID", requires = "setup")]
+    pub uids: Vec<setup::Uid>,
+
+    /// Capture only the traffic of the programs in this cgroup v2 (its path as
+    /// /proc/PID/cgroup shows it, e.g. system.slice/app.service, or its directory) and of
+    /// each --uid; repeatable. nft matches the cgroup's id: create it first.
+    #[arg(long = "cgroup", value_name = "PATH", requires = "setup")]
+    pub cgroups: Vec<String>,
+
+    /// Leave this user's traffic on the host's usual routes (its packets get MARK); repeatable.
+    #[arg(long = "exclude-uid", value_name = "UID", requires = "setup")]
+    pub exclude_uids: Vec<setup::Uid>,
+
+    /// Leave this cgroup's traffic on the host's usual routes (its packets get MARK); repeatable.
+    #[arg(long = "exclude-cgroup", value_name = "PATH", requires = "setup")]
+    pub exclude_cgroups: Vec<String>,
+}
+
+impl SetupArgs {
+    /// Whose traffic --setup captures; the cgroups are looked up (they must exist).
+    fn scope(&self) -> anyhow::Result<setup::Scope> {
+        let mountinfo = || std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo");
+        let cgroups = |paths: &[String]| -> anyhow::Result<Vec<setup::Cgroup>> {
+            if paths.is_empty() {
+                return Ok(Vec::new());
+            }
+            let info = mountinfo()?;
+            paths.iter().map(|p| setup::Cgroup::resolve(p, &info)).collect()
+        };
+        Ok(setup::Scope {
+            uids: self.uids.clone(),
+            cgroups: cgroups(&self.cgroups)?,
+            exclude_uids: self.exclude_uids.clone(),
+            exclude_cgroups: cgroups(&self.exclude_cgroups)?,
+        })
+    }
 }
 
 /// The flags of the process around the stack: shared by every variant, the redirect
@@ -595,9 +635,12 @@ async fn set_up_host(
         table: args.setup.table,
         priority: args.setup.rule_priority,
         mark: mark.unwrap_or(setup::DEFAULT_MARK),
+        tun: device_name.into(),
+        scope: args.setup.scope()?,
     };
     let mut items = setup::plan(&request);
-    items.extend(setup::strict_rp_filters(std::path::Path::new("/proc/sys/net/ipv4/conf"), device_name)?);
+    let conf = std::path::Path::new("/proc/sys/net/ipv4/conf");
+    items.extend(setup::strict_rp_filters(conf, device_name, request.scope.is_restricted())?);
     let installed = async {
         installer.attach(device_name).await?;
         installer.install(items).await
@@ -798,6 +841,10 @@ mod tests {
         assert!(args(&["--tun", "t", "--route", "10.0.0.0/8"]).is_err(), "--route needs --setup");
         assert!(args(&["--tun", "t", "--exclude", "10.0.0.0/8"]).is_err(), "--exclude needs --setup");
         assert!(args(&["--tun-fd", "3", "--setup"]).is_err(), "--setup needs --tun");
+        assert!(args(&["--tun", "t", "--uid", "1000"]).is_err(), "--uid needs --setup");
+        assert!(args(&["--tun", "t", "--setup", "--uid", "1000;x"]).is_err(), "a uid is a number or a name");
+        let scoped = args(&["--tun", "t", "--setup", "--uid", "nobody", "--exclude-uid", "0"]).unwrap();
+        assert_eq!((scoped.setup.uids.len(), scoped.setup.exclude_uids.len()), (1, 1));
         assert!(args(&["--tun", "t", "--setup", "--cleanup"]).is_err());
         assert!(args(&["--tun", "t", "--setup", "--rule-priority", "32766"]).is_err(), "not behind main");
         assert!(args(&["--tun", "t", "--setup", "--route", "10.0.0.1"]).is_err(), "a CIDR");

@@ -18,6 +18,16 @@
 //!   marked socket arrives on the uplink, but the reverse-path check looks its source up
 //!   without the mark, finds the TUN and would drop it. Each interface whose effective
 //!   setting (the larger of `all` and its own) is 1 gets 2 (loose).
+//! * **Scoped capture** (`--uid`, `--cgroup`, `--exclude-uid`, `--exclude-cgroup`): an
+//!   nftables table of the gateway's own ([`Scope`], `inet tungate_TUN`) whose `route`
+//!   chain in the output hook marks local programs' packets by owner. Excluded owners get
+//!   MARK, the gateway's own mark, so the rule above passes them by. With `--uid` or
+//!   `--cgroup` the rule becomes `fwmark CAPTURE lookup TABLE` (CAPTURE = MARK + 1), and
+//!   only what the chain marked CAPTURE consults the table; the kernel routes a packet
+//!   again when this chain changes its mark. The chain first returns for packets that
+//!   carry MARK already, so the gateway's own sockets are never captured, whatever uid
+//!   or cgroup it runs in. Replies then come out of the TUN from sources that the
+//!   host's tables route elsewhere: the TUN's own rp_filter is loosened too.
 //!
 //! Each item is written to the state file ([`State`], under [`STATE_DIR`], one per TUN
 //! and network namespace) *before* it is installed, and removed from the host in reverse
@@ -42,6 +52,8 @@ pub const DEFAULT_TABLE: u32 = 7467;
 pub const DEFAULT_RULE_PRIORITY: u32 = 7467;
 /// The mark on the gateway's own sockets with `--setup` when `--mark` is not given.
 pub const DEFAULT_MARK: u32 = 0x7467;
+/// The nftables priority of the scoping chain: `mangle`, where marks are set.
+const NFT_PRIORITY: &str = "mangle";
 /// Where the state files live (a tmpfs: gone after a reboot, as is what they record),
 /// unless systemd names the service's runtime directory ([`state_dir`]).
 pub const STATE_DIR: &str = "/run/tungate";
@@ -74,12 +86,21 @@ pub enum Item {
         dst: IpNet,
         kind: RouteKind,
     },
-    /// `not fwmark MARK lookup TABLE` at `priority`, for IPv6 or IPv4.
+    /// `not fwmark MARK lookup TABLE` at `priority`, for IPv6 or IPv4; with `marked`,
+    /// `fwmark MARK lookup TABLE` (scoped capture: MARK is then the capture mark).
     Rule {
         v6: bool,
         priority: u32,
         mark: u32,
         table: u32,
+        #[serde(default)]
+        marked: bool,
+    },
+    /// An nftables table `inet TABLE` of the gateway's own (scoped capture), created with
+    /// its chains in one transaction and removed whole.
+    Nft {
+        table: String,
+        chains: Vec<NftChain>,
     },
     /// A file under /proc/sys and the value it had.
     Sysctl {
@@ -94,13 +115,30 @@ impl std::fmt::Display for Item {
         match self {
             Item::Route { table, dst, kind: RouteKind::Tun } => write!(f, "route {dst} dev TUN table {table}"),
             Item::Route { table, dst, kind: RouteKind::Throw } => write!(f, "route throw {dst} table {table}"),
-            Item::Rule { v6, priority, mark, table } => {
+            Item::Rule { v6, priority, mark, table, marked } => {
                 let family = if *v6 { "-6 " } else { "" };
-                write!(f, "rule {family}priority {priority} not fwmark {mark:#x} lookup {table}")
+                let not = if *marked { "" } else { "not " };
+                write!(f, "rule {family}priority {priority} {not}fwmark {mark:#x} lookup {table}")
+            }
+            Item::Nft { table, chains } => {
+                write!(f, "nftables table inet {table}:")?;
+                for c in chains {
+                    write!(f, " chain {} {{ {}; {} }}", c.name, c.hook, c.rules.join("; "))?;
+                }
+                Ok(())
             }
             Item::Sysctl { path, previous, value } => write!(f, "sysctl {} {previous} -> {value}", path.display()),
         }
     }
+}
+
+/// A base chain of the scoped capture's nftables table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NftChain {
+    pub name: String,
+    /// `type … hook … priority …`.
+    pub hook: String,
+    pub rules: Vec<String>,
 }
 
 /// What the user asked `--setup` for.
@@ -115,13 +153,174 @@ pub struct Request {
     pub table: u32,
     pub priority: u32,
     pub mark: u32,
+    /// The TUN device's name (names the nftables table of a scoped capture; its
+    /// masquerade leaves what enters the TUN alone).
+    pub tun: String,
+    pub scope: Scope,
 }
 
-/// The routes and rules for `request`, in the order they are installed: for each family
-/// a route names, the throw routes, then the routes into the TUN, then the rule (so the
-/// rule never points at a half-built table).
+/// Whose traffic is captured: every local program's, or only the owners named, less the
+/// owners excluded. Matched in the output path, so it applies to local programs only
+/// (traffic the host forwards has no owner).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub uids: Vec<Uid>,
+    pub cgroups: Vec<Cgroup>,
+    pub exclude_uids: Vec<Uid>,
+    pub exclude_cgroups: Vec<Cgroup>,
+}
+
+impl Scope {
+    /// Only the owners named are captured.
+    pub fn is_restricted(&self) -> bool {
+        !self.uids.is_empty() || !self.cgroups.is_empty()
+    }
+
+    fn is_everyone(&self) -> bool {
+        *self == Scope::default()
+    }
+}
+
+/// A user as nftables matches it (`meta skuid`): a number, or a name nft looks up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uid(String);
+
+impl std::str::FromStr for Uid {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.parse::<u32>().is_ok() {
+            return Ok(Uid(s.into()));
+        }
+        // A POSIX user name; nothing else reaches the nft script.
+        let mut chars = s.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+        if first_ok && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c)) {
+            Ok(Uid(format!("\"{s}\"")))
+        } else {
+            Err(format!("{s:?} is neither a uid number nor a user name"))
+        }
+    }
+}
+
+/// A cgroup v2 as nftables matches it (`socket cgroupv2 level N "PATH"`): its depth
+/// below the cgroup v2 root, and its path below /sys/fs/cgroup, the one place nft looks
+/// cgroups up (it matches the cgroup's id, taken when the rule is loaded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    pub level: usize,
+    pub nft_path: String,
+}
+
+/// Where nft looks cgroup paths up.
+const NFT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+impl Cgroup {
+    /// `--cgroup PATH`: PATH as /proc/PID/cgroup shows it (below the cgroup v2 root), or
+    /// the cgroup's directory. `mountinfo` is /proc/self/mountinfo (a parameter for the
+    /// tests); the directory must exist.
+    pub fn resolve(arg: &str, mountinfo: &str) -> anyhow::Result<Cgroup> {
+        let root = mountinfo
+            .lines()
+            .find_map(|line| {
+                let (mount, fs) = line.split_once(" - ")?;
+                (fs.split(' ').next() == Some("cgroup2")).then(|| mount.split(' ').nth(4).map(PathBuf::from))?
+            })
+            .with_context(|| {
+                format!(
+                    "--cgroup {arg}: no cgroup v2 file system is mounted here (under `ip netns exec`, \
+                     which mounts a fresh /sys, mount one at {NFT_CGROUP_ROOT})"
+                )
+            })?;
+        let below = Path::new(arg).strip_prefix(&root).unwrap_or(Path::new(arg.trim_start_matches('/')));
+        let parts: Vec<_> = below.components().collect();
+        if parts.is_empty() || !parts.iter().all(|c| matches!(c, std::path::Component::Normal(_))) {
+            bail!("--cgroup {arg}: not a cgroup below the cgroup v2 root {}", root.display());
+        }
+        let dir = root.join(below);
+        if !dir.join("cgroup.procs").is_file() {
+            bail!("--cgroup {arg}: no cgroup {} (create it first)", dir.display());
+        }
+        let nft_path =
+            dir.strip_prefix(NFT_CGROUP_ROOT).ok().and_then(Path::to_str).filter(|p| !p.contains('"')).with_context(
+                || {
+                    format!(
+                        "--cgroup {arg}: nft looks cgroups up below {NFT_CGROUP_ROOT}, but {} is not there",
+                        dir.display()
+                    )
+                },
+            )?;
+        Ok(Cgroup { level: parts.len(), nft_path: nft_path.into() })
+    }
+
+    fn nft_match(&self) -> String {
+        format!("socket cgroupv2 level {} \"{}\"", self.level, self.nft_path)
+    }
+}
+
+/// The nftables chains of a scoped capture. `output` (a `route` chain: the kernel routes
+/// a packet again when it changes the mark), in order: packets that carry the gateway's
+/// mark are left alone, excluded owners get it, the owners named get the capture mark.
+///
+/// With exclusions, `postrouting` masquerades what an exclusion sent away from the TUN
+/// from a TUN address: a socket's source address is chosen when it connects, by a lookup
+/// without the mark, which (unrestricted) finds the TUN; the packet, marked afterwards,
+/// leaves by the uplink and needs the uplink's address. (The converse is harmless: the
+/// owners named enter the TUN from the uplink's address, and the gateway answers any.)
+fn scope_chains(request: &Request) -> Vec<NftChain> {
+    let (scope, mark) = (&request.scope, request.mark);
+    let capture = capture_mark(mark);
+    let owners = |uids: &[Uid], cgroups: &[Cgroup]| -> Vec<String> {
+        let uids = uids.iter().map(|u| format!("meta skuid {}", u.0));
+        uids.chain(cgroups.iter().map(Cgroup::nft_match)).collect()
+    };
+    let excluded = owners(&scope.exclude_uids, &scope.exclude_cgroups);
+    let mut rules = vec![format!("meta mark {mark:#x} return")];
+    for owner in &excluded {
+        rules.push(format!("{owner} meta mark set {mark:#x} return"));
+    }
+    for owner in owners(&scope.uids, &scope.cgroups) {
+        rules.push(format!("{owner} meta mark set {capture:#x}"));
+    }
+    let mut chains = vec![NftChain {
+        name: "output".into(),
+        hook: format!("type route hook output priority {NFT_PRIORITY}"),
+        rules,
+    }];
+    if !excluded.is_empty() {
+        let rules = request
+            .tun_prefixes
+            .iter()
+            .map(|net| {
+                let ip = if net.addr().is_ipv4() { "ip" } else { "ip6" };
+                format!("meta mark {mark:#x} oifname != \"{}\" {ip} saddr {} masquerade", request.tun, net.trunc())
+            })
+            .collect();
+        chains.push(NftChain {
+            name: "postrouting".into(),
+            hook: "type nat hook postrouting priority srcnat".into(),
+            rules,
+        });
+    }
+    chains
+}
+
+/// The mark the scoping chain gives captured packets: the gateway's mark + 1.
+pub fn capture_mark(mark: u32) -> u32 {
+    mark.wrapping_add(1)
+}
+
+/// The routes and rules for `request`, in the order they are installed: a scoped
+/// capture's nftables table, then for each family a route names, the throw routes, the
+/// routes into the TUN, then the rule (so the rule never points at a half-built table).
 pub fn plan(request: &Request) -> Vec<Item> {
     let mut items = Vec::new();
+    let scope = &request.scope;
+    if !scope.is_everyone() {
+        let name: String = request.tun.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        items.push(Item::Nft { table: format!("tungate_{name}"), chains: scope_chains(request) });
+    }
+    let (rule_mark, marked) =
+        if scope.is_restricted() { (capture_mark(request.mark), true) } else { (request.mark, false) };
     for v6 in [false, true] {
         let family = |net: &IpNet| matches!(net, IpNet::V6(_)) == v6;
         let routes: Vec<IpNet> = request.routes.iter().filter(|n| family(n)).map(IpNet::trunc).collect();
@@ -149,15 +348,17 @@ pub fn plan(request: &Request) -> Vec<Item> {
         for dst in routes {
             items.push(Item::Route { table: request.table, dst, kind: RouteKind::Tun });
         }
-        items.push(Item::Rule { v6, priority: request.priority, mark: request.mark, table: request.table });
+        items.push(Item::Rule { v6, priority: request.priority, mark: rule_mark, table: request.table, marked });
     }
     items
 }
 
 /// The effective IPv4 reverse-path filter of each interface whose setting is strict,
 /// loosened: `(path, previous, "2")`. `conf` is /proc/sys/net/ipv4/conf (a parameter for
-/// the tests); `all`, `default`, `lo` and the TUN are left alone.
-pub fn strict_rp_filters(conf: &Path, tun: &str) -> anyhow::Result<Vec<Item>> {
+/// the tests); `all`, `default` and `lo` are left alone, and the TUN unless `with_tun`
+/// (a scoped capture, whose replies come out of the TUN from sources that unmarked
+/// lookups route elsewhere).
+pub fn strict_rp_filters(conf: &Path, tun: &str, with_tun: bool) -> anyhow::Result<Vec<Item>> {
     let read = |p: &Path| -> anyhow::Result<String> {
         Ok(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_owned())
     };
@@ -169,7 +370,7 @@ pub fn strict_rp_filters(conf: &Path, tun: &str) -> anyhow::Result<Vec<Item>> {
         .collect();
     names.sort();
     for name in names {
-        if ["all", "default", "lo", tun].contains(&name.as_str()) {
+        if ["all", "default", "lo"].contains(&name.as_str()) || (name == tun && !with_tun) {
             continue;
         }
         let path = conf.join(&name).join("rp_filter");
@@ -371,8 +572,8 @@ impl Installer {
                     self.handle.route().del(message).execute().await
                 }
             }
-            Item::Rule { v6, priority, mark, table } => {
-                let message = rule_message(*v6, *priority, *mark, *table);
+            Item::Rule { v6, priority, mark, table, marked } => {
+                let message = rule_message(*v6, *priority, *mark, *table, *marked);
                 if add {
                     let mut request = self.handle.rule().add();
                     *request.message_mut() = message;
@@ -383,9 +584,15 @@ impl Installer {
             }
             Item::Sysctl { path, previous, value } => {
                 let write = if add { value } else { previous };
-                return std::fs::write(path, write)
-                    .with_context(|| format!("--setup: writing {write} to {} (needs root)", path.display()));
+                return match std::fs::write(path, write) {
+                    // The TUN's own setting, gone with the TUN.
+                    Err(e) if !add && e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    written => {
+                        written.with_context(|| format!("--setup: writing {write} to {} (needs root)", path.display()))
+                    }
+                };
             }
+            Item::Nft { table, chains } => return nft(item, table, chains, add),
         };
         match result {
             Ok(()) => Ok(()),
@@ -443,15 +650,70 @@ fn route_message(
     message
 }
 
-/// `not fwmark MARK/0xffffffff lookup TABLE` at `priority`. (rtnetlink's rule builder
-/// has no invert flag or mask: the message is made here.)
-fn rule_message(v6: bool, priority: u32, mark: u32, table: u32) -> rtnetlink::packet_route::rule::RuleMessage {
+/// Creates (`add`) or deletes the nftables table `inet TABLE` with its chains, in one
+/// transaction.
+///
+/// Through the `nft` program's script syntax: nft 1.0.6 (Debian 12) rejects `socket
+/// cgroupv2` in its JSON input ("Invalid socket key value"), and the `nftables` crate's
+/// `Socket` has no `level`; a script is the one form that says it on the nft people run.
+fn nft(item: &Item, table: &str, chains: &[NftChain], add: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let script = if add {
+        let mut s = format!("create table inet {table}\n");
+        for NftChain { name, hook, rules } in chains {
+            s += &format!("add chain inet {table} {name} {{ {hook}; policy accept; }}\n");
+            for rule in rules {
+                s += &format!("add rule inet {table} {name} {rule}\n");
+            }
+        }
+        s
+    } else {
+        format!("delete table inet {table}\n")
+    };
+    // Blocking, once at start and exit, for a few milliseconds.
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("--setup: {item}: running nft (the scoped capture needs nftables' nft program)"))?;
+    let mut stdin = child.stdin.take().context("nft's stdin")?;
+    stdin.write_all(script.as_bytes()).with_context(|| format!("--setup: {item}: writing to nft"))?;
+    drop(stdin);
+    let out = child.wait_with_output().with_context(|| format!("--setup: {item}: running nft"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if add && err.contains("File exists") {
+        return Err(AlreadyThere(item.clone()).into());
+    }
+    if !add && err.contains("No such file or directory") {
+        return Ok(());
+    }
+    let hint = if err.contains("Operation not permitted") { " (--setup needs CAP_NET_ADMIN)" } else { "" };
+    bail!("--setup: {item}: nft: {}{hint}", err.trim())
+}
+
+/// `not fwmark MARK/0xffffffff lookup TABLE` at `priority` (`fwmark MARK/0xffffffff
+/// lookup TABLE` when `marked`). (rtnetlink's rule builder has no invert flag or mask:
+/// the message is made here.)
+fn rule_message(
+    v6: bool,
+    priority: u32,
+    mark: u32,
+    table: u32,
+    marked: bool,
+) -> rtnetlink::packet_route::rule::RuleMessage {
     use rtnetlink::packet_route::AddressFamily;
     use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
     let mut m = RuleMessage::default();
     m.header.family = if v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
     m.header.action = RuleAction::ToTable;
-    m.header.flags = RuleFlags::Invert;
+    if !marked {
+        m.header.flags = RuleFlags::Invert;
+    }
     m.attributes.push(RuleAttribute::Table(table));
     m.attributes.push(RuleAttribute::Priority(priority));
     m.attributes.push(RuleAttribute::FwMark(mark));
@@ -472,6 +734,74 @@ mod tests {
             table: 7467,
             priority: 7467,
             mark: 0x7467,
+            tun: "tun-0".into(),
+            scope: Scope::default(),
+        }
+    }
+
+    #[test]
+    fn a_scoped_capture_marks_by_owner_and_routes_only_the_marked() {
+        let cgroup = Cgroup { level: 2, nft_path: "unified/apps/browser".into() };
+        let scope = Scope {
+            uids: vec!["1000".parse().unwrap()],
+            cgroups: vec![cgroup.clone()],
+            exclude_uids: vec!["nobody".parse().unwrap()],
+            exclude_cgroups: vec![],
+        };
+        let items = plan(&Request { scope, ..request() });
+        let shown: Vec<String> = items.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown[0],
+            "nftables table inet tungate_tun_0: chain output { type route hook output priority mangle; \
+             meta mark 0x7467 return; \
+             meta skuid \"nobody\" meta mark set 0x7467 return; \
+             meta skuid 1000 meta mark set 0x7468; \
+             socket cgroupv2 level 2 \"unified/apps/browser\" meta mark set 0x7468 } \
+             chain postrouting { type nat hook postrouting priority srcnat; \
+             meta mark 0x7467 oifname != \"tun-0\" ip saddr 198.18.0.0/24 masquerade; \
+             meta mark 0x7467 oifname != \"tun-0\" ip6 saddr fd18::/64 masquerade }"
+        );
+        assert!(shown.contains(&"rule priority 7467 fwmark 0x7468 lookup 7467".to_string()), "{shown:?}");
+        assert!(shown.contains(&"rule -6 priority 7467 fwmark 0x7468 lookup 7467".to_string()), "{shown:?}");
+
+        // Exclusions alone: everyone else is captured, the excluded carry the bypass mark.
+        let scope = Scope { exclude_cgroups: vec![cgroup], ..Scope::default() };
+        let shown: Vec<String> = plan(&Request { scope, ..request() }).iter().map(ToString::to_string).collect();
+        assert!(shown[0].contains("socket cgroupv2 level 2 \"unified/apps/browser\" meta mark set 0x7467 return }"));
+        assert!(shown.contains(&"rule priority 7467 not fwmark 0x7467 lookup 7467".to_string()), "{shown:?}");
+        assert!("1000; drop".parse::<Uid>().is_err() && "".parse::<Uid>().is_err());
+    }
+
+    #[test]
+    fn cgroups_resolve_below_the_cgroup2_mount() {
+        let root = std::env::temp_dir().join(format!("tungate-cg-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("apps/web")).unwrap();
+        std::fs::write(root.join("apps/web/cgroup.procs"), "").unwrap();
+        let mountinfo = |at: &Path| {
+            format!(
+                "30 24 0:26 / /sys rw,nosuid - sysfs sysfs rw\n\
+                 35 30 0:30 / {} rw,nosuid shared:9 - cgroup2 cgroup2 rw\n",
+                at.display()
+            )
+        };
+        // nft looks up below /sys/fs/cgroup only: a cgroup2 mounted elsewhere is refused.
+        let err = Cgroup::resolve("apps/web", &mountinfo(&root)).unwrap_err().to_string();
+        assert!(err.contains("below /sys/fs/cgroup"), "{err}");
+        let err = Cgroup::resolve("apps/none", &mountinfo(&root)).unwrap_err().to_string();
+        assert!(err.contains("no cgroup"), "{err}");
+        for bad in ["/", "apps/../..", ""] {
+            assert!(Cgroup::resolve(bad, &mountinfo(&root)).is_err(), "{bad:?}");
+        }
+        let err = Cgroup::resolve("apps/web", "30 24 0:26 / /sys rw - sysfs sysfs rw\n").unwrap_err().to_string();
+        assert!(err.contains("no cgroup v2 file system is mounted"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+        // The machine's own cgroup2, if it sits where nft looks: this process's cgroup.
+        let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        if let Some(path) = mine.lines().find_map(|l| l.strip_prefix("0::/")).filter(|p| !p.is_empty()) {
+            if let Ok(found) = Cgroup::resolve(path, &info) {
+                assert_eq!(found.level, path.split('/').count());
+            }
         }
     }
 
@@ -507,13 +837,14 @@ mod tests {
             std::fs::create_dir_all(dir.join(name)).unwrap();
             std::fs::write(dir.join(name).join("rp_filter"), format!("{value}\n")).unwrap();
         }
-        let found = strict_rp_filters(&dir, "tun0").unwrap();
+        let found = strict_rp_filters(&dir, "tun0", false).unwrap();
         assert_eq!(found, [Item::Sysctl { path: dir.join("eth0/rp_filter"), previous: "1".into(), value: "2".into() }]);
         std::fs::write(dir.join("all/rp_filter"), "1").unwrap();
-        let found = strict_rp_filters(&dir, "tun0").unwrap();
+        let found = strict_rp_filters(&dir, "tun0", false).unwrap();
         assert_eq!(found.len(), 1, "eth1 is loose already (the larger value counts): {found:?}");
         std::fs::write(dir.join("eth1/rp_filter"), "0").unwrap();
-        assert_eq!(strict_rp_filters(&dir, "tun0").unwrap().len(), 2, "eth1 is strict through `all`");
+        assert_eq!(strict_rp_filters(&dir, "tun0", false).unwrap().len(), 2, "eth1 is strict through `all`");
+        assert_eq!(strict_rp_filters(&dir, "tun0", true).unwrap().len(), 3, "and the TUN for a scoped capture");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -306,8 +306,19 @@ impl Topology {
 
     /// Runs an `e2e_peer.py` client, asserting success; returns its stdout.
     pub fn peer_client(&self, args: &[&str]) -> String {
+        self.peer_client_via(&[], args)
+    }
+
+    /// [`Topology::peer_client`] run under the command prefix `via` (another user, a
+    /// cgroup) in the client namespace.
+    pub fn peer_client_via(&self, via: &[&str], args: &[&str]) -> String {
         let script = peer_script();
-        let mut full = vec!["python3", script.to_str().expect("utf-8 path")];
+        // Another user may not reach the python3 first on root's PATH (a pyenv shim in
+        // root's home): the system's then.
+        let python =
+            if !via.is_empty() && Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+        let mut full = via.to_vec();
+        full.extend_from_slice(&[python, script.to_str().expect("utf-8 path")]);
         full.extend_from_slice(args);
         let out = self.client(&full);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
