@@ -161,6 +161,13 @@ pub struct SetupArgs {
     /// Leave this cgroup's traffic on the host's usual routes (its packets get MARK); repeatable.
     #[arg(long = "exclude-cgroup", value_name = "PATH", requires = "setup")]
     pub exclude_cgroups: Vec<String>,
+
+    /// Capture local programs' connections and datagrams to the host's own IPv4
+    /// addresses too (127.0.0.0/8 and every interface's address as they are at the start;
+    /// IPv6 cannot be), and dial them from the gateway itself (from 127.74.67.1), whatever
+    /// --proxy says. Policy rules at priority 0 ahead of `local`, which moves behind them.
+    #[arg(long, requires = "setup", conflicts_with_all = ["uids", "cgroups"])]
+    pub capture_local: bool,
 }
 
 impl SetupArgs {
@@ -443,10 +450,11 @@ async fn router(
     args: &UpstreamArgs,
     dns: DnsConfig,
     mark: Option<u32>,
+    local: Vec<IpNet>,
     stats: &Arc<tungate_core::Stats>,
 ) -> anyhow::Result<Router> {
     let refuse_resolved = dns.fake_ip.as_ref().map(|f| f.ranges().to_vec()).unwrap_or_default();
-    let dialer = Dialer { mark, refuse_resolved, ..Dialer::default() };
+    let dialer = Dialer { mark, refuse_resolved, local: local.clone(), ..Dialer::default() };
     let upstream = args.proxy.connector(dialer.clone(), stats.clone()).await?;
     let direct = ProxySpec::Direct.connector(dialer, stats.clone()).await?;
     let secs = std::time::Duration::from_secs;
@@ -458,6 +466,7 @@ async fn router(
         udp_idle_timeout: secs(args.udp_idle_timeout),
         sniff: args.sniff.then(|| std::time::Duration::from_millis(args.sniff_timeout)),
         dns,
+        local,
     };
     Ok(Router::new(upstream, direct, config, stats.clone()))
 }
@@ -579,11 +588,11 @@ fn run<'a, B: Backend>(
         // Before the set-up: a signal from here on ends the serving, never the process
         // with its set-up in place.
         let shutdown = shutdown_signal();
-        let mut installer = match &args.tun {
+        let (mut installer, local) = match &args.tun {
             Some(tun) => set_up_host(args, tun, device.name(), mark).await?,
-            None => None,
+            None => (None, Vec::new()),
         };
-        let served = serve_tun(args, backend, device, dns, mark, shutdown).await;
+        let served = serve_tun(args, backend, device, dns, mark, local, shutdown).await;
         let undone = match installer.as_mut() {
             Some(installer) => installer.undo().await,
             None => Ok(()),
@@ -593,20 +602,21 @@ fn run<'a, B: Backend>(
 }
 
 /// With --setup: removes what an earlier run left, then installs the routes and rules
-/// (undoing what it installed if that fails). Without: only the removal, if an earlier
-/// run with --setup on this TUN left a state file.
+/// (undoing what it installed if that fails), and returns them with the host's own
+/// addresses --capture-local captures. Without: only the removal, if an earlier run with
+/// --setup on this TUN left a state file.
 async fn set_up_host(
     args: &Args,
     tun: &str,
     device_name: &str,
     mark: Option<u32>,
-) -> anyhow::Result<Option<setup::Installer>> {
+) -> anyhow::Result<(Option<setup::Installer>, Vec<IpNet>)> {
     let dir = setup::state_dir();
     if !args.setup.setup {
         if setup::State::load(&setup::state_path(&dir, tun)?)?.is_some() {
             setup::Installer::open(&dir, tun).await?;
         }
-        return Ok(None);
+        return Ok((None, Vec::new()));
     }
     let (mut installer, _) = setup::Installer::open(&dir, tun).await?;
     let proxy = match &args.upstream.proxy {
@@ -627,6 +637,11 @@ async fn set_up_host(
     if let Some(pools) = args.upstream.dns(&args.addresses)?.fake_ip {
         routes.extend(pools.ranges().iter().copied());
     }
+    installer.attach(device_name).await?;
+    let capture_local = match args.setup.capture_local {
+        true => Some(installer.own_addresses().await?),
+        false => None,
+    };
     let request = setup::Request {
         routes,
         exclude: args.setup.exclude.clone(),
@@ -637,21 +652,33 @@ async fn set_up_host(
         mark: mark.unwrap_or(setup::DEFAULT_MARK),
         tun: device_name.into(),
         scope: args.setup.scope()?,
+        capture_local,
     };
     let mut items = setup::plan(&request);
     let conf = std::path::Path::new("/proc/sys/net/ipv4/conf");
+    if items.iter().any(|i| matches!(i, setup::Item::LocalRule { v6: false, .. })) {
+        // Replies from 127.0.0.0/8 come out of the TUN: not martian there.
+        let path = conf.join(device_name).join("route_localnet");
+        let previous = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        items.insert(0, setup::Item::Sysctl { path, previous: previous.trim().into(), value: "1".into() });
+    }
     items.extend(setup::strict_rp_filters(conf, device_name, request.scope.is_restricted())?);
-    let installed = async {
-        installer.attach(device_name).await?;
-        installer.install(items).await
-    };
-    if let Err(e) = installed.await {
+    let local = items
+        .iter()
+        .filter_map(|i| match i {
+            setup::Item::LocalRule { dst, .. } => Some(*dst),
+            _ => None,
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if let Err(e) = installer.install(items).await {
         if let Err(undo) = installer.undo().await {
             tracing::error!("--setup: undoing after a failed set-up: {undo:#}");
         }
         return Err(e);
     }
-    Ok(Some(installer))
+    Ok((Some(installer), local))
 }
 
 /// Serves the TUN until SIGINT/SIGTERM, then reports.
@@ -661,6 +688,7 @@ async fn serve_tun<B: Backend>(
     device: TunDevice,
     dns: DnsConfig,
     mark: Option<u32>,
+    local: Vec<IpNet>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let process = &args.process;
@@ -681,7 +709,7 @@ async fn serve_tun<B: Backend>(
             (Some(_), _) | (None, ProxySpec::Direct) => IcmpMode::Direct { mark },
             (None, _) => IcmpMode::Reply,
         };
-        let router = router(&args.upstream, dns, mark, &stats).await?;
+        let router = router(&args.upstream, dns, mark, local, &stats).await?;
         let handlers = Dispatch {
             tcp: Arc::new(router.clone()),
             udp: Arc::new(router),
@@ -906,7 +934,8 @@ pub mod redirect {
             let shutdown = super::shutdown_signal();
             let stats = Arc::new(tungate_core::Stats::default());
             // The REDIRECT rule captures TCP only; --udp has nothing to act on here.
-            let router = super::router(&args.upstream, super::DnsConfig::default(), process.mark, &stats).await?;
+            let router =
+                super::router(&args.upstream, super::DnsConfig::default(), process.mark, Vec::new(), &stats).await?;
             let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
             tracing::info!(
                 backend = "redirect",

@@ -52,6 +52,11 @@ pub const DEFAULT_TABLE: u32 = 7467;
 pub const DEFAULT_RULE_PRIORITY: u32 = 7467;
 /// The mark on the gateway's own sockets with `--setup` when `--mark` is not given.
 pub const DEFAULT_MARK: u32 = 0x7467;
+/// The kernel's `local` table.
+const LOCAL_TABLE: u32 = 255;
+/// The protocol of the copy of the `local` rule that `--capture-local` puts behind its
+/// own rules (netlink refuses a rule identical to one that exists): "t".
+const MOVED_LOCAL_PROTOCOL: u8 = 0x74;
 /// The nftables priority of the scoping chain: `mangle`, where marks are set.
 const NFT_PRIORITY: &str = "mangle";
 /// Where the state files live (a tmpfs: gone after a reboot, as is what they record),
@@ -96,6 +101,23 @@ pub enum Item {
         #[serde(default)]
         marked: bool,
     },
+    /// `iif lo from FROM to DST lookup TABLE` at priority 0, ahead of `local` once it is
+    /// moved (`--capture-local`).
+    LocalRule {
+        v6: bool,
+        from: IpNet,
+        dst: IpNet,
+        table: u32,
+    },
+    /// The kernel's `local` rule at priority 0 put behind the rules above: a copy (of
+    /// protocol [`MOVED_LOCAL_PROTOCOL`]) added after them, then the original (of
+    /// protocol `protocol`, learned when installing) deleted. Undone by adding the
+    /// original back if it is missing and deleting every copy.
+    LocalMoved {
+        v6: bool,
+        #[serde(default)]
+        protocol: u8,
+    },
     /// An nftables table `inet TABLE` of the gateway's own (scoped capture), created with
     /// its chains in one transaction and removed whole.
     Nft {
@@ -119,6 +141,14 @@ impl std::fmt::Display for Item {
                 let family = if *v6 { "-6 " } else { "" };
                 let not = if *marked { "" } else { "not " };
                 write!(f, "rule {family}priority {priority} {not}fwmark {mark:#x} lookup {table}")
+            }
+            Item::LocalRule { v6, from, dst, table } => {
+                let family = if *v6 { "-6 " } else { "" };
+                write!(f, "rule {family}priority 0 iif lo from {from} to {dst} lookup {table}")
+            }
+            Item::LocalMoved { v6, .. } => {
+                let family = if *v6 { "-6 " } else { "" };
+                write!(f, "rule {family}priority 0 lookup local, behind the rules above")
             }
             Item::Nft { table, chains } => {
                 write!(f, "nftables table inet {table}:")?;
@@ -157,6 +187,9 @@ pub struct Request {
     /// masquerade leaves what enters the TUN alone).
     pub tun: String,
     pub scope: Scope,
+    /// `--capture-local`: the host's own addresses (interfaces other than the TUN), whose
+    /// traffic from local programs is captured too (with `127.0.0.0/8`).
+    pub capture_local: Option<Vec<IpAddr>>,
 }
 
 /// Whose traffic is captured: every local program's, or only the owners named, less the
@@ -349,7 +382,56 @@ pub fn plan(request: &Request) -> Vec<Item> {
             items.push(Item::Route { table: request.table, dst, kind: RouteKind::Tun });
         }
         items.push(Item::Rule { v6, priority: request.priority, mark: rule_mark, table: request.table, marked });
+        if let Some(own) = &request.capture_local {
+            items.extend(capture_local(request, v6, own));
+        }
     }
+    items
+}
+
+/// `--capture-local` for one family (see ARCHITECTURE, "Host set-up"): routes into the
+/// TUN for the host's own addresses and 127.0.0.0/8 (the gateway's loopback dial source
+/// thrown), `fwmark MARK lookup local` (the gateway's own dials), then for each address
+/// `iif lo from S to A lookup TABLE` for S the unset source (a socket choosing its
+/// source: a new flow) and each TUN prefix (that flow's later lookups and the
+/// reverse-path check of its replies), and last `local` moved behind them. A lookup
+/// with another source — a server answering, a connection older than the capture, a
+/// program that bound its source — still finds `local` first.
+///
+/// IPv4 only. IPv6 cannot be captured this way: the kernel drops a packet from `::1`
+/// that arrives on any interface but `lo`, and for an own address the source it picks
+/// is that same address (RFC 6724's first rule), so a new flow looks like an old one.
+fn capture_local(request: &Request, v6: bool, own: &[IpAddr]) -> Vec<Item> {
+    let tun_nets: Vec<IpNet> = request.tun_prefixes.iter().filter(|n| n.addr().is_ipv4()).map(IpNet::trunc).collect();
+    if v6 || tun_nets.is_empty() {
+        // IPv6: see above. No IPv4 TUN address: nothing to source the packets from.
+        return Vec::new();
+    }
+    let mut dsts: Vec<IpNet> = own
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(a) if !a.is_loopback() && !a.is_link_local() => Some(IpNet::from(IpAddr::V4(*a))),
+            _ => None,
+        })
+        .filter(|a| !request.tun_prefixes.iter().any(|n| n.addr() == a.addr()))
+        .collect();
+    dsts.push("127.0.0.0/8".parse().expect("literal"));
+    dsts.sort();
+    dsts.dedup();
+    let table = request.table;
+    let source = IpNet::from(IpAddr::V4(tungate_upstream::LOCAL_SOURCE_V4));
+    let mut items = vec![Item::Route { table, dst: source, kind: RouteKind::Throw }];
+    for &dst in &dsts {
+        items.push(Item::Route { table, dst, kind: RouteKind::Tun });
+    }
+    items.push(Item::Rule { v6, priority: 0, mark: request.mark, table: LOCAL_TABLE, marked: true });
+    let unset = IpNet::from(IpAddr::from([0u8; 4]));
+    for &dst in &dsts {
+        for &from in std::iter::once(&unset).chain(&tun_nets) {
+            items.push(Item::LocalRule { v6, from, dst, table });
+        }
+    }
+    items.push(Item::LocalMoved { v6, protocol: 0 });
     items
 }
 
@@ -516,7 +598,15 @@ impl Installer {
     /// Installs `items` in order, each recorded in the state file first. On an error,
     /// what was installed stays recorded: the caller undoes it.
     pub async fn install(&mut self, items: Vec<Item>) -> anyhow::Result<()> {
-        for item in items {
+        for mut item in items {
+            if let Item::LocalMoved { v6, protocol } = &mut item {
+                *protocol = self
+                    .local_rules(*v6)
+                    .await?
+                    .into_iter()
+                    .find(|&p| p != MOVED_LOCAL_PROTOCOL)
+                    .context("--setup: --capture-local: the host has no `local` rule at priority 0 to move")?;
+            }
             // Recorded first: if the process dies between the two, the next start removes
             // an item that may not exist, which is harmless.
             self.state.items.push(item.clone());
@@ -593,6 +683,17 @@ impl Installer {
                 };
             }
             Item::Nft { table, chains } => return nft(item, table, chains, add),
+            Item::LocalRule { v6, from, dst, table } => {
+                let message = local_rule_message(*v6, *from, *dst, *table);
+                if add {
+                    let mut request = self.handle.rule().add();
+                    *request.message_mut() = message;
+                    request.execute().await
+                } else {
+                    self.handle.rule().del(message).execute().await
+                }
+            }
+            Item::LocalMoved { v6, protocol } => return self.move_local(item, *v6, *protocol, add).await,
         };
         match result {
             Ok(()) => Ok(()),
@@ -602,6 +703,123 @@ impl Installer {
             Err(e) => Err(netlink_error(e, item)),
         }
     }
+}
+
+impl Installer {
+    /// The addresses of every interface but the TUN (after [`Installer::attach`]).
+    pub async fn own_addresses(&self) -> anyhow::Result<Vec<IpAddr>> {
+        use futures_util::TryStreamExt;
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut addresses = self.handle.address().get().execute();
+        let mut found = Vec::new();
+        while let Some(a) = addresses.try_next().await.context("--setup: listing the host's addresses")? {
+            if a.header.index == self.tun_index {
+                continue;
+            }
+            // IPv4's own address is IFA_LOCAL (IFA_ADDRESS is the peer's on a
+            // point-to-point link); IPv6 has IFA_ADDRESS only.
+            let local = a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let address = a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            found.extend(local.or(address));
+        }
+        Ok(found)
+    }
+
+    /// The protocols of the `local` rules at priority 0, in order.
+    async fn local_rules(&self, v6: bool) -> anyhow::Result<Vec<u8>> {
+        use futures_util::TryStreamExt;
+        use rtnetlink::packet_route::rule::RuleAttribute;
+        let version = if v6 { rtnetlink::IpVersion::V6 } else { rtnetlink::IpVersion::V4 };
+        let mut rules = self.handle.rule().get(version).execute();
+        let mut found = Vec::new();
+        while let Some(rule) = rules.try_next().await.context("--setup: listing the policy rules")? {
+            let mut priority = 0;
+            let mut table = u32::from(rule.header.table);
+            let mut protocol = 0;
+            // Only the plain rule: no selector (--capture-local's own `fwmark MARK lookup
+            // local` is another).
+            let mut plain = rule.header.src_len == 0 && rule.header.dst_len == 0;
+            for attribute in &rule.attributes {
+                match attribute {
+                    RuleAttribute::Priority(p) => priority = *p,
+                    RuleAttribute::Table(t) => table = *t,
+                    RuleAttribute::Protocol(p) => protocol = u8::from(*p),
+                    RuleAttribute::FwMark(_)
+                    | RuleAttribute::Iifname(_)
+                    | RuleAttribute::Oifname(_)
+                    | RuleAttribute::UidRange(_)
+                    | RuleAttribute::IpProtocol(_)
+                    | RuleAttribute::SourcePortRange(_)
+                    | RuleAttribute::DestinationPortRange(_) => plain = false,
+                    _ => {}
+                }
+            }
+            if priority == 0 && table == LOCAL_TABLE && plain {
+                found.push(protocol);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Puts the `local` rule behind --capture-local's (see [`Item::LocalMoved`]), or
+    /// restores it: the original back if it is missing, every copy deleted.
+    async fn move_local(&self, item: &Item, v6: bool, protocol: u8, add: bool) -> anyhow::Result<()> {
+        let present = self.local_rules(v6).await?;
+        let rule = |protocol: u8| local_table_rule(v6, protocol);
+        let run = |e: rtnetlink::Error| netlink_error(e, item);
+        if add {
+            let mut request = self.handle.rule().add();
+            *request.message_mut() = rule(MOVED_LOCAL_PROTOCOL);
+            request.execute().await.map_err(run)?;
+            return self.handle.rule().del(rule(protocol)).execute().await.map_err(run);
+        }
+        if !present.iter().any(|&p| p != MOVED_LOCAL_PROTOCOL) {
+            let mut request = self.handle.rule().add();
+            *request.message_mut() = rule(protocol);
+            request.execute().await.map_err(run)?;
+        }
+        for _ in present.iter().filter(|&&p| p == MOVED_LOCAL_PROTOCOL) {
+            self.handle.rule().del(rule(MOVED_LOCAL_PROTOCOL)).execute().await.map_err(run)?;
+        }
+        Ok(())
+    }
+}
+
+/// `lookup local` at priority 0 with the given protocol.
+fn local_table_rule(v6: bool, protocol: u8) -> rtnetlink::packet_route::rule::RuleMessage {
+    use rtnetlink::packet_route::AddressFamily;
+    use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+    let mut m = RuleMessage::default();
+    m.header.family = if v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    m.header.action = RuleAction::ToTable;
+    m.header.table = LOCAL_TABLE as u8;
+    m.attributes.push(RuleAttribute::Table(LOCAL_TABLE));
+    m.attributes.push(RuleAttribute::Priority(0));
+    m.attributes.push(RuleAttribute::Protocol(protocol.into()));
+    m
+}
+
+/// `iif lo from FROM to DST lookup TABLE` at priority 0.
+fn local_rule_message(v6: bool, from: IpNet, dst: IpNet, table: u32) -> rtnetlink::packet_route::rule::RuleMessage {
+    use rtnetlink::packet_route::AddressFamily;
+    use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+    let mut m = RuleMessage::default();
+    m.header.family = if v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    m.header.action = RuleAction::ToTable;
+    m.header.src_len = from.prefix_len();
+    m.header.dst_len = dst.prefix_len();
+    m.attributes.push(RuleAttribute::Table(table));
+    m.attributes.push(RuleAttribute::Priority(0));
+    m.attributes.push(RuleAttribute::Iifname("lo".into()));
+    m.attributes.push(RuleAttribute::Source(from.addr()));
+    m.attributes.push(RuleAttribute::Destination(dst.addr()));
+    m
 }
 
 /// A route in `table`: into the interface `oif` (`RouteKind::Tun`) or a throw route. For
@@ -736,6 +954,7 @@ mod tests {
             mark: 0x7467,
             tun: "tun-0".into(),
             scope: Scope::default(),
+            capture_local: None,
         }
     }
 
@@ -770,6 +989,34 @@ mod tests {
         assert!(shown[0].contains("socket cgroupv2 level 2 \"unified/apps/browser\" meta mark set 0x7467 return }"));
         assert!(shown.contains(&"rule priority 7467 not fwmark 0x7467 lookup 7467".to_string()), "{shown:?}");
         assert!("1000; drop".parse::<Uid>().is_err() && "".parse::<Uid>().is_err());
+    }
+
+    #[test]
+    fn capture_local_routes_own_ipv4_addresses_ahead_of_the_moved_local_rule() {
+        let own = ["10.78.0.1", "127.0.0.1", "169.254.1.1", "198.18.0.1", "fd78::1", "::1"];
+        let own = own.iter().map(|a| a.parse().unwrap()).collect();
+        let items = plan(&Request { capture_local: Some(own), ..request() });
+        let shown: Vec<String> = items.iter().map(ToString::to_string).collect();
+        let v4_rule = shown.iter().position(|s| s == "rule priority 7467 not fwmark 0x7467 lookup 7467").unwrap();
+        assert_eq!(
+            shown[v4_rule + 1..v4_rule + 11],
+            [
+                "route throw 127.74.67.1/32 table 7467",
+                "route 10.78.0.1/32 dev TUN table 7467",
+                "route 127.0.0.0/8 dev TUN table 7467",
+                "rule priority 0 fwmark 0x7467 lookup 255",
+                "rule priority 0 iif lo from 0.0.0.0/32 to 10.78.0.1/32 lookup 7467",
+                "rule priority 0 iif lo from 198.18.0.0/24 to 10.78.0.1/32 lookup 7467",
+                "rule priority 0 iif lo from 0.0.0.0/32 to 127.0.0.0/8 lookup 7467",
+                "rule priority 0 iif lo from 198.18.0.0/24 to 127.0.0.0/8 lookup 7467",
+                "rule priority 0 lookup local, behind the rules above",
+                "route throw fd18::/64 table 7467",
+            ]
+        );
+        assert!(
+            !shown.iter().any(|s| s.contains("fd78::1") || s.contains("-6 priority 0")),
+            "IPv6 stays out: {shown:?}"
+        );
     }
 
     #[test]

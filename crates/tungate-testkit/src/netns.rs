@@ -175,18 +175,19 @@ impl Topology {
         self.client(&full)
     }
 
-    /// The client namespace's routing state, as `ip` and `nft` print it: rules and every
-    /// table (v4 and v6), the nftables ruleset, every interface's IPv4 rp_filter. IPv6
+    /// The client namespace's routing state, as `ip` and `nft` print it: rules (with their
+    /// protocol) and every table (v4 and v6), the nftables ruleset, every interface's IPv4
+    /// rp_filter and route_localnet. IPv6
     /// link-local and multicast routes, which the kernel adds by itself, are left out.
     pub fn host_state(&self) -> String {
         let mut state = String::new();
         for cmd in [
-            &["ip", "rule"][..],
-            &["ip", "-6", "rule"],
+            &["ip", "-d", "rule"][..],
+            &["ip", "-d", "-6", "rule"],
             &["ip", "route", "show", "table", "all"],
             &["ip", "-6", "route", "show", "table", "all"],
             &["nft", "list", "ruleset"],
-            &["sh", "-c", "grep -r . /proc/sys/net/ipv4/conf/*/rp_filter"],
+            &["sh", "-c", "grep -r . /proc/sys/net/ipv4/conf/*/rp_filter /proc/sys/net/ipv4/conf/*/route_localnet"],
         ] {
             let out = self.client(cmd);
             assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -204,8 +205,22 @@ impl Topology {
     /// Starts a long-running command in the server namespace and waits for it to print
     /// "listening".
     pub fn server(&mut self, args: &[&str]) {
+        let ns = self.srv.clone();
+        self.server_in(&ns, args);
+    }
+
+    /// [`Topology::peer_server`] in the client namespace (the host's own services).
+    pub fn peer_server_on_client(&mut self, args: &[&str]) {
+        let script = peer_script();
+        let mut full = vec!["python3", script.to_str().expect("utf-8 path")];
+        full.extend_from_slice(args);
+        let ns = self.cli.clone();
+        self.server_in(&ns, &full);
+    }
+
+    fn server_in(&mut self, ns: &str, args: &[&str]) {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.srv])
+            .args(["netns", "exec", ns])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -92,20 +92,39 @@ pub struct Dialer {
     /// are always refused for names, so a client cannot reach the gateway's own host by
     /// naming `localhost`.
     pub refuse_resolved: Vec<ipnet::IpNet>,
+    /// The host's own addresses under `--capture-local`: dialled from
+    /// [`LOCAL_SOURCE_V4`] or `::1`, which the capture leaves alone, so that the
+    /// answers of a server that picks its source per datagram are not captured too.
+    pub local: Vec<ipnet::IpNet>,
 }
+
+/// The source of the gateway's dials to the host's own IPv4 addresses under
+/// `--capture-local` (a loopback address: `127.0.0.0/8` is local to every Linux host).
+pub const LOCAL_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 74, 67, 1);
 
 impl Default for Dialer {
     fn default() -> Self {
-        Dialer { mark: None, connect_timeout: Duration::from_secs(10), refuse_resolved: Vec::new() }
+        Dialer { mark: None, connect_timeout: Duration::from_secs(10), refuse_resolved: Vec::new(), local: Vec::new() }
     }
 }
 
 impl Dialer {
+    /// The source address to bind for `to`: the loopback one for the host's own addresses.
+    fn local_source(&self, to: SocketAddr) -> Option<SocketAddr> {
+        if !self.local.iter().any(|n| n.contains(&to.ip())) {
+            return None;
+        }
+        Some(if to.is_ipv4() { (LOCAL_SOURCE_V4, 0).into() } else { (std::net::Ipv6Addr::LOCALHOST, 0).into() })
+    }
+
     /// A TCP connection to `to`, Nagle off.
     pub async fn tcp(&self, to: SocketAddr) -> io::Result<TcpStream> {
         let socket = if to.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         if let Some(mark) = self.mark {
             SockRef::from(&socket).set_mark(mark)?;
+        }
+        if let Some(source) = self.local_source(to) {
+            socket.bind(source)?;
         }
         socket.set_nodelay(true)?;
         tokio::time::timeout(self.connect_timeout, socket.connect(to))
@@ -125,7 +144,7 @@ impl Dialer {
             socket.connect(&peer.into())?;
         } else {
             let any: SocketAddr = if peer.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
-            socket.bind(&any.into())?;
+            socket.bind(&self.local_source(peer).unwrap_or(any).into())?;
             // Unconnected, the kernel would keep a port unreachable to itself.
             crate::os::report_errors(std::os::fd::AsFd::as_fd(&socket), peer.is_ipv6())?;
         }

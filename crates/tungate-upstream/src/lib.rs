@@ -16,7 +16,7 @@ pub mod sniff;
 pub mod socks5;
 mod spec;
 
-pub use connector::{BoxFuture, ConnectError, Connector, Datagram, Dialer, UdpPath, with_scratch};
+pub use connector::{BoxFuture, ConnectError, Connector, Datagram, Dialer, LOCAL_SOURCE_V4, UdpPath, with_scratch};
 pub use direct::Direct;
 pub use http::HttpConnect;
 pub use router::{Router, RouterConfig, UdpPolicy};

@@ -75,6 +75,10 @@ pub struct RouterConfig {
     pub sniff: Option<Duration>,
     /// Fake-IP answers, hijacking and DNS over TCP.
     pub dns: DnsConfig,
+    /// The host's own addresses (`--capture-local`): flows to them are dialled by the
+    /// gateway itself (the direct path), whatever the upstream: a proxy's loopback is
+    /// not this host's.
+    pub local: Vec<ipnet::IpNet>,
 }
 
 impl Default for RouterConfig {
@@ -89,6 +93,7 @@ impl Default for RouterConfig {
             udp_idle_timeout: tungate_api::udp::DEFAULT_IDLE_TIMEOUT,
             sniff: None,
             dns: DnsConfig::default(),
+            local: Vec::new(),
         }
     }
 }
@@ -234,8 +239,16 @@ impl Inner {
         }
     }
 
+    /// The upstream, or the direct path for the host's own addresses.
+    fn upstream_for(&self, target: &Target) -> &Arc<dyn Connector> {
+        match target {
+            Target::Addr(a) if self.config.local.iter().any(|n| n.contains(&a.ip())) => &self.direct,
+            _ => &self.upstream,
+        }
+    }
+
     async fn connect(&self, target: &Target) -> Result<tokio::net::TcpStream, ConnectError> {
-        match tokio::time::timeout(self.config.connect_timeout, self.upstream.connect(target)).await {
+        match tokio::time::timeout(self.config.connect_timeout, self.upstream_for(target).connect(target)).await {
             Ok(result) => result,
             // The dial itself has its own, shorter limit (`Dialer`): this one catches a
             // proxy that accepts and then never answers.
@@ -275,7 +288,7 @@ impl Inner {
         let believed =
             self.no_udp_since.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| t.elapsed() < NO_UDP_MEMORY);
         if !believed {
-            match self.open_udp(&self.upstream, target).await {
+            match self.open_udp(self.upstream_for(target), target).await {
                 Ok(path) => return Some(path),
                 Err(e @ ConnectError::NoUdp { .. }) => {
                     let first =
