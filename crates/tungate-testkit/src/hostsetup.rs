@@ -3,7 +3,7 @@
 //! namespace's routing state is what it was after every way the gateway can end.
 
 use crate::netns::Topology;
-use crate::proxies::{dante_on, each_way_64mib, refused, servers};
+use crate::proxies::{dante_on, dig, each_way_64mib, refused, resolver, servers};
 
 /// The proxy listens on the server namespace's veth address, which --setup must leave
 /// on the host's route (a throw route); the test servers are on 10.77.0.2, which only
@@ -374,4 +374,47 @@ pub fn netns_setup_capture_local(bin: &str) {
     let stats = t.stop_gateway();
     assert_eq!((stats["tcp_requests"], stats["udp_sessions"]), (0, 0), "captured without the flag: {stats:?}");
     assert_eq!(t.host_state(), before, "the start after a killed --capture-local left the host changed");
+}
+
+/// `--setup --dns fake-ip` with the namespace's resolver on the far side: `dig` with no
+/// server named (resolv.conf's) is answered by the gateway from the fake pool, a TXT
+/// query is forwarded to the resolver through the upstream, curl by name fetches a file
+/// by digest; a capture on the uplink meanwhile sees no DNS packet (port 53) at all.
+pub fn netns_setup_dns(bin: &str) {
+    use std::io::BufRead;
+    let mut t = Topology::bare(bin, 1500);
+    let before = host(&t, &[]);
+    t.server_etc("hosts", "127.0.0.1 localhost\n10.77.0.2 web.test\n");
+    t.client_etc("resolv.conf", "nameserver 10.77.0.53\noptions timeout:2 attempts:1\n");
+    dante_on(&mut t, "10.78.0.2", 1080, "none");
+    resolver(&mut t);
+    let body = servers(&mut t);
+    let pcap = t.write_state("uplink-dns.pcap", b"");
+    let mut capture = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.cli, "tcpdump", "-i", "c0", "-n", "-U", "-w", &pcap, "port 53"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tcpdump");
+    let mut line = String::new();
+    let stderr = capture.stderr.take().expect("piped");
+    std::io::BufReader::new(stderr).read_line(&mut line).expect("tcpdump's first line");
+    assert!(line.contains("listening on c0"), "tcpdump: {line}");
+
+    let mut setup = SETUP.to_vec();
+    setup.extend(["--dns", "fake-ip"]);
+    t.start_gateway("NETNS_GATEWAY_SETUP=1", &setup);
+    let a = dig(&t, &["web.test", "A"]);
+    let a: std::net::Ipv4Addr = a.first().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("A: {a:?}"));
+    assert_eq!(a.octets()[..2], [198, 19], "{a} is not from the fake pool");
+    assert_eq!(dig(&t, &["txt.test", "TXT"]), ["\"hello tungate\""], "TXT forwarded to the resolver");
+    t.curl_get("http://web.test:8080/file.bin", &[], &body);
+    let stats = t.stop_gateway();
+    assert!(stats["dns_fake_answers"] >= 1 && stats["dns_forwarded"] >= 1, "{stats:?}");
+    let _ = capture.kill();
+    let _ = capture.wait();
+    let read = std::process::Command::new("tcpdump").args(["-n", "-r", &pcap]).output().expect("tcpdump -r");
+    assert!(read.status.success(), "tcpdump -r: {}", String::from_utf8_lossy(&read.stderr));
+    let seen = String::from_utf8_lossy(&read.stdout);
+    assert!(seen.trim().is_empty(), "DNS left by the uplink around the gateway:\n{seen}");
+    assert_eq!(t.host_state(), before, "--setup --dns left the host changed");
 }

@@ -279,7 +279,7 @@ pub fn netns_sniff(bin: &str) {
 
 /// dnsmasq on 10.77.0.53:53 (UDP and TCP) in the server namespace: `real.test` is
 /// 10.77.0.2, `txt.test` has a TXT record.
-fn resolver(t: &mut Topology) {
+pub(crate) fn resolver(t: &mut Topology) {
     let added = Command::new("ip").args(["-n", &t.srv, "addr", "add", "10.77.0.53/32", "dev", "lo"]).status();
     assert!(added.is_ok_and(|s| s.success()), "adding 10.77.0.53 in the server namespace");
     t.daemon(
@@ -304,7 +304,7 @@ fn resolver(t: &mut Topology) {
 }
 
 /// `dig +short` in the client namespace; returns its answer lines.
-fn dig(t: &Topology, args: &[&str]) -> Vec<String> {
+pub(crate) fn dig(t: &Topology, args: &[&str]) -> Vec<String> {
     let mut full = vec!["dig", "+short", "+time=2", "+tries=1"];
     full.extend_from_slice(args);
     let out = t.client(&full);
