@@ -110,7 +110,7 @@ pub enum Item {
         table: u32,
     },
     /// The kernel's `local` rule at priority 0 put behind the rules above: a copy (of
-    /// protocol [`MOVED_LOCAL_PROTOCOL`]) added after them, then the original (of
+    /// protocol 116) added after them, then the original (of
     /// protocol `protocol`, learned when installing) deleted. Undone by adding the
     /// original back if it is missing and deleting every copy.
     LocalMoved {

@@ -418,3 +418,63 @@ pub fn netns_setup_dns(bin: &str) {
     assert!(seen.trim().is_empty(), "DNS left by the uplink around the gateway:\n{seen}");
     assert_eq!(t.host_state(), before, "--setup --dns left the host changed");
 }
+
+/// The gateway as an unprivileged user with no capability at all, on a TUN made for that
+/// user beforehand (`ip tuntap add … user 65534`, addressed and up): it attaches without
+/// touching the link, and curl (by digest) and an upload through dante work. On a TUN
+/// that has no owner the one-line error says so and how to make one.
+pub fn netns_owned_tun(bin: &str) {
+    use std::io::BufRead;
+    let mut t = Topology::bare(bin, 1500);
+    let made: [&[&str]; 5] = [
+        &["ip", "tuntap", "add", "dev", "tun0", "mode", "tun", "user", "65534"],
+        &["ip", "addr", "add", "198.18.0.1/24", "dev", "tun0"],
+        &["ip", "link", "set", "tun0", "up"],
+        &["ip", "route", "add", "10.77.0.0/24", "dev", "tun0"],
+        &["ip", "tuntap", "add", "dev", "tun1", "mode", "tun"],
+    ];
+    for cmd in made {
+        let out = t.client(cmd);
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    dante_on(&mut t, "10.78.0.2", 1080, "none");
+    let body = servers(&mut t);
+    let wrap = t.write_state("as-nobody.sh", AS_NOBODY.as_bytes());
+    let gateway = |tun: &str| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &t.cli, "env", "TEST_CAPS=", "sh", &wrap, &t.run_gateway_binary_path()])
+            .args(["--tun", tun, "--address", "198.18.0.1/24", "--offload", "off"])
+            .args(["--proxy", "socks5://10.78.0.2:1080"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the gateway")
+    };
+
+    let mut child = gateway("tun0");
+    let stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut lines = stdout.lines();
+    let ready = lines.by_ref().map_while(Result::ok).find(|l| l.contains("\"event\":\"ready\""));
+    if ready.is_none() {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("the gateway's output");
+        panic!("no ready event: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    t.curl_get("http://10.77.0.2:8080/file.bin", &[], &body);
+    let up = t.peer_client(&["upload", "10.77.0.2", "9000", "4194304"]);
+    assert!(up.starts_with("ok upload 4194304 bytes"), "{up}");
+    let term = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert!(term.is_ok_and(|s| s.success()), "kill -TERM");
+    let exit = lines.map_while(Result::ok).find(|l| l.contains("\"event\":\"exit\"")).expect("an exit event");
+    assert!(exit.contains("\"tcp_requests\":2"), "curl and the upload crossed the TUN: {exit}");
+    assert!(child.wait().expect("the gateway's status").success(), "the gateway's exit status");
+    let link = t.client(&["ip", "-d", "link", "show", "tun0"]);
+    assert!(String::from_utf8_lossy(&link.stdout).contains("user nobody"), "the user's TUN stays as it was");
+
+    let out = gateway("tun1").wait_with_output().expect("the gateway's output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("it exists, with no owner") && err.contains("user USER"),
+        "the error on a TUN without owner: {err}"
+    );
+}

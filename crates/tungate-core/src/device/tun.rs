@@ -48,6 +48,12 @@ impl TunConfig {
 pub enum TunError {
     #[error("no permission to create TUN {name:?} (needs CAP_NET_ADMIN and access to /dev/net/tun)")]
     Permission { name: String, source: io::Error },
+    #[error(
+        "no permission to open TUN {name:?}: it exists, {}, and this process lacks CAP_NET_ADMIN \
+         (create it for this user: ip tuntap add dev {name} mode tun user USER)",
+        match owner { Some(uid) => format!("owned by uid {uid}"), None => "with no owner".to_string() }
+    )]
+    NotOwner { name: String, owner: Option<u32>, source: io::Error },
     #[error("TUN {name:?} is busy (another process has it open, or the name belongs to a non-TUN interface)")]
     Busy { name: String, source: io::Error },
     #[error("/dev/net/tun is missing (is the tun kernel module loaded?)")]
@@ -141,6 +147,9 @@ impl TunDevice {
 
     fn create_with(config: &TunConfig, offload: bool) -> Result<Self, TunError> {
         let name = config.name.clone();
+        if let Some(existing) = Existing::read(&name) {
+            return Self::attach(config, offload, existing);
+        }
         let mut builder = tun_rs::DeviceBuilder::new()
             .name(&config.name)
             .mtu(config.mtu.get() as u16)
@@ -176,6 +185,59 @@ impl TunDevice {
                 source,
             })?;
         }
+        let name = dev.name().unwrap_or(name);
+        Ok(TunDevice { dev, mtu: config.mtu, name, vnet })
+    }
+
+    /// Attaches to a persistent TUN made beforehand (`ip tuntap add … user U`), which its
+    /// owner may open without CAP_NET_ADMIN. Changing a link setting needs the capability
+    /// even when the value does not change, so only what differs from the request is
+    /// set: the MTU, missing addresses, the link state. A shorter transmit queue is kept,
+    /// with a warning, when raising it is refused.
+    fn attach(config: &TunConfig, offload: bool, existing: Existing) -> Result<Self, TunError> {
+        let name = config.name.clone();
+        let mut builder = tun_rs::DeviceBuilder::new().name(&config.name).offload(offload);
+        if existing.mtu != config.mtu.get() {
+            builder = builder.mtu(config.mtu.get() as u16);
+        }
+        if existing.up {
+            builder = builder.inherit_enable_state();
+        }
+        let dev = builder.build_async().map_err(|e| {
+            if offload && e.raw_os_error() == Some(libc::EINVAL) {
+                TunError::OffloadRefused { name: name.clone(), source: e }
+            } else if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+                TunError::NotOwner { name: name.clone(), owner: existing.owner, source: e }
+            } else {
+                classify_create_error(&name, e)
+            }
+        })?;
+        let setup = |what: &'static str| {
+            let name = name.clone();
+            move |source| TunError::Setup { name, what, source }
+        };
+        if existing.tx_queue_len < config.tx_queue_len {
+            match dev.set_tx_queue_len(config.tx_queue_len) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => tracing::warn!(
+                    tun = %name,
+                    txqueuelen = existing.tx_queue_len,
+                    "kept the TUN's transmit queue: raising it to {} needs CAP_NET_ADMIN \
+                     (or `ip link set {name} txqueuelen {}` beforehand)",
+                    config.tx_queue_len,
+                    config.tx_queue_len
+                ),
+                Err(e) => return Err(setup("setting the transmit queue length")(e)),
+            }
+        }
+        let present = dev.addresses().map_err(setup("reading its addresses"))?;
+        for net in config.addresses.iter().filter(|n| !present.contains(&n.addr())) {
+            match net.addr() {
+                IpAddr::V4(a) => dev.add_address_v4(a, net.prefix_len()).map_err(setup("adding an IPv4 address"))?,
+                IpAddr::V6(a) => dev.add_address_v6(a, net.prefix_len()).map_err(setup("adding an IPv6 address"))?,
+            }
+        }
+        let vnet = offload.then(|| Vnet::new(config.rx_mode));
         let name = dev.name().unwrap_or(name);
         Ok(TunDevice { dev, mtu: config.mtu, name, vnet })
     }
@@ -330,6 +392,33 @@ impl TunDevice {
             write_parts(&self.dev, &[IoSlice::new(&hdr), IoSlice::new(splitter.segment(i))]).await?;
         }
         Ok(())
+    }
+}
+
+/// A persistent TUN that exists already, as sysfs shows it (in this network namespace).
+#[derive(Debug)]
+struct Existing {
+    mtu: usize,
+    tx_queue_len: u32,
+    up: bool,
+    /// Its owner's uid (`ip tuntap add … user U`), if it has one.
+    owner: Option<u32>,
+}
+
+impl Existing {
+    fn read(name: &str) -> Option<Existing> {
+        let dir = std::path::Path::new("/sys/class/net").join(name);
+        // A TUN/TAP device has tun_flags; another interface of that name is not attached.
+        std::fs::metadata(dir.join("tun_flags")).ok()?;
+        let read = |file: &str| std::fs::read_to_string(dir.join(file)).ok().map(|s| s.trim().to_owned());
+        let number = |file: &str| read(file).and_then(|s| s.parse::<i64>().ok());
+        let flags = read("flags").and_then(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16).ok());
+        Some(Existing {
+            mtu: usize::try_from(number("mtu")?).ok()?,
+            tx_queue_len: number("tx_queue_len").unwrap_or(0) as u32,
+            up: flags.is_some_and(|f| f & libc::IFF_UP as u32 != 0),
+            owner: number("owner").and_then(|o| u32::try_from(o).ok()),
+        })
     }
 }
 
