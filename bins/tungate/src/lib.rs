@@ -171,6 +171,11 @@ pub struct SetupArgs {
 }
 
 impl SetupArgs {
+    /// Whether only named users or cgroups are captured.
+    fn scope_is_restricted(&self) -> bool {
+        !self.uids.is_empty() || !self.cgroups.is_empty()
+    }
+
     /// Whose traffic --setup captures; the cgroups are looked up (they must exist).
     fn scope(&self) -> anyhow::Result<setup::Scope> {
         let mountinfo = || std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo");
@@ -450,13 +455,20 @@ async fn router(
     args: &UpstreamArgs,
     dns: DnsConfig,
     mark: Option<u32>,
-    local: Vec<IpNet>,
+    host: &HostSetup,
     stats: &Arc<tungate_core::Stats>,
 ) -> anyhow::Result<Router> {
+    let local = host.local.clone();
+    let proxy = match host.proxy_at {
+        Some(ip) => args.proxy.at(ip),
+        None => args.proxy.clone(),
+    };
     let refuse_resolved = dns.fake_ip.as_ref().map(|f| f.ranges().to_vec()).unwrap_or_default();
-    let dialer = Dialer { mark, refuse_resolved, local: local.clone(), ..Dialer::default() };
-    let upstream = args.proxy.connector(dialer.clone(), stats.clone()).await?;
-    let direct = ProxySpec::Direct.connector(dialer, stats.clone()).await?;
+    let dialer = Dialer { mark, refuse_resolved, ..Dialer::default() };
+    let upstream = proxy.connector(dialer.clone(), stats.clone()).await?;
+    // Only the direct path dials the host's own addresses from the loopback source: a
+    // proxy on this host is reached from its usual one.
+    let direct = ProxySpec::Direct.connector(Dialer { local: local.clone(), ..dialer }, stats.clone()).await?;
     let secs = std::time::Duration::from_secs;
     let config = RouterConfig {
         udp: args.udp,
@@ -588,12 +600,12 @@ fn run<'a, B: Backend>(
         // Before the set-up: a signal from here on ends the serving, never the process
         // with its set-up in place.
         let shutdown = shutdown_signal();
-        let (mut installer, local) = match &args.tun {
-            Some(tun) => set_up_host(args, tun, device.name(), mark).await?,
-            None => (None, Vec::new()),
+        let mut host = match &args.tun {
+            Some(tun) => set_up_host(args, tun, &device, mark).await?,
+            None => HostSetup::default(),
         };
-        let served = serve_tun(args, backend, device, dns, mark, local, shutdown).await;
-        let undone = match installer.as_mut() {
+        let served = serve_tun(args, backend, device, dns, mark, &host, shutdown).await;
+        let undone = match host.installer.as_mut() {
             Some(installer) => installer.undo().await,
             None => Ok(()),
         };
@@ -601,23 +613,43 @@ fn run<'a, B: Backend>(
     })
 }
 
+/// What --setup installed, and what the router must know of it.
+#[derive(Debug, Default)]
+struct HostSetup {
+    installer: Option<setup::Installer>,
+    /// The host's own addresses --capture-local captures.
+    local: Vec<IpNet>,
+    /// The proxy's address, resolved before the routes were installed: once they are,
+    /// the resolver's own queries may be routed into the TUN, which is not read yet.
+    proxy_at: Option<std::net::IpAddr>,
+}
+
 /// With --setup: removes what an earlier run left, then installs the routes and rules
-/// (undoing what it installed if that fails), and returns them with the host's own
-/// addresses --capture-local captures. Without: only the removal, if an earlier run with
-/// --setup on this TUN left a state file.
-async fn set_up_host(
-    args: &Args,
-    tun: &str,
-    device_name: &str,
-    mark: Option<u32>,
-) -> anyhow::Result<(Option<setup::Installer>, Vec<IpNet>)> {
+/// (undoing what it installed if that fails). Without: only the removal, if an earlier
+/// run with --setup on this TUN left a state file.
+async fn set_up_host(args: &Args, tun: &str, device: &TunDevice, mark: Option<u32>) -> anyhow::Result<HostSetup> {
+    let device_name = device.name();
     let dir = setup::state_dir();
     if !args.setup.setup {
         if setup::State::load(&setup::state_path(&dir, tun)?)?.is_some() {
             setup::Installer::open(&dir, tun).await?;
         }
-        return Ok((None, Vec::new()));
+        return Ok(HostSetup::default());
     }
+    if device.attached() {
+        bail!(
+            "--setup: {device_name} is a persistent TUN, which outlives this process: after a crash \
+             its routes would hold the host's traffic until the next start. Let the gateway create \
+             the TUN, or route into it by hand"
+        );
+    }
+    let mark = match mark {
+        Some(0) => bail!("--mark 0 with --setup: the gateway's own sockets would be unmarked and loop"),
+        Some(u32::MAX) if args.setup.scope_is_restricted() => {
+            bail!("--mark 0xffffffff with --uid or --cgroup: the capture mark is --mark + 1")
+        }
+        _ => mark,
+    };
     let (mut installer, _) = setup::Installer::open(&dir, tun).await?;
     let proxy = match &args.upstream.proxy {
         ProxySpec::Direct => Vec::new(),
@@ -642,6 +674,7 @@ async fn set_up_host(
         true => Some(installer.own_addresses().await?),
         false => None,
     };
+    let proxy_at = proxy.first().copied();
     let request = setup::Request {
         routes,
         exclude: args.setup.exclude.clone(),
@@ -663,6 +696,9 @@ async fn set_up_host(
         items.insert(0, setup::Item::Sysctl { path, previous: previous.trim().into(), value: "1".into() });
     }
     items.extend(setup::strict_rp_filters(conf, device_name, request.scope.is_restricted())?);
+    if args.setup.capture_local && !items.iter().any(|i| matches!(i, setup::Item::LocalRule { .. })) {
+        bail!("--capture-local captures IPv4 only: it needs an IPv4 --address and an IPv4 --route");
+    }
     let local = items
         .iter()
         .filter_map(|i| match i {
@@ -678,7 +714,7 @@ async fn set_up_host(
         }
         return Err(e);
     }
-    Ok((Some(installer), local))
+    Ok(HostSetup { installer: Some(installer), local, proxy_at })
 }
 
 /// Serves the TUN until SIGINT/SIGTERM, then reports.
@@ -688,7 +724,7 @@ async fn serve_tun<B: Backend>(
     device: TunDevice,
     dns: DnsConfig,
     mark: Option<u32>,
-    local: Vec<IpNet>,
+    host: &HostSetup,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let process = &args.process;
@@ -709,7 +745,7 @@ async fn serve_tun<B: Backend>(
             (Some(_), _) | (None, ProxySpec::Direct) => IcmpMode::Direct { mark },
             (None, _) => IcmpMode::Reply,
         };
-        let router = router(&args.upstream, dns, mark, local, &stats).await?;
+        let router = router(&args.upstream, dns, mark, host, &stats).await?;
         let handlers = Dispatch {
             tcp: Arc::new(router.clone()),
             udp: Arc::new(router),
@@ -934,8 +970,14 @@ pub mod redirect {
             let shutdown = super::shutdown_signal();
             let stats = Arc::new(tungate_core::Stats::default());
             // The REDIRECT rule captures TCP only; --udp has nothing to act on here.
-            let router =
-                super::router(&args.upstream, super::DnsConfig::default(), process.mark, Vec::new(), &stats).await?;
+            let router = super::router(
+                &args.upstream,
+                super::DnsConfig::default(),
+                process.mark,
+                &super::HostSetup::default(),
+                &stats,
+            )
+            .await?;
             let listen: Vec<String> = args.listen.iter().map(|a| a.to_string()).collect();
             tracing::info!(
                 backend = "redirect",

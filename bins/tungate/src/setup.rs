@@ -13,7 +13,8 @@
 //!   default [`DEFAULT_MARK`] with `--setup`), so nothing the gateway sends consults the
 //!   table: loop-free by construction, whatever the routes say. Unmarked packets consult
 //!   it first and, where it has no route or a throw route, go on to the host's other
-//!   rules (`local` at 0 stays ahead: the host's own addresses are not captured).
+//!   rules (`local` at 0 stays ahead: the host's own addresses are not captured, unless
+//!   `--capture-local` puts rules ahead of it, see ARCHITECTURE, "Host set-up").
 //! * **`rp_filter` loosened** (IPv4), only where it is strict: a reply to the gateway's
 //!   marked socket arrives on the uplink, but the reverse-path check looks its source up
 //!   without the mark, finds the TUN and would drop it. Each interface whose effective
@@ -224,13 +225,14 @@ impl std::str::FromStr for Uid {
         if s.parse::<u32>().is_ok() {
             return Ok(Uid(s.into()));
         }
-        // A POSIX user name; nothing else reaches the nft script.
+        // A user name as shadow-utils allows them (e.g. `Debian-exim`); nothing else
+        // reaches the nft script.
         let mut chars = s.chars();
-        let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-        if first_ok && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c)) {
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if first_ok && chars.all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
             Ok(Uid(format!("\"{s}\"")))
         } else {
-            Err(format!("{s:?} is neither a uid number nor a user name"))
+            Err(format!("{s:?} is neither a uid number nor a user name (letters, digits, _ - .)"))
         }
     }
 }
@@ -407,13 +409,17 @@ fn capture_local(request: &Request, v6: bool, own: &[IpAddr]) -> Vec<Item> {
         // IPv6: see above. No IPv4 TUN address: nothing to source the packets from.
         return Vec::new();
     }
+    let proxy = request.proxy.iter().map(|&a| IpNet::from(a));
+    let throws: Vec<IpNet> = request.exclude.iter().chain(&request.tun_prefixes).copied().chain(proxy).collect();
     let mut dsts: Vec<IpNet> = own
         .iter()
         .filter_map(|a| match a {
             IpAddr::V4(a) if !a.is_loopback() && !a.is_link_local() => Some(IpNet::from(IpAddr::V4(*a))),
             _ => None,
         })
-        .filter(|a| !request.tun_prefixes.iter().any(|n| n.addr() == a.addr()))
+        // What a throw route leaves to the host stays with it (the proxy, --exclude, the
+        // TUN's own prefixes).
+        .filter(|a| !throws.iter().any(|t| t.contains(&a.addr())))
         .collect();
     dsts.push("127.0.0.0/8".parse().expect("literal"));
     dsts.sort();
@@ -533,7 +539,10 @@ impl Drop for Installer {
 /// An item to install exists already: someone else's (another gateway with the same
 /// table and rule priority), so it is neither taken over nor later removed.
 #[derive(Debug, thiserror::Error)]
-#[error("--setup: {0}: exists already (another gateway with the same --table and --rule-priority? choose others)")]
+#[error(
+    "--setup: {0}: exists already, so it is neither taken over nor removed later (another gateway \
+     with the same --table and --rule-priority, or on a TUN of the same name? choose others)"
+)]
 struct AlreadyThere(Item);
 
 const ENOENT: i32 = 2;
@@ -629,17 +638,31 @@ impl Installer {
 
     /// Removes everything recorded, newest first, then the state file. An item already
     /// gone (a route that left with the TUN) is not an error; the first other error is
-    /// returned after every item was tried.
+    /// returned after every item was tried, and the items that could not be removed stay
+    /// in the state file for the next start or `--cleanup`.
     pub async fn undo(&mut self) -> anyhow::Result<()> {
         let mut first_error = None;
+        let mut failed = Vec::new();
         while let Some(item) = self.state.items.pop() {
             match self.apply(&item, false).await {
                 Ok(()) => tracing::info!("--setup: removed {item}"),
                 Err(e) => {
                     tracing::error!("{e:#}");
                     first_error.get_or_insert(e);
+                    failed.push(item);
                 }
             }
+        }
+        if !failed.is_empty() {
+            // Kept for the next start or --cleanup, in the order they were installed.
+            failed.reverse();
+            self.state.items = failed;
+            let kept = self.state.save(&self.path);
+            self.state.items.clear();
+            if let Err(e) = kept {
+                tracing::error!("{e:#}");
+            }
+            return first_error.map_or(Ok(()), Err);
         }
         match std::fs::remove_file(&self.path) {
             Ok(()) => {}

@@ -322,9 +322,10 @@ pub fn netns_setup_scoped(bin: &str) {
 }
 
 /// `--capture-local`: a TCP and a UDP service on 127.0.0.1 and on the namespace's own veth
-/// address, called from the namespace, are served through the gateway, which dials them
-/// itself although --proxy names dante (dante would reach its own namespace's loopback,
-/// where nothing listens); data by digest, flows by the gateway's counters. IPv6 is not
+/// address, and an HTTP server on 127.0.0.1 called by name, are served through the
+/// gateway, which dials them itself although --proxy names dante (dante would reach its
+/// own namespace's loopback, where nothing listens), --udp says drop and --sniff names
+/// the HTTP flow; data by digest, flows by the gateway's counters. IPv6 is not
 /// captured (see `setup::capture_local`) and keeps working: `::1` and the veth's
 /// `fd78::1`. Without the flag none is captured. The rules (the moved `local` rule with its protocol) and sysctls are as
 /// before after each run, and after SIGKILL and the next start.
@@ -338,8 +339,16 @@ pub fn netns_setup_capture_local(bin: &str) {
     for host in ["127.0.0.1", "10.78.0.1"] {
         t.peer_server_on_client(&["serve-udp-echo", host, "5353"]);
     }
+    let body = crate::services::pattern(1 << 20, 7);
+    let page = t.write_state("local-file.bin", &body);
+    let www = std::path::Path::new(&page).parent().expect("a directory").to_str().expect("utf-8").to_owned();
+    std::fs::rename(&page, format!("{www}/file.bin")).expect("rename");
+    t.peer_server_on_client(&["serve-http", &www, "127.0.0.1", "8080"]);
     let env = "NETNS_GATEWAY_SETUP=1";
     let exchange = |t: &Topology| {
+        // By name: with --sniff the Host header names "localhost", which must still be
+        // dialled here, not by dante.
+        t.curl_get("http://localhost:8080/file.bin", &["-4"], &body);
         for host in ["127.0.0.1", "10.78.0.1", "fd78::1", "::1"] {
             let up = t.peer_client(&["upload", host, "9000", "4194304"]);
             assert!(up.starts_with("ok upload 4194304 bytes"), "{host}: {up}");
@@ -350,8 +359,9 @@ pub fn netns_setup_capture_local(bin: &str) {
         }
     };
 
+    // --udp drop and --sniff: neither applies to the host's own addresses.
     let mut local = SETUP.to_vec();
-    local.push("--capture-local");
+    local.extend(["--capture-local", "--udp", "drop", "--sniff"]);
     t.start_gateway(env, &local);
     let during = t.host_state();
     for expected in ["from 0.0.0.0 to 127.0.0.0/8 iif lo lookup 7467", "from all lookup local proto 116"] {
@@ -361,8 +371,8 @@ pub fn netns_setup_capture_local(bin: &str) {
     let stats = t.stop_gateway();
     assert_eq!(
         (stats["tcp_requests"], stats["udp_sessions"]),
-        (2, 2),
-        "127.0.0.1 and 10.78.0.1 by TCP and UDP: {stats:?}"
+        (3, 2),
+        "curl, 127.0.0.1 and 10.78.0.1 by TCP, the last two by UDP: {stats:?}"
     );
     assert_eq!(t.host_state(), before, "--capture-local left the host changed");
 

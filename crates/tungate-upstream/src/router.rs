@@ -239,10 +239,15 @@ impl Inner {
         }
     }
 
+    /// Whether `ip` is one of the host's own addresses (`--capture-local`).
+    fn is_local(&self, ip: std::net::IpAddr) -> bool {
+        self.config.local.iter().any(|n| n.contains(&ip))
+    }
+
     /// The upstream, or the direct path for the host's own addresses.
     fn upstream_for(&self, target: &Target) -> &Arc<dyn Connector> {
         match target {
-            Target::Addr(a) if self.config.local.iter().any(|n| n.contains(&a.ip())) => &self.direct,
+            Target::Addr(a) if self.is_local(a.ip()) => &self.direct,
             _ => &self.upstream,
         }
     }
@@ -282,13 +287,16 @@ impl Inner {
 
     /// The path for a UDP session, or `None` (dropped) as the policy says.
     async fn udp_path(&self, src: std::net::SocketAddr, target: &Target) -> Option<Box<dyn UdpPath>> {
-        if self.config.udp == UdpPolicy::Drop {
+        // The host's own addresses are dialled by the gateway whatever the policy says
+        // about the upstream.
+        let local = matches!(target, Target::Addr(a) if self.is_local(a.ip()));
+        if self.config.udp == UdpPolicy::Drop && !local {
             return None;
         }
         let believed =
             self.no_udp_since.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| t.elapsed() < NO_UDP_MEMORY);
-        if !believed {
-            match self.open_udp(self.upstream_for(target), target).await {
+        if !believed && !local {
+            match self.open_udp(&self.upstream, target).await {
                 Ok(path) => return Some(path),
                 Err(e @ ConnectError::NoUdp { .. }) => {
                     let first =
@@ -309,7 +317,7 @@ impl Inner {
                 }
             }
         }
-        if self.config.udp != UdpPolicy::Direct {
+        if self.config.udp != UdpPolicy::Direct && !local {
             Stats::inc(&self.stats.upstream_failed);
             Stats::inc(&self.stats.upstream_unroutable);
             return None;
@@ -415,7 +423,10 @@ impl TcpHandler for Router {
                 request.reject();
                 return;
             }
-            if let Some(wait) = inner.config.sniff {
+            // A flow to the host's own address keeps it: it is dialled by the gateway,
+            // never named for a proxy.
+            let local = inner.is_local(request.dst().ip());
+            if let Some(wait) = inner.config.sniff.filter(|_| !local) {
                 // A fake-IP name is already the one the client asked for.
                 if request.naming().source == NameSource::Destination && inner.sniff(&mut request, wait).await.is_err()
                 {

@@ -127,6 +127,15 @@ impl ProxySpec {
         })
     }
 
+    /// The same proxy at `ip`: for a caller that resolved its name already.
+    pub fn at(&self, ip: std::net::IpAddr) -> ProxySpec {
+        let mut spec = self.clone();
+        if let ProxySpec::Socks5 { host, .. } | ProxySpec::Http { host, .. } = &mut spec {
+            *host = ip.to_string();
+        }
+        spec
+    }
+
     async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, ResolveError> {
         let failed = |reason: String| ResolveError { spec: self.clone(), host: host.to_owned(), reason };
         let mut addrs = tokio::net::lookup_host((host, port)).await.map_err(|e| failed(e.to_string()))?;

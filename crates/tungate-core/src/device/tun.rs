@@ -75,6 +75,8 @@ pub struct TunDevice {
     mtu: Mtu,
     name: String,
     vnet: Option<Box<Vnet>>,
+    /// A persistent TUN that existed before (and outlives) this process.
+    attached: bool,
 }
 
 /// State of an offload-enabled TUN.
@@ -186,7 +188,7 @@ impl TunDevice {
             })?;
         }
         let name = dev.name().unwrap_or(name);
-        Ok(TunDevice { dev, mtu: config.mtu, name, vnet })
+        Ok(TunDevice { dev, mtu: config.mtu, name, vnet, attached: false })
     }
 
     /// Attaches to a persistent TUN made beforehand (`ip tuntap add … user U`), which its
@@ -206,6 +208,11 @@ impl TunDevice {
         let dev = builder.build_async().map_err(|e| {
             if offload && e.raw_os_error() == Some(libc::EINVAL) {
                 TunError::OffloadRefused { name: name.clone(), source: e }
+            } else if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+                && existing.owner.is_some_and(|o| Some(o) == effective_uid())
+            {
+                // Ours: what was refused is a link change (MTU, up).
+                TunError::Setup { name: name.clone(), what: OWN_TUN_CHANGE, source: e }
             } else if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
                 TunError::NotOwner { name: name.clone(), owner: existing.owner, source: e }
             } else {
@@ -239,7 +246,7 @@ impl TunDevice {
         }
         let vnet = offload.then(|| Vnet::new(config.rx_mode));
         let name = dev.name().unwrap_or(name);
-        Ok(TunDevice { dev, mtu: config.mtu, name, vnet })
+        Ok(TunDevice { dev, mtu: config.mtu, name, vnet, attached: true })
     }
 
     /// Adopts an inherited TUN descriptor (Android `VpnService`, a supervisor): its
@@ -255,11 +262,17 @@ impl TunDevice {
             }
         })?;
         let name = dev.name().unwrap_or_else(|_| format!("fd{fd}"));
-        Ok(TunDevice { dev, mtu, name, vnet: None })
+        Ok(TunDevice { dev, mtu, name, vnet: None, attached: true })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the interface existed before this process and outlives it (a persistent
+    /// TUN attached to, or an adopted descriptor).
+    pub fn attached(&self) -> bool {
+        self.attached
     }
 
     /// Whether the TUN runs with a virtio-net header and TSO (and how input is delivered).
@@ -393,6 +406,17 @@ impl TunDevice {
         }
         Ok(())
     }
+}
+
+/// What a refused change of a TUN this user owns needed.
+const OWN_TUN_CHANGE: &str = "changing its MTU or bringing it up needs CAP_NET_ADMIN: \
+     set them beforehand (ip link set dev NAME mtu N up) to what --mtu asks";
+
+/// This process's effective uid, as /proc/self/status shows it.
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    uids.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A persistent TUN that exists already, as sysfs shows it (in this network namespace).
