@@ -92,9 +92,9 @@ pub struct Dialer {
     /// are always refused for names, so a client cannot reach the gateway's own host by
     /// naming `localhost`.
     pub refuse_resolved: Vec<ipnet::IpNet>,
-    /// The host's own addresses under `--capture-local`: dialled from
-    /// [`LOCAL_SOURCE_V4`] or `::1`, which the capture leaves alone, so that the
-    /// answers of a server that picks its source per datagram are not captured too.
+    /// The host's own IPv4 addresses under `--capture-local`: dialled from
+    /// [`LOCAL_SOURCE_V4`], which the capture leaves alone, so that the answers of a
+    /// server that picks its source per datagram are not captured too.
     pub local: Vec<ipnet::IpNet>,
 }
 
@@ -111,10 +111,7 @@ impl Default for Dialer {
 impl Dialer {
     /// The source address to bind for `to`: the loopback one for the host's own addresses.
     fn local_source(&self, to: SocketAddr) -> Option<SocketAddr> {
-        if !self.local.iter().any(|n| n.contains(&to.ip())) {
-            return None;
-        }
-        Some(if to.is_ipv4() { (LOCAL_SOURCE_V4, 0).into() } else { (std::net::Ipv6Addr::LOCALHOST, 0).into() })
+        (to.is_ipv4() && self.local.iter().any(|n| n.contains(&to.ip()))).then(|| (LOCAL_SOURCE_V4, 0).into())
     }
 
     /// A TCP connection to `to`, Nagle off.

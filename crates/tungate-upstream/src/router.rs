@@ -290,37 +290,46 @@ impl Inner {
         // The host's own addresses are dialled by the gateway whatever the policy says
         // about the upstream.
         let local = matches!(target, Target::Addr(a) if self.is_local(a.ip()));
-        if self.config.udp == UdpPolicy::Drop && !local {
-            return None;
-        }
-        let believed =
-            self.no_udp_since.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| t.elapsed() < NO_UDP_MEMORY);
-        if !believed && !local {
-            match self.open_udp(&self.upstream, target).await {
-                Ok(path) => return Some(path),
-                Err(e @ ConnectError::NoUdp { .. }) => {
-                    let first =
-                        self.no_udp_since.lock().unwrap_or_else(|p| p.into_inner()).replace(Instant::now()).is_none();
-                    let then = match self.config.udp {
-                        UdpPolicy::Direct => "sending UDP directly (--udp direct)",
-                        _ => "dropping UDP (--udp proxy; --udp direct sends it around the proxy)",
-                    };
-                    if first {
-                        tracing::warn!("{e}: {then}");
-                    } else {
-                        tracing::debug!("{e}: {then}");
+        if !local {
+            if self.config.udp == UdpPolicy::Drop {
+                return None;
+            }
+            let believed = self
+                .no_udp_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| t.elapsed() < NO_UDP_MEMORY);
+            if !believed {
+                match self.open_udp(&self.upstream, target).await {
+                    Ok(path) => return Some(path),
+                    Err(e @ ConnectError::NoUdp { .. }) => {
+                        let first = self
+                            .no_udp_since
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .replace(Instant::now())
+                            .is_none();
+                        let then = match self.config.udp {
+                            UdpPolicy::Direct => "sending UDP directly (--udp direct)",
+                            _ => "dropping UDP (--udp proxy; --udp direct sends it around the proxy)",
+                        };
+                        if first {
+                            tracing::warn!("{e}: {then}");
+                        } else {
+                            tracing::debug!("{e}: {then}");
+                        }
+                    }
+                    Err(e) => {
+                        self.failed(src, &e);
+                        return None;
                     }
                 }
-                Err(e) => {
-                    self.failed(src, &e);
-                    return None;
-                }
             }
-        }
-        if self.config.udp != UdpPolicy::Direct && !local {
-            Stats::inc(&self.stats.upstream_failed);
-            Stats::inc(&self.stats.upstream_unroutable);
-            return None;
+            if self.config.udp != UdpPolicy::Direct {
+                Stats::inc(&self.stats.upstream_failed);
+                Stats::inc(&self.stats.upstream_unroutable);
+                return None;
+            }
         }
         match self.open_udp(&self.direct, target).await {
             Ok(path) => Some(path),
