@@ -57,6 +57,10 @@ struct OpenFlow {
     established: bool,
     rx_eof: bool,
     fin_queued: bool,
+    /// The sequence number just past the last byte the socket's receive buffer can hold:
+    /// the client's first byte + the bytes handed to the handler + the buffer's capacity.
+    /// Client data past it is cut before smoltcp sees it (see `handle_packet`).
+    rx_edge: u32,
 }
 
 impl SmoltcpEngine {
@@ -135,7 +139,16 @@ impl SmoltcpEngine {
         }
         let mut sockets = SocketSet::new(Vec::with_capacity(1));
         let handle = sockets.add(socket);
-        let open = Box::new(OpenFlow { iface, sockets, handle, established: false, rx_eof: false, fin_queued: false });
+        let rx_edge = summary.seq.wrapping_add(1).wrapping_add(self.config.tcp_rx_buffer as u32);
+        let open = Box::new(OpenFlow {
+            iface,
+            sockets,
+            handle,
+            established: false,
+            rx_eof: false,
+            fin_queued: false,
+            rx_edge,
+        });
         self.flows.admit(id, Flow { link, open, armed: None, egress_pending: false });
         // A SYN smoltcp would not take leaves the socket listening, which `poll_flow`
         // treats as the end of the flow; the client then hears nothing and retries.
@@ -153,7 +166,9 @@ impl SmoltcpEngine {
         let mut device = FlowDevice { rx: Some(packet), out: &mut self.out };
         open.iface.poll_ingress_single(t, &mut device, &mut open.sockets);
         let socket = open.sockets.get_mut::<tcp::Socket>(open.handle);
-        flow.link.pump(|io| deliver_received(socket, io));
+        let mut taken = 0;
+        flow.link.pump(|io| taken = deliver_received(socket, io));
+        open.rx_edge = open.rx_edge.wrapping_add(taken as u32);
         if !flow.egress_pending {
             flow.egress_pending = true;
             self.pending_egress.push(id);
@@ -174,10 +189,12 @@ impl SmoltcpEngine {
         if !open.established && !matches!(state, tcp::State::Listen | tcp::State::SynReceived | tcp::State::Closed) {
             open.established = true;
         }
+        let mut taken = 0;
         let signals = flow.link.pump(|io| {
-            deliver_received(socket, io);
+            taken = deliver_received(socket, io);
             queue_for_sending(socket, io);
         });
+        open.rx_edge = open.rx_edge.wrapping_add(taken as u32);
         if signals.abort_requested {
             socket.abort();
         } else if signals.tx_finished && !open.fin_queued && open.established {
@@ -237,17 +254,19 @@ impl SmoltcpEngine {
 
 /// Moves what the socket received into the handler's ring, until either runs dry. A full
 /// ring leaves the rest in the socket (its window closes) and marks the flow blocked, so
-/// the handler's next read queues the flow again.
-fn deliver_received(socket: &mut tcp::Socket<'_>, io: &mut FlowIo<'_>) {
+/// the handler's next read queues the flow again. Returns the bytes moved.
+fn deliver_received(socket: &mut tcp::Socket<'_>, io: &mut FlowIo<'_>) -> usize {
+    let mut moved = 0;
     while socket.can_recv() {
-        let taken = socket.recv(|data| {
+        match socket.recv(|data| {
             let n = io.deliver(data);
             (n, n)
-        });
-        if !matches!(taken, Ok(n) if n > 0) {
-            break;
+        }) {
+            Ok(n) if n > 0 => moved += n,
+            _ => break,
         }
     }
+    moved
 }
 
 /// Moves what the handler wrote into the socket's send buffer, as far as it has room.
@@ -273,13 +292,29 @@ impl Engine for SmoltcpEngine {
             // --max-memory). Data and FIN go in as two segments: a FIN after cut data
             // then lies past what smoltcp has, which it ignores until the client sends
             // the rest again.
-            Inbound::Tcp(seg, Seen::Admitted(id)) => match tungate_core::packet::split_fin(packet.packet(), &seg) {
-                Some((data, fin)) => {
-                    self.ingress(id, now, data.packet());
-                    self.ingress(id, now, fin.packet());
+            Inbound::Tcp(mut seg, Seen::Admitted(id)) => {
+                // smoltcp 0.14 takes data up to the edge of the window it last advertised,
+                // but keeps a SYN-ACK's window (never scaled) as if it were scaled: until
+                // its next segment, the edge it checks lies up to 2^shift times past its
+                // receive buffer. Data beyond the buffer went into its reassembly as
+                // received but not into the buffer, and reached the handler later as
+                // whatever the buffer held there (found by fuzzing: `fuzz/regressions/
+                // engine_smoltcp/`). No client may send past the buffer (no window it
+                // was given reaches further), so such data is cut here, as a window would.
+                if let Some(flow) = self.flows.get(id) {
+                    let cut = tungate_core::packet::trim_payload_at(packet, &mut seg, flow.open.rx_edge);
+                    if cut > 0 {
+                        tracing::trace!(src = %seg.src, dst = %seg.dst, cut, "client data past the receive buffer cut");
+                    }
                 }
-                None => self.ingress(id, now, packet.packet()),
-            },
+                match tungate_core::packet::split_fin(packet.packet(), &seg) {
+                    Some((data, fin)) => {
+                        self.ingress(id, now, data.packet());
+                        self.ingress(id, now, fin.packet());
+                    }
+                    None => self.ingress(id, now, packet.packet()),
+                }
+            }
             Inbound::Tcp(seg, Seen::Unknown) => self.flows.reset(&seg),
             Inbound::Tcp(_, Seen::Consumed | Seen::UnknownRst) | Inbound::Done => {}
         }
@@ -477,6 +512,70 @@ mod tests {
         let mut flow = flow;
         let read = rt.block_on(tokio::io::AsyncReadExt::read(&mut flow, &mut [0u8; 8]));
         assert_eq!(read.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+    }
+
+    /// smoltcp 0.14 checks client data against the SYN-ACK's window (65535, never
+    /// scaled) as if it were scaled, so until its next segment it took data up to
+    /// 2^shift × 64 KiB ahead into its reassembly though its buffer ends far sooner; the
+    /// bytes past the buffer later reached the handler as whatever the buffer held there
+    /// (in debug builds: its `len_written == payload_len` assertion). Here a client sends
+    /// 1 000 bytes across the buffer's end right after the handshake, fills the hole and
+    /// sends the tail again, as a client retransmits unacknowledged data: the handler
+    /// must read the stream exactly.
+    #[test]
+    fn client_data_past_the_receive_buffer_never_reaches_the_handler_unwritten() {
+        use tokio::io::AsyncReadExt;
+        use tungate_core::api::tcp::now_or_never;
+        const CAP: usize = 128 * 1024; // smoltcp's window shift: 2
+        let hold = Hold::default();
+        let now = Instant::now();
+        let config = SmoltcpConfig { tcp_rx_buffer: CAP, ..SmoltcpConfig::default() };
+        let mut e = SmoltcpEngine::new(config, hold.dispatch(), now, 1);
+        let (src, dst) = (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
+        let send = |e: &mut SmoltcpEngine, seq: u32, ack: Option<u32>, control, payload: &[u8], wscale| {
+            let mut fields = packet::SegmentFields::new(src, dst, control, seq, ack).payload(payload);
+            fields.window_scale = wscale;
+            e.handle_packet(now, &mut PacketBuf::from_vec(fields.build()));
+            e.flush(now);
+        };
+        let stream: Vec<u8> = (0..CAP + 900).map(|i| (i % 251) as u8 ^ (i / 251) as u8).collect();
+        let mut flow = tungate_testkit::engine::accept_now({
+            send(&mut e, 999, None, TcpControl::Syn, &[], Some(7));
+            hold.take()
+        });
+        e.handle_wakeups(now);
+        let syn_ack = drain(&mut e)[0];
+        assert_eq!(syn_ack.window, 65535, "the SYN-ACK's window is not scaled");
+        let ack = Some(syn_ack.seq.wrapping_add(1));
+        send(&mut e, 1000, ack, TcpControl::None, &[], None);
+        assert!(drain(&mut e).is_empty());
+
+        let mut read = Vec::new();
+        let mut take = |e: &mut SmoltcpEngine, read: &mut Vec<u8>| {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Some(Ok(n @ 1..)) = now_or_never(flow.read(&mut buf)) {
+                read.extend_from_slice(&buf[..n]);
+                e.handle_wakeups(now);
+            }
+            drain(e)
+        };
+        // Past the buffer's end by 900 bytes, before any other data.
+        send(&mut e, 1000 + (CAP - 100) as u32, ack, TcpControl::None, &stream[CAP - 100..], None);
+        take(&mut e, &mut read);
+        for start in (0..CAP - 100).step_by(1000) {
+            let end = (start + 1000).min(CAP - 100);
+            send(&mut e, 1000 + start as u32, ack, TcpControl::None, &stream[start..end], None);
+            take(&mut e, &mut read);
+        }
+        let acked = take(&mut e, &mut read).last().map_or(0, |s| s.ack_number.wrapping_sub(1000));
+        send(&mut e, 1000 + CAP as u32, ack, TcpControl::None, &stream[CAP..], None);
+        take(&mut e, &mut read);
+        assert_eq!(read.len(), stream.len(), "bytes read (acknowledged {acked} before the tail)");
+        assert!(read == stream, "the handler read other bytes than the client sent");
+        // The delayed ACK covers the whole stream.
+        e.handle_timeout(now + Duration::from_secs(1));
+        let last = drain(&mut e).last().copied().expect("the tail is acknowledged");
+        assert_eq!(last.ack_number, 1000 + stream.len() as u32);
     }
 
     #[test]
