@@ -62,6 +62,9 @@ pub struct AlreadyRunning;
 #[error("lwIP set-up failed: {0}")]
 pub struct SetupError(&'static str);
 
+/// The port lwIP's one listener is bound to (any port would do: see [`Stack::new`]).
+const LISTENER_PORT: u16 = 1;
+
 /// Names one accepted connection; valid until [`Stack::release`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct PcbId(usize);
@@ -173,10 +176,14 @@ impl Stack {
                 sys::netif_remove(netif.as_ptr());
                 return Err(Self::fail(netif, sink, "tcp_new"));
             }
-            // Port 0 on the any-address: the patched lookup hands every SYN to the first
-            // listener regardless of address and port.
+            // The any-address: the patched lookup hands every SYN to the first listener
+            // regardless of address and port. A fixed port, not 0: lwIP's `tcp_new_port`
+            // starts each `lwip_init` at a random port in 0xc000..=0xffff and, from
+            // 0xffff, wraps to 0, which `tcp_bind` takes for "no port free" (one start in
+            // 16 384 failed; `engines_start_again_and_again`, found by fuzzing). No other
+            // PCB exists yet, so no port is taken.
             let any = ip_any_type();
-            if sys::tcp_bind(pcb, &any, 0) != ERR_OK {
+            if sys::tcp_bind(pcb, &any, LISTENER_PORT) != ERR_OK {
                 sys::tcp_abort(pcb);
                 sys::netif_remove(netif.as_ptr());
                 return Err(Self::fail(netif, sink, "tcp_bind"));

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
-use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint, TcpControl};
 use tungate_core::admission::{Close, Decided, FlowTable, Held, Inbound, Seen};
 use tungate_core::engine::{Engine, Handled};
 use tungate_core::flow::{FlowIo, FlowLink, WakeQueue};
+use tungate_core::packet::{self, Classified, SegmentFields, TcpSummary};
 use tungate_core::{Dispatch, FlowId, PacketBuf};
 
 use crate::SmoltcpConfig;
@@ -181,8 +182,12 @@ impl SmoltcpEngine {
         let t = self.smol_now(now);
         let Some(flow) = self.flows.get_mut(id) else { return };
         let open = &mut *flow.open;
-        let mut device = FlowDevice { rx, out: &mut self.out };
-        open.iface.poll(t, &mut device, &mut open.sockets);
+        // `Interface::poll`, but with `OpenFlow::egress`'s guard on what it sends.
+        open.iface.poll_maintenance(t);
+        if rx.is_some() {
+            open.iface.poll_ingress_single(t, &mut FlowDevice { rx, out: &mut self.out }, &mut open.sockets);
+        }
+        open.egress(t, &mut self.out);
 
         let socket = open.sockets.get_mut::<tcp::Socket>(open.handle);
         let state = socket.state();
@@ -208,9 +213,7 @@ impl SmoltcpEngine {
             open.rx_eof = true;
             flow.link.set_rx_eof();
         }
-        // Emit everything that is due, not one segment per call (one per call starved MTU
-        // 1500 downloads; bursts capped at 8 or 32 segments measured no better).
-        while open.iface.poll_egress(t, &mut device, &mut open.sockets) != PollResult::None {}
+        open.egress(t, &mut self.out);
 
         let socket = open.sockets.get::<tcp::Socket>(open.handle);
         let state = socket.state();
@@ -248,6 +251,76 @@ impl SmoltcpEngine {
         self.timers.push(Reverse((deadline, id)));
         if self.timers.len() > 4 * self.flows.len() + 64 {
             self.timers = self.flows.iter().filter_map(|(id, f)| f.armed.map(|d| Reverse((d, id)))).collect();
+        }
+    }
+}
+
+/// The longest packet an empty TCP segment can be: an IPv6 header and a TCP header with
+/// all 40 bytes of options.
+const EMPTY_SEGMENT_MAX: usize = 40 + 60;
+
+impl OpenFlow {
+    /// Emits everything smoltcp has due, not one segment per call (one per call starved
+    /// MTU 1500 downloads; bursts capped at 8 or 32 segments measured no better).
+    ///
+    /// smoltcp 0.14 can emit the same empty segment forever: a zero-window probe timer
+    /// still armed when the socket leaves the states that send data is never re-armed,
+    /// so every dispatch sends an ACK again and `poll_egress` never reports "nothing to
+    /// do" (a client that acknowledged our FIN with a zero window, after a probe: FIN-WAIT-2;
+    /// found by fuzzing, `fuzz/regressions/engine_smoltcp/`). The same empty segment twice
+    /// in a row is that loop; the repeat is dropped. In FIN-WAIT-2 and TIME-WAIT nothing
+    /// is left to send, so the client's window no longer matters: a window update made
+    /// from the stuck ACK (as if the client had opened its window) stops the timer. In
+    /// any other state the flow is reset rather than left spinning.
+    fn egress(&mut self, t: SmolInstant, out: &mut Output) {
+        let mut last_empty: Option<TcpSummary> = None;
+        let mut unstuck = false;
+        loop {
+            let before = out.queue.len();
+            if self.iface.poll_egress(t, &mut FlowDevice { rx: None, out: &mut *out }, &mut self.sockets)
+                == PollResult::None
+            {
+                return;
+            }
+            // Only a short packet can be an empty segment: data segments are never parsed.
+            let empty = match out.queue.back() {
+                Some(p) if out.queue.len() > before && p.len() <= EMPTY_SEGMENT_MAX => {
+                    match packet::classify(p.packet()) {
+                        Ok(Classified::Tcp(seg)) if seg.segment_len == 0 && !seg.rst => Some(seg),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            if empty.is_none() || empty != last_empty {
+                last_empty = empty;
+                continue;
+            }
+            let Some(stuck) = empty else { continue };
+            out.queue.pop_back();
+            last_empty = None;
+            let socket = self.sockets.get_mut::<tcp::Socket>(self.handle);
+            let state = socket.state();
+            if unstuck {
+                tracing::warn!(?state, src = %stuck.dst, dst = %stuck.src, "smoltcp sends the same ACK without end; flow reset");
+                socket.abort();
+                // The RST goes out; the socket is then closed and sends nothing more.
+                while self.iface.poll_egress(t, &mut FlowDevice { rx: None, out: &mut *out }, &mut self.sockets)
+                    != PollResult::None
+                {}
+                return;
+            }
+            unstuck = true;
+            if matches!(state, tcp::State::FinWait2 | tcp::State::TimeWait) {
+                let update =
+                    SegmentFields::new(stuck.dst, stuck.src, TcpControl::None, stuck.ack_number, Some(stuck.seq))
+                        .build();
+                self.iface.poll_ingress_single(
+                    t,
+                    &mut FlowDevice { rx: Some(&update), out: &mut *out },
+                    &mut self.sockets,
+                );
+            }
         }
     }
 }
@@ -302,12 +375,12 @@ impl Engine for SmoltcpEngine {
                 // engine_smoltcp/`). No client may send past the buffer (no window it
                 // was given reaches further), so such data is cut here, as a window would.
                 if let Some(flow) = self.flows.get(id) {
-                    let cut = tungate_core::packet::trim_payload_at(packet, &mut seg, flow.open.rx_edge);
+                    let cut = packet::trim_payload_at(packet, &mut seg, flow.open.rx_edge);
                     if cut > 0 {
                         tracing::trace!(src = %seg.src, dst = %seg.dst, cut, "client data past the receive buffer cut");
                     }
                 }
-                match tungate_core::packet::split_fin(packet.packet(), &seg) {
+                match packet::split_fin(packet.packet(), &seg) {
                     Some((data, fin)) => {
                         self.ingress(id, now, data.packet());
                         self.ingress(id, now, fin.packet());
@@ -576,6 +649,71 @@ mod tests {
         e.handle_timeout(now + Duration::from_secs(1));
         let last = drain(&mut e).last().copied().expect("the tail is acknowledged");
         assert_eq!(last.ack_number, 1000 + stream.len() as u32);
+    }
+
+    /// A client that stops reading near the end of a download: it acknowledges our data
+    /// with a zero window, takes the zero-window probes byte by byte, and acknowledges
+    /// the last one and our FIN with a zero window still. smoltcp 0.14 then sits in
+    /// FIN-WAIT-2 with its probe timer armed and, when it expires, sent the same ACK
+    /// without end (memory grew until the process died). The engine must send a few
+    /// packets at most, and the client's half of the connection must still work: its
+    /// upload and FIN reach the handler.
+    #[test]
+    fn a_probe_timer_left_armed_after_our_fin_does_not_spin() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tungate_core::api::tcp::now_or_never;
+        let (mut e, hold, start) = engine();
+        let (src, dst) = (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
+        let send = |e: &mut SmoltcpEngine, now, seq: u32, ack: Option<u32>, control, payload: &[u8], window| {
+            let mut fields = packet::SegmentFields::new(src, dst, control, seq, ack).payload(payload);
+            fields.window = window;
+            e.handle_packet(now, &mut PacketBuf::from_vec(fields.build()));
+            e.flush(now);
+        };
+        send(&mut e, start, 999, None, TcpControl::Syn, &[], 65535);
+        let mut flow = tungate_testkit::engine::accept_now(hold.take());
+        e.handle_wakeups(start);
+        let server = drain(&mut e)[0].seq.wrapping_add(1);
+        send(&mut e, start, 1000, Some(server), TcpControl::None, &[], 5);
+        assert_eq!(now_or_never(flow.write(b"0123456789")).unwrap().unwrap(), 10);
+        now_or_never(flow.shutdown()).unwrap().unwrap();
+        e.handle_wakeups(start);
+
+        // Every byte and the FIN acknowledged with a zero window as they come.
+        let mut now = start;
+        let mut acked = 0u32;
+        while acked < 11 {
+            for seg in drain(&mut e) {
+                let end = seg.seq.wrapping_add(seg.segment_len as u32).wrapping_sub(server);
+                if seg.segment_len > 0 && end > acked {
+                    acked = end;
+                    send(&mut e, now, 1000, Some(server.wrapping_add(acked)), TcpControl::None, &[], 0);
+                }
+            }
+            let next = e.poll_timeout().expect("a probe is due");
+            assert!(next - start < Duration::from_secs(100), "all 10 bytes and the FIN went out in time");
+            now = next.max(now);
+            e.handle_timeout(now);
+        }
+        // The probe timer expires in FIN-WAIT-2.
+        for _ in 0..3 {
+            now = e.poll_timeout().map_or(now, |d| d.max(now)) + Duration::from_millis(1);
+            e.handle_timeout(now);
+            let sent = drain(&mut e);
+            assert!(sent.len() <= 2, "{} packets sent at once: {:?}", sent.len(), &sent[..3.min(sent.len())]);
+            assert!(sent.iter().all(|s| !s.rst), "the flow is not reset: {sent:?}");
+        }
+        assert_eq!(e.flow_count(), 1);
+        // The client's half still works.
+        send(&mut e, now, 1000, Some(server.wrapping_add(11)), TcpControl::Fin, b"the client's upload", 0);
+        let mut read = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Some(Ok(n @ 1..)) = now_or_never(flow.read(&mut buf)) {
+            read.extend_from_slice(&buf[..n]);
+            e.handle_wakeups(now);
+        }
+        assert_eq!(read, b"the client's upload");
+        assert!(matches!(now_or_never(flow.read(&mut buf)), Some(Ok(0))), "the client's FIN is a clean end");
     }
 
     #[test]
