@@ -58,6 +58,10 @@ for t in "${targets[@]}"; do
   rows+=("| $t | ${runs:-?} | ${secs:-?} | ${rate:-?} | ${cov:-?} | $after | $status |")
 done
 
+# `cargo fuzz cmin` keeps what covers most, which may drop a hand-made seed; they are
+# written again (the seeds are the readable starting points, kept in every corpus).
+cargo run -q --release --locked -p tungate-fuzz --bin tungate-fuzz-seeds >"$logs/seeds.log" 2>&1 || echo "fuzz: writing the seeds failed (log $logs/seeds.log)" >&2
+
 {
   echo "# Fuzzing run $stamp"
   echo

@@ -44,6 +44,10 @@ need_cmd dnsmasq dnsmasq-base
 need_cmd proxychains4 proxychains4
 need_pkg libclang-dev
 need_pkg build-essential
+# A private system bus and systemd's D-Bus tool, for the test of --setup beside
+# systemd-resolved (see below).
+need_cmd dbus-daemon dbus-daemon
+need_cmd busctl systemd
 
 if ((${#missing[@]} == 0)); then
   log "system packages: all present"
@@ -59,6 +63,31 @@ else
   log "running apt-get install -y --no-install-recommends ${missing[*]}"
   apt-get install -y -q --no-install-recommends "${missing[@]}"
   log "installed: ${missing[*]}"
+fi
+
+# systemd-resolved, for the namespace test of --setup with a stub resolver: unpacked
+# into a directory of its own, never installed (installing it would point this machine's
+# own /etc/resolv.conf at it). The version that matches the installed systemd first (it
+# links systemd's private library), else the archive's.
+RESOLVED_DIR=${TUNGATE_RESOLVED_DIR:-/var/cache/tungate/systemd-resolved}
+if [[ -x "$RESOLVED_DIR/lib/systemd/systemd-resolved" ]]; then
+  log "systemd-resolved (unpacked): present in $RESOLVED_DIR"
+elif [[ $EUID -ne 0 ]]; then
+  warn "not root: cannot unpack systemd-resolved into $RESOLVED_DIR (its namespace test will fail)"
+else
+  tmp=$(mktemp -d)
+  version=$(dpkg-query -W -f='${Version}' systemd 2>/dev/null || true)
+  if ! (cd "$tmp" && { apt-get download -q "systemd-resolved=$version" || apt-get download -q systemd-resolved; }) >/dev/null 2>&1; then
+    apt-get update -q >/dev/null 2>&1 || true
+    (cd "$tmp" && { apt-get download -q "systemd-resolved=$version" || apt-get download -q systemd-resolved; }) >/dev/null 2>&1 ||
+      warn "could not download systemd-resolved (its namespace test will fail)"
+  fi
+  if compgen -G "$tmp/systemd-resolved_*.deb" >/dev/null; then
+    mkdir -p "$RESOLVED_DIR"
+    dpkg -x "$tmp"/systemd-resolved_*.deb "$RESOLVED_DIR"
+    log "systemd-resolved unpacked into $RESOLVED_DIR ($(basename "$tmp"/systemd-resolved_*.deb))"
+  fi
+  rm -rf "$tmp"
 fi
 
 # Rust components for `make lint`.

@@ -116,7 +116,8 @@ pub struct SetupArgs {
     /// so nothing it sends can enter the TUN), and rp_filter loosened (1 -> 2) where it is
     /// strict. Recorded first in /run/tungate/ ($RUNTIME_DIRECTORY under systemd); after a
     /// crash the next start with the same --tun, or --cleanup, removes what is left.
-    /// --mark defaults to 0x7467 with it.
+    /// --mark defaults to 0x7467 with it. With --dns, where systemd-resolved runs, the TUN
+    /// becomes its DNS link for every name (`~.`), so its own queries come through too.
     #[arg(long, requires = "tun", conflicts_with = "tun_fd")]
     pub setup: bool,
 
@@ -699,6 +700,22 @@ async fn set_up_host(args: &Args, tun: &str, device: &TunDevice, mark: Option<u3
     if args.setup.capture_local && !items.iter().any(|i| matches!(i, setup::Item::LocalRule { .. })) {
         bail!("--capture-local captures IPv4 only: it needs an IPv4 --address and an IPv4 --route");
     }
+    // With --dns, systemd-resolved's own queries come through the TUN too: it asks each
+    // link's servers on sockets bound to that link, past every route.
+    if !args.upstream.dns.is_empty() {
+        match setup::resolved_servers(installer.tun_index()) {
+            Some(mut servers) => {
+                // Knowing none, it asks an address in the TUN's prefix, which the gateway answers.
+                if servers.is_empty() {
+                    servers.extend(stand_in_resolver(&args.addresses));
+                }
+                if !servers.is_empty() {
+                    items.push(setup::Item::Resolved { ifindex: installer.tun_index(), servers });
+                }
+            }
+            None => tracing::debug!("--setup: no systemd-resolved on the system bus"),
+        }
+    }
     let local = items
         .iter()
         .filter_map(|i| match i {
@@ -715,6 +732,17 @@ async fn set_up_host(args: &Args, tun: &str, device: &TunDevice, mark: Option<u3
         return Err(e);
     }
     Ok(HostSetup { installer: Some(installer), local, proxy_at })
+}
+
+/// An address in the TUN's first prefix (host 53, or 54 if that is the TUN's own) for a
+/// resolver that knows no server: queries to it enter the TUN and the gateway answers.
+fn stand_in_resolver(addresses: &[IpNet]) -> Option<IpAddr> {
+    let net = addresses.iter().find(|n| n.prefix_len() < n.max_prefix_len() - 6)?;
+    let host = |n: u8| match net.network() {
+        IpAddr::V4(a) => IpAddr::from(std::net::Ipv4Addr::from(u32::from(a) + u32::from(n))),
+        IpAddr::V6(a) => IpAddr::from(std::net::Ipv6Addr::from(u128::from(a) + u128::from(n))),
+    };
+    [host(53), host(54)].into_iter().find(|&a| a != net.addr())
 }
 
 /// Serves the TUN until SIGINT/SIGTERM, then reports.
@@ -827,6 +855,15 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stand_in_resolver_lies_in_the_tun_prefix_but_is_not_its_address() {
+        let nets = |s: &[&str]| s.iter().map(|n| n.parse().unwrap()).collect::<Vec<IpNet>>();
+        assert_eq!(stand_in_resolver(&nets(&["198.18.0.1/24"])), Some("198.18.0.53".parse().unwrap()));
+        assert_eq!(stand_in_resolver(&nets(&["198.18.0.53/24"])), Some("198.18.0.54".parse().unwrap()));
+        assert_eq!(stand_in_resolver(&nets(&["10.0.0.1/30", "fd18::1/64"])), Some("fd18::35".parse().unwrap()));
+        assert_eq!(stand_in_resolver(&nets(&["10.0.0.1/32"])), None);
+    }
 
     fn args(extra: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(["tungate-x"].iter().chain(extra))

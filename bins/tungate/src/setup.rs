@@ -125,6 +125,16 @@ pub enum Item {
         table: String,
         chains: Vec<NftChain>,
     },
+    /// systemd-resolved told to send every query through the TUN (`--setup` with `--dns`,
+    /// where resolved runs): `servers` as the TUN link's DNS servers, `~.` as its routing
+    /// domain (every name) and the link as a default route for DNS. resolved's own queries
+    /// go out bound to the link whose server they ask, which no route can redirect; this
+    /// makes that link the TUN. Undone by reverting the link's settings (which also go
+    /// with the TUN).
+    Resolved {
+        ifindex: u32,
+        servers: Vec<IpAddr>,
+    },
     /// A file under /proc/sys and the value it had.
     Sysctl {
         path: PathBuf,
@@ -159,6 +169,10 @@ impl std::fmt::Display for Item {
                 Ok(())
             }
             Item::Sysctl { path, previous, value } => write!(f, "sysctl {} {previous} -> {value}", path.display()),
+            Item::Resolved { ifindex, servers } => {
+                let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
+                write!(f, "systemd-resolved link {ifindex}: dns {}, domain ~., default-route yes", servers.join(" "))
+            }
         }
     }
 }
@@ -604,6 +618,11 @@ impl Installer {
         Ok(())
     }
 
+    /// The TUN's interface index (after [`Installer::attach`]).
+    pub fn tun_index(&self) -> u32 {
+        self.tun_index
+    }
+
     /// Installs `items` in order, each recorded in the state file first. On an error,
     /// what was installed stays recorded: the caller undoes it.
     pub async fn install(&mut self, items: Vec<Item>) -> anyhow::Result<()> {
@@ -706,6 +725,7 @@ impl Installer {
                 };
             }
             Item::Nft { table, chains } => return nft(item, table, chains, add),
+            Item::Resolved { ifindex, servers } => return resolved(item, *ifindex, servers, add),
             Item::LocalRule { v6, from, dst, table } => {
                 let message = local_rule_message(*v6, *from, *dst, *table);
                 if add {
@@ -937,6 +957,130 @@ fn nft(item: &Item, table: &str, chains: &[NftChain], add: bool) -> anyhow::Resu
     bail!("--setup: {item}: nft: {}{hint}", err.trim())
 }
 
+/// systemd-resolved's D-Bus API (`org.freedesktop.resolve1.Manager`) through `busctl`, the
+/// systemd tool installed wherever resolved is: three calls at start and one at exit do not
+/// justify a D-Bus client library in every binary.
+fn resolved(item: &Item, ifindex: u32, servers: &[IpAddr], add: bool) -> anyhow::Result<()> {
+    let index = ifindex.to_string();
+    let calls: Vec<Vec<String>> = if add {
+        let mut dns = vec!["SetLinkDNS".into(), "ia(iay)".into(), index.clone(), servers.len().to_string()];
+        for server in servers {
+            let (family, bytes) = match server {
+                // Linux's AF_INET and AF_INET6.
+                IpAddr::V4(a) => (2, a.octets().to_vec()),
+                IpAddr::V6(a) => (10, a.octets().to_vec()),
+            };
+            dns.extend([family.to_string(), bytes.len().to_string()]);
+            dns.extend(bytes.iter().map(u8::to_string));
+        }
+        vec![
+            dns,
+            ["SetLinkDomains", "ia(sb)", &index, "1", ".", "true"].map(String::from).to_vec(),
+            ["SetLinkDefaultRoute", "ib", &index, "true"].map(String::from).to_vec(),
+        ]
+    } else {
+        vec![["RevertLink", "i", &index].map(String::from).to_vec()]
+    };
+    for call in calls {
+        let out = busctl(&["call", "org.freedesktop.resolve1", "/org/freedesktop/resolve1", RESOLVE1_MANAGER], &call)
+            .with_context(|| format!("--setup: {item}"))?;
+        if out.status.success() {
+            continue;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        // The link left with the TUN: resolved forgot it.
+        if !add && err.contains("not known") {
+            return Ok(());
+        }
+        bail!("--setup: {item}: busctl {}: {}", call[0], err.trim());
+    }
+    Ok(())
+}
+
+const RESOLVE1_MANAGER: &str = "org.freedesktop.resolve1.Manager";
+
+fn busctl(args: &[&str], more: &[String]) -> anyhow::Result<std::process::Output> {
+    std::process::Command::new("busctl")
+        .arg("--system")
+        .args(args)
+        .args(more)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running busctl (systemd's D-Bus tool)")
+}
+
+/// The DNS servers systemd-resolved uses now (global and per link, the TUN's own left
+/// out), if resolved runs on the system bus in this network namespace; `None` where it
+/// does not (or there is no `busctl`).
+pub fn resolved_servers(tun_index: u32) -> Option<Vec<IpAddr>> {
+    let has = busctl(
+        &["call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "NameHasOwner"],
+        &["s".into(), "org.freedesktop.resolve1".into()],
+    )
+    .ok()?;
+    if !has.status.success() || String::from_utf8_lossy(&has.stdout).trim() != "b true" {
+        return None;
+    }
+    // D-Bus is not per network namespace: a resolved on the bus may serve another
+    // namespace, whose link numbers are not ours. Only one in this namespace is told.
+    let pid = busctl(
+        &[
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "GetConnectionUnixProcessID",
+        ],
+        &["s".into(), "org.freedesktop.resolve1".into()],
+    )
+    .ok()?;
+    let pid = String::from_utf8_lossy(&pid.stdout).trim().strip_prefix("u ")?.parse::<u32>().ok()?;
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+    let ours = std::fs::metadata("/proc/self/ns/net").ok()?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        if (theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()) {
+            tracing::info!("--setup: systemd-resolved (pid {pid}) serves another network namespace: left alone");
+            return None;
+        }
+    }
+    let out = busctl(
+        &["--json=short", "get-property", "org.freedesktop.resolve1", "/org/freedesktop/resolve1", RESOLVE1_MANAGER],
+        &["DNS".into()],
+    )
+    .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(parse_resolved_dns(&value, tun_index))
+}
+
+/// `{"type":"a(iiay)","data":[[ifindex, family, [bytes]], …]}` → the addresses not on
+/// link `skip`, in order, each once.
+fn parse_resolved_dns(value: &serde_json::Value, skip: u32) -> Vec<IpAddr> {
+    let mut found = Vec::new();
+    for entry in value["data"].as_array().into_iter().flatten() {
+        if entry[0].as_u64() == Some(u64::from(skip)) {
+            continue;
+        }
+        let bytes: Vec<u8> = entry[2]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+            .collect();
+        let ip = match <[u8; 4]>::try_from(bytes.as_slice()) {
+            Ok(v4) => IpAddr::from(v4),
+            Err(_) => match <[u8; 16]>::try_from(bytes.as_slice()) {
+                Ok(v6) => IpAddr::from(v6),
+                Err(_) => continue,
+            },
+        };
+        if !found.contains(&ip) {
+            found.push(ip);
+        }
+    }
+    found
+}
+
 /// `not fwmark MARK/0xffffffff lookup TABLE` at `priority` (`fwmark MARK/0xffffffff
 /// lookup TABLE` when `marked`). (rtnetlink's rule builder has no invert flag or mask:
 /// the message is made here.)
@@ -965,6 +1109,18 @@ fn rule_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolved_dns_servers_are_read_without_the_tun_link() {
+        let value: serde_json::Value = serde_json::from_str(
+            r#"{"type":"a(iiay)","data":[[0,2,[10,77,0,53]],[3,2,[10,77,0,53]],[3,10,[253,119,0,0,0,0,0,0,0,0,0,0,0,0,0,83]],[9,2,[198,18,0,53]],[4,2,[1,2,3]]]}"#,
+        )
+        .unwrap();
+        let found = parse_resolved_dns(&value, 9);
+        assert_eq!(found, ["10.77.0.53".parse::<IpAddr>().unwrap(), "fd77::53".parse().unwrap()]);
+        let item = Item::Resolved { ifindex: 9, servers: found };
+        assert_eq!(item.to_string(), "systemd-resolved link 9: dns 10.77.0.53 fd77::53, domain ~., default-route yes");
+    }
 
     fn request() -> Request {
         Request {

@@ -391,7 +391,6 @@ pub fn netns_setup_capture_local(bin: &str) {
 /// query is forwarded to the resolver through the upstream, curl by name fetches a file
 /// by digest; a capture on the uplink meanwhile sees no DNS packet (port 53) at all.
 pub fn netns_setup_dns(bin: &str) {
-    use std::io::BufRead;
     let mut t = Topology::bare(bin, 1500);
     let before = host(&t, &[]);
     t.server_etc("hosts", "127.0.0.1 localhost\n10.77.0.2 web.test\n");
@@ -399,16 +398,7 @@ pub fn netns_setup_dns(bin: &str) {
     dante_on(&mut t, "10.78.0.2", 1080, "none");
     resolver(&mut t);
     let body = servers(&mut t);
-    let pcap = t.write_state("uplink-dns.pcap", b"");
-    let mut capture = std::process::Command::new("ip")
-        .args(["netns", "exec", &t.cli, "tcpdump", "-i", "c0", "-n", "-U", "-w", &pcap, "port 53"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    let mut line = String::new();
-    let stderr = capture.stderr.take().expect("piped");
-    std::io::BufReader::new(stderr).read_line(&mut line).expect("tcpdump's first line");
-    assert!(line.contains("listening on c0"), "tcpdump: {line}");
+    let capture = UplinkDns::start(&t);
 
     let mut setup = SETUP.to_vec();
     setup.extend(["--dns", "fake-ip"]);
@@ -420,13 +410,143 @@ pub fn netns_setup_dns(bin: &str) {
     t.curl_get("http://web.test:8080/file.bin", &[], &body);
     let stats = t.stop_gateway();
     assert!(stats["dns_fake_answers"] >= 1 && stats["dns_forwarded"] >= 1, "{stats:?}");
-    let _ = capture.kill();
-    let _ = capture.wait();
-    let read = std::process::Command::new("tcpdump").args(["-n", "-r", &pcap]).output().expect("tcpdump -r");
-    assert!(read.status.success(), "tcpdump -r: {}", String::from_utf8_lossy(&read.stderr));
-    let seen = String::from_utf8_lossy(&read.stdout);
-    assert!(seen.trim().is_empty(), "DNS left by the uplink around the gateway:\n{seen}");
+    capture.assert_none();
     assert_eq!(t.host_state(), before, "--setup --dns left the host changed");
+}
+
+/// A capture of DNS (port 53) on the client namespace's uplink, `c0`.
+struct UplinkDns {
+    tcpdump: std::process::Child,
+    pcap: String,
+}
+
+impl UplinkDns {
+    fn start(t: &Topology) -> UplinkDns {
+        use std::io::BufRead;
+        let pcap = t.write_state("uplink-dns.pcap", b"");
+        let mut tcpdump = std::process::Command::new("ip")
+            .args(["netns", "exec", &t.cli, "tcpdump", "-i", "c0", "-n", "-U", "-w", &pcap, "port 53"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tcpdump");
+        let mut line = String::new();
+        let stderr = tcpdump.stderr.take().expect("piped");
+        std::io::BufReader::new(stderr).read_line(&mut line).expect("tcpdump's first line");
+        assert!(line.contains("listening on c0"), "tcpdump: {line}");
+        UplinkDns { tcpdump, pcap }
+    }
+
+    /// Stops the capture; panics if it holds any packet.
+    fn assert_none(mut self) {
+        let _ = self.tcpdump.kill();
+        let _ = self.tcpdump.wait();
+        let read = std::process::Command::new("tcpdump").args(["-n", "-r", &self.pcap]).output().expect("tcpdump -r");
+        assert!(read.status.success(), "tcpdump -r: {}", String::from_utf8_lossy(&read.stderr));
+        let seen = String::from_utf8_lossy(&read.stdout);
+        assert!(seen.trim().is_empty(), "DNS left by the uplink around the gateway:\n{seen}");
+    }
+}
+
+/// systemd-resolved in the client namespace (unpacked by `make deps`, on a private
+/// system bus), whose uplink link asks the resolver on the far side: its own queries go
+/// out bound to the uplink, which no route catches. With `--setup --dns fake-ip` the
+/// gateway makes the TUN resolved's DNS link for every name: `dig @127.0.0.53` is
+/// answered from the fake pool, TXT is forwarded through dante to the same resolver,
+/// no DNS packet leaves by the uplink, and after the gateway is gone resolved's links
+/// and the host's routing are as before.
+pub fn netns_setup_resolved(bin: &str) {
+    let dir = std::env::var("TUNGATE_RESOLVED_DIR").unwrap_or_else(|_| "/var/cache/tungate/systemd-resolved".into());
+    let daemon = format!("{dir}/lib/systemd/systemd-resolved");
+    let resolvectl = format!("{dir}/usr/bin/resolvectl");
+    assert!(std::path::Path::new(&daemon).is_file(), "no {daemon}: `make deps` unpacks systemd-resolved there");
+    let mut t = Topology::bare(bin, 1500);
+    let before = host(&t, &[]);
+    // resolved drops to its own user; the namespace's passwd and group name it.
+    for (file, line) in [
+        ("passwd", "systemd-resolve:x:64991:64991::/run/systemd:/usr/sbin/nologin"),
+        ("group", "systemd-resolve:x:64991:"),
+    ] {
+        let host = std::fs::read_to_string(format!("/etc/{file}")).expect("the host's passwd and group");
+        t.client_etc(file, &format!("{host}{line}\n"));
+    }
+    // Its stub only (no global server), and nothing sent but to the servers set here:
+    // no fallback servers, LLMNR or mDNS; no cache, so every query is asked anew.
+    t.client_etc("resolv.conf", "nameserver 127.0.0.53\n");
+    // (A directory in /etc/netns/NS takes the place of /etc/NAME as a whole.)
+    let conf_dir = format!("/etc/netns/{}/systemd", t.cli);
+    std::fs::create_dir_all(&conf_dir).expect("/etc/netns/NS/systemd");
+    std::fs::write(
+        format!("{conf_dir}/resolved.conf"),
+        "[Resolve]\nDNS=\nFallbackDNS=\nLLMNR=no\nMulticastDNS=no\nDNSSEC=no\nDNSOverTLS=no\nCache=no\nReadEtcHosts=no\n",
+    )
+    .expect("resolved.conf");
+    let bus = t.state_file("system_bus_socket");
+    let bus_env = format!("DBUS_SYSTEM_BUS_ADDRESS=unix:path={bus}");
+    let bus_conf = t.write_state(
+        "system-bus.conf",
+        format!(
+            "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\" \
+             \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig><type>system</type>\
+             <listen>unix:path={bus}</listen><auth>EXTERNAL</auth><policy context=\"default\"><allow user=\"*\"/>\
+             <allow own=\"*\"/><allow send_destination=\"*\"/><allow receive_sender=\"*\"/></policy></busconfig>\n"
+        )
+        .as_bytes(),
+    );
+    t.client_daemon("dbus", &["dbus-daemon", "--nofork", "--nopidfile", &format!("--config-file={bus_conf}")]);
+    // A private /run: resolved writes its state under /run/systemd.
+    let run = format!("mount -t tmpfs tmpfs /run && mkdir /run/systemd && exec env {bus_env} {daemon}");
+    t.client_daemon("resolved", &["sh", "-c", &run]);
+    let resolve = |t: &Topology, args: &[&str]| {
+        let mut full = vec!["env", bus_env.as_str(), resolvectl.as_str()];
+        full.extend_from_slice(args);
+        let out = t.client(&full);
+        assert!(out.status.success(), "resolvectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut up = false;
+    for _ in 0..100 {
+        let out = t.client(&["ss", "-Hlun", "src", "127.0.0.53"]);
+        if !out.stdout.is_empty() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        up,
+        "systemd-resolved did not start:\n{}",
+        std::fs::read_to_string(t.state_file("resolved.log")).unwrap_or_default()
+    );
+    // The uplink's own DNS server, as DHCP would have set it.
+    resolve(&t, &["dns", "c0", "10.77.0.53"]);
+    dante_on(&mut t, "10.78.0.2", 1080, "none");
+    resolver(&mut t);
+    let stub = |args: &[&str]| {
+        let mut full = vec!["@127.0.0.53"];
+        full.extend_from_slice(args);
+        dig(&t, &full)
+    };
+    // Without the gateway resolved asks by the uplink: the real answer.
+    assert_eq!(stub(&["real.test", "A"]), ["10.77.0.2"], "resolved answers through c0 first");
+    let links_before = resolve(&t, &["status"]);
+
+    let capture = UplinkDns::start(&t);
+
+    let mut setup = SETUP.to_vec();
+    setup.extend(["--dns", "fake-ip"]);
+    t.start_gateway(&format!("export {bus_env}; NETNS_GATEWAY_SETUP=1"), &setup);
+    let during = resolve(&t, &["status", "tun0"]);
+    assert!(during.contains("10.77.0.53") && during.contains("~."), "the TUN as resolved's DNS link:\n{during}");
+    let a = stub(&["real.test", "A"]);
+    let a: std::net::Ipv4Addr = a.first().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("A: {a:?}"));
+    assert_eq!(a.octets()[..2], [198, 19], "{a} is not from the fake pool: resolved asked around the gateway");
+    assert_eq!(stub(&["txt.test", "TXT"]), ["\"hello tungate\""], "TXT forwarded through the gateway");
+    let stats = t.stop_gateway();
+    assert!(stats["dns_fake_answers"] >= 1 && stats["dns_forwarded"] >= 1, "{stats:?}");
+    capture.assert_none();
+    assert_eq!(resolve(&t, &["status"]), links_before, "resolved's links after the gateway");
+    assert_eq!(stub(&["real.test", "A"]), ["10.77.0.2"], "resolved answers through c0 again");
+    assert_eq!(t.host_state(), before, "--setup beside resolved left the host changed");
 }
 
 /// The gateway as an unprivileged user with no capability at all, on a TUN made for that

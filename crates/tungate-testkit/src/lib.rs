@@ -29,8 +29,8 @@ pub mod soak;
 
 pub use cli::{cli_bad_flags, cli_sigterm_exits_cleanly, cli_tun_busy_and_permission};
 pub use hostsetup::{
-    netns_drain, netns_owned_tun, netns_setup, netns_setup_capture_local, netns_setup_dns, netns_setup_scoped,
-    netns_setup_unprivileged,
+    netns_drain, netns_owned_tun, netns_setup, netns_setup_capture_local, netns_setup_dns, netns_setup_resolved,
+    netns_setup_scoped, netns_setup_unprivileged,
 };
 pub use netns::{
     netns_256mib_each_way, netns_bulk_under_a_memory_cap, netns_bulk_under_faults, netns_churn,
@@ -99,7 +99,7 @@ macro_rules! conformance_suite {
             netns_socks5_microsocks, netns_http_connect_tinyproxy, netns_sniff, netns_dns,
             netns_churn, netns_churn_server_closes, netns_hold_10k, netns_bulk_under_a_memory_cap,
             netns_counters_match_the_tun, netns_pcap, netns_metrics, netns_bulk_under_faults,
-            netns_session_limit, netns_ping, netns_setup, netns_setup_scoped, netns_setup_capture_local, netns_setup_dns, netns_setup_unprivileged, netns_drain, netns_owned_tun,
+            netns_session_limit, netns_ping, netns_setup, netns_setup_scoped, netns_setup_capture_local, netns_setup_dns, netns_setup_resolved, netns_setup_unprivileged, netns_drain, netns_owned_tun,
             netns_udp_refused, netns_tun_fd);
     };
     (@mem [$serial:literal] [$limits:expr] $backend:expr; $($name:ident),*) => {

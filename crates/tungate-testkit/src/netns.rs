@@ -255,6 +255,22 @@ impl Topology {
         panic!("{args:?} is not listening on port {port} after 5 s");
     }
 
+    /// Starts a long-running command in the client namespace, its output in
+    /// `NAME.log` of the state directory, stopped with the topology (or by
+    /// [`Topology::stop_daemons`]); the caller waits for it to be ready.
+    pub fn client_daemon(&mut self, name: &str, args: &[&str]) {
+        let log = std::fs::File::create(self.state_file(&format!("{name}.log"))).expect("a daemon log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.cli])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("a daemon log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
+        self.daemons.push(child);
+    }
+
     /// Kills what [`Topology::daemon`] started (`ip netns exec` runs the daemon itself,
     /// so its pid is the daemon's; forked helpers see their parent go).
     pub fn stop_daemons(&mut self) {
@@ -346,7 +362,7 @@ impl Topology {
         stdout
     }
 
-    fn state_file(&self, name: &str) -> String {
+    pub(crate) fn state_file(&self, name: &str) -> String {
         let dir = std::env::var("NETNS_RUNDIR")
             .unwrap_or_else(|_| format!("{}/tungate-netns", std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into())));
         format!("{dir}/{}/{name}", self.id)
