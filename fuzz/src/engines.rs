@@ -77,7 +77,7 @@ pub enum Op {
 }
 
 impl Op {
-    fn read(r: &mut Reader<'_>) -> Op {
+    pub fn read(r: &mut Reader<'_>) -> Op {
         match r.u8() % 7 {
             0 => Op::Segment {
                 client: r.u8(),

@@ -290,6 +290,11 @@ impl Engine for LwipEngine {
             tungate_core::api::Stats::inc(&self.flows.stats().malformed);
             return Handled::Consumed;
         }
+        // lwIP takes an MSS option from any segment, not only a SYN's, and aborts when
+        // one is smaller than a segment it has queued.
+        if tungate_core::packet::blank_late_mss_option(packet.packet_mut()) {
+            tracing::trace!("an MSS option after the SYN blanked");
+        }
         match self.flows.inbound(now, packet) {
             Inbound::Tcp(seg, Seen::Admitted(id)) => self.admitted_segment(id, packet, seg.rst),
             // Not ours — but lwIP may still hold the connection after the engine handed it
@@ -546,6 +551,61 @@ mod tests {
         assert_eq!(read.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
         // lwIP freed its half-open PCB on the RST: the timer stops.
         assert_eq!(e.poll_timeout(), None);
+    }
+
+    /// lwIP 2.1 takes an MSS option from any segment; one smaller than a segment it has
+    /// queued aborted the process at its next write (found by `make fuzz`). Here a client
+    /// with a small window has data queued for it, then acknowledges with an MSS option
+    /// of 2: the handler's next write goes through, and the client receives every byte
+    /// in order.
+    #[test]
+    fn an_mss_option_after_the_handshake_is_ignored() {
+        use tokio::io::AsyncWriteExt;
+        use tungate_core::api::tcp::now_or_never;
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut e, hold, now) = engine();
+        let (src, dst) = (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
+        let ack = |e: &mut LwipEngine, ack: u32, window: u16, mss: Option<u16>| {
+            let fields =
+                packet::SegmentFields { window, mss, ..packet::SegmentFields::new(src, dst, TcpControl::None, 1001, Some(ack)) };
+            e.handle_packet(now, &mut PacketBuf::from_vec(fields.build()));
+            e.flush(now);
+        };
+        e.handle_packet(now, &mut segment(TcpControl::Syn, 1000, None));
+        let mut flow = tungate_testkit::engine::accept_now(hold.take());
+        e.handle_wakeups(now);
+        let server = drain(&mut e)[0].seq.wrapping_add(1);
+        // The handshake's ACK offers 2 000 bytes (scale 7: 16 << 7).
+        ack(&mut e, server, 16, None);
+        let data: Vec<u8> = (0..12_000u32).map(|i| (i % 253) as u8).collect();
+        let mut received = Vec::new();
+        let collect = |e: &mut LwipEngine, received: &mut Vec<u8>| {
+            for p in drain_raw(e) {
+                let seg = tungate_testkit::engine::tcp_of(&p);
+                let tcp = packet::tcp_segment(&p).expect("TCP");
+                if seg.seq.wrapping_sub(server) as usize == received.len() {
+                    received.extend_from_slice(tcp.payload());
+                }
+            }
+        };
+        assert_eq!(now_or_never(flow.write(&data[..6000])).unwrap().unwrap(), 6000);
+        e.handle_wakeups(now);
+        collect(&mut e, &mut received);
+        assert!(!received.is_empty() && received.len() < 6000, "the window holds part back: {}", received.len());
+        // Acknowledged with an MSS option (which a client sends in SYNs only).
+        ack(&mut e, server.wrapping_add(received.len() as u32), 16, Some(2));
+        assert_eq!(now_or_never(flow.write(&data[6000..])).unwrap().unwrap(), 6000);
+        e.handle_wakeups(now);
+        for _ in 0..100 {
+            collect(&mut e, &mut received);
+            if received.len() == data.len() {
+                break;
+            }
+            ack(&mut e, server.wrapping_add(received.len() as u32), 512, None);
+            e.handle_wakeups(now);
+        }
+        assert_eq!(received.len(), data.len());
+        assert!(received == data, "the client received other bytes than the handler wrote");
     }
 
     #[test]

@@ -228,18 +228,53 @@ pub fn tcp_checksum_ok(packet: &[u8], summary: &TcpSummary) -> bool {
 /// option parser accepts what lwIP's does not need to see.)
 pub fn tcp_options_well_formed(packet: &[u8]) -> bool {
     let Some(tcp) = tcp_segment(packet) else { return true };
-    let options = tcp.options();
+    walk_options(tcp.options(), |_, _| {})
+}
+
+/// Calls `each(kind, range)` for every option in `options` but end-of-list and no-op;
+/// returns whether they are well formed (see [`tcp_options_well_formed`]).
+fn walk_options(options: &[u8], mut each: impl FnMut(u8, std::ops::Range<usize>)) -> bool {
     let mut i = 0;
     while i < options.len() {
         match options[i] {
             0 => return true, // end of list: the rest is padding
             1 => i += 1,      // no-op
-            _ => match options.get(i + 1) {
-                Some(&len) if len >= 2 && i + usize::from(len) <= options.len() => i += usize::from(len),
+            kind => match options.get(i + 1) {
+                Some(&len) if len >= 2 && i + usize::from(len) <= options.len() => {
+                    each(kind, i..i + usize::from(len));
+                    i += usize::from(len);
+                }
                 _ => return false,
             },
         }
     }
+    true
+}
+
+/// Replaces the MSS option of a TCP segment that is not a SYN with no-ops (the checksum
+/// follows); returns whether it had one. RFC 9293 §3.7.1: MSS is sent in SYNs only.
+/// lwIP 2.1 takes it from any segment, and one smaller than data it has queued aborted it
+/// (`mss_local is too small`: `make fuzz`'s engine_lwip), so it is blanked before lwIP.
+pub fn blank_late_mss_option(packet: &mut [u8]) -> bool {
+    let Some((range, (src, dst))) = tcp_range(packet) else { return false };
+    let Ok(tcp) = TcpPacket::new_checked(&packet[range.clone()]) else { return false };
+    if tcp.syn() {
+        return false;
+    }
+    let options = range.start + 20..range.start + usize::from(tcp.header_len());
+    let mut mss = Vec::new();
+    walk_options(&packet[options.clone()], |kind, at| {
+        if kind == 2 {
+            mss.push(at);
+        }
+    });
+    for at in &mss {
+        packet[options.start + at.start..options.start + at.end].fill(1);
+    }
+    if mss.is_empty() {
+        return false;
+    }
+    TcpPacket::new_unchecked(&mut packet[range]).fill_checksum(&src, &dst);
     true
 }
 
@@ -745,6 +780,41 @@ mod tests {
         let mut seg = tcp_of(p.packet());
         assert_eq!(trim_payload_at(&mut p, &mut seg, 60), 0);
         assert_eq!(p.packet(), &before[..]);
+    }
+
+    #[test]
+    fn an_mss_option_after_the_syn_is_blanked() {
+        let (src, dst) = ("198.18.0.2:40000".parse().unwrap(), "10.77.0.2:80".parse().unwrap());
+        let fields = |control| SegmentFields {
+            mss: Some(2),
+            window_scale: Some(3),
+            ..SegmentFields::new(src, dst, control, 5, Some(9)).payload(b"data")
+        };
+        let syn = fields(TcpControl::Syn).build();
+        let mut p = syn.clone();
+        assert!(!blank_late_mss_option(&mut p), "a SYN keeps its MSS");
+        assert_eq!(p, syn);
+        let mut p = fields(TcpControl::None).build();
+        let before = TcpRepr::parse(
+            &TcpPacket::new_checked(&p[20..]).unwrap(),
+            &src.ip().into(),
+            &dst.ip().into(),
+            &smoltcp::phy::ChecksumCapabilities::default(),
+        )
+        .unwrap();
+        assert_eq!(before.max_seg_size, Some(2));
+        assert!(blank_late_mss_option(&mut p));
+        let tcp = TcpPacket::new_checked(&p[20..]).unwrap();
+        assert!(tcp.verify_checksum(&src.ip().into(), &dst.ip().into()), "the checksum follows");
+        let after =
+            TcpRepr::parse(&tcp, &src.ip().into(), &dst.ip().into(), &smoltcp::phy::ChecksumCapabilities::default())
+                .unwrap();
+        assert_eq!(
+            (after.max_seg_size, after.window_scale, after.payload),
+            (None, Some(3), &b"data"[..]),
+            "only the MSS went"
+        );
+        assert!(!blank_late_mss_option(&mut p), "nothing left to blank");
     }
 
     #[test]
