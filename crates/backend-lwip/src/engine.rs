@@ -566,8 +566,11 @@ mod tests {
         let (mut e, hold, now) = engine();
         let (src, dst) = (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
         let ack = |e: &mut LwipEngine, ack: u32, window: u16, mss: Option<u16>| {
-            let fields =
-                packet::SegmentFields { window, mss, ..packet::SegmentFields::new(src, dst, TcpControl::None, 1001, Some(ack)) };
+            let fields = packet::SegmentFields {
+                window,
+                mss,
+                ..packet::SegmentFields::new(src, dst, TcpControl::None, 1001, Some(ack))
+            };
             e.handle_packet(now, &mut PacketBuf::from_vec(fields.build()));
             e.flush(now);
         };
