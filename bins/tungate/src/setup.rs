@@ -979,6 +979,11 @@ fn resolved(item: &Item, ifindex: u32, servers: &[IpAddr], add: bool) -> anyhow:
             ["SetLinkDefaultRoute", "ib", &index, "true"].map(String::from).to_vec(),
         ]
     } else {
+        // A resolved that is gone (or was never ours to tell) holds nothing of the TUN's:
+        // it keeps per-link settings only while it runs and the link exists.
+        if resolved_here().is_none() {
+            return Ok(());
+        }
         vec![["RevertLink", "i", &index].map(String::from).to_vec()]
     };
     for call in calls {
@@ -1009,10 +1014,10 @@ fn busctl(args: &[&str], more: &[String]) -> anyhow::Result<std::process::Output
         .context("running busctl (systemd's D-Bus tool)")
 }
 
-/// The DNS servers systemd-resolved uses now (global and per link, the TUN's own left
-/// out), if resolved runs on the system bus in this network namespace; `None` where it
-/// does not (or there is no `busctl`).
-pub fn resolved_servers(tun_index: u32) -> Option<Vec<IpAddr>> {
+/// `Some` if systemd-resolved owns its name on the system bus and runs in this network
+/// namespace. D-Bus is not per network namespace: a resolved on the bus may serve another
+/// namespace, whose link numbers are not ours, and is never told anything.
+fn resolved_here() -> Option<()> {
     let has = busctl(
         &["call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "NameHasOwner"],
         &["s".into(), "org.freedesktop.resolve1".into()],
@@ -1021,8 +1026,6 @@ pub fn resolved_servers(tun_index: u32) -> Option<Vec<IpAddr>> {
     if !has.status.success() || String::from_utf8_lossy(&has.stdout).trim() != "b true" {
         return None;
     }
-    // D-Bus is not per network namespace: a resolved on the bus may serve another
-    // namespace, whose link numbers are not ours. Only one in this namespace is told.
     let pid = busctl(
         &[
             "call",
@@ -1037,13 +1040,19 @@ pub fn resolved_servers(tun_index: u32) -> Option<Vec<IpAddr>> {
     let pid = String::from_utf8_lossy(&pid.stdout).trim().strip_prefix("u ")?.parse::<u32>().ok()?;
     let theirs = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
     let ours = std::fs::metadata("/proc/self/ns/net").ok()?;
-    {
-        use std::os::unix::fs::MetadataExt;
-        if (theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()) {
-            tracing::info!("--setup: systemd-resolved (pid {pid}) serves another network namespace: left alone");
-            return None;
-        }
+    use std::os::unix::fs::MetadataExt;
+    if (theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()) {
+        tracing::info!("--setup: systemd-resolved (pid {pid}) serves another network namespace: left alone");
+        return None;
     }
+    Some(())
+}
+
+/// The DNS servers systemd-resolved uses now (global and per link, the TUN's own left
+/// out), if resolved runs on the system bus in this network namespace; `None` where it
+/// does not (or there is no `busctl`).
+pub fn resolved_servers(tun_index: u32) -> Option<Vec<IpAddr>> {
+    resolved_here()?;
     let out = busctl(
         &["--json=short", "get-property", "org.freedesktop.resolve1", "/org/freedesktop/resolve1", RESOLVE1_MANAGER],
         &["DNS".into()],

@@ -453,7 +453,8 @@ impl UplinkDns {
 /// gateway makes the TUN resolved's DNS link for every name: `dig @127.0.0.53` is
 /// answered from the fake pool, TXT is forwarded through dante to the same resolver,
 /// no DNS packet leaves by the uplink, and after the gateway is gone resolved's links
-/// and the host's routing are as before.
+/// and the host's routing are as before — after SIGKILL too, and a `--cleanup` after
+/// resolved stopped completes.
 pub fn netns_setup_resolved(bin: &str) {
     let dir = std::env::var("TUNGATE_RESOLVED_DIR").unwrap_or_else(|_| "/var/cache/tungate/systemd-resolved".into());
     let daemon = format!("{dir}/lib/systemd/systemd-resolved");
@@ -547,6 +548,24 @@ pub fn netns_setup_resolved(bin: &str) {
     assert_eq!(resolve(&t, &["status"]), links_before, "resolved's links after the gateway");
     assert_eq!(stub(&["real.test", "A"]), ["10.77.0.2"], "resolved answers through c0 again");
     assert_eq!(t.host_state(), before, "--setup beside resolved left the host changed");
+
+    // SIGKILL: the TUN's settings go with the link; and a --cleanup after resolved
+    // itself stopped completes (nothing of the TUN's is left in a resolved that is gone).
+    t.start_gateway(&format!("export {bus_env}; NETNS_GATEWAY_SETUP=1"), &setup);
+    t.kill_gateway();
+    let mut links = String::new();
+    for _ in 0..40 {
+        links = resolve(&t, &["status"]);
+        if links == links_before {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(links, links_before, "resolved's links after SIGKILL");
+    t.stop_daemons();
+    let out = t.run_gateway_binary(&["--tun", "tun0", "--cleanup"]);
+    assert!(out.status.success(), "--cleanup without resolved: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(t.host_state(), before, "--cleanup beside a stopped resolved left the host changed");
 }
 
 /// The gateway as an unprivileged user with no capability at all, on a TUN made for that
