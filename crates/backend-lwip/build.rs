@@ -71,7 +71,7 @@ fn main() {
              pbuf_alloc|pbuf_free|pbuf_copy_partial|pbuf_take",
         )
         .allowlist_var(
-            "tcp_active_pcbs|tcp_tw_pcbs|TF_ACK_DELAY|TF_ACK_NOW|TF_NODELAY|SOF_KEEPALIVE|TCP_WRITE_FLAG_COPY",
+            "tcp_active_pcbs|tcp_tw_pcbs|tcp_ticks|TF_ACK_DELAY|TF_ACK_NOW|TF_NODELAY|SOF_KEEPALIVE|TCP_WRITE_FLAG_COPY",
         )
         .allowlist_type("tcp_pcb|pbuf|netif|ip_addr|err_enum_t|lwip_ip_addr_type|pbuf_layer|pbuf_type|tcp_state")
         .generate()

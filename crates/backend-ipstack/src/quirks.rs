@@ -420,7 +420,7 @@ impl StreamQuirks for IpstackQuirks {
         pass
     }
 
-    fn stack_segment(&mut self, cx: &mut QuirkCx<'_>, flow: &mut Flow, packet: &[u8], seg: &TcpSummary) {
+    fn stack_segment(&mut self, cx: &mut QuirkCx<'_>, flow: &mut Flow, packet: &[u8], seg: &TcpSummary) -> Pass {
         flow.stack_said(seg);
         if seg.fin && !seg.rst {
             // ipstack never sends its FIN again: kept, to be sent again until acknowledged.
@@ -434,6 +434,7 @@ impl StreamQuirks for IpstackQuirks {
             flow.stack_fin = true;
             flow.advance(cx);
         }
+        Pass::Forward
     }
 
     fn outlives_bridge(&self, flow: &Flow) -> bool {

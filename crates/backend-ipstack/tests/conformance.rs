@@ -3,7 +3,7 @@
 //! tests run in real time).
 
 tungate_testkit::conformance_suite!(
-    limits = tungate_testkit::mem::Limits { window_scaling: false, wall_clock: true, resends_fin: true },
+    limits = tungate_testkit::mem::Limits { window_scaling: false, wall_clock: true },
     backend_ipstack::Ipstack::default(),
     "tungate-ipstack"
 );

@@ -114,10 +114,14 @@
 #define TCP_OVERSIZE TCP_MSS
 #define TCP_LISTEN_BACKLOG 0  /* the engine admits flows before lwIP sees the SYN */
 #define LWIP_TCP_TIMESTAMPS 0
-/* TIME-WAIT lasts 2 * TCP_MSL. lwIP's 60 s default keeps a closed 4-tuple for 2 min, and
- * a SYN that reuses it (clients cycle ports under load) is answered by the TIME-WAIT PCB
- * instead of being accepted. A TUN has no stale duplicates in flight: 1 s is plenty. */
-#define TCP_MSL 1000UL
+/* 2 * TCP_MSL bounds two states. LAST-ACK: lwIP drops a PCB that has waited that long
+ * for the ACK of its FIN, silently. At 1 s it was dropped before its first retransmission
+ * (RTO 3 s): a lost FIN, or a reply lost after the client's FIN, was never sent again and
+ * the client waited for ever (conformance `lost_reply_after_the_clients_fin`). 30 s gives
+ * retransmissions at about 3, 9 and 21 s. TIME-WAIT: lwIP's would last as long, holding
+ * a PCB per closed connection (clients cycle ports under load); the engine ends TIME-WAIT
+ * itself after 2 s (`Stack::end_time_wait`): a TUN has no stale duplicates in flight. */
+#define TCP_MSL 15000UL
 /* Keep-alive on every accepted PCB (set by the engine): a client that vanished without
  * FIN or RST is dropped after KEEPIDLE + KEEPCNT * KEEPINTVL = 60 + 6 * 10 s = 120 s,
  * the same bound as backend-smoltcp's timeout. */

@@ -44,6 +44,9 @@ mod sys {
 use sys::{err_t, pbuf, tcp_pcb};
 
 const ERR_OK: err_t = sys::err_enum_t_ERR_OK as err_t;
+
+/// How long a PCB stays in TIME-WAIT here, in lwIP's slow-timer ticks (500 ms): 2 s.
+const TIME_WAIT_TICKS: u32 = 4;
 const ERR_MEM: err_t = sys::err_enum_t_ERR_MEM as err_t;
 const ERR_ABRT: err_t = sys::err_enum_t_ERR_ABRT as err_t;
 
@@ -274,6 +277,7 @@ impl Stack {
     pub(crate) fn tick(&mut self) {
         // SAFETY: lwIP is initialised and no other call is in progress (`&mut self`).
         unsafe { sys::tcp_tmr() }
+        self.end_time_wait();
     }
 
     /// Whether lwIP holds any connection (active or TIME-WAIT) that needs its timer.
@@ -290,27 +294,44 @@ impl Stack {
     /// meet the old one, which answers it with an ACK until TIME-WAIT ends (clients whose
     /// kernel reused a port retried after 1 s and 2 s). Returns whether one was found.
     pub(crate) fn forget_time_wait(&mut self, client: SocketAddr, dst: SocketAddr) -> bool {
-        // SAFETY: no lwIP call is in progress (`&mut self`). The list is lwIP's, read
-        // until the match; only a PCB whose callback argument is null is aborted, i.e. one
-        // lwIP owns alone (taken out of our slot, callbacks cleared), so no slot points at
-        // it, and `tcp_abort` unlinks and frees it before we stop walking.
+        let mut found = false;
+        self.abort_time_wait(|p| {
+            let this = !found
+                && to_socket_addr(&p.remote_ip, p.remote_port) == client
+                && to_socket_addr(&p.local_ip, p.local_port) == dst;
+            found |= this;
+            this
+        });
+        found
+    }
+
+    /// Ends TIME-WAIT 2 s ([`TIME_WAIT_TICKS`]) after a PCB's last segment, not lwIP's 2 × TCP_MSL
+    /// (which must stay long for LAST-ACK's sake: see lwipopts.h). Called with the timer.
+    fn end_time_wait(&mut self) {
+        // SAFETY: reading a u32 global; lwIP changes it only inside calls, and none is in
+        // progress (`&mut self`).
+        let ticks = unsafe { ptr::addr_of!(sys::tcp_ticks).read() };
+        self.abort_time_wait(|p| ticks.wrapping_sub(p.tmr) > TIME_WAIT_TICKS);
+    }
+
+    /// Aborts every TIME-WAIT PCB that lwIP owns alone and `chosen` picks.
+    fn abort_time_wait(&mut self, mut chosen: impl FnMut(&tcp_pcb) -> bool) {
+        // SAFETY: no lwIP call is in progress (`&mut self`). The list is lwIP's; the next
+        // pointer is read before a PCB is aborted (`tcp_abort` unlinks and frees it, and
+        // touches no other PCB). Only a PCB whose callback argument is null is aborted,
+        // i.e. one lwIP owns alone (taken out of our slot, callbacks cleared): a PCB still
+        // in one of our slots is left alone, or the slot would point at freed memory.
         unsafe {
             let mut pcb = ptr::addr_of!(sys::tcp_tw_pcbs).read();
             while let Some(p) = pcb.as_ref() {
-                // A PCB still in one of our slots (its callback argument set) is left alone:
-                // the slot would be left pointing at freed memory.
-                if p.callback_arg.is_null()
-                    && to_socket_addr(&p.remote_ip, p.remote_port) == client
-                    && to_socket_addr(&p.local_ip, p.local_port) == dst
-                {
+                let next = p.next;
+                if p.callback_arg.is_null() && chosen(p) {
                     clear_callbacks(pcb);
                     sys::tcp_abort(pcb);
-                    return true;
                 }
-                pcb = p.next;
+                pcb = next;
             }
         }
-        false
     }
 
     pub(crate) fn drain_events(&mut self, out: &mut Vec<Event>) {

@@ -1,7 +1,7 @@
 //! The shared conformance suite on backend-netstack-smoltcp.
 
 tungate_testkit::conformance_suite!(@suite [false]
-    [tungate_testkit::mem::Limits { wall_clock: true, resends_fin: false, ..tungate_testkit::mem::Limits::NONE }]
+    [tungate_testkit::mem::Limits { wall_clock: true, ..tungate_testkit::mem::Limits::NONE }]
     backend_netstack_smoltcp::NetstackSmoltcp::default(), "tungate-netstack-smoltcp");
 
 /// Behind a slow reader netstack-smoltcp's window closes: the upload completes (no

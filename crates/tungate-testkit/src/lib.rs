@@ -87,7 +87,7 @@ macro_rules! conformance_suite {
             gate_peeks_then_relays_or_aborts, gate_udp_sessions_relay_or_drop, furthest_window_edge_sender, closed_connections_are_forgotten,
             repeated_syn_before_another_client, upload_then_half_close_to_a_slow_reader,
             session_limit_evicts_the_least_recently_active, duplicates_are_acknowledged, fin_is_sent_again,
-            late_segment_with_an_older_ack);
+            lost_reply_after_the_clients_fin, late_segment_with_an_older_ack);
         $crate::conformance_suite!(@netns conformance_netns $bin);
     };
     // The namespace half, the same list for every instantiation.

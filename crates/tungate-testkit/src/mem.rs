@@ -39,16 +39,10 @@ pub struct Limits {
     /// run on the simulated clock: they run on a multi-threaded runtime in real time, and
     /// a test whose outcome depends on timing repeats its rounds there.
     pub wall_clock: bool,
-    /// The stack sends its FIN again until the client acknowledges it. Open defect where
-    /// false (lwIP behind this driver sent it once in 60 simulated seconds;
-    /// netstack-smoltcp reset the connection after 28 s instead): a client whose copy is
-    /// lost waits for the end of the stream until it gives up. The substitute check: the
-    /// FIN came once, after the echo.
-    pub resends_fin: bool,
 }
 
 impl Limits {
-    pub const NONE: Limits = Limits { window_scaling: true, wall_clock: false, resends_fin: true };
+    pub const NONE: Limits = Limits { window_scaling: true, wall_clock: false };
 }
 
 /// The engine's randomness in every in-memory test: with the simulated clock, a run is
@@ -611,8 +605,14 @@ pub async fn late_segment_with_an_older_ack<B: Backend>(backend: B, _: Limits) {
 
 /// The gateway's FIN comes again while the client does not acknowledge it (see
 /// [`crate::rawtcp::fin_is_sent_again`]).
-pub async fn fin_is_sent_again<B: Backend>(backend: B, limits: Limits) {
-    crate::rawtcp::fin_is_sent_again(backend, if limits.resends_fin { 2 } else { 1 }).await;
+pub async fn fin_is_sent_again<B: Backend>(backend: B, _: Limits) {
+    crate::rawtcp::fin_is_sent_again(backend, 2).await;
+}
+
+/// The echo's bytes lost after the client's FIN come again, then the FIN (see
+/// [`crate::rawtcp::lost_reply_after_the_clients_fin`]).
+pub async fn lost_reply_after_the_clients_fin<B: Backend>(backend: B, _: Limits) {
+    crate::rawtcp::lost_reply_after_the_clients_fin(backend).await;
 }
 
 /// A client's SYN repeated right before another client's SYN to the same destination:

@@ -402,8 +402,9 @@ pub async fn late_segment_with_an_older_ack<B: Backend>(backend: B) {
 
 /// A client that sends its bytes and FIN to the echo service and then acknowledges the
 /// echo but never the gateway's FIN: the FIN must come again (a client whose copy was lost waits for the
-/// end of the stream forever otherwise; ipstack sent its FIN once). `copies`: how many
-/// FINs to wait for (1 for a stack declared not to send it again).
+/// end of the stream forever otherwise; ipstack sent its FIN once, lwIP dropped the
+/// connection before its first retransmission, smoltcp 0.12 stopped its timer). `copies`: how many
+/// FINs to wait for.
 pub async fn fin_is_sent_again<B: Backend>(backend: B, copies: usize) {
     let h = Harness::start(backend);
     let c = RawClient::connect(&h.peer, 61004, dst_v4(crate::services::ECHO)).await.expect("connect");
@@ -435,6 +436,60 @@ pub async fn fin_is_sent_again<B: Backend>(backend: B, copies: usize) {
     assert!(fins.iter().all(|&f| f == fins[0]), "the same FIN each time: {fins:?}");
     let ack = SegmentFields::new(c.local, c.remote, TcpControl::None, c.snd_nxt.wrapping_add(4), Some(fins[0]));
     c.peer.send_raw(ack.build()).await;
+    h.stop().await;
+}
+
+/// A client that sends its bytes and FIN to the echo service and loses the echo's bytes:
+/// the gateway's FIN arrives past the gap (or with the lost bytes: the client kept only
+/// the FIN), and the client acknowledges again what it had, a duplicate ACK. The bytes
+/// must come again, then the FIN, and no byte past the FIN's sequence number ever.
+///
+/// smoltcp 0.12 (inside netstack-smoltcp) sets its retransmission timer to idle on any
+/// ACK in CLOSE-WAIT and on an ACK in LAST-ACK that does not cover its FIN: the lost
+/// bytes were never sent again, and 28 s later its keep-alive, one byte at the FIN's
+/// sequence number, reached the client as data (seen by capture in the namespace fault
+/// test).
+pub async fn lost_reply_after_the_clients_fin<B: Backend>(backend: B) {
+    let h = Harness::start(backend);
+    let mut c = RawClient::connect(&h.peer, 61005, dst_v4(crate::services::ECHO)).await.expect("connect");
+    let mut bye = SegmentFields::new(c.local, c.remote, TcpControl::Fin, c.snd_nxt, Some(c.rcv_nxt));
+    bye.payload = b"bye";
+    c.peer.send_raw(bye.build()).await;
+    c.snd_nxt = c.snd_nxt.wrapping_add(4);
+    let (mut lost, mut fin_at, mut finished) = (false, None::<u32>, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !finished {
+        let p = tokio::time::timeout_at(deadline, c.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("in 60 s the client got {:?} of the echo and no FIN", c.received))
+            .expect("tap open");
+        let Ok(Classified::Tcp(seg)) = packet::classify(&p) else { continue };
+        assert!(!seg.rst, "reset instead of the lost bytes: {seg:?}");
+        let payload = seg.payload_len();
+        let end = seg.seq.wrapping_add(payload as u32);
+        if seg.fin {
+            fin_at = Some(end);
+        }
+        if let Some(fin) = fin_at.filter(|_| payload > 0) {
+            assert!(!seq_lt(fin, end), "a byte past the gateway's FIN at {fin}: {seg:?}");
+        }
+        if payload > 0 && !lost {
+            lost = true;
+        } else if payload > 0 && seg.seq == c.rcv_nxt {
+            let tcp = packet::tcp_segment(&p).expect("a classified segment");
+            c.received.extend_from_slice(tcp.payload());
+            c.rcv_nxt = end;
+        }
+        if seg.fin && end == c.rcv_nxt {
+            c.rcv_nxt = c.rcv_nxt.wrapping_add(1);
+            finished = true;
+        }
+        if payload > 0 || seg.fin {
+            c.send_ack().await;
+        }
+    }
+    assert!(lost, "no data segment came to lose");
+    assert_eq!(c.received, b"bye", "the echo, each byte once, before the FIN");
     h.stop().await;
 }
 

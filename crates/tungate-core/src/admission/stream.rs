@@ -106,9 +106,10 @@ pub trait StreamQuirks: Send + 'static {
     }
 
     /// A segment the stack wrote for the flow's client (only with
-    /// [`WATCHES_OUTPUT`](Self::WATCHES_OUTPUT)).
-    fn stack_segment(&mut self, cx: &mut QuirkCx<'_>, flow: &mut Self::Flow, packet: &[u8], seg: &TcpSummary) {
+    /// [`WATCHES_OUTPUT`](Self::WATCHES_OUTPUT)): [`Pass::Withhold`] drops it.
+    fn stack_segment(&mut self, cx: &mut QuirkCx<'_>, flow: &mut Self::Flow, packet: &[u8], seg: &TcpSummary) -> Pass {
         let _ = (cx, flow, packet, seg);
+        Pass::Forward
     }
 
     /// The time set with [`QuirkCx::set_timer`] for this flow has come.
@@ -516,8 +517,12 @@ impl<Q: StreamQuirks> Admission<Q> {
                             timer: &mut entry.timer,
                             stats: &self.stats,
                         };
-                        self.quirks.stack_segment(&mut cx, &mut entry.quirks, packet.packet(), &seg);
+                        let pass = self.quirks.stack_segment(&mut cx, &mut entry.quirks, packet.packet(), &seg);
                         arm(&mut self.timers, key, entry);
+                        self.end_if_done(now, key);
+                        if pass == Pass::Withhold {
+                            return false;
+                        }
                     }
                 } else if let Some(until) = self.lingering.get_mut(&key) {
                     // The stack still sends for the ended connection: it lingers on (renewed
