@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# scripts/sizes.sh [VARIANT...] — size table of target/release/tungate-<variant>, plus a
-# stripped copy in target/release/stripped/. Default variants: $VARIANTS, else every
-# tungate-* binary present. Exits 1 if a named variant's binary is missing.
+# scripts/sizes.sh [VARIANT...] — size table of every variant in the release profile
+# (target/release/tungate-<variant>) and in the `size` profile (target/size/...), each as
+# built and stripped (stripped copies go to <profile dir>/stripped/). Prints a Markdown
+# table and writes results/sizes.csv (SIZES_CSV). Default variants: $VARIANTS, else every
+# tungate-* release binary present. Exits 1 if a named variant's release binary is missing.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN_DIR=${BIN_DIR:-$REPO/target/release}
-STRIP_DIR="$BIN_DIR/stripped"
+TARGET_DIR=${TARGET_DIR:-$REPO/target}
+CSV=${SIZES_CSV:-$REPO/results/sizes.csv}
 STRIP=${STRIP:-strip}
+PROFILES=(release size)
 
 variants=("$@")
 if ((${#variants[@]} == 0)); then
@@ -15,7 +18,7 @@ if ((${#variants[@]} == 0)); then
 fi
 if ((${#variants[@]} == 0)); then
   shopt -s nullglob
-  for f in "$BIN_DIR"/tungate-*; do
+  for f in "$TARGET_DIR"/release/tungate-*; do
     b=$(basename "$f")
     [[ "$b" =~ ^tungate-[a-z0-9-]+$ && -f "$f" && -x "$f" ]] && variants+=("${b#tungate-}")
   done
@@ -24,23 +27,37 @@ fi
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
 
-mkdir -p "$STRIP_DIR"
+rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$REPO" diff --quiet HEAD -- . ':!results' 2>/dev/null || rev="$rev+dirty"
+rustc=$(rustc --version | awk '{ print $2 }')
+date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+rows=("variant,profile,bytes,stripped_bytes,rustc,git_revision,measured_at")
 rc=0
-printf '| %-20s | %-26s | %-26s |\n' variant size stripped
-printf '|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..22})" "$(printf -- '-%.0s' {1..28})" "$(printf -- '-%.0s' {1..28})"
+printf '| %-18s | %-12s | %-12s | %-12s | %-12s |\n' variant release "release strip" size "size strip"
+printf '|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..20})" "$(printf -- '-%.0s' {1..14})" \
+  "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})"
 for v in "${variants[@]}"; do
   v=${v#tungate-}
-  src="$BIN_DIR/tungate-$v"
-  if [[ ! -f "$src" ]]; then
-    printf '| %-20s | %-26s | %-26s |\n' "$v" "missing" "-"
-    rc=1
-    continue
-  fi
-  dst="$STRIP_DIR/tungate-$v"
-  cp -f "$src" "$dst"
-  "$STRIP" "$dst"
-  s=$(stat -c %s "$src")
-  t=$(stat -c %s "$dst")
-  printf '| %-20s | %-26s | %-26s |\n' "$v" "$s ($(mib "$s"))" "$t ($(mib "$t"))"
+  cells=()
+  for profile in "${PROFILES[@]}"; do
+    src="$TARGET_DIR/$profile/tungate-$v"
+    if [[ ! -f "$src" ]]; then
+      cells+=("missing" "-")
+      [[ "$profile" == release ]] && rc=1
+      continue
+    fi
+    mkdir -p "$TARGET_DIR/$profile/stripped"
+    dst="$TARGET_DIR/$profile/stripped/tungate-$v"
+    cp -f "$src" "$dst"
+    "$STRIP" "$dst"
+    s=$(stat -c %s "$src")
+    t=$(stat -c %s "$dst")
+    cells+=("$(mib "$s")" "$(mib "$t")")
+    rows+=("$v,$profile,$s,$t,$rustc,$rev,$date")
+  done
+  printf '| %-18s | %-12s | %-12s | %-12s | %-12s |\n' "$v" "${cells[@]}"
 done
+mkdir -p "$(dirname "$CSV")"
+printf '%s\n' "${rows[@]}" >"$CSV"
+echo "sizes written to ${CSV#"$REPO"/}"
 exit "$rc"

@@ -5,6 +5,8 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::Arc;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
 
 use tungate_core::events::{Event, Ready};
 
@@ -239,10 +241,17 @@ where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
     tungate_core::os::map_large_allocations();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&process.log_level));
+    // RUST_LOG as comma-separated `level` and `target=level` directives, through
+    // tracing-subscriber's `Targets` rather than its `EnvFilter`, whose span and field
+    // filters bring a regex engine: 4 % of the stripped binary (results/sizes-knobs-20261208.md).
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|directives| directives.parse::<Targets>().ok())
+        .or_else(|| process.log_level.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    tracing_subscriber::registry().with(output.with_filter(filter)).init();
     let result = prepare().and_then(|work| {
         // Every relayed connection holds an upstream socket: a gateway with thousands of
         // flows needs more descriptors than the usual soft limit of 1024. Raise the soft
