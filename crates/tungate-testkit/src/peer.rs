@@ -235,12 +235,16 @@ impl PeerHost {
 
     /// Opens a TCP connection to `dst`; fails with `ConnectionRefused` on RST.
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<PeerStream> {
+        self.connect_with_buffers(dst, 512 * 1024).await
+    }
+
+    /// [`connect`](Self::connect) with `len`-byte send and receive buffers: small ones
+    /// for many short connections, whose cost should be the gateway's, not the peer's.
+    pub async fn connect_with_buffers(&self, dst: SocketAddr, len: usize) -> io::Result<PeerStream> {
         let (handle, local) = {
             let mut g = lock(&self.inner);
-            let mut socket = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; 512 * 1024]),
-                tcp::SocketBuffer::new(vec![0; 512 * 1024]),
-            );
+            let mut socket =
+                tcp::Socket::new(tcp::SocketBuffer::new(vec![0; len]), tcp::SocketBuffer::new(vec![0; len]));
             socket.set_nagle_enabled(false);
             g.next_port = if g.next_port >= 60000 { 20000 } else { g.next_port + 1 };
             let local = SocketAddr::new(Self::local_ip_for(dst), g.next_port);
