@@ -2,8 +2,8 @@
 # scripts/sizes.sh [VARIANT...] — size table of every variant in the release profile
 # (target/release/tungate-<variant>) and in the `size` profile (target/size/...), each as
 # built and stripped (stripped copies go to <profile dir>/stripped/). Prints a Markdown
-# table and writes results/sizes.csv (SIZES_CSV). Default variants: $VARIANTS, else every
-# tungate-* release binary present. Exits 1 if a named variant's release binary is missing.
+# table and writes results/sizes.csv (SIZES_CSV). Default variants: $VARIANTS, else all six.
+# Exits 1 if a variant's release binary is missing.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,12 +17,7 @@ if ((${#variants[@]} == 0)); then
   read -r -a variants <<<"${VARIANTS:-}"
 fi
 if ((${#variants[@]} == 0)); then
-  shopt -s nullglob
-  for f in "$TARGET_DIR"/release/tungate-*; do
-    b=$(basename "$f")
-    [[ "$b" =~ ^tungate-[a-z0-9-]+$ && -f "$f" && -x "$f" ]] && variants+=("${b#tungate-}")
-  done
-  shopt -u nullglob
+  variants=(smoltcp lwip ipstack netstack-smoltcp system redirect)
 fi
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
