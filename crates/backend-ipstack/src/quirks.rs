@@ -10,7 +10,8 @@
 //!   that uploaded and closed faster than the handler read lost its tail: 64 MiB uploads
 //!   through dante, 3 and then 5 of 6), and ipstack sends its own FIN at once, so the
 //!   server's reply to a half-closed request never reached the client. So ipstack gets
-//!   the client's FIN last: it is held here; once the handler has every byte before it,
+//!   the client's FIN last: it is held here (its acknowledgment goes on at once as a
+//!   pure ACK, or ipstack kept the reply in flight and held back its own FIN); once the handler has every byte before it,
 //!   the handler is told of the end itself (`FlowProgress::client_finished`), and once
 //!   ipstack has sent its own FIN (the handler's side ended, every reply byte sent), the
 //!   held FIN goes to ipstack, acknowledging what the client acknowledged by then — the
@@ -483,6 +484,17 @@ fn hold_fin(cx: &mut QuirkCx<'_>, flow: &mut Flow, packet: &PacketBuf, seg: &Tcp
         cx.forward(data);
         fin
     } else {
+        // Its acknowledgment goes on now, as a pure ACK: held with the FIN, ipstack kept
+        // the reply it acknowledged in flight, and with data in flight it does not send
+        // its own FIN, so a client that closed after reading the reply waited 2.1 s for
+        // the end (until the replayed ACK and ipstack's retransmission).
+        if seg.ack {
+            let mut ack = PacketBuf::from_slice(packet.packet());
+            if let Some(len) = packet::reshape_tcp_segment(ack.packet_mut(), 0..0, false) {
+                ack.set_len(len);
+                cx.forward(ack);
+            }
+        }
         PacketBuf::from_slice(packet.packet())
     };
     let told = flow.held_fin.as_ref().is_some_and(|h| h.told);
@@ -500,7 +512,51 @@ fn stream_offset(start: u32, known: u64, seq: u32) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::stream_offset;
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use tungate_core::admission::{Admission, Verdict};
+    use tungate_core::packet::{SegmentFields, TcpControl};
+    use tungate_core::{Mtu, PacketBuf};
+    use tungate_testkit::engine::{Hold, accept_now, tcp_of as tcp};
+
+    use super::{IpstackQuirks, stream_offset};
+
+    /// A client that read the reply and closed: its FIN is held, but the acknowledgment
+    /// it carries goes to ipstack at once as a pure ACK (without it ipstack kept the reply
+    /// in flight and so did not send its own FIN: the client waited 2.1 s for the end).
+    #[test]
+    fn a_held_fin_still_acknowledges_the_reply() {
+        let hold = Hold::default();
+        let quirks = IpstackQuirks { unread_limit: 1 << 20 };
+        let mut adm = Admission::with_quirks(hold.dispatch(), Mtu::DEFAULT, 4096, Duration::from_secs(25), quirks);
+        let (client, server): (SocketAddr, SocketAddr) =
+            ("10.0.0.2:4000".parse().unwrap(), "10.77.0.2:7".parse().unwrap());
+        let now = Instant::now();
+        let mut syn = PacketBuf::from_vec(SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
+        assert_eq!(adm.handle_packet(now, &mut syn), Verdict::Consumed, "held");
+        let _conn = accept_now(hold.take());
+        adm.service(now, |_| {});
+        let _port = adm.take_port(client, server).expect("the stack's stream arrives");
+        let syn_ack = SegmentFields::new(server, client, TcpControl::Syn, 5000, Some(101));
+        assert!(adm.pass_output(now, &PacketBuf::from_vec(syn_ack.build())));
+        let mut request = PacketBuf::from_vec(
+            SegmentFields::new(client, server, TcpControl::Psh, 101, Some(5001)).payload(b"hi").build(),
+        );
+        assert_eq!(adm.handle_packet(now, &mut request), Verdict::Forward);
+        let reply = SegmentFields::new(server, client, TcpControl::Psh, 5001, Some(103)).payload(b"hi!");
+        assert!(adm.pass_output(now, &PacketBuf::from_vec(reply.build())));
+        while adm.poll_forward().is_some() {}
+
+        let mut fin = PacketBuf::from_vec(SegmentFields::new(client, server, TcpControl::Fin, 103, Some(5004)).build());
+        assert_eq!(adm.handle_packet(now, &mut fin), Verdict::Consumed, "the FIN is held");
+        let forwarded: Vec<_> = std::iter::from_fn(|| adm.poll_forward()).map(|p| tcp(p.packet())).collect();
+        assert!(
+            forwarded.iter().any(|s| !s.fin && s.ack && s.ack_number == 5004 && s.seq == 103 && s.segment_len == 0),
+            "the FIN's acknowledgment reaches ipstack: {forwarded:?}"
+        );
+        assert!(forwarded.iter().all(|s| !s.fin), "the FIN itself stays held: {forwarded:?}");
+    }
 
     #[test]
     fn stream_offsets_survive_the_wrap_and_every_4_gib() {
