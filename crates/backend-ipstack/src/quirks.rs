@@ -50,6 +50,10 @@
 //!   with the ACK ipstack should have sent: its last acknowledgment number, window and
 //!   next sequence number, as seen in its output.
 //!
+//! * **A SYN-ACK sent once**: ipstack neither retransmits its SYN-ACK nor answers the
+//!   client's repeated SYN, so a lost SYN-ACK left the client's connect waiting until it
+//!   timed out (1 namespace fault run in 12). Its SYN-ACK is kept here until the client
+//!   acknowledges it, and a repeated SYN is answered with it.
 //! * **A FIN sent once**: ipstack retransmits data, never its FIN; a lost FIN left the
 //!   client waiting for the end of a stream whose every byte it had (seen by capture in
 //!   one of 26 namespace fault runs). Its FIN is kept here and sent again, after
@@ -115,6 +119,9 @@ pub struct Flow {
     /// the gap to the time after (see the module docs).
     stack_fin_segment: Option<(PacketBuf, u32)>,
     fin_resend: Option<(Instant, Duration)>,
+    /// ipstack's SYN-ACK until the client acknowledges it, for answering the client's
+    /// repeated SYN (see the module docs).
+    syn_ack: Option<PacketBuf>,
 }
 
 /// First resend of ipstack's unacknowledged FIN; each later one waits twice as long, and
@@ -379,6 +386,7 @@ impl StreamQuirks for IpstackQuirks {
             out_of_order_bytes: 0,
             stack_fin_segment: None,
             fin_resend: None,
+            syn_ack: None,
         }
     }
 
@@ -389,6 +397,17 @@ impl StreamQuirks for IpstackQuirks {
         packet: &mut PacketBuf,
         seg: &mut TcpSummary,
     ) -> Pass {
+        if seg.is_bare_syn() && seg.seq.wrapping_add(1) == flow.start {
+            // ipstack has this SYN already and does not answer it again (see the module
+            // docs): its SYN-ACK goes again from here.
+            if let Some(syn_ack) = &flow.syn_ack {
+                cx.answer(PacketBuf::from_slice(syn_ack.packet()));
+            }
+            return Pass::Withhold;
+        }
+        if seg.ack && !seg.syn {
+            flow.syn_ack = None;
+        }
         flow.saw_ack(seg);
         if flow.exceeds(seg, self.unread_limit) {
             return Pass::Withhold;
@@ -422,6 +441,9 @@ impl StreamQuirks for IpstackQuirks {
     }
 
     fn stack_segment(&mut self, cx: &mut QuirkCx<'_>, flow: &mut Flow, packet: &[u8], seg: &TcpSummary) -> Pass {
+        if seg.syn && seg.ack && !seg.rst && flow.client_ack.is_none() {
+            flow.syn_ack = Some(PacketBuf::from_slice(packet));
+        }
         flow.stack_said(seg);
         if seg.fin && !seg.rst {
             // ipstack never sends its FIN again: kept, to be sent again until acknowledged.
@@ -521,6 +543,34 @@ mod tests {
     use tungate_testkit::engine::{Hold, accept_now, tcp_of as tcp};
 
     use super::{IpstackQuirks, stream_offset};
+
+    /// A repeated SYN (the client's SYN-ACK was lost) is answered with ipstack's kept
+    /// SYN-ACK, and does not reach ipstack.
+    #[test]
+    fn a_repeated_syn_gets_the_syn_ack_again() {
+        let hold = Hold::default();
+        let quirks = IpstackQuirks { unread_limit: 1 << 20 };
+        let mut adm = Admission::with_quirks(hold.dispatch(), Mtu::DEFAULT, 4096, Duration::from_secs(25), quirks);
+        let (client, server): (SocketAddr, SocketAddr) =
+            ("[fd18::1]:4000".parse().unwrap(), "[fd77::2]:9001".parse().unwrap());
+        let now = Instant::now();
+        let syn = || PacketBuf::from_vec(SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
+        assert_eq!(adm.handle_packet(now, &mut syn()), Verdict::Consumed, "held");
+        let _conn = accept_now(hold.take());
+        adm.service(now, |_| {});
+        let _port = adm.take_port(client, server).expect("the stack's stream arrives");
+        let syn_ack = SegmentFields::new(server, client, TcpControl::Syn, 5000, Some(101));
+        assert!(adm.pass_output(now, &PacketBuf::from_vec(syn_ack.build())));
+        while adm.poll_transmit().is_some() {}
+
+        assert_eq!(adm.handle_packet(now, &mut syn()), Verdict::Consumed, "the repeat stays here");
+        assert!(adm.poll_forward().is_none(), "ipstack does not get it");
+        let answers: Vec<_> = std::iter::from_fn(|| adm.poll_transmit()).map(|p| tcp(p.packet())).collect();
+        assert!(
+            answers.iter().any(|s| s.syn && s.ack && s.seq == 5000 && s.ack_number == 101 && s.dst == client),
+            "the SYN-ACK again: {answers:?}"
+        );
+    }
 
     /// A client that read the reply and closed: its FIN is held, but the acknowledgment
     /// it carries goes to ipstack at once as a pure ACK (without it ipstack kept the reply
