@@ -96,8 +96,8 @@ fn lwip(c: &mut Criterion) {
 }
 
 fn ipstack(c: &mut Criterion) {
-    // 10, not 100: a connection the client closes first takes ipstack about 0.4 s here
-    // (results/criterion.md), so 100 would make one sample take 40 s.
+    // 10, not 100: a connection the client closed first took ipstack about 0.4 s here
+    // before 9e8232b (results/criterion.md); 100 made one sample take 40 s.
     inmem(c, "ipstack", backend_ipstack::Ipstack::default(), 10);
 }
 
