@@ -544,26 +544,39 @@ mod tests {
 
     use super::{IpstackQuirks, stream_offset};
 
-    /// A repeated SYN (the client's SYN-ACK was lost) is answered with ipstack's kept
-    /// SYN-ACK, and does not reach ipstack.
-    #[test]
-    fn a_repeated_syn_gets_the_syn_ack_again() {
+    /// Admission with these quirks and a flow from `client` (ISN 100) to `server` that
+    /// the handler accepted and ipstack answered (SYN-ACK, ISN 5000); the handler's side
+    /// comes back too, to keep.
+    fn answered(
+        now: Instant,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> (Admission<IpstackQuirks>, tungate_core::TcpConn) {
         let hold = Hold::default();
         let quirks = IpstackQuirks { unread_limit: 1 << 20 };
         let mut adm = Admission::with_quirks(hold.dispatch(), Mtu::DEFAULT, 4096, Duration::from_secs(25), quirks);
-        let (client, server): (SocketAddr, SocketAddr) =
-            ("[fd18::1]:4000".parse().unwrap(), "[fd77::2]:9001".parse().unwrap());
-        let now = Instant::now();
-        let syn = || PacketBuf::from_vec(SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
-        assert_eq!(adm.handle_packet(now, &mut syn()), Verdict::Consumed, "held");
-        let _conn = accept_now(hold.take());
+        let mut syn = PacketBuf::from_vec(SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
+        assert_eq!(adm.handle_packet(now, &mut syn), Verdict::Consumed, "held");
+        let conn = accept_now(hold.take());
         adm.service(now, |_| {});
         let _port = adm.take_port(client, server).expect("the stack's stream arrives");
         let syn_ack = SegmentFields::new(server, client, TcpControl::Syn, 5000, Some(101));
         assert!(adm.pass_output(now, &PacketBuf::from_vec(syn_ack.build())));
+        (adm, conn)
+    }
+
+    /// A repeated SYN (the client's SYN-ACK was lost) is answered with ipstack's kept
+    /// SYN-ACK, and does not reach ipstack.
+    #[test]
+    fn a_repeated_syn_gets_the_syn_ack_again() {
+        let (client, server): (SocketAddr, SocketAddr) =
+            ("[fd18::1]:4000".parse().unwrap(), "[fd77::2]:9001".parse().unwrap());
+        let now = Instant::now();
+        let (mut adm, _conn) = answered(now, client, server);
         while adm.poll_transmit().is_some() {}
 
-        assert_eq!(adm.handle_packet(now, &mut syn()), Verdict::Consumed, "the repeat stays here");
+        let mut syn = PacketBuf::from_vec(SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
+        assert_eq!(adm.handle_packet(now, &mut syn), Verdict::Consumed, "the repeat stays here");
         assert!(adm.poll_forward().is_none(), "ipstack does not get it");
         let answers: Vec<_> = std::iter::from_fn(|| adm.poll_transmit()).map(|p| tcp(p.packet())).collect();
         assert!(
@@ -577,19 +590,10 @@ mod tests {
     /// in flight and so did not send its own FIN: the client waited 2.1 s for the end).
     #[test]
     fn a_held_fin_still_acknowledges_the_reply() {
-        let hold = Hold::default();
-        let quirks = IpstackQuirks { unread_limit: 1 << 20 };
-        let mut adm = Admission::with_quirks(hold.dispatch(), Mtu::DEFAULT, 4096, Duration::from_secs(25), quirks);
         let (client, server): (SocketAddr, SocketAddr) =
             ("10.0.0.2:4000".parse().unwrap(), "10.77.0.2:7".parse().unwrap());
         let now = Instant::now();
-        let mut syn = PacketBuf::from_vec(SegmentFields::new(client, server, TcpControl::Syn, 100, None).build());
-        assert_eq!(adm.handle_packet(now, &mut syn), Verdict::Consumed, "held");
-        let _conn = accept_now(hold.take());
-        adm.service(now, |_| {});
-        let _port = adm.take_port(client, server).expect("the stack's stream arrives");
-        let syn_ack = SegmentFields::new(server, client, TcpControl::Syn, 5000, Some(101));
-        assert!(adm.pass_output(now, &PacketBuf::from_vec(syn_ack.build())));
+        let (mut adm, _conn) = answered(now, client, server);
         let mut request = PacketBuf::from_vec(
             SegmentFields::new(client, server, TcpControl::Psh, 101, Some(5001)).payload(b"hi").build(),
         );
